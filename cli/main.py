@@ -13,3 +13,12 @@ def cli() -> None:
     Generate one image locally:
       sdq generate "a photograph of an astronaut riding a horse" --model sd-v1-5.safetensors -o out.png
     """
+
+
+from sdq.cli.verify import verify  # noqa: E402
+
+cli.add_command(verify)
+
+from sdq.cli.db import db  # noqa: E402
+
+cli.add_command(db)

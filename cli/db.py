@@ -1,0 +1,112 @@
+"""`sdq db`: create, upgrade and inspect the database schema."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+from alembic.util import CommandError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from sdq.db.session import current_revision, downgrade, engine_from_url, head_revision, upgrade
+from sdq.worker.config import Settings
+
+
+@contextmanager
+def _database() -> Iterator[tuple[Engine, str]]:
+    """The configured database's engine and its URL as shown to users (no password); library
+    errors become one readable line."""
+    try:
+        settings = Settings.load()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        engine = engine_from_url(settings.database_url)
+    except ValueError as exc:
+        raise click.ClickException(f"SDQ_DATABASE_URL: {exc}") from None
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        yield engine, shown
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise click.ClickException(f"{shown}: {detail}") from None
+    except CommandError as exc:
+        raise click.ClickException(f"{shown}: {exc}") from None
+    finally:
+        engine.dispose()
+
+
+@click.group("db")
+def db() -> None:
+    """Create, upgrade and inspect the database schema.
+
+    The database is SDQ_DATABASE_URL: a PostgreSQL server (postgresql://user@host/dbname)
+    or, by default, the SQLite file sdq.db under SDQ_HOME, which sdq also creates and
+    upgrades by itself on first use. A server is only ever upgraded by `sdq db upgrade`.
+
+    \b
+    Examples:
+      sdq db current
+      SDQ_DATABASE_URL=postgresql://sdq@db.internal/sdq sdq db upgrade
+    """
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def upgrade_command(revision: str) -> None:
+    """Upgrade the schema to REVISION (default: the newest this sdq knows).
+
+    Runs in one transaction: on an error the database is left as it was.
+
+    \b
+    Example:
+      sdq db upgrade
+    """
+    with _database() as (engine, shown):
+        before = current_revision(engine)
+        upgrade(engine, revision)
+        after = current_revision(engine)
+    if before == after:
+        click.echo(f"{shown}: already at {after}")
+    else:
+        click.echo(f"{shown}: upgraded from {before or 'an empty database'} to {after}")
+
+
+@db.command("current")
+def current_command() -> None:
+    """Show the schema revision of the database, and whether it is the newest.
+
+    \b
+    Example:
+      sdq db current
+    """
+    head = head_revision()
+    with _database() as (engine, shown):
+        current = current_revision(engine)
+    if current is None:
+        click.echo(f"{shown}: empty (no sdq schema); run `sdq db upgrade`")
+    elif current == head:
+        click.echo(f"{shown}: {current} (head)")
+    else:
+        click.echo(f"{shown}: {current} (head is {head}; run `sdq db upgrade`)")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def downgrade_command(revision: str, yes: bool) -> None:
+    """Downgrade the schema to REVISION; "base" removes every sdq table and its data.
+
+    Downgrades drop what later revisions added, data included, so sdq asks first.
+
+    \b
+    Example:
+      sdq db downgrade 0001 --yes
+    """
+    with _database() as (engine, shown):
+        if not yes:
+            click.confirm(f"Downgrade {shown} to {revision}, dropping what newer revisions hold?",
+                          abort=True)
+        downgrade(engine, revision)
+        click.echo(f"{shown}: now at {current_revision(engine) or 'base (no sdq tables)'}")

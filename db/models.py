@@ -1,0 +1,178 @@
+"""The tables: models, jobs (one submission each), items (one image each) and schedules.
+
+Items are self-contained: each row carries every parameter needed to reproduce its image, so
+a job's defaults are a record of what the user asked for, never read back to fill gaps.
+"""
+from __future__ import annotations
+
+import enum
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Date,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .base import Base, BigId, UTCDateTime, utcnow
+
+SEED_LIMIT = 2**32
+"""Seeds live in [0, 2^32): the range a CPU `torch.Generator` seed round-trips through in
+every other SD tool, so a seed copied from here reproduces elsewhere."""
+
+
+class Status(str, enum.Enum):
+    """Where a job or an item stands; stored as its lower-case value."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _status_column() -> Mapped[Status]:
+    # A VARCHAR with a CHECK rather than a native PostgreSQL enum: adding a status later is
+    # then a constraint change instead of an ALTER TYPE, and both databases store the same text.
+    return mapped_column(
+        Enum(
+            Status,
+            name="status",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda members: [m.value for m in members],
+        ),
+        default=Status.PENDING,
+    )
+
+
+class Model(Base):
+    """A model checkpoint, identified by the sha256 of its weights file(s)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    source_uri: Mapped[str | None] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def short_hash(self) -> str:
+        """The first 10 hex digits, the form users see and type (derived, so never stale)."""
+        return self.sha256[:10]
+
+
+class Schedule(Base):
+    """A nightly (cron) submission of a prompt file whose content is kept here, so a run does
+    not depend on the file still being where it was."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    cron: Mapped[str] = mapped_column(String(100))
+    prompt_file_name: Mapped[str] = mapped_column(String(500))
+    prompt_text: Mapped[str] = mapped_column(Text)
+    prompt_sha256: Mapped[str] = mapped_column(String(64))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    last_run_day: Mapped[date | None] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Job(Base):
+    """One submission: a prompt file (or a schedule's run) and the items it expanded into.
+
+    Per-status progress is counted from the items (`queries.status_counts`) instead of being
+    kept in counters here: workers would otherwise all update this one row on every image.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # At most one job per schedule and day: a scheduler that fires twice is refused.
+        UniqueConstraint("schedule_id", "run_day"),
+        CheckConstraint("(schedule_id IS NULL) = (run_day IS NULL)", name="schedule_run"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    source_name: Mapped[str | None] = mapped_column(String(500))
+    source_sha256: Mapped[str | None] = mapped_column(String(64))
+    defaults: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    priority: Mapped[int] = mapped_column(default=0)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[Status] = _status_column()
+    item_count: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    schedule_id: Mapped[int | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="SET NULL")
+    )
+    run_day: Mapped[date | None] = mapped_column(Date)
+
+
+class Item(Base):
+    """One image: what to generate, where it stands in the queue, and what came out.
+
+    (job, row index) and the image key are unique, so a completion delivered twice cannot
+    produce a second row or a second object.
+    """
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("job_id", "row_index"),
+        CheckConstraint(f"seed >= 0 AND seed < {SEED_LIMIT}", name="seed_range"),
+        Index(None, "job_id", "status"),
+        # Serves "all failed items" and, for the queue, "running items whose lease expired".
+        Index(None, "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    row_index: Mapped[int]
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    seed: Mapped[int] = mapped_column(BigInteger, index=True)
+    sampler: Mapped[str] = mapped_column(String(32))
+    steps: Mapped[int]
+    cfg: Mapped[float] = mapped_column(Float)
+    eta: Mapped[float] = mapped_column(Float, default=0.0)
+    width: Mapped[int]
+    height: Mapped[int]
+    # The model that made (or will make) the image; null until a worker has resolved it.
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
+    tags: Mapped[list[str] | None] = mapped_column(JSON)
+    status: Mapped[Status] = _status_column()
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    batch_position: Mapped[int | None]
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    image_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The watermark text embedded in the image; null when none was (e.g. under 256x256).
+    watermark: Mapped[str | None] = mapped_column(String(64))
+    worker_host: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    job: Mapped[Job] = relationship()
+    model: Mapped[Model | None] = relationship()

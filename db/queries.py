@@ -1,0 +1,161 @@
+"""The questions users and workers ask of the index, and the bulk submit that fills it.
+
+Every function takes the caller's Session and leaves the transaction to the caller: a submit
+is committed (or rolled back) whole by whoever opened it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import islice
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from sqlalchemy import func, insert, or_, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from .fulltext import match_prompt, parse_query
+from .models import Item, Job, Model, Status
+
+REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "width", "height"})
+OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None}
+"""What a submitted item may carry, besides `row_index` (default: its position in the
+submission); every other column is the queue's to fill in."""
+
+# COPY's binary format needs each column's exact type; a mismatch fails loudly, never silently.
+_COPY_TYPES = {
+    "job_id": "int4", "row_index": "int4", "prompt": "text", "negative_prompt": "text",
+    "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
+    "width": "int4", "height": "int4", "model_id": "int4", "tags": "json",
+    "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
+}
+_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of results, newest first; pass `next_before` back as `before` for the next."""
+
+    items: list[Item]
+    next_before: int | None
+
+
+def search_items(
+    session: Session,
+    *,
+    text: str | None = None,
+    seed: int | None = None,
+    model: str | None = None,
+    job_id: int | None = None,
+    status: Status | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> Page:
+    """Items matching every given filter, newest (highest id) first, `limit` at a time.
+
+    `text` is a prompt search (words and "quoted phrases", all required; see `fulltext`);
+    `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
+    (exclusive) bound the creation time. Paging is by keyset (`before` an id), so a page costs
+    the same however deep it is and rows added meanwhile do not shift it.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    stmt = select(Item)
+    key = Item.id
+    query = parse_query(text or "")
+    if query:
+        stmt, key = match_prompt(stmt, session.get_bind().dialect.name, query)
+    if seed is not None:
+        stmt = stmt.where(Item.seed == seed)
+    if model:
+        named = or_(Model.name == model, Model.sha256.startswith(model.lower(), autoescape=True))
+        stmt = stmt.where(Item.model_id.in_(select(Model.id).where(named)))
+    if job_id is not None:
+        stmt = stmt.where(Item.job_id == job_id)
+    if status is not None:
+        stmt = stmt.where(Item.status == status)
+    if since is not None:
+        stmt = stmt.where(Item.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Item.created_at < until)
+    if before is not None:
+        stmt = stmt.where(key < before)
+    rows = list(session.scalars(stmt.order_by(key.desc()).limit(limit + 1)))
+    return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
+
+
+def status_counts(session: Session, job_id: int) -> dict[Status, int]:
+    """How many of the job's items are in each status (every status present, zeros too)."""
+    counts = dict.fromkeys(Status, 0)
+    stmt = select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
+    counts.update({status: n for status, n in session.execute(stmt)})
+    return counts
+
+
+def batch_items(session: Session, batch_id: str) -> Sequence[Item]:
+    """The items of one batch, in their batch positions (the order the worker runs them)."""
+    stmt = select(Item).where(Item.batch_id == batch_id).order_by(Item.batch_position)
+    return session.scalars(stmt).all()
+
+
+def submit_job(session: Session, job: Job, items: Iterable[Mapping[str, Any]]) -> Job:
+    """Add `job` and its items (each a mapping of Item fields) in the session's transaction.
+
+    Items stream to the database without the ORM: binary COPY on PostgreSQL; on SQLite
+    multi-row INSERTs (SQLAlchemy's "insertmanyvalues", which RETURNING switches on), because
+    one INSERT per row would make FTS5 flush its index once per row through the sync trigger,
+    four times slower. Nothing is committed here: if any item is refused, the caller's rollback
+    leaves no job and no item behind.
+    """
+    session.add(job)
+    session.flush()
+    rows = _item_rows(job, items)
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        job.item_count = _copy_items(connection.connection.driver_connection, rows)
+    else:
+        job.item_count = 0
+        statement = insert(Item.__table__).returning(Item.id)
+        while chunk := list(islice(rows, _CHUNK)):
+            connection.execute(statement, chunk)
+            job.item_count += len(chunk)
+    session.flush()
+    return job
+
+
+def _item_rows(job: Job, items: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The column values of each new item; unknown or missing fields are refused by name."""
+    allowed = REQUIRED_ITEM_FIELDS | OPTIONAL_ITEM_FIELDS.keys() | {"row_index"}
+    fixed = {"job_id": job.id, "status": Status.PENDING, "attempts": 0, "created_at": job.created_at}
+    for position, spec in enumerate(items):
+        if not (spec.keys() <= allowed and REQUIRED_ITEM_FIELDS <= spec.keys()):
+            unknown, missing = sorted(spec.keys() - allowed), sorted(REQUIRED_ITEM_FIELDS - spec.keys())
+            problems = [f"unknown field(s) {unknown}"] if unknown else []
+            problems += [f"missing field(s) {missing}"] if missing else []
+            raise ValueError(f"item {position}: {'; '.join(problems)}")
+        yield {**OPTIONAL_ITEM_FIELDS, "row_index": position, **spec, **fixed}
+
+
+def _copy_items(connection: Any, rows: Iterator[dict[str, Any]]) -> int:
+    """COPY rows into items through the session's own psycopg connection (and transaction).
+
+    psycopg's errors are wrapped as SQLAlchemy's, so callers catch `IntegrityError` & co.
+    whichever database they run on.
+    """
+    import psycopg
+
+    count = 0
+    names = list(_COPY_TYPES)
+    statement = f"COPY items ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+    try:
+        with connection.cursor() as cursor, cursor.copy(statement) as copy:
+            copy.set_types(list(_COPY_TYPES.values()))
+            for row in rows:
+                row["status"] = Status.PENDING.value
+                copy.write_row([row[name] for name in names])
+                count += 1
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+    return count

@@ -1,0 +1,143 @@
+"""Engines for sdq databases, and the schema migrations that go with them.
+
+One URL picks the database: `sqlite:///path` (the embedded default) or `postgresql://...`
+(served through psycopg 3). Nothing here reads settings; callers pass the URL.
+"""
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite writer waits for another's lock before giving up: long enough to ride
+out a bulk submit in the embedded mode's other process."""
+
+
+_URL_FORMS = "expected sqlite:///PATH or postgresql://USER@HOST/DBNAME"
+
+
+class SchemaMismatch(RuntimeError):
+    """The database's schema revision is not the one this version of sdq works with."""
+
+
+def engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
+    """Create an engine for `url`, set up for sdq's use of that database; no schema change.
+
+    `postgresql://` and `postgres://` URLs get the psycopg 3 driver. For a SQLite file the
+    folder is created, and every connection uses WAL (readers never block the writer), enforced
+    foreign keys, a busy timeout, and transactions that SQLAlchemy begins itself, so DDL and
+    SAVEPOINTs are transactional (pysqlite's own handling would commit around them).
+    """
+    try:
+        url = make_url(url)
+    except sa.exc.ArgumentError:
+        raise ValueError(f"not a database URL; {_URL_FORMS}") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        return sa.create_engine(url, pool_pre_ping=True, **kwargs)
+    if backend != "sqlite":
+        raise ValueError(f"unsupported database {url.drivername!r}; {_URL_FORMS}")
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
+    sa.event.listen(engine, "connect", _sqlite_connect)
+    sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # the "begin" listener below starts transactions
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL cannot corrupt the file; a power cut may lose the last commits, which
+    # the queue already tolerates (at-least-once delivery, idempotent completion).
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # IMMEDIATE takes the write lock up front: two processes migrating a fresh file then queue
+    # on the busy timeout instead of one failing when it finds its snapshot stale.
+    immediate = connection.get_execution_options().get("sqlite_immediate", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic configured in code: the scripts ship inside the package, no alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(files("sdq.migrations")))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _migrate(engine: Engine, action: str, revision: str) -> None:
+    with engine.connect() as connection:
+        connection.execution_options(sqlite_immediate=True)
+        with connection.begin():
+            getattr(command, action)(alembic_config(connection), revision)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision`, all in one transaction."""
+    _migrate(engine, "upgrade", revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Downgrade the schema to `revision` ("base" removes every sdq table)."""
+    _migrate(engine, "downgrade", revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision; None for a database sdq has never touched."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of sdq knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "sdq ships at least one migration"
+    return head
+
+
+def open_database(url: str | URL) -> Engine:
+    """The engine the CLI and the workers use: ready for queries, or a clear error.
+
+    A SQLite database is the embedded mode's private file, so it is created and upgraded here
+    on first use. A server database is shared by every worker; upgrading it is an operator's
+    step (`sdq db upgrade`), so here it is only checked.
+    """
+    engine = engine_from_url(url)
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return engine
+    if engine.dialect.name == "sqlite" and current in _known_revisions():
+        upgrade(engine)
+        return engine
+    shown = engine.url.render_as_string(hide_password=True)
+    engine.dispose()
+    if current is not None and current not in _known_revisions():
+        raise SchemaMismatch(
+            f"{shown} is at schema revision {current}, newer than this sdq knows ({head}):"
+            " upgrade sdq"
+        )
+    raise SchemaMismatch(
+        f"{shown} is at schema revision {current or 'none'}, sdq needs {head}:"
+        " run `sdq db upgrade`"
+    )
+
+
+def _known_revisions() -> set[str | None]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return {None} | {script.revision for script in scripts.walk_revisions()}

@@ -1,0 +1,55 @@
+"""Alembic environment for sdq.
+
+sdq runs migrations in code (`sdq.db.session`), handing its own connection over in
+`config.attributes["connection"]`. During development the same scripts run from the Alembic
+command line against a scratch database:
+
+    alembic -c migrations/alembic.ini -x url=sqlite:///dev.db upgrade head
+    alembic -c migrations/alembic.ini -x url=sqlite:///dev.db revision --autogenerate -m "..."
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from sdq.db.base import Base
+from sdq.db.fulltext import is_fulltext_object
+from sdq.db.session import engine_from_url
+
+import sdq.db.models  # noqa: F401  (registers the tables on Base.metadata)
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Leave the full-text objects, which the migrations create by hand, out of comparisons."""
+    return not (reflected and compare_to is None and is_fulltext_object(name, type_))
+
+
+def run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        include_object=include_object,
+        # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("sdq migrations need a database connection; offline (--sql) mode is not supported")
+
+_connection = context.config.attributes.get("connection")
+if _connection is not None:
+    run_migrations(_connection)
+else:
+    _url = context.get_x_argument(as_dictionary=True).get("url")
+    if not _url:
+        raise SystemExit("name the database: alembic -c migrations/alembic.ini -x url=sqlite:///dev.db ...")
+    with engine_from_url(_url).connect() as _own:
+        run_migrations(_own)

@@ -1,0 +1,212 @@
+"""The CLIP ViT-L/14 text side of SD v1: an offline tokenizer and a text encoder built from weights.
+
+The tokenizer is rebuilt from OpenAI's BPE merges shipped with the package, so no model hub is
+ever needed to turn a prompt into the ids openai/clip-vit-large-patch14 would give. The text
+encoder's architecture is read from tensor shapes, so a tiny random test model and the real
+checkpoint go through the same code.
+"""
+from __future__ import annotations
+
+import gzip
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+MAX_LENGTH = 77
+"""Token positions of SD v1's text encoder: BOS, up to 75 prompt tokens, EOS, then padding."""
+CONTENT_LENGTH = MAX_LENGTH - 2
+HEAD_DIM = 64
+"""Every CLIP text tower uses 64-channel heads, so the head count follows from the width."""
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+_BPE_DATA = "clip_bpe_16e6.txt.gz"
+_N_MERGES = 49152 - 256 - 2
+"""OpenAI keeps only this many merges, so that byte symbols + merges + 2 specials make 49408."""
+
+
+class PromptTruncated(UserWarning):
+    """A prompt overflowed the 77-token window: its tail cannot influence the image.
+
+    Warned rather than raised because SD has always silently truncated and users rely on it;
+    the dropped words are carried so a job report can show exactly what was lost.
+    """
+
+    def __init__(self, prompt: str, dropped: str) -> None:
+        # Both fields as args (not a formatted message) so the warning pickles across processes.
+        super().__init__(prompt, dropped)
+        self.prompt = prompt
+        self.dropped = dropped
+
+    def __str__(self) -> str:
+        return f"prompt longer than {CONTENT_LENGTH} CLIP tokens; dropped: {self.dropped!r}"
+
+
+def _byte_symbols() -> list[str]:
+    """OpenAI's printable stand-ins for the 256 bytes, in the order that fixes ids 0-255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {byte: chr(byte) for byte in printable}
+    for n, byte in enumerate(b for b in range(256) if b not in symbols):
+        symbols[byte] = chr(256 + n)
+    return list(symbols.values())
+
+
+@lru_cache(maxsize=1)
+def _shipped_tokenizer() -> CLIPTokenizer:
+    """Build the vocabulary exactly as OpenAI's simple_tokenizer does; cached as it takes ~0.2 s."""
+    packed = (resources.files(__package__) / "data" / _BPE_DATA).read_bytes()
+    lines = gzip.decompress(packed).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + _N_MERGES]]  # line 0: version header
+    symbols = _byte_symbols()
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS, EOS]
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def load_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
+    """The ViT-L/14 tokenizer from shipped data, or a diffusers `tokenizer/` folder's own.
+
+    A folder wins when given because other SD families ship other pad tokens and vocabularies.
+    """
+    if path is None:
+        return _shipped_tokenizer()
+    return CLIPTokenizer.from_pretrained(Path(path), local_files_only=True)
+
+
+def _prompt_tokens(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Untruncated ids and character offsets: one pass gives both the ids and what gets cut."""
+    if not prompts:
+        return []
+    # verbose=False: overlong prompts are reported as PromptTruncated, not as a transformers log line.
+    batch = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return list(zip(batch["input_ids"], batch["offset_mapping"]))
+
+
+def _dropped(prompt: str, offsets: list[tuple[int, int]]) -> str | None:
+    """The user's own text past the window, sliced from the prompt rather than decoded.
+
+    Decoding would lowercase and re-space punctuation; the original words are what a user
+    recognises in a report. A word split by the cut is reported from the cut on.
+    """
+    if len(offsets) <= CONTENT_LENGTH:
+        return None
+    return prompt[offsets[CONTENT_LENGTH][0] :].strip()
+
+
+def dropped_text(tokenizer: CLIPTokenizer, prompt: str) -> str | None:
+    """What truncation would drop from `prompt`, or None; lets validators warn before queueing."""
+    ((_, offsets),) = _prompt_tokens(tokenizer, [prompt])
+    return _dropped(prompt, offsets)
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.LongTensor:
+    """(B, 77) ids the way diffusers' SD pipeline makes them: padded, truncated to 75 + BOS/EOS.
+
+    Assembled by hand from one untruncated pass so that truncation can be reported with the
+    dropped words without tokenizing each prompt twice.
+    """
+    ids = torch.full((len(prompts), MAX_LENGTH), tokenizer.pad_token_id, dtype=torch.long)
+    for row, (prompt, (content, offsets)) in enumerate(zip(prompts, _prompt_tokens(tokenizer, prompts))):
+        kept = [tokenizer.bos_token_id, *content[:CONTENT_LENGTH], tokenizer.eos_token_id]
+        ids[row, : len(kept)] = torch.tensor(kept)
+        if (dropped := _dropped(prompt, offsets)) is not None:
+            warnings.warn(PromptTruncated(prompt, dropped), stacklevel=2)
+    return ids
+
+
+def _text_model_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> str:
+    """Where the text tower's keys start: checkpoints say `text_model.`, transformers 5 does not."""
+    for base in (f"{prefix}text_model.", prefix):
+        if f"{base}embeddings.token_embedding.weight" in state_dict:
+            return base
+    raise ValueError(
+        f"no CLIP text encoder in these weights: expected {prefix}text_model.embeddings.token_embedding.weight"
+    )
+
+
+def text_config_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str = "") -> CLIPTextConfig:
+    """Infer the text encoder's shape from its tensors, so any size of ViT-L/14-style tower loads."""
+    base = _text_model_prefix(state_dict, prefix)
+    vocab_size, hidden_size = state_dict[f"{base}embeddings.token_embedding.weight"].shape
+    if hidden_size % HEAD_DIM:
+        raise ValueError(
+            f"CLIP text encoder width {hidden_size} is not a multiple of {HEAD_DIM}, "
+            f"so its attention heads cannot be inferred (CLIP uses {HEAD_DIM}-channel heads)"
+        )
+    layer_key = re.compile(re.escape(base) + r"encoder\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for key in state_dict if (m := layer_key.match(key))}
+    if not layers:
+        raise ValueError(f"no CLIP text encoder layers under {base}encoder.layers")
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=state_dict[f"{base}encoder.layers.0.mlp.fc1.weight"].shape[0],
+        projection_dim=hidden_size,
+        num_hidden_layers=max(layers) + 1,  # a gap then fails loudly as missing keys on load
+        num_attention_heads=hidden_size // HEAD_DIM,
+        max_position_embeddings=state_dict[f"{base}embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def build_text_encoder(
+    config: CLIPTextConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> CLIPTextModel:
+    """An inference-ready, uninitialised CLIPTextModel: weights are about to be loaded over it.
+
+    Built on the meta device and materialised with `to_empty`, which skips seconds of random
+    init and allocates straight on `device`. The one non-persistent buffer (position ids) is
+    never in a checkpoint, so it is filled here.
+    """
+    with torch.device("meta"):
+        model = CLIPTextModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.to_empty(device=device)
+    positions = model.embeddings.position_ids
+    positions.copy_(torch.arange(positions.shape[-1], device=positions.device).expand_as(positions))
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    state_dict: Mapping[str, Tensor],
+    prefix: str = "",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CLIPTextModel:
+    """Config, build and strict load in one step, mapping checkpoint keys to transformers 5's.
+
+    Checkpoints store `text_model.`-prefixed keys (and older ones a stale `position_ids`) that
+    transformers 5's CLIPTextModel no longer has; strict loading then catches anything else.
+    """
+    base = _text_model_prefix(state_dict, prefix)
+    model = build_text_encoder(text_config_from_state_dict(state_dict, prefix), device=device, dtype=dtype)
+    weights = {
+        key[len(base) :]: tensor
+        for key, tensor in state_dict.items()
+        if key.startswith(base) and key != f"{base}embeddings.position_ids"
+    }
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def encode(text_model: CLIPTextModel, input_ids: torch.LongTensor, device: torch.device | str) -> Tensor:
+    """The (B, 77, hidden) last hidden state SD v1 conditions on: no attention mask, as in SD1.5."""
+    with torch.inference_mode():
+        return text_model(input_ids.to(device)).last_hidden_state

@@ -1,0 +1,270 @@
+"""Samplers for epsilon-prediction latent diffusion, one function each, k-diffusion style.
+
+Each sampler equals, numerically, the diffusers scheduler of its kind configured from SD v1.5's
+scheduler config (the reference pipeline users compare against), so the update formulas keep
+the reference's float32 operation order and each sampler works in the space the reference
+does: DDIM, PLMS and DPM-Solver++ on VP latents x = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε, the Euler
+samplers on VE latents x = x0 + σ·ε. ``eps_model(x_in, t)`` is the network; ``t`` is the
+timestep value the reference feeds the UNet, fractional or rounded as it is.
+
+Randomness is per image: ancestral noise comes from each item's own CPU generator, drawn in the
+reference's order, so an image is the same alone or at any position of any batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import schedule
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+NoiseSampler = Callable[[], Tensor]
+Callback = Callable[[int, int], None]
+
+SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+
+
+def sample_ddim(
+    eps_model: EpsModel,
+    x: Tensor,
+    timesteps: Tensor,
+    alphas: Tensor,
+    callback: Callback,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12); eta scales the stochastic term, eta=1 is DDPM-like."""
+    # a_t, a_prev = ᾱ_t, ᾱ_{t-1} (alphas: n + 1 values); e_t = ε_θ(x_t, t);
+    # pred_x0 = f_θ(x_t) of eq. 9; sigma_t = σ_t(η) of eq. 16.
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        a_t, a_prev = alphas[i], alphas[i + 1]
+        e_t = eps_model(x, t)
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t**0.5
+        sigma_t = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev**0.5 * pred_x0 + (1 - a_prev - sigma_t**2) ** 0.5 * e_t
+        if eta > 0:
+            x = x + sigma_t * noise_sampler()
+        callback(i + 1, n)
+    return x
+
+
+def _pndm_transfer(x: Tensor, e_t: Tensor, a_t: Tensor, a_prev: Tensor) -> Tensor:
+    """The transfer part φ(x_t, ε, t, t-δ) of PNDM (Liu et al. 2022, eq. 11)."""
+    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e_t / denom
+
+
+def _linear_multistep(e_t: Tensor, past: list[Tensor]) -> Tensor:
+    """Adams–Bashforth combination of ε (PNDM eq. 12), at the order the history allows."""
+    if not past:
+        return e_t
+    if len(past) == 1:
+        return (3 * e_t - past[-1]) / 2
+    if len(past) == 2:
+        return (23 * e_t - 16 * past[-1] + 5 * past[-2]) / 12
+    return (1 / 24) * (55 * e_t - 59 * past[-1] + 37 * past[-2] - 9 * past[-3])
+
+
+def sample_plms(
+    eps_model: EpsModel,
+    x: Tensor,
+    timesteps: Tensor,
+    alphas: Tensor,
+    callback: Callback,
+) -> Tensor:
+    """PLMS (Liu et al. 2022, eq. 12) started with a second-order step in place of the RK warm-up.
+
+    The first step probes ε at its own end point and redoes itself with the mean ε, so n steps
+    cost n + 1 network evaluations (n >= 2); ``callback`` counts evaluations.
+    """
+    # a_t, a_prev = ᾱ_t, ᾱ_{t-δ}; e_t = ε_θ(x_t, t); e_prime = ε' of eq. 12; past = ε history.
+    n = len(timesteps)
+    total = n + 1 if n > 1 else 1
+    past: list[Tensor] = []
+    for i, t in enumerate(timesteps):
+        a_t, a_prev = alphas[i], alphas[i + 1]
+        e_t = eps_model(x, t)
+        if i == 0 and n > 1:
+            callback(1, total)
+            x_probe = _pndm_transfer(x, e_t, a_t, a_prev)
+            e_prime = (eps_model(x_probe, timesteps[1]) + e_t) / 2
+        else:
+            e_prime = _linear_multistep(e_t, past)
+        past = [*past[-2:], e_t]
+        x = _pndm_transfer(x, e_prime, a_t, a_prev)
+        callback(i + 1 + (total - n), total)
+    return x
+
+
+def _denoise(eps_model: EpsModel, x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
+    """VE denoiser D(x; σ) from ε-prediction: the UNet sees x / sqrt(σ² + 1), its VP input."""
+    return x - sigma * eps_model(x / (sigma**2 + 1) ** 0.5, t)
+
+
+def _euler_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_to: Tensor) -> Tensor:
+    """One Euler step of the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ from σ to sigma_to."""
+    d = (x - denoised) / sigma
+    return x + d * (sigma_to - sigma)
+
+
+def sample_euler(
+    eps_model: EpsModel,
+    x: Tensor,
+    timesteps: Tensor,
+    sigmas: Tensor,
+    callback: Callback,
+) -> Tensor:
+    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        denoised = _denoise(eps_model, x, sigmas[i], t)
+        x = _euler_step(x, denoised, sigmas[i], sigmas[i + 1])
+        callback(i + 1, n)
+    return x
+
+
+def sample_euler_ancestral(
+    eps_model: EpsModel,
+    x: Tensor,
+    timesteps: Tensor,
+    sigmas: Tensor,
+    callback: Callback,
+    noise_sampler: NoiseSampler,
+) -> Tensor:
+    """Ancestral Euler (k-diffusion sample_euler_ancestral): deterministic step to σ_down, noise σ_up."""
+    # σ_up² + σ_down² = σ_{i+1}², σ_up² = σ_{i+1}²(σ_i² - σ_{i+1}²)/σ_i² (DDPM posterior variance in VE).
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(eps_model, x, sigma_from, t)
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        x = _euler_step(x, denoised, sigma_from, sigma_down)
+        x = x + noise_sampler() * sigma_up
+        callback(i + 1, n)
+    return x
+
+
+def _vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """α_t, σ_t and λ_t = log(α_t / σ_t) of the VP latents at VE noise level ``sigma``."""
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
+
+def sample_dpmpp_2m(
+    eps_model: EpsModel,
+    x: Tensor,
+    timesteps: Tensor,
+    sigmas: Tensor,
+    callback: Callback,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order on the first and last step."""
+    # s = current, t = next level; x0 = data prediction x_θ; h = λ_t - λ_s; r = h_{i-1} / h;
+    # D1 = (x0 - x0_prev) / r. The last step reaches σ = 0 (λ = ∞), where only order 1 is finite.
+    n = len(timesteps)
+    x0_prev = h_prev = None
+    for i, t in enumerate(timesteps):
+        alpha_s, sigma_s, lambda_s = _vp_coefficients(sigmas[i])
+        alpha_t, sigma_t, lambda_t = _vp_coefficients(sigmas[i + 1])
+        x0 = (x - sigma_s * eps_model(x, t)) / alpha_s
+        h = lambda_t - lambda_s
+        phi = alpha_t * (torch.exp(-h) - 1.0)
+        x_next = (sigma_t / sigma_s) * x - phi * x0
+        if x0_prev is not None and i < n - 1:
+            r = h_prev / h
+            x_next = x_next - 0.5 * phi * ((1.0 / r) * (x0 - x0_prev))
+        x, x0_prev, h_prev = x_next, x0, h
+        callback(i + 1, n)
+    return x
+
+
+def _per_item_noise(generators: Sequence[torch.Generator], like: Tensor) -> NoiseSampler:
+    """Unit noise drawn per batch item from its own CPU generator, exactly as diffusers'
+    randn_tensor does with a list of generators, so items never share a random stream."""
+
+    def draw() -> Tensor:
+        shape = (1, *like.shape[1:])
+        draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(draws).to(like.device)
+
+    return draw
+
+
+def _check_arguments(
+    name: str, noise: Tensor, steps: int, eta: float, generators: Sequence[torch.Generator] | None
+) -> None:
+    """Reject requests the reference schedulers would not run, or would run silently wrong."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    # Leading spacing with steps_offset 1 would visit t = 1000 at 1000 steps, past the table.
+    max_steps = schedule.NUM_TRAIN_TIMESTEPS - (schedule.STEPS_OFFSET if name in ("ddim", "plms") else 0)
+    if not 1 <= steps <= max_steps:
+        raise ValueError(f"steps for {name!r} must be between 1 and {max_steps}, got {steps}")
+    if eta != 0 and name != "ddim":
+        raise ValueError(f"eta applies to ddim only, got eta={eta} for {name!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be between 0 and 1, got {eta}")
+    if noise.dtype != torch.float32 or noise.ndim != 4:
+        shape = tuple(noise.shape)
+        raise ValueError(f"noise must be a float32 (B, C, h, w) tensor, got {noise.dtype} {shape}")
+    stochastic = name == "euler_a" or eta > 0
+    if stochastic and generators is None:
+        raise ValueError(f"{name!r} with eta={eta} draws noise: pass one CPU generator per image")
+    if generators is not None and len(generators) != noise.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {noise.shape[0]}")
+    if generators is not None and any(g.device.type != "cpu" for g in generators):
+        raise ValueError("generators must be CPU generators, as the per-image seed contract requires")
+
+
+def sample(
+    name: str,
+    eps_model: EpsModel,
+    noise: Tensor,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    generators: Sequence[torch.Generator] | None = None,
+    on_step: Callback | None = None,
+) -> Tensor:
+    """Run sampler ``name`` from unit ``noise`` for ``steps`` steps; return the final latents.
+
+    ``on_step(i, total)`` follows network evaluations, which is one more than ``steps`` for
+    plms. ``generators`` (one CPU generator per image, having drawn ``noise``) feed euler_a and
+    ddim with eta > 0.
+    """
+    _check_arguments(name, noise, steps, eta, generators)
+    callback = on_step or (lambda i, total: None)
+    draw = _per_item_noise(generators, noise) if generators is not None else None
+    device = noise.device
+    alphas_cumprod = schedule.alphas_cumprod(schedule.betas())
+    train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
+
+    if name in ("ddim", "plms"):
+        timesteps = schedule.leading_timesteps(steps)
+        alphas = schedule.alphas_cumprod_at(timesteps, alphas_cumprod)
+        t_in = timesteps.to(device, torch.float32)
+        if name == "ddim":
+            return sample_ddim(eps_model, noise, t_in, alphas, callback, eta=eta, noise_sampler=draw)
+        return sample_plms(eps_model, noise, t_in, alphas, callback)
+
+    if name in ("euler", "euler_a"):
+        timesteps = schedule.linspace_timesteps(steps)
+        sigmas = schedule.append_zero(schedule.sigma_at(timesteps, train_sigmas))
+        x = noise * sigmas[0]  # the largest sigma: linspace spacing starts at t = T - 1
+        t_in = timesteps.to(device)
+        if name == "euler":
+            return sample_euler(eps_model, x, t_in, sigmas, callback)
+        return sample_euler_ancestral(eps_model, x, t_in, sigmas, callback, draw)
+
+    if name == "dpmpp_2m_karras":
+        levels = schedule.karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+        timesteps = schedule.sigma_to_t(levels, train_sigmas).round()
+    else:
+        timesteps = schedule.dpm_linspace_timesteps(steps)
+        levels = schedule.sigma_at(timesteps, train_sigmas)
+    t_in = timesteps.to(device, torch.float32)
+    return sample_dpmpp_2m(eps_model, noise, t_in, schedule.append_zero(levels), callback)

@@ -1,0 +1,172 @@
+"""The KL autoencoder (LDM `AutoencoderKL`, f=8) that maps between pixels and latents.
+
+Attribute paths mirror the checkpoint keys under `first_stage_model.` (encoder.down.0.block.1.
+conv2, decoder.up.3.upsample.conv ...). The decoder's `up` list is indexed by resolution level,
+so it is built in reverse, as in the original.
+"""
+from __future__ import annotations
+
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .configs import VAEConfig
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1 = norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (1x1 conv projections, as in the checkpoint)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (p(y).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv after asymmetric padding (right and bottom only), as the checkpoint expects."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: its res blocks and the resampling that leaves it (if any)."""
+
+    def __init__(self, blocks: list[ResnetBlock], resample: nn.Module | None, name: str) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()
+        if resample is not None:
+            setattr(self, name, resample)
+        self.resample_name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        resample = getattr(self, self.resample_name, None)
+        return x if resample is None else resample(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.down = nn.ModuleList()
+        ch = cfg.ch
+        for i, width in enumerate(widths):
+            blocks = [ResnetBlock(ch if j == 0 else width, width) for j in range(cfg.num_res_blocks)]
+            ch = width
+            last = i == len(widths) - 1
+            self.down.append(Level(blocks, None if last else Downsample(ch), "downsample"))
+        self.mid = Mid(ch)
+        self.norm_out = norm(ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        ch = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = Mid(ch)
+        levels: list[Level] = []
+        for i in reversed(range(len(widths))):
+            blocks = [
+                ResnetBlock(ch if j == 0 else widths[i], widths[i])
+                for j in range(cfg.num_res_blocks + 1)
+            ]
+            ch = widths[i]
+            levels.insert(0, Level(blocks, Upsample(ch) if i else None, "upsample"))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """Pixels in [-1, 1] <-> unscaled latents (the pipeline applies the 0.18215 scale factor)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The mean of the latent distribution (deterministic; sampling is the caller's choice)."""
+        mean, _logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+

@@ -1,0 +1,116 @@
+"""Prompt search: words, phrases, and every kind of awkward input, alike on both databases."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.orm import Session
+
+from sdq.db.fulltext import TextQuery, parse_query
+from sdq.db.models import Job
+from sdq.db.queries import search_items
+
+from .helpers import add_job
+
+LONG = " ".join(["painterly"] * 120) + " a quiet zebra grazing"
+PROMPTS = [
+    "a red dragon over the sea",                    # 0
+    "the dragon is red over the sea",               # 1
+    'a neon sign that says "hello world"',          # 2
+    "100% cotton_candy clouds",                     # 3
+    "Café au lait, ÜNÏCÖDÉ style",                  # 4
+    "a 🐉 breathing fire",                          # 5
+    "sci-fi city at night",                         # 6
+    "don't panic",                                  # 7
+    "prompt: dragon OR NOT near(*)",                # 8
+    LONG,                                           # 9
+    "猫 sitting on a mat",                          # 10
+    "under_score and 50% off",                      # 11
+]
+
+
+@pytest.fixture
+def corpus(session: Session) -> Job:
+    return add_job(session, PROMPTS)
+
+
+def rows(session: Session, query: str) -> set[int]:
+    return {item.row_index for item in search_items(session, text=query, limit=100).items}
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("dragon", {0, 1, 8}),
+        ("DRAGON", {0, 1, 8}),
+        ("red dragon", {0, 1}),              # every word, in any order
+        ('"red dragon"', {0}),               # the phrase, in order
+        ('"dragon red"', set()),
+        ('sea "red dragon"', {0}),
+        ('"hello world"', {2}),
+        ('says "hello', {2}),                # an unterminated quote runs to the end
+        ("café", {4}),
+        ("CAFÉ ünïcödé", {4}),
+        ("cafe", set()),                     # accents count, as with PostgreSQL's `simple`
+        ("猫", {10}),
+        ("sci-fi", {6}),
+        ("fi", {6}),
+        ("don't", {7}),
+        ("cotton_candy", {3}),
+        ("100%", {3}),                       # the digits are the word
+        ("zebra", {9}),
+        ('"quiet zebra grazing"', {9}),
+        ("painterly", {9}),
+        ("unicorn", set()),
+    ],
+)
+def test_words_and_phrases(session: Session, corpus: Job, query: str, expected: set[int]) -> None:
+    assert rows(session, query) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("🐉", {5}),                          # no letters: matched as a substring
+        ("%", {3, 11}),                      # LIKE's wildcards are escaped...
+        ("_", {3, 11}),
+        ("%%", set()),                       # ...so they only match themselves
+        ("*", {8}),
+        ("🐉 fire", {5}),
+        ("🦄", set()),
+    ],
+)
+def test_terms_without_letters_match_as_substrings(
+    session: Session, corpus: Job, query: str, expected: set[int]
+) -> None:
+    assert rows(session, query) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("dragon OR unicorn", set()),        # OR is a word here, not an operator
+        ("NOT near(*)", {8}),
+        ("prompt:dragon", {8}),              # not a column filter
+        ("dragon*", {0, 1, 8}),              # not a prefix query
+        ("NEAR(dragon sea)", set()),
+        ("'; DROP TABLE items; --", set()),
+        ('"', set(range(len(PROMPTS)))),  # nothing to search for: no filter
+    ],
+)
+def test_query_syntax_is_never_interpreted(
+    session: Session, corpus: Job, query: str, expected: set[int]
+) -> None:
+    assert rows(session, query) == expected
+    assert "items" in inspect(session.get_bind()).get_table_names()
+
+
+def test_long_queries_and_prompts(session: Session, corpus: Job) -> None:
+    assert rows(session, LONG) == {9}
+    assert rows(session, f'"{LONG}"') == {9}
+    assert rows(session, "x" * 1000) == set()
+
+
+def test_parse_query() -> None:
+    assert parse_query('a "b c" 🐉 "d') == TextQuery(("a", "b c", "d"), ("🐉",))
+    assert parse_query('  "" ') == TextQuery()
+    assert not parse_query("")

@@ -1,0 +1,58 @@
+"""diffusers as the reference: turn an sdq/LDM checkpoint into diffusers models with diffusers'
+own single-file converters, so parity tests compare two independent implementations."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sdq.sdmodel.configs import UNetConfig, VAEConfig
+
+
+def original_config(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:
+    """The LDM inference YAML (v1-inference.yaml) for these architectures, as a dict."""
+    return {"model": {"params": {
+        "scale_factor": 0.18215,
+        "unet_config": {"params": {
+            "image_size": 32, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
+            "model_channels": unet.model_channels,
+            "attention_resolutions": [2**level for level in unet.attention_levels],
+            "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult),
+            "num_heads": unet.num_heads, "use_spatial_transformer": True,
+            "transformer_depth": unet.transformer_depth, "context_dim": unet.context_dim,
+            "use_checkpoint": True, "legacy": False,
+        }},
+        "first_stage_config": {"params": {"embed_dim": vae.embed_dim, "ddconfig": {
+            "double_z": True, "z_channels": vae.z_channels, "resolution": 256,
+            "in_channels": vae.in_channels, "out_ch": vae.out_channels, "ch": vae.ch,
+            "ch_mult": list(vae.ch_mult), "num_res_blocks": vae.num_res_blocks,
+            "attn_resolutions": [], "dropout": 0.0,
+        }}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+    }}}
+
+
+def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig, text_config):
+    """diffusers' UNet, VAE and CLIP models from an LDM-layout checkpoint; strict loading, so
+    anything the converter leaves out or cannot place fails here."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextModel
+
+    config = original_config(unet, vae)
+    unet_cfg = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
+    vae_cfg = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint)
+    with torch.device("meta"):
+        d_unet = UNet2DConditionModel(**unet_cfg)
+        d_vae = AutoencoderKL(**vae_cfg)
+        d_text = CLIPTextModel(text_config)
+    d_unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_cfg), strict=True, assign=True)
+    d_vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(checkpoint, vae_cfg), strict=True, assign=True)
+    text_sd = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    text_sd.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in d_text.state_dict()):
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    missing, unexpected = d_text.load_state_dict(text_sd, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"embeddings.position_ids"}, (missing, unexpected)
+    d_text.embeddings.position_ids = torch.arange(text_config.max_position_embeddings)[None]
+    return d_unet.eval(), d_vae.eval(), d_text.eval()

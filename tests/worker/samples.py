@@ -1,0 +1,34 @@
+"""Sample images and provenance records shared by the storage, provenance and verify tests."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+
+from sdq.worker.provenance import Environment, Provenance
+
+MODEL_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+ENVIRONMENT = Environment(sdq="0.1.0", torch="2.13.0", transformers="5.24.0", device="cuda:0",
+                          gpu="NVIDIA H200", dtype="float16", attention="sdpa")
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A stand-in for decoder output: smooth colour fields plus fine grain, as photos have."""
+    rng = np.random.default_rng(seed)
+    field = rng.normal(size=(height // 16 + 2, width // 16 + 2, 3))
+    field = ((field - field.min()) / np.ptp(field) * 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=int)
+    grain = rng.integers(-10, 11, size=smooth.shape)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+def provenance(width: int = 512, height: int = 512, **changes: object) -> Provenance:
+    values: dict[str, object] = dict(
+        prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry",
+        seed=42, sampler="ddim", steps=50, cfg=7.5, width=width, height=height,
+        model_sha256=MODEL_SHA256, model_name="v1-5-pruned-emaonly", environment=ENVIRONMENT,
+        job_id=3, item_id=17, row=16, batch_id="b-1", batch_position=2,
+        created=datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc))
+    values.update(changes)
+    return Provenance(**values)  # type: ignore[arg-type]

@@ -1,0 +1,165 @@
+"""PNG provenance: the A1111 `parameters` chunk, the sdq JSON chunk, the environment."""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdq.sdmodel.samplers import SAMPLERS as MODEL_SAMPLERS
+from sdq.worker import watermark as wm
+from sdq.worker.provenance import (
+    SAMPLERS,
+    MetadataError,
+    WatermarkStatus,
+    encode_png,
+    environment_fingerprint,
+    format_parameters,
+    parse_parameters,
+    pixel_digest,
+    read_png_metadata,
+)
+
+from .samples import MODEL_SHA256, photo, provenance
+
+
+def test_parameters_text_in_the_a1111_layout() -> None:
+    assert format_parameters(provenance()) == (
+        "a photograph of an astronaut riding a horse\n"
+        "Negative prompt: blurry\n"
+        "Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdq 0.1.0"
+    )
+
+
+def test_no_negative_prompt_line_when_empty_and_eta_when_set() -> None:
+    text = format_parameters(provenance(negative_prompt="", eta=0.5))
+    assert text.splitlines()[0] == "a photograph of an astronaut riding a horse"
+    assert text.splitlines()[1].startswith("Steps: 50, Sampler: DDIM, ")
+    assert ", Eta DDIM: 0.5, Version: sdq 0.1.0" in text
+
+
+@pytest.mark.parametrize("sampler, spelled", [
+    ("ddim", "Sampler: DDIM, CFG"), ("plms", "Sampler: PLMS, CFG"),
+    ("euler", "Sampler: Euler, CFG"), ("euler_a", "Sampler: Euler a, CFG"),
+    ("dpmpp_2m", "Sampler: DPM++ 2M, CFG"),
+    ("dpmpp_2m_karras", "Sampler: DPM++ 2M, Schedule type: Karras, CFG"),
+])
+def test_sampler_names_as_a1111_spells_them(sampler: str, spelled: str) -> None:
+    text = format_parameters(provenance(sampler=sampler))
+    assert spelled in text
+    assert parse_parameters(text).sampler == sampler
+
+
+def test_every_model_sampler_has_an_a1111_name() -> None:
+    assert set(SAMPLERS) == set(MODEL_SAMPLERS)
+
+
+def test_values_with_commas_colons_and_newlines_round_trip() -> None:
+    p = provenance(prompt="portrait, oil: on canvas\n(detailed:1.2)", negative_prompt="a, b: c",
+                   model_name='my "model", v2: final\nedition', cfg=7.0, seed=4294967295)
+    text = format_parameters(p)
+    assert 'Model: "my \\"model\\", v2: final\\nedition"' in text
+    parsed = parse_parameters(text)
+    assert (parsed.prompt, parsed.negative_prompt) == (p.prompt, p.negative_prompt)
+    assert parsed.settings["Model"] == p.model_name
+    assert (parsed.seed, parsed.steps, parsed.size) == (4294967295, 50, (512, 512))
+    assert parsed.settings["CFG scale"] == "7.0"
+
+
+def test_model_hashes_new_and_legacy() -> None:
+    new = parse_parameters(format_parameters(provenance()))
+    assert new.model_hash == "6ce0161689"
+    assert new.model_hash_matches(MODEL_SHA256) is True
+    assert new.model_hash_matches("0" * 64) is False
+    legacy = parse_parameters(
+        "a photo\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512, "
+        "Model hash: 7460A6FA")
+    assert legacy.model_hash == "7460a6fa" and legacy.sampler == "euler_a"
+    assert legacy.model_hash_matches(MODEL_SHA256) is None  # 64 KiB hash: no sha256 decides it
+
+
+def test_parsing_follows_a1111_rules() -> None:
+    older = parse_parameters("cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1")
+    assert older.sampler == "dpmpp_2m_karras"
+    automatic = parse_parameters("cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, "
+                                 "CFG scale: 7")
+    assert automatic.sampler == "dpmpp_2m"
+    # Fewer than three settings: the last line is still prompt.
+    assert parse_parameters("cat\nstyle: noir, mood: dark").prompt == "cat\nstyle: noir, mood: dark"
+    assert parse_parameters("cat\nSteps: x, Seed: y, Size: big").seed is None
+
+
+def test_png_round_trip_with_watermark() -> None:
+    p = provenance(prompt="\u732b, \u685c: spring")
+    encoded = encode_png(photo(512, 512), p, watermark="StableDiffusionV1")
+    assert encoded.sha256 == hashlib.sha256(encoded.data).hexdigest()
+    assert encoded.watermark == "StableDiffusionV1"
+    meta = read_png_metadata(encoded.data)
+    assert meta.provenance == p and meta.errors == ()
+    assert meta.parameters is not None and meta.parameters.prompt == p.prompt
+    assert meta.watermark == "StableDiffusionV1"
+    assert meta.watermark_status is WatermarkStatus.EMBEDDED
+    stored = Image.open(io.BytesIO(encoded.data))
+    assert meta.pixels_sha256 == pixel_digest(stored)
+    assert wm.detect_watermark(stored, "StableDiffusionV1") < 0.15
+
+
+@pytest.mark.parametrize("size, mark, status", [
+    ((128, 128), "StableDiffusionV1", WatermarkStatus.TOO_SMALL),
+    ((512, 512), None, WatermarkStatus.DISABLED),
+])
+def test_unmarked_images_keep_their_pixels_and_say_why(
+        size: tuple[int, int], mark: str | None, status: WatermarkStatus) -> None:
+    image = photo(*size)
+    encoded = encode_png(image, provenance(*size), watermark=mark)
+    assert encoded.watermark is None
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded.data))), np.asarray(image))
+    meta = read_png_metadata(encoded.data)
+    assert (meta.watermark, meta.watermark_status) == (None, status)
+
+
+def test_read_from_a_path_and_refuse_non_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "a.png"
+    path.write_bytes(encode_png(photo(256, 256), provenance(256, 256), watermark=None).data)
+    assert read_png_metadata(path).provenance == provenance(256, 256)
+    jpeg = io.BytesIO()
+    photo(64, 64).save(jpeg, format="JPEG")
+    with pytest.raises(MetadataError, match="not a PNG"):
+        read_png_metadata(jpeg.getvalue())
+    with pytest.raises(MetadataError, match="not a readable image"):
+        read_png_metadata(b"garbage")
+
+
+def test_a_foreign_png_has_no_sdq_record() -> None:
+    buffer = io.BytesIO()
+    photo(64, 64).save(buffer, format="PNG")
+    meta = read_png_metadata(buffer.getvalue())
+    assert meta.provenance is None and meta.parameters is None and meta.errors == ()
+
+
+def test_the_image_must_match_the_provenance() -> None:
+    with pytest.raises(ValueError, match="image is 256x256, provenance says 512x512"):
+        encode_png(photo(256, 256), provenance(), watermark=None)
+
+
+def test_provenance_validates_what_it_records() -> None:
+    with pytest.raises(ValueError, match="unknown sampler"):
+        provenance(sampler="k_lms")
+    with pytest.raises(ValueError, match="model_sha256"):
+        provenance(model_sha256="6ce0161689")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        provenance(created=provenance().created.replace(tzinfo=None))
+
+
+def test_environment_fingerprint() -> None:
+    env = environment_fingerprint("cpu", "torch.float32")
+    assert (env.device, env.gpu, env.dtype, env.attention, env.rng_device) == (
+        "cpu", None, "float32", "sdpa", "cpu")
+    assert env.torch == torch.__version__
+    assert env.sdq and env.transformers
+    assert replace(provenance(), environment=env).to_json()["environment"]["torch"] == env.torch

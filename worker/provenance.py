@@ -1,0 +1,516 @@
+"""An image's provenance, carried inside its PNG, and the checks `sdq verify` runs on it.
+
+Two text chunks travel with every image: `parameters`, in AUTOMATIC1111's format, because the
+SD ecosystem (web UIs, image browsers, civitai) already reads it; and `sdq`, JSON with the full
+record, because the A1111 line is lossy (prompt lines are stripped, ids and the environment
+have no place in it). The JSON also holds a digest of the decoded pixels: unlike the file's
+sha256 it can live inside the file, so a file downloaded elsewhere still shows a changed pixel
+without the database.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import Image, PngImagePlugin
+
+from . import watermark as wm
+
+PARAMETERS_CHUNK = "parameters"
+SDQ_CHUNK = "sdq"
+FORMAT = 1
+"""Version of the `sdq` chunk's layout; readers refuse a newer one instead of misreading it."""
+
+# sdq sampler -> (A1111 "Sampler", A1111 "Schedule type" or None).
+SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "ddim": ("DDIM", None),
+    "plms": ("PLMS", None),
+    "euler": ("Euler", None),
+    "euler_a": ("Euler a", None),
+    "dpmpp_2m": ("DPM++ 2M", None),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+}
+# Older A1111 versions folded the schedule into the sampler name.
+_LEGACY_SAMPLERS = {"DPM++ 2M Karras": "dpmpp_2m_karras"}
+
+# AUTOMATIC1111's own pattern (modules/infotext_utils.py), so parsing agrees with that tool.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_HASH = re.compile(r"^[0-9a-f]{8}$|^[0-9a-f]{10}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class MetadataError(ValueError):
+    """The bytes are not a readable PNG."""
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What decides whether an image can be reproduced bit for bit, not merely closely:
+    kernels differ across library versions, devices, GPU models, dtypes and attention backends.
+    The initial noise is always drawn on the CPU (`rng_device`), which is what makes seeds
+    portable across machines at all."""
+
+    sdq: str | None
+    torch: str | None
+    transformers: str | None
+    device: str
+    gpu: str | None
+    dtype: str
+    attention: str
+    rng_device: str = "cpu"
+
+
+def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa") -> Environment:
+    """The fingerprint of this process; torch is imported only to name a CUDA device, so
+    reading or verifying images never pays for it."""
+    gpu = None
+    if device.startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return Environment(
+        sdq=_package_version("sdq"),
+        torch=_package_version("torch"),
+        transformers=_package_version("transformers"),
+        device=device,
+        gpu=gpu,
+        dtype=dtype.removeprefix("torch."),
+        attention=attention,
+    )
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything that made one image; ids are None for a one-off `sdq generate`."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampler: str
+    steps: int
+    cfg: float
+    width: int
+    height: int
+    model_sha256: str
+    model_name: str
+    environment: Environment
+    eta: float = 0.0
+    job_id: int | None = None
+    item_id: int | None = None
+    row: int | None = None
+    batch_id: str | None = None
+    batch_position: int | None = None
+    created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        if not _SHA256.match(self.model_sha256):
+            raise ValueError(f"model_sha256: expected 64 lower-case hex digits, "
+                             f"got {self.model_sha256!r}")
+        if self.created.tzinfo is None:
+            raise ValueError("created must be timezone-aware")
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["created"] = self.created.isoformat()
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "Provenance":
+        """Inverse of `to_json`; keys a later sdq may add are ignored."""
+        values = _known_fields(cls, record)
+        values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
+        values["created"] = datetime.fromisoformat(record["created"])
+        return cls(**values)
+
+
+def _known_fields(cls: type, record: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in record.items() if key in names}
+
+
+def _quote(value: object) -> str:
+    """A1111's `quote`: JSON-quote a value only when a comma, colon or newline would break
+    the line apart."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return str(json.loads(text))
+    except ValueError:
+        return text
+
+
+def format_parameters(p: Provenance) -> str:
+    """The A1111 `parameters` text, field order and spelling as that tool writes them."""
+    sampler, schedule = SAMPLERS[p.sampler]
+    settings: dict[str, object] = {"Steps": p.steps, "Sampler": sampler}
+    if schedule:
+        settings["Schedule type"] = schedule
+    settings.update({
+        "CFG scale": float(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
+        "Model hash": p.model_sha256[:10], "Model": p.model_name,
+    })
+    if p.eta:
+        settings["Eta DDIM"] = float(p.eta)
+    settings["Version"] = f"sdq {p.environment.sdq}"
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
+    negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
+    return f"{p.prompt}{negative}\n{line}".strip()
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """A parsed A1111 `parameters` text: the prompts and the raw `Key: value` settings."""
+
+    prompt: str
+    negative_prompt: str
+    settings: dict[str, str]
+
+    def _int(self, key: str) -> int | None:
+        value = self.settings.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    @property
+    def seed(self) -> int | None:
+        return self._int("Seed")
+
+    @property
+    def steps(self) -> int | None:
+        return self._int("Steps")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        match = _SIZE.match(self.settings.get("Size", ""))
+        return (int(match[1]), int(match[2])) if match else None
+
+    @property
+    def sampler(self) -> str | None:
+        """The sdq name of the sampler, None when sdq has no such sampler."""
+        name = self.settings.get("Sampler")
+        schedule = self.settings.get("Schedule type")
+        for sdq_name, spelled in SAMPLERS.items():
+            if spelled == (name, schedule if schedule not in ("Automatic", None) else None):
+                return sdq_name
+        return _LEGACY_SAMPLERS.get(name or "")
+
+    @property
+    def model_hash(self) -> str | None:
+        """The 10-hex sha256 prefix of current tools, or the legacy 8-hex hash of older ones."""
+        value = self.settings.get("Model hash", "").lower()
+        return value if _HASH.match(value) else None
+
+    def model_hash_matches(self, sha256: str) -> bool | None:
+        """Whether the hash names the model with this sha256; None when it cannot tell: the
+        legacy 8-hex hash covers 64 KiB of the file, not the whole, so no sha256 decides it."""
+        value = self.model_hash
+        if value is None or len(value) == 8:
+            return None
+        return sha256.lower().startswith(value)
+
+
+def parse_parameters(text: str) -> Parameters:
+    """Parse as A1111's `parse_generation_parameters` does: the last line is the settings
+    line when it holds at least three `Key: value` pairs; lines are stripped."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        if in_negative:
+            negative = f"{negative}\n{line}" if negative else line
+        else:
+            prompt = f"{prompt}\n{line}" if prompt else line
+    settings = {key: _unquote(value) for key, value in _PARAM.findall(last)}
+    return Parameters(prompt, negative, settings)
+
+
+class WatermarkStatus(str, Enum):
+    """Why an image does or does not carry the invisible watermark."""
+
+    EMBEDDED = "embedded"
+    DISABLED = "disabled"
+    TOO_SMALL = "too_small"
+
+
+class EncodedPng(NamedTuple):
+    """The file to store, its sha256 (recorded with the item) and the watermark text actually
+    embedded (None when the image is unmarked)."""
+
+    data: bytes
+    sha256: str
+    watermark: str | None
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """sha256 of the RGB pixels and size, independent of PNG compression and chunks."""
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def encode_png(image: Image.Image, provenance: Provenance, *, watermark: str | None) -> EncodedPng:
+    """Watermark the image (unless `watermark` is None or empty, or the image is under the
+    method's size limit), then write it as a PNG carrying both provenance chunks."""
+    image = image.convert("RGB")
+    if image.size != (provenance.width, provenance.height):
+        raise ValueError(f"image is {image.width}x{image.height}, provenance says "
+                         f"{provenance.width}x{provenance.height}")
+    if not watermark:
+        status = WatermarkStatus.DISABLED
+    elif wm.can_watermark(image.width, image.height, watermark):
+        image, status = wm.embed(image, watermark), WatermarkStatus.EMBEDDED
+    else:
+        status = WatermarkStatus.TOO_SMALL
+    embedded = watermark if status is WatermarkStatus.EMBEDDED else None
+    record = {
+        "format": FORMAT,
+        "provenance": provenance.to_json(),
+        "watermark": {"text": embedded, "status": status.value},
+        "pixels_sha256": pixel_digest(image),
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_CHUNK, format_parameters(provenance))
+    info.add_text(SDQ_CHUNK, json.dumps(record, ensure_ascii=True, separators=(",", ":")))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    return EncodedPng(data, hashlib.sha256(data).hexdigest(), embedded)
+
+
+@dataclass(frozen=True)
+class PngMetadata:
+    """What a PNG says about itself. `errors` lists chunks that exist but could not be read,
+    so that a damaged chunk is reported instead of silently looking absent."""
+
+    sha256: str
+    width: int
+    height: int
+    parameters_text: str | None
+    parameters: Parameters | None
+    provenance: Provenance | None
+    watermark: str | None
+    watermark_status: WatermarkStatus | None
+    pixels_sha256: str | None
+    errors: tuple[str, ...] = ()
+
+
+def _open_png(data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MetadataError(f"not a readable image: {exc}") from None
+    if image.format != "PNG":
+        raise MetadataError(f"not a PNG but {image.format}")
+    return image
+
+
+def _read_sdq_chunk(text: str) -> dict[str, Any]:
+    record = json.loads(text)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise ValueError(f"unknown format {found!r} (this sdq reads format {FORMAT})")
+    return record
+
+
+def _read(data: bytes) -> tuple[PngMetadata, Image.Image]:
+    image = _open_png(data)
+    chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    text = chunks.get(PARAMETERS_CHUNK)
+    errors: list[str] = []
+    provenance, mark, status, pixels = None, None, None, None
+    if SDQ_CHUNK in chunks:
+        try:
+            record = _read_sdq_chunk(chunks[SDQ_CHUNK])
+            provenance = Provenance.from_json(record["provenance"])
+            mark = record["watermark"]["text"]
+            status = WatermarkStatus(record["watermark"]["status"])
+            pixels = record["pixels_sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            errors.append(f"{SDQ_CHUNK} chunk unreadable: {exc}")
+    meta = PngMetadata(
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=image.width,
+        height=image.height,
+        parameters_text=text,
+        parameters=parse_parameters(text) if text is not None else None,
+        provenance=provenance,
+        watermark=mark,
+        watermark_status=status,
+        pixels_sha256=pixels,
+        errors=tuple(errors),
+    )
+    return meta, image
+
+
+def read_png_metadata(source: bytes | str | Path) -> PngMetadata:
+    """Read both chunks of a PNG (bytes or a path); raises MetadataError for a non-PNG."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return _read(data)[0]
+
+
+WATERMARK_PRESENT_BER = 0.25
+"""Largest bit-error rate still read as "marked". Clean sdq output measures a few percent
+and an unmarked image about 50% (for 136 bits, 0.25 is more than five standard deviations
+below that), so the threshold separates them while tolerating the method's fragility."""
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """What the database recorded for an item, as plain values (the CLI maps the row here)."""
+
+    item_id: int | None
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampler: str
+    steps: int
+    cfg: float
+    eta: float
+    width: int
+    height: int
+    model_sha256: str | None
+    image_sha256: str | None
+    watermark: str | None
+
+
+class Check(NamedTuple):
+    """One verification outcome; `ok` is None when there was nothing to check against."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The checks run on one PNG; any False among them makes the image fail."""
+
+    metadata: PngMetadata
+    watermark_ber: float | None
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok is not False for check in self.checks)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any], theirs: str) -> str:
+    return "; ".join(
+        f"{key}: file {_short(found.get(key))}, {theirs} {_short(expected.get(key))}"
+        for key in sorted(found.keys() | expected.keys())
+        if found.get(key) != expected.get(key)
+    )
+
+
+def _check_parameters(meta: PngMetadata, provenance: Provenance) -> Check:
+    if meta.parameters is None:
+        return Check("parameters chunk", False, "missing")
+    ours = parse_parameters(format_parameters(provenance))
+    found = {"prompt": meta.parameters.prompt, "negative prompt": meta.parameters.negative_prompt,
+             **meta.parameters.settings}
+    expected = {"prompt": ours.prompt, "negative prompt": ours.negative_prompt, **ours.settings}
+    diff = _differences(found, expected, "sdq chunk")
+    return Check("parameters chunk", not diff, diff or "agrees with the sdq chunk")
+
+
+def _check_watermark(meta: PngMetadata, image: Image.Image) -> tuple[Check, float | None]:
+    if meta.watermark_status is WatermarkStatus.EMBEDDED and meta.watermark:
+        if not wm.can_watermark(image.width, image.height, meta.watermark):
+            return Check("watermark", False, f"recorded as embedded, but a {image.width}x"
+                         f"{image.height} image cannot carry {meta.watermark!r}"), None
+        ber = wm.detect_watermark(image, meta.watermark)
+        bits = len(wm.text_bits(meta.watermark))
+        detail = (f"{meta.watermark!r}: {round(ber * bits)}/{bits} bits differ "
+                  f"(BER {ber:.1%}, present below {WATERMARK_PRESENT_BER:.0%})")
+        return Check("watermark", ber <= WATERMARK_PRESENT_BER, detail), ber
+    large = image.width * image.height >= wm.MIN_PIXELS
+    if meta.watermark_status is WatermarkStatus.TOO_SMALL and large:
+        return Check("watermark", False, f"recorded as too small, but the image is "
+                     f"{image.width}x{image.height}"), None
+    status = meta.watermark_status.value if meta.watermark_status else "unknown"
+    return Check("watermark", None, f"none recorded ({status})"), None
+
+
+def _file_record(meta: PngMetadata, p: Provenance) -> ItemRecord:
+    return ItemRecord(
+        item_id=p.item_id, prompt=p.prompt, negative_prompt=p.negative_prompt, seed=p.seed,
+        sampler=p.sampler, steps=p.steps, cfg=p.cfg, eta=p.eta, width=p.width, height=p.height,
+        model_sha256=p.model_sha256, image_sha256=meta.sha256, watermark=meta.watermark,
+    )
+
+
+def _check_record(meta: PngMetadata, record: ItemRecord) -> list[Check]:
+    sha_ok = record.image_sha256 == meta.sha256
+    checks = [Check("database sha256", sha_ok, f"file {meta.sha256[:16]}..., "
+                    f"database {(record.image_sha256 or 'none')[:16]}...")]
+    if meta.provenance is None:
+        return checks + [Check("database parameters", False, "the file has no sdq chunk")]
+    found = asdict(_file_record(meta, meta.provenance))
+    expected = asdict(record)
+    del found["image_sha256"], expected["image_sha256"]
+    diff = _differences(found, expected, "database")
+    return checks + [Check("database parameters", not diff,
+                           diff or f"match item {record.item_id}")]
+
+
+def verify_png(data: bytes, record: ItemRecord | None = None) -> Verification:
+    """Check a PNG against itself (chunks, pixel digest, watermark) and, given the database's
+    record of its item, against that too. Raises MetadataError only for a non-PNG."""
+    meta, image = _read(data)
+    checks = [Check("sdq chunk", False, error) for error in meta.errors]
+    ber = None
+    p = meta.provenance
+    if p is None and not meta.errors:
+        checks.append(Check("sdq chunk", False, "missing: the file carries no sdq provenance"))
+    if p is not None:
+        checks.append(Check("sdq chunk", True, f"{p.sampler}, {p.steps} steps, seed {p.seed}, "
+                            f"model {p.model_sha256[:10]}"))
+        checks.append(_check_parameters(meta, p))
+        size_ok = (p.width, p.height) == image.size
+        checks.append(Check("size", size_ok, f"{image.width}x{image.height}, recorded "
+                            f"{p.width}x{p.height}"))
+        digest_ok = pixel_digest(image) == meta.pixels_sha256
+        checks.append(Check("pixels", digest_ok, "match the recorded digest" if digest_ok
+                            else "differ from the recorded digest: the image was altered"))
+        mark, ber = _check_watermark(meta, image)
+        checks.append(mark)
+    if record is not None:
+        checks.extend(_check_record(meta, record))
+    return Verification(meta, ber, tuple(checks))
