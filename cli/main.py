@@ -22,3 +22,7 @@ cli.add_command(verify)
 from sdq.cli.db import db  # noqa: E402
 
 cli.add_command(db)
+
+from sdq.cli.generate import generate  # noqa: E402
+
+cli.add_command(generate)

@@ -71,7 +71,13 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # the unpickler's refusal names the global it would not run
-        raise CheckpointError(path, f"refused to unpickle: {exc}".splitlines()[0]) from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        reason = (
+            f"it references {found.group(1)}, which is neither a tensor nor a known harmless "
+            "training object; convert the file to .safetensors with a tool you trust"
+            if found else str(exc).strip().splitlines()[-1]
+        )
+        raise CheckpointError(path, f"refused to unpickle: {reason}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -72,7 +72,7 @@ def unet_config_from_state_dict(sd: Mapping[str, Tensor]) -> UNetConfig:
         if count == 0:
             level = len(mult)
             mult.append(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc)
-            if f"input_blocks.{i}.1.proj_in.weight" in sd:
+            if any(k.startswith(f"input_blocks.{i}.1.") for k in keys):
                 attention_levels.append(level)
         count += 1
     res_per_level.append(count)

@@ -149,11 +149,21 @@ def _load_text_encoder(sd: dict[str, Tensor], source: Path, prefix: str = "") ->
     return text
 
 
+def _detect(detect: Callable[[dict[str, Tensor]], object], sd: dict[str, Tensor], source: Path, prefix: str):
+    """Architecture from shapes; a weight the detection needs and cannot find is named."""
+    try:
+        return detect(sd)
+    except KeyError as exc:
+        raise CheckpointError(source, f"missing weights: {prefix}{exc.args[0]}") from None
+    except ValueError as exc:
+        raise CheckpointError(source, f"unrecognised layout under {prefix}*: {exc}") from None
+
+
 def _load_single_file(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Module, object]:
     parts = split_ldm(read_weights(path), path)
     with torch.device("meta"):
-        unet = UNetModel(unet_config_from_state_dict(parts["unet"]))
-        vae = AutoencoderKL(vae_config_from_state_dict(parts["vae"]))
+        unet = UNetModel(_detect(unet_config_from_state_dict, parts["unet"], path, PREFIXES["unet"]))
+        vae = AutoencoderKL(_detect(vae_config_from_state_dict, parts["vae"], path, PREFIXES["vae"]))
     load_weights(unet, parts["unet"], path, PREFIXES["unet"])
     load_weights(vae, parts["vae"], path, PREFIXES["vae"])
     text = _load_text_encoder(parts["text_encoder"], path, PREFIXES["text_encoder"])

@@ -9,6 +9,7 @@ from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
+from sdq.db.models import Item
 from sdq.db.session import (
     SchemaMismatch,
     alembic_config,
@@ -46,6 +47,22 @@ def test_models_and_migrations_agree(empty_engine: Engine) -> None:
     upgrade(empty_engine)
     with empty_engine.connect() as connection:
         command.check(alembic_config(connection))
+
+
+def test_partial_and_brin_indexes_match_the_models(empty_engine: Engine) -> None:
+    """What `alembic check` cannot see: which indexes are partial, and which are BRIN."""
+    upgrade(empty_engine)
+    dialect = empty_engine.dialect.name
+    reflected = {index["name"]: index for index in inspect(empty_engine).get_indexes("items")}
+    for index in Item.__table__.indexes:
+        options = reflected[index.name].get("dialect_options", {})
+        assert (options.get(f"{dialect}_where") is None) == (
+            index.dialect_options[dialect]["where"] is None
+        ), index.name
+        if dialect == "postgresql":
+            assert options.get("postgresql_using", "btree") == (
+                index.dialect_options["postgresql"]["using"] or "btree"
+            ), index.name
 
 
 def test_sqlite_connections_use_wal_and_foreign_keys(tmp_path: Path) -> None:

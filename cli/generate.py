@@ -1,0 +1,135 @@
+"""`sdq generate`: one-shot local text-to-image, like the reference txt2img script."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from sdq.sdmodel.samplers import SAMPLERS
+from sdq.worker.config import Settings
+
+MAX_SIDE = 2048
+
+
+def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 8 or value % 8 or value > MAX_SIDE:
+        raise click.BadParameter(f"must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
+    return value
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """OUT.png for one image; OUT-0.png, OUT-1.png ... for several."""
+    if count == 1:
+        return [output]
+    width = len(str(count - 1))
+    return [output.with_name(f"{output.stem}-{i:0{width}d}{output.suffix or '.png'}") for i in range(count)]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", "-m", "model_ref", metavar="REF",
+              help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
+                   "[default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
+@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the first image; image i gets seed+i. Random (and printed) if omitted.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
+@click.option("--steps", type=click.IntRange(1, 999), default=50, show_default=True)
+@click.option("--cfg", type=float, default=7.5, show_default=True,
+              help="Classifier-free guidance scale; 1 or less turns guidance off.")
+@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="DDIM stochasticity (ddim only).")
+@click.option("--width", type=int, default=512, show_default=True, callback=multiple_of_8)
+@click.option("--height", type=int, default=512, show_default=True, callback=multiple_of_8)
+@click.option("-n", "--num-images", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Images denoised together [default: $SDQ_BATCH_SIZE, else all of them, up to 8].")
+@click.option("--device", type=click.Choice(["cuda", "mps", "cpu"]), help="[default: the best available]")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="[default: fp16 on GPUs, fp32 on the CPU]")
+@click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
+              show_default=True, help="PNG to write; with -n N, OUT-0.png ... OUT-(N-1).png.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int | None, sampler: str,
+             steps: int, cfg: float, eta: float, width: int, height: int, num_images: int,
+             batch_size: int | None, device: str | None, dtype: str | None, no_watermark: bool,
+             output: Path, as_json: bool) -> None:
+    """Generate images from PROMPT with a local model and write them as PNGs.
+
+    Each PNG carries its provenance (an AUTOMATIC1111-style `parameters` chunk and an `sdq`
+    JSON chunk) and, from 256x256 up, the invisible watermark.
+
+    \b
+    Example:
+      sdq generate "a photograph of an astronaut riding a horse" \\
+          --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
+    """
+    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+    from sdq.sdmodel.pipeline import Request, load_pipeline
+    from sdq.worker.provenance import Provenance, encode_png, environment_fingerprint
+
+    if eta and sampler != "ddim":
+        raise click.BadParameter("only the ddim sampler takes --eta", param_hint="--eta")
+    try:
+        settings = Settings.load()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    base_seed = random.randrange(2**32) if seed is None else seed
+    if base_seed + num_images > 2**32:
+        raise click.BadParameter("seed + number of images must stay below 2^32", param_hint="--seed")
+    size = batch_size or settings.batch_size or min(num_images, 8)
+    ref = model_ref or settings.model
+    click.echo(f"Loading {ref} ...", err=True)
+    try:
+        pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
+                             hash_cache=settings.home / "hashes.json")
+    except (CheckpointError, ModelNotFound, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    environment = environment_fingerprint(pipe.device, pipe.dtype)
+    watermark = None if no_watermark else settings.watermark
+    requests = [Request(prompt, negative_prompt, base_seed + i, cfg) for i in range(num_images)]
+    batches = [requests[i:i + size] for i in range(0, num_images, size)]
+    paths = output_paths(output, num_images)
+    written = []
+    with click.progressbar(length=len(batches) * steps, label=f"Generating {num_images} image(s)",
+                           file=sys.stderr) as bar:
+        for b, batch in enumerate(batches):
+            def on_step(i: int, total: int, b: int = b) -> None:
+                bar.update(b * steps + round(i * steps / total) - bar.pos)
+
+            try:
+                images = pipe.generate(batch, sampler=sampler, steps=steps, width=width, height=height,
+                                       eta=eta, on_step=on_step)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+            for position, (request, image) in enumerate(zip(batch, images)):
+                provenance = Provenance(
+                    prompt=prompt, negative_prompt=negative_prompt, seed=request.seed, sampler=sampler,
+                    steps=steps, cfg=cfg, width=width, height=height, eta=eta,
+                    model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
+                    batch_position=position,
+                )
+                png = encode_png(image, provenance, watermark=watermark)
+                path = paths[len(written)]
+                write_atomically(path, png.data)
+                written.append({"path": str(path), "seed": request.seed, "sha256": png.sha256,
+                                "watermark": png.watermark})
+    if as_json:
+        click.echo(json.dumps({"model": pipe.name, "model_sha256": pipe.sha256, "images": written}, indent=2))
+    else:
+        for entry in written:
+            click.echo(f"{entry['path']}  seed {entry['seed']}")

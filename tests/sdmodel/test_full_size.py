@@ -1,0 +1,64 @@
+"""The real SD v1.5 layout at full size: random fp16 weights in the exact key layout of released
+single-file checkpoints, accepted both by diffusers' own converter and by sdq."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdq.sdmodel.configs import UNetConfig, VAEConfig
+from sdq.sdmodel.pipeline import Request, load_pipeline
+from sdq.sdmodel.unet import UNetModel
+from sdq.sdmodel.vae import AutoencoderKL
+
+from ..conftest import ldm_checkpoint
+from .reference import to_diffusers
+
+VIT_L14_TEXT = dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
+                    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def random_fp16(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Materialise a meta-device module's state dict as small random fp16 tensors."""
+    return {k: torch.empty(v.shape, dtype=torch.float16).normal_(0, 0.02, generator=generator)
+            for k, v in module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_full_size_checkpoint_is_the_real_layout(tmp_path):
+    if shutil.disk_usage(tmp_path).free < 8 * 2**30:
+        pytest.skip("needs 8 GiB of free disk for a 2.1 GB checkpoint and its copies")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet, vae = UNetModel(UNetConfig()), AutoencoderKL(VAEConfig())
+        text = CLIPTextModel(CLIPTextConfig(**VIT_L14_TEXT))
+    g = torch.Generator().manual_seed(0)
+    for module in (unet, vae, text):
+        module.load_state_dict(random_fp16(module, g), assign=True, strict=False)
+    checkpoint = ldm_checkpoint(unet, vae, text)
+    assert sum(v.numel() for k, v in checkpoint.items() if k.startswith("model.diffusion_model.")) == 859_520_964
+    path = tmp_path / "sd-v1-5-random.safetensors"
+    save_file(checkpoint, str(path))
+    del checkpoint, unet, vae, text
+
+    # diffusers' converter turns the file into complete models, loaded strictly.
+    d_unet, _, _ = to_diffusers(load_file(str(path)), UNetConfig(), VAEConfig(), CLIPTextConfig(**VIT_L14_TEXT))
+
+    pipe = load_pipeline(path, device="cpu", dtype="fp32")
+    assert pipe.unet.config == UNetConfig() and pipe.vae.config == VAEConfig()
+    assert pipe.text_encoder.config.num_attention_heads == 12
+    assert pipe.text_encoder.config.hidden_size == 768
+
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor(500.0)
+    with torch.inference_mode():
+        ours = pipe.unet(x, t, context)
+        theirs = d_unet.float()(x, t, context).sample
+    assert (ours - theirs).abs().max().item() < 1e-4 * max(1.0, theirs.abs().max().item())
+    image = pipe.generate([Request("a photograph of an astronaut riding a horse", seed=1)],
+                          steps=1, width=64, height=64)[0]
+    assert image.size == (64, 64)
