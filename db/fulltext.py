@@ -50,6 +50,11 @@ class TextQuery:
     def __bool__(self) -> bool:
         return bool(self.phrases or self.substrings)
 
+    @property
+    def has_multiword_phrase(self) -> bool:
+        """Whether some phrase has words that must be adjacent (which planners misjudge)."""
+        return any(len(phrase.split()) > 1 for phrase in self.phrases)
+
 
 def parse_query(text: str) -> TextQuery:
     """Split user input into phrases (quoted, or single words) and substring terms.

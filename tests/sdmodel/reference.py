@@ -8,6 +8,28 @@ import torch
 
 from sdq.sdmodel.configs import UNetConfig, VAEConfig
 
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "plms": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def reference_scheduler(sampler: str):
+    """The diffusers scheduler of an sdq sampler, built from SD v1.5's own scheduler config."""
+    import diffusers
+
+    class_name, options = SCHEDULERS[sampler]
+    return getattr(diffusers, class_name).from_config(SD15_SCHEDULER, **options)
+
 
 def original_config(unet: UNetConfig, vae: VAEConfig) -> dict[str, Any]:
     """The LDM inference YAML (v1-inference.yaml) for these architectures, as a dict."""

@@ -12,7 +12,7 @@ from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
 from sdq.sdmodel.samplers import SAMPLERS
 
 from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE
-from .reference import to_diffusers
+from .reference import reference_scheduler, to_diffusers
 
 # Tolerances, calibrated on this tiny model in float32 on the CPU. The yardstick is the gap
 # between two exact attention implementations (SDPA vs the explicit-softmax MATH backend) over
@@ -21,21 +21,6 @@ from .reference import to_diffusers
 # images within one 8-bit level (a rounding boundary crossed). A wrong setting gives > 0.05.
 LATENT_TOL = 1e-3
 PIXEL_TOL = 1
-
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
-}
-
 
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint) -> Pipeline:
@@ -51,7 +36,7 @@ def reference(tiny_checkpoint):
         load_file(str(tiny_checkpoint)), TINY_UNET, TINY_VAE,
         CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"),
     )
-    scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER)
+    scheduler = reference_scheduler("plms")
     ref = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=clip.load_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -62,10 +47,7 @@ def reference(tiny_checkpoint):
 
 def run_reference(ref, sampler: str, requests: list[Request], steps: int, width: int, height: int, eta: float = 0.0):
     """diffusers' latents and 8-bit images for the same requests (one shared guidance scale)."""
-    import diffusers
-
-    name, extra = SCHEDULERS[sampler]
-    ref.scheduler = getattr(diffusers, name).from_config(SD15_SCHEDULER, **extra)
+    ref.scheduler = reference_scheduler(sampler)
     kwargs = dict(
         prompt=[r.prompt for r in requests],
         negative_prompt=[r.negative_prompt for r in requests],

@@ -16,28 +16,9 @@ from torch import Tensor
 from sdq.sdmodel import schedule
 from sdq.sdmodel.samplers import SAMPLERS, sample
 
-diffusers = pytest.importorskip("diffusers")
+from .reference import reference_scheduler
 
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-REFERENCE = {
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
+
 SEEDS = (0, 1234, 99)
 LATENT_SHAPE = (4, 8, 8)
 # Measured: 0.0 for every sampler and step count on CPU (the samplers keep the reference's
@@ -71,8 +52,7 @@ def initial_noise(gens: list[torch.Generator]) -> Tensor:
 
 def reference(name: str, steps: int, seeds: tuple[int, ...], eta: float = 0.0, model=toy_eps) -> Tensor:
     """Run the diffusers scheduler the way StableDiffusionPipeline does."""
-    class_name, options = REFERENCE[name]
-    scheduler = getattr(diffusers, class_name).from_config(SD15_SCHEDULER_CONFIG, **options)
+    scheduler = reference_scheduler(name)
     scheduler.set_timesteps(steps)
     gens = generators(seeds)
     x = initial_noise(gens) * scheduler.init_noise_sigma
@@ -147,8 +127,7 @@ def test_schedules_equal_the_reference(steps: int) -> None:
     train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
 
     def scheduler(name: str):
-        class_name, options = REFERENCE[name]
-        made = getattr(diffusers, class_name).from_config(SD15_SCHEDULER_CONFIG, **options)
+        made = reference_scheduler(name)
         made.set_timesteps(steps)
         return made
 
