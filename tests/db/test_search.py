@@ -110,7 +110,18 @@ def test_long_queries_and_prompts(session: Session, corpus: Job) -> None:
     assert rows(session, "x" * 1000) == set()
 
 
+@pytest.mark.parametrize("query", ['"red dragon"', '"hello world" neon', "dragon"])
+def test_a_cursor_far_above_the_newest_item(session: Session, corpus: Job, query: str) -> None:
+    """On PostgreSQL this skips a phrase search's newest-ids window and goes to the GIN index;
+    the answer must not change."""
+    assert rows(session, query) == {
+        item.row_index for item in search_items(session, text=query, before=10**12).items
+    }
+
+
 def test_parse_query() -> None:
     assert parse_query('a "b c" 🐉 "d') == TextQuery(("a", "b c", "d"), ("🐉",))
     assert parse_query('  "" ') == TextQuery()
     assert not parse_query("")
+    assert parse_query('"red dragon" sea').has_multiword_phrase
+    assert not parse_query("red dragon sci-fi").has_multiword_phrase
