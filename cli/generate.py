@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -78,6 +79,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
       sdq generate "a photograph of an astronaut riding a horse" \\
           --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
     """
+    from sdq.sdmodel import clip
     from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
     from sdq.sdmodel.pipeline import Request, load_pipeline
     from sdq.worker.provenance import Provenance, encode_png, environment_fingerprint
@@ -99,6 +101,10 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                              hash_cache=settings.home / "hashes.json")
     except (CheckpointError, ModelNotFound, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
+            click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "
+                       f"dropped: {dropped!r}", err=True)
     environment = environment_fingerprint(pipe.device, pipe.dtype)
     watermark = None if no_watermark else settings.watermark
     requests = [Request(prompt, negative_prompt, base_seed + i, cfg) for i in range(num_images)]
@@ -112,8 +118,10 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                 bar.update(b * steps + round(i * steps / total) - bar.pos)
 
             try:
-                images = pipe.generate(batch, sampler=sampler, steps=steps, width=width, height=height,
-                                       eta=eta, on_step=on_step)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", clip.PromptTruncated)
+                    images = pipe.generate(batch, sampler=sampler, steps=steps, width=width, height=height,
+                                           eta=eta, on_step=on_step)
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
             for position, (request, image) in enumerate(zip(batch, images)):
