@@ -26,9 +26,10 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine, make_url
@@ -57,7 +58,8 @@ class Corpus:
         flat = rng.choice(VOCABULARY, size=int(lengths.sum()), p=weights / weights.sum())
         ends = np.cumsum(lengths)
         vocab = self.vocabulary
-        self.prompts = [" ".join(vocab[w] for w in flat[end - n:end]) for n, end in zip(lengths, ends)]
+        self.prompts = [" ".join(vocab[w] for w in flat[end - n:end])
+                        for n, end in zip(lengths, ends, strict=True)]
         self.seeds = rng.integers(0, 2**32, size=items).tolist()
         self.rng = rng
 
@@ -71,19 +73,18 @@ class Corpus:
 
     def queries(self, count: int) -> dict[str, list[dict[str, Any]]]:
         rng, vocab = self.rng, self.vocabulary
-        pick = lambda low, high: [{"text": vocab[int(k)]} for k in rng.integers(low, high, count)]  # noqa: E731
         phrases = []
         for n in rng.integers(0, len(self.prompts), count):
-            words = self.prompts[int(n)].split()
-            at = int(rng.integers(0, len(words) - 1))
-            phrases.append({"text": f'"{words[at]} {words[at + 1]}"'})
-        return {
-            "seed": [{"seed": self.seeds[int(n)]} for n in rng.integers(0, len(self.seeds), count)],
-            "common": pick(0, 10),
-            "medium": pick(99, 200),
-            "rare": pick(3999, 5000),
-            "phrase": phrases,
-        }
+            tokens = self.prompts[int(n)].split()
+            at = int(rng.integers(0, len(tokens) - 1))
+            phrases.append({"text": f'"{tokens[at]} {tokens[at + 1]}"'})
+
+        def words(low: int, high: int) -> list[dict[str, Any]]:
+            return [{"text": vocab[int(k)]} for k in rng.integers(low, high, count)]
+
+        seeds = [{"seed": self.seeds[int(n)]} for n in rng.integers(0, len(self.seeds), count)]
+        return {"seed": seeds, "common": words(0, 10), "medium": words(99, 200),
+                "rare": words(3999, 5000), "phrase": phrases}
 
 
 @contextmanager
@@ -123,9 +124,10 @@ def run(backend: str, corpus: Corpus, queries: dict[str, list[dict[str, Any]]],
         inserted, seconds = 0, 0.0
         for specs in corpus.jobs():
             with Session(engine) as session:
-                seconds += timed(lambda: (submit_job(session, Job(), specs), session.commit()))
+                seconds += timed(lambda s=session, j=specs: (submit_job(s, Job(), j), s.commit()))
             inserted += len(specs)
-            print(f"  {backend}: {inserted:>9,} items, {inserted / seconds:,.0f} items/s", flush=True)
+            print(f"  {backend}: {inserted:>9,} items, {inserted / seconds:,.0f} items/s",
+                  flush=True)
         with engine.begin() as connection:
             connection.exec_driver_sql("ANALYZE")
         result: dict[str, Any] = {"insert": inserted / seconds}
@@ -133,7 +135,7 @@ def run(backend: str, corpus: Corpus, queries: dict[str, list[dict[str, Any]]],
             for kind, filters in queries.items():
                 for warm in filters[:10]:
                     search_items(session, **warm)
-                latencies = sorted(timed(lambda: search_items(session, **f)) for f in filters)
+                latencies = sorted(timed(lambda f=f: search_items(session, **f)) for f in filters)
                 result[kind] = (statistics.median(latencies) * 1e3,
                                 latencies[int(0.95 * (len(latencies) - 1))] * 1e3)
                 session.expunge_all()

@@ -1,8 +1,8 @@
 """`sdq db`: create, upgrade and inspect the database schema."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import click
 from alembic.util import CommandError

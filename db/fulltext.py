@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, column, func, literal_column, table
 
@@ -25,7 +26,7 @@ PG_TSV_INDEX = "ix_items_prompt_tsv"
 SQLITE_FTS_TABLE = "items_fts"
 
 _TERM = re.compile(r'"([^"]*)"?|(\S+)')
-_pg_tsv = literal_column(f"items.{PG_TSV_COLUMN}")
+_pg_tsv: ColumnElement[Any] = literal_column(f"items.{PG_TSV_COLUMN}")
 _fts = table(SQLITE_FTS_TABLE, column("rowid"))
 
 
@@ -71,21 +72,23 @@ def parse_query(text: str) -> TextQuery:
     return TextQuery(tuple(phrases), tuple(substrings))
 
 
-def match_prompt(stmt: Select, dialect: str, query: TextQuery) -> tuple[Select, ColumnElement[int]]:
+def match_prompt(
+    stmt: Select[Any], dialect: str, query: TextQuery
+) -> tuple[Select[Any], ColumnElement[int]]:
     """Restrict `stmt` (a select of items) to prompts matching `query`.
 
     Returns the statement and the id column to order and page by: on SQLite that is the FTS
     table's rowid, so FTS5 walks its index newest-first and stops at the page size instead of
     collecting every match of a common word first.
     """
-    key: ColumnElement[int] = Item.id
+    key: ColumnElement[int] = Item.id.expression
     if query.phrases and dialect == "postgresql":
-        tsquery = None
+        tsquery: ColumnElement[Any] | None = None
         for phrase in query.phrases:
             part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), phrase)
             tsquery = part if tsquery is None else tsquery.op("&&")(part)
         stmt = stmt.where(_pg_tsv.op("@@")(tsquery))
-    elif query.phrases and dialect == "sqlite":
+    elif query.phrases:  # SQLite, the only other database sdq opens
         expression = " ".join('"' + p.replace('"', '""') + '"' for p in query.phrases)
         stmt = (
             stmt.select_from(_fts)
@@ -93,8 +96,6 @@ def match_prompt(stmt: Select, dialect: str, query: TextQuery) -> tuple[Select, 
             .where(literal_column(SQLITE_FTS_TABLE).op("MATCH")(expression))
         )
         key = _fts.c.rowid
-    elif query.phrases:
-        raise NotImplementedError(f"full-text search on {dialect!r}: use SQLite or PostgreSQL")
     for substring in query.substrings:
         stmt = stmt.where(Item.prompt.contains(substring, autoescape=True))
     return stmt, key

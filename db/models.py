@@ -125,9 +125,8 @@ class Job(Base):
     item_count: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    schedule_id: Mapped[int | None] = mapped_column(
-        ForeignKey("schedules.id", ondelete="SET NULL")
-    )
+    # A schedule that has run is disabled, not deleted: its runs keep pointing at it.
+    schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"))
     run_day: Mapped[date | None] = mapped_column(Date)
 
 

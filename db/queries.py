@@ -5,12 +5,13 @@ is committed (or rolled back) whole by whoever opened it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-from sqlalchemy import Select, func, insert, or_, select
+from sqlalchemy import ColumnElement, Select, func, insert, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -64,8 +65,8 @@ def search_items(
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    stmt = select(Item)
-    key = Item.id
+    stmt: Select[Any] = select(Item)
+    key: ColumnElement[int] = Item.id.expression
     query = parse_query(text or "")
     dialect = session.get_bind().dialect.name
     if query:
@@ -93,7 +94,7 @@ def search_items(
 
 
 def _newest_in_two_steps(
-    session: Session, stmt: Select[tuple[Item]], count: int, before: int | None
+    session: Session, stmt: Select[Any], count: int, before: int | None
 ) -> list[Item]:
     """The newest `count` items of `stmt` on PostgreSQL, when it searches for a phrase.
 
@@ -147,7 +148,7 @@ def submit_job(session: Session, job: Job, items: Iterable[Mapping[str, Any]]) -
         job.item_count = _copy_items(connection.connection.driver_connection, rows)
     else:
         job.item_count = 0
-        statement = insert(Item.__table__).returning(Item.id)
+        statement = insert(Item).returning(Item.id)
         while chunk := list(islice(rows, _CHUNK)):
             connection.execute(statement, chunk)
             job.item_count += len(chunk)
@@ -158,10 +159,12 @@ def submit_job(session: Session, job: Job, items: Iterable[Mapping[str, Any]]) -
 def _item_rows(job: Job, items: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
     """The column values of each new item; unknown or missing fields are refused by name."""
     allowed = REQUIRED_ITEM_FIELDS | OPTIONAL_ITEM_FIELDS.keys() | {"row_index"}
-    fixed = {"job_id": job.id, "status": Status.PENDING, "attempts": 0, "created_at": job.created_at}
+    fixed = {"job_id": job.id, "status": Status.PENDING, "attempts": 0,
+             "created_at": job.created_at}
     for position, spec in enumerate(items):
         if not (spec.keys() <= allowed and REQUIRED_ITEM_FIELDS <= spec.keys()):
-            unknown, missing = sorted(spec.keys() - allowed), sorted(REQUIRED_ITEM_FIELDS - spec.keys())
+            unknown = sorted(spec.keys() - allowed)
+            missing = sorted(REQUIRED_ITEM_FIELDS - spec.keys())
             problems = [f"unknown field(s) {unknown}"] if unknown else []
             problems += [f"missing field(s) {missing}"] if missing else []
             raise ValueError(f"item {position}: {'; '.join(problems)}")
@@ -183,7 +186,6 @@ def _copy_items(connection: Any, rows: Iterator[dict[str, Any]]) -> int:
         with connection.cursor() as cursor, cursor.copy(statement) as copy:
             copy.set_types(list(_COPY_TYPES.values()))
             for row in rows:
-                row["status"] = Status.PENDING.value
                 copy.write_row([row[name] for name in names])
                 count += 1
     except psycopg.Error as exc:

@@ -14,11 +14,10 @@ from typing import Any
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import sdq.db.models  # noqa: F401  (registers the tables on Base.metadata)
 from sdq.db.base import Base
 from sdq.db.fulltext import is_fulltext_object
 from sdq.db.session import engine_from_url
-
-import sdq.db.models  # noqa: F401  (registers the tables on Base.metadata)
 
 
 def include_object(
@@ -42,7 +41,7 @@ def run_migrations(connection: Connection) -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("sdq migrations need a database connection; offline (--sql) mode is not supported")
+    raise SystemExit("sdq migrations need a database connection; there is no offline (--sql) mode")
 
 _connection = context.config.attributes.get("connection")
 if _connection is not None:
@@ -50,6 +49,6 @@ if _connection is not None:
 else:
     _url = context.get_x_argument(as_dictionary=True).get("url")
     if not _url:
-        raise SystemExit("name the database: alembic -c migrations/alembic.ini -x url=sqlite:///dev.db ...")
+        raise SystemExit("name the database: alembic -c migrations/alembic.ini -x url=URL ...")
     with engine_from_url(_url).connect() as _own:
         run_migrations(_own)

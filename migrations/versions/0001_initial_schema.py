@@ -17,15 +17,15 @@ PostgreSQL, so that a bulk submit pays only for the indexes it needs (see sdq.db
 Alembic's autogenerate compares neither index predicates nor access methods:
 tests/db/test_migrations.py checks those.
 """
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0001"
-down_revision: Union[str, Sequence[str], None] = None
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 STATUS = sa.Enum(
     "pending", "queued", "running", "done", "failed", "cancelled",
@@ -106,8 +106,7 @@ def upgrade() -> None:
             "(schedule_id IS NULL) = (run_day IS NULL)", name=op.f("ck_jobs_schedule_run")
         ),
         sa.ForeignKeyConstraint(
-            ["schedule_id"], ["schedules.id"],
-            name=op.f("fk_jobs_schedule_id_schedules"), ondelete="SET NULL",
+            ["schedule_id"], ["schedules.id"], name=op.f("fk_jobs_schedule_id_schedules")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
         sa.UniqueConstraint("schedule_id", "run_day", name=op.f("uq_jobs_schedule_id_run_day")),

@@ -1,11 +1,12 @@
 """Small builders shared by the db tests."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Job
+from sdq.db.models import Job, Schedule
 from sdq.db.queries import submit_job
 
 
@@ -21,3 +22,12 @@ def add_job(session: Session, prompts: Iterable[str], **job_fields: Any) -> Job:
     job = submit_job(session, Job(**job_fields), specs)
     session.commit()
     return job
+
+
+def add_schedule(session: Session, name: str = "nightly") -> Schedule:
+    """A nightly schedule, flushed (so it has an id) but not committed."""
+    schedule = Schedule(name=name, cron="0 2 * * *", prompt_file_name="p.csv",
+                        prompt_text="prompt\na fox\n", prompt_sha256="0" * 64)
+    session.add(schedule)
+    session.flush()
+    return schedule

@@ -8,10 +8,10 @@ from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from sdq.db.models import SEED_LIMIT, Item, Job, Schedule
+from sdq.db.models import SEED_LIMIT, Item, Job
 from sdq.db.queries import search_items, submit_job
 
-from .helpers import add_job, spec
+from .helpers import add_job, add_schedule, spec
 
 
 def test_an_item_row_is_completed_once(session: Session) -> None:
@@ -47,14 +47,20 @@ def test_seed_range_ends_are_kept(session: Session) -> None:
 
 
 def test_a_schedule_runs_once_a_day(session: Session) -> None:
-    schedule = Schedule(name="nightly", cron="0 2 * * *", prompt_file_name="p.csv",
-                        prompt_text="prompt\na fox\n", prompt_sha256="0" * 64)
-    session.add(schedule)
-    session.flush()
+    schedule = add_schedule(session)
     session.add(Job(schedule_id=schedule.id, run_day=date(2026, 1, 1)))
     session.add(Job(schedule_id=schedule.id, run_day=date(2026, 1, 2)))
     session.commit()
     session.add(Job(schedule_id=schedule.id, run_day=date(2026, 1, 1)))
+    with pytest.raises(IntegrityError):
+        session.commit()
+
+
+def test_a_schedule_that_has_run_is_kept(session: Session) -> None:
+    schedule = add_schedule(session)
+    session.add(Job(schedule_id=schedule.id, run_day=date(2026, 1, 1)))
+    session.commit()
+    session.delete(schedule)
     with pytest.raises(IntegrityError):
         session.commit()
 

@@ -36,7 +36,7 @@ def test_newest_first(session: Session, two_jobs: tuple[Job, Job]) -> None:
 
 def test_by_seed(session: Session, two_jobs: tuple[Job, Job]) -> None:
     found = search_items(session, seed=1).items
-    assert [(item.job_id, item.seed) for item in found] == [(two_jobs[1].id, 1), (two_jobs[0].id, 1)]
+    assert [(i.job_id, i.seed) for i in found] == [(two_jobs[1].id, 1), (two_jobs[0].id, 1)]
 
 
 def test_by_job_status_and_time(session: Session, two_jobs: tuple[Job, Job]) -> None:
@@ -45,7 +45,8 @@ def test_by_job_status_and_time(session: Session, two_jobs: tuple[Job, Job]) -> 
     assert {i.job_id for i in search_items(session, job_id=old.id).items} == {old.id}
     assert len(search_items(session, status=Status.FAILED).items) == 2
     assert len(search_items(session, since=T0 + timedelta(hours=1)).items) == 3
-    assert {i.job_id for i in search_items(session, until=T0 + timedelta(hours=1)).items} == {old.id}
+    before_new = search_items(session, until=T0 + timedelta(hours=1)).items
+    assert {i.job_id for i in before_new} == {old.id}
     assert len(search_items(session, since=T0, until=T0 + timedelta(days=2)).items) == 6
 
 
