@@ -9,7 +9,13 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sdq.db.session import current_revision, downgrade, engine_from_url, head_revision, upgrade
+from sdq.db.session import (
+    current_revision,
+    downgrade,
+    engine_from_url,
+    head_revision,
+    upgrade,
+)
 from sdq.worker.config import Settings
 
 

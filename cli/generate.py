@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import click
 
+from sdq.cli.common import load_settings, write_atomically
 from sdq.sdmodel.samplers import SAMPLERS
-from sdq.worker.config import Settings
-
-MAX_SIDE = 2048
+from sdq.worker.promptfile import MAX_SIDE
 
 
 def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -29,14 +26,6 @@ def output_paths(output: Path, count: int) -> list[Path]:
         return [output]
     width = len(str(count - 1))
     return [output.with_name(f"{output.stem}-{i:0{width}d}{output.suffix or '.png'}") for i in range(count)]
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 @click.command()
@@ -86,10 +75,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
 
     if eta and sampler != "ddim":
         raise click.BadParameter("only the ddim sampler takes --eta", param_hint="--eta")
-    try:
-        settings = Settings.load()
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = load_settings(need_broker=False)
     base_seed = random.randrange(2**32) if seed is None else seed
     if base_seed + num_images > 2**32:
         raise click.BadParameter("seed + number of images must stay below 2^32", param_hint="--seed")

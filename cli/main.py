@@ -15,14 +15,24 @@ def cli() -> None:
     """
 
 
-from sdq.cli.verify import verify  # noqa: E402
-
-cli.add_command(verify)
-
+# Commands, one module per group; imported after the group so each module stays a leaf.
+from sdq.cli.config import config, doctor  # noqa: E402
 from sdq.cli.db import db  # noqa: E402
-
-cli.add_command(db)
-
+from sdq.cli.export import export  # noqa: E402
 from sdq.cli.generate import generate  # noqa: E402
+from sdq.cli.jobs import jobs, status  # noqa: E402
+from sdq.cli.jobs_admin import cancel, reconcile, retry  # noqa: E402
+from sdq.cli.models import models  # noqa: E402
+from sdq.cli.purge import purge  # noqa: E402
+from sdq.cli.reproduce import reproduce  # noqa: E402
+from sdq.cli.search import get, search, show  # noqa: E402
+from sdq.cli.sheet import gallery, sheet  # noqa: E402
+from sdq.cli.verify import verify  # noqa: E402
+from sdq.cli.worker import worker, workers  # noqa: E402
 
-cli.add_command(generate)
+COMMANDS = (
+    generate, jobs, status, search, show, get, verify, reproduce, export, sheet, gallery,
+    retry, cancel, reconcile, purge, worker, workers, models, config, doctor, db,
+)
+for _command in COMMANDS:
+    cli.add_command(_command)

@@ -11,7 +11,8 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, insert, or_, select
+from sqlalchemy import ColumnElement, Select, cast, exists, func, insert, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -53,6 +54,7 @@ def search_items(
     status: Status | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    tag: str | None = None,
     before: int | None = None,
     limit: int = 50,
 ) -> Page:
@@ -60,8 +62,9 @@ def search_items(
 
     `text` is a prompt search (words and "quoted phrases", all required; see `fulltext`);
     `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
-    (exclusive) bound the creation time. Paging is by keyset (`before` an id), so a page costs
-    the same however deep it is and rows added meanwhile do not shift it.
+    (exclusive) bound the creation time; `tag` matches the item's own tags or its job's (a
+    scan: tags are not indexed). Paging is by keyset (`before` an id), so a page costs the
+    same however deep it is and rows added meanwhile do not shift it.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
@@ -84,6 +87,9 @@ def search_items(
         stmt = stmt.where(Item.created_at >= since)
     if until is not None:
         stmt = stmt.where(Item.created_at < until)
+    if tag is not None:
+        tagged_jobs = select(Job.id).where(_has_tag(Job.tags, tag, dialect))
+        stmt = stmt.where(or_(_has_tag(Item.tags, tag, dialect), Item.job_id.in_(tagged_jobs)))
     if before is not None:
         stmt = stmt.where(key < before)
     if dialect == "postgresql" and query.has_multiword_phrase:
@@ -91,6 +97,14 @@ def search_items(
     else:
         rows = list(session.scalars(stmt.order_by(key.desc()).limit(limit + 1)))
     return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
+
+
+def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
+    """Whether a JSON list-of-strings column holds `tag`: the JSON functions differ by engine."""
+    if dialect == "postgresql":
+        return cast(column, JSONB).has_key(tag)
+    each = func.json_each(column).table_valued("value")
+    return exists(select(each.c.value).where(each.c.value == tag))
 
 
 def _newest_in_two_steps(
@@ -123,6 +137,119 @@ def status_counts(session: Session, job_id: int) -> dict[Status, int]:
     stmt = select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
     counts.update({status: n for status, n in session.execute(stmt)})
     return counts
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a job is: counts per status, and the throughput of its finished images."""
+
+    counts: dict[Status, int]
+    started_at: datetime | None
+    last_finished_at: datetime | None
+
+    @property
+    def remaining(self) -> int:
+        return sum(self.counts[s] for s in (Status.PENDING, Status.QUEUED, Status.RUNNING))
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Done images over the time from the first start to the last finish; None before two
+        points in time exist to divide by."""
+        if self.started_at is None or self.last_finished_at is None:
+            return None
+        elapsed = (self.last_finished_at - self.started_at).total_seconds()
+        return self.counts[Status.DONE] / elapsed if elapsed > 0 else None
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the rest is done at the rate so far (0 when nothing remains)."""
+        if not self.remaining:
+            return 0.0
+        rate = self.images_per_s
+        return self.remaining / rate if rate else None
+
+
+def job_progress(session: Session, job_id: int) -> Progress:
+    """The job's status counts and the time span of its done items."""
+    span = select(func.min(Item.started_at), func.max(Item.finished_at)).where(
+        Item.job_id == job_id, Item.status == Status.DONE)
+    started, finished = session.execute(span).one()
+    return Progress(status_counts(session, job_id), started, finished)
+
+
+def failure_reasons(session: Session, job_id: int, limit: int = 10) -> list[tuple[str, int, int]]:
+    """(error, how many items, the lowest such item id) for the job's failed items, most
+    frequent first: a thousand items failing alike is one line, not a thousand."""
+    error = func.coalesce(Item.last_error, "")
+    stmt = (select(error, func.count(), func.min(Item.id))
+            .where(Item.job_id == job_id, Item.status == Status.FAILED)
+            .group_by(error).order_by(func.count().desc(), func.min(Item.id)).limit(limit))
+    return [(reason, count, first) for reason, count, first in session.execute(stmt)]
+
+
+def recent_jobs(session: Session, limit: int = 20) -> list[tuple[Job, dict[Status, int]]]:
+    """The newest jobs with their item counts per status, in two queries whatever the limit."""
+    jobs = list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
+    counts = {job.id: dict.fromkeys(Status, 0) for job in jobs}
+    stmt = (select(Item.job_id, Item.status, func.count()).where(Item.job_id.in_(counts))
+            .group_by(Item.job_id, Item.status))
+    for job_id, status, n in session.execute(stmt):
+        counts[job_id][status] = n
+    return [(job, counts[job.id]) for job in jobs]
+
+
+def find_model(session: Session, ref: str) -> Model | None:
+    """The model a user means by `ref`: a name, else a prefix of its sha256 (at least 6 hex
+    digits). Raises LookupError when `ref` fits more than one."""
+    found = list(session.scalars(select(Model).where(Model.name == ref).limit(2)))
+    if not found and len(ref) >= 6:
+        prefix = Model.sha256.startswith(ref.lower(), autoescape=True)
+        found = list(session.scalars(select(Model).where(prefix).limit(2)))
+    if len(found) > 1:
+        raise LookupError(f"{ref!r} names more than one model; use more of its hash")
+    return found[0] if found else None
+
+
+def register_model(session: Session, *, sha256: str, name: str, source_uri: str,
+                   architecture: str = "sd-v1") -> Model:
+    """Give the model with this hash the name `name`, adding its row if it is new.
+
+    Names are for people to type, so one name never means two models; a model already known
+    under another name (e.g. added by a submit) is renamed.
+    """
+    taken = session.scalar(select(Model).where(Model.name == name, Model.sha256 != sha256))
+    if taken is not None:
+        raise ValueError(f"the name {name!r} is taken by model {taken.short_hash}")
+    model = session.scalar(select(Model).where(Model.sha256 == sha256))
+    if model is None:
+        model = Model(sha256=sha256, name=name, source_uri=source_uri, architecture=architecture)
+        session.add(model)
+    else:
+        model.name, model.source_uri = name, source_uri
+    session.flush()
+    return model
+
+
+def model_item_counts(session: Session) -> dict[int, int]:
+    """How many items each model made (or is to make), by model id."""
+    stmt = select(Item.model_id, func.count()).where(Item.model_id.is_not(None)) \
+        .group_by(Item.model_id)
+    return {model_id: n for model_id, n in session.execute(stmt)}
+
+
+def remove_model(session: Session, ref: str) -> Model:
+    """Delete a model from the registry; refused while items point at it, since their
+    provenance would lose its hash."""
+    model = find_model(session, ref)
+    if model is None:
+        raise LookupError(f"no model named {ref!r}")
+    used = session.scalar(select(func.count()).where(Item.model_id == model.id))
+    if used:
+        raise ValueError(f"model {model.name!r} ({model.short_hash}) is recorded with {used} "
+                         "item(s) and stays")
+    session.delete(model)
+    session.flush()
+    return model
 
 
 def batch_items(session: Session, batch_id: str) -> Sequence[Item]:

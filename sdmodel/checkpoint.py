@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -65,7 +66,10 @@ def _listing(names: Iterable[str], limit: int = 8) -> str:
 def read_weights(path: Path) -> dict[str, Tensor]:
     """Load a `.safetensors` file, or a `.ckpt`/`.bin` through the restricted unpickler only."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:  # truncated or not a safetensors file at all
+            raise CheckpointError(path, f"unreadable .safetensors file: {exc}") from None
     stand_ins = [(_InertStandIn, name) for name in _INERT_GLOBALS]
     try:
         with torch.serialization.safe_globals(stand_ins):

@@ -19,12 +19,23 @@ from torch import Tensor
 
 from . import clip
 from .checkpoint import (
-    PREFIXES, CheckpointError, diffusers_unet_to_ldm, diffusers_vae_to_ldm, folder_weights,
-    load_weights, model_sha256, read_weights, resolve_model_ref, split_ldm,
+    PREFIXES,
+    CheckpointError,
+    diffusers_unet_to_ldm,
+    diffusers_vae_to_ldm,
+    folder_weights,
+    load_weights,
+    model_sha256,
+    read_weights,
+    resolve_model_ref,
+    split_ldm,
 )
 from .configs import (
-    LATENT_SCALE, unet_config_from_diffusers, unet_config_from_state_dict,
-    vae_config_from_diffusers, vae_config_from_state_dict,
+    LATENT_SCALE,
+    unet_config_from_diffusers,
+    unet_config_from_state_dict,
+    vae_config_from_diffusers,
+    vae_config_from_state_dict,
 )
 from .samplers import SAMPLERS, sample
 from .unet import UNetModel

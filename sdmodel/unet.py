@@ -27,20 +27,45 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
 
+class Conv2d(nn.Conv2d):
+    """A convolution that, in float32 on the CPU, runs as one matrix product (im2col + GEMM)
+    when its output has few pixels for its width.
+
+    oneDNN re-lays out the whole weight on every call. For the deep 1280-channel convs at 4x4
+    and 8x8 latents (up to 118 MB of weights, tens of output pixels) that costs more than the
+    arithmetic, and one GEMM over the unfolded input takes a third to a half of the time; on
+    wider outputs oneDNN wins again, hence the cut-off (measured in docs/benchmarks.md).
+    """
+
+    GEMM_MAX_PIXELS_PER_CHANNEL = 1 / 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if (x.device.type != "cpu" or x.dtype != torch.float32
+                or b * ho * wo > self.out_channels * self.GEMM_MAX_PIXELS_PER_CHANNEL):
+            return super().forward(x)
+        cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (b, c*kh*kw, ho*wo)
+        cols = cols.transpose(1, 2).reshape(b * ho * wo, -1)
+        out = torch.addmm(self.bias, cols, self.weight.view(self.out_channels, -1).t())
+        return out.view(b, ho, wo, -1).permute(0, 3, 1, 2).contiguous()
+
+
 class ResBlock(nn.Module):
     """Residual block conditioned on the timestep embedding."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels),
             nn.SiLU(),
             nn.Identity(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
             nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
@@ -150,7 +175,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -165,7 +190,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         return self.conv(F.interpolate(x, size=size, mode="nearest"))

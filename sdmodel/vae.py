@@ -6,7 +6,6 @@ so it is built in reverse, as in the original.
 """
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -6,10 +6,15 @@ so library code stays testable without touching the process environment.
 from __future__ import annotations
 
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -18,7 +18,6 @@ from sdq.sdmodel.samplers import SAMPLERS, sample
 
 from .reference import reference_scheduler
 
-
 SEEDS = (0, 1234, 99)
 LATENT_SHAPE = (4, 8, 8)
 # Measured: 0.0 for every sampler and step count on CPU (the samplers keep the reference's

@@ -1,0 +1,65 @@
+"""`sdq export`: finished images with prompts and provenance, as dataset shards."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sdq.cli.common import (
+    configured_storage,
+    database_session,
+    item_record,
+    load_settings,
+)
+from sdq.worker.export import FORMATS, ExportError, export_items, select_item_ids
+from sdq.worker.storage import StorageError, open_storage
+
+
+@click.command()
+@click.argument("job_id", metavar="[JOB]", type=int, required=False)
+@click.option("--query", metavar="TEXT", help="Items whose prompt matches TEXT (as `sdq search`).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="webdataset (tar shards), parquet (needs the sdq[export] extra) or "
+                   "imagefolder (images/ + metadata.jsonl).")
+@click.option("-o", "--output", "dest", metavar="DEST", required=True,
+              help="A folder, or s3://bucket/prefix.")
+@click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="Items per shard.")
+@click.option("--prefix", default="shard", show_default=True,
+              help="Shard file names: PREFIX-000000.tar ...")
+def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_size: int,
+           prefix: str) -> None:
+    """Export the finished images of JOB, or those matching --query (or both: the job's
+    matching ones), with their prompts and provenance, as dataset shards.
+
+    Shards hold items in id order. Run the same command again to resume an interrupted
+    export: shards already written are kept, the rest are written.
+
+    \b
+    Examples:
+      sdq export 42 --format webdataset -o s3://datasets/castles
+      sdq export --query "red dragon" --format imagefolder -o dragons/
+      sdq export 42 --format parquet --shard-size 5000 -o castles-parquet/
+    """
+    if job_id is None and query is None:
+        raise click.UsageError("give a JOB or --query TEXT")
+    if not prefix or "/" in prefix:
+        raise click.BadParameter("a file name prefix without '/'", param_hint="--prefix")
+    settings = load_settings(need_broker=False)
+    try:
+        target = open_storage(dest, max_attempts=settings.max_attempts)
+    except StorageError as exc:
+        raise click.BadParameter(str(exc), param_hint="-o/--output") from None
+    source = configured_storage(settings)
+    with database_session(settings) as session:
+        ids = select_item_ids(session, job_id=job_id, text=query)
+        if not ids:
+            raise click.ClickException("no finished images to export")
+        try:
+            with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
+                report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
+                                      shard_size=shard_size, prefix=prefix, on_item=bar.update)
+        except (ExportError, StorageError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"{report.items} image(s) in {report.shards} shard(s) to {dest}: {report.written} "
+               f"written, {report.skipped} already there")

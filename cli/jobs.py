@@ -1,0 +1,83 @@
+"""`sdq jobs` and `sdq status`: what has been submitted, and how far each job is."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from sdq.cli.common import database_session, emit, limit_option, output_options, plain
+from sdq.db.models import Job, Status
+from sdq.db.queries import failure_reasons, job_progress, recent_jobs
+
+_COLUMNS = ["id", "name", "status", "items", "done", "failed", "created"]
+
+
+def _job_record(job: Job, counts: dict[Status, int]) -> dict[str, Any]:
+    return {"id": job.id, "name": job.name or job.source_name, "status": job.status,
+            "items": sum(counts.values()), "done": counts[Status.DONE],
+            "failed": counts[Status.FAILED], "created": job.created_at,
+            "finished": job.finished_at, "priority": job.priority, "tags": job.tags or []}
+
+
+@click.command()
+@limit_option(20)
+@output_options("json", "csv")
+def jobs(limit: int, output: str | None) -> None:
+    """List the newest jobs with their item counts.
+
+    \b
+    Examples:
+      sdq jobs
+      sdq jobs --limit 100 --csv > jobs.csv
+    """
+    with database_session() as session:
+        records = [_job_record(job, counts) for job, counts in recent_jobs(session, limit)]
+    emit(records, _COLUMNS, output, empty="no jobs yet; submit one with `sdq submit FILE`")
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB", type=int)
+@output_options("json")
+def status(job_id: int, output: str | None) -> None:
+    """Show a job's progress: items per status, images/s, time left, and why items failed.
+
+    Failures with the same error are counted together, with the first item that had it.
+
+    \b
+    Examples:
+      sdq status 42
+      sdq status 42 --json | jq .eta_s
+    """
+    with database_session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id}")
+        progress = job_progress(session, job_id)
+        failures = failure_reasons(session, job_id)
+        record = _job_record(job, progress.counts)
+    if output == "json":
+        click.echo(json.dumps({
+            **{k: plain(v) for k, v in record.items()},
+            "counts": {s.value: n for s, n in progress.counts.items()},
+            "images_per_s": progress.images_per_s, "eta_s": progress.eta_s,
+            "failures": [{"error": e, "items": n, "first_item": i} for e, n, i in failures],
+        }, indent=2))
+        return
+    click.echo(f"Job {job_id} ({record['name'] or 'unnamed'}): {plain(job.status)}, "
+               f"{record['done']}/{record['items']} done")
+    click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
+    rate = progress.images_per_s
+    line = f"{rate:.2f} images/s" if rate else "no images finished yet"
+    if progress.remaining:
+        eta = progress.eta_s
+        line += ", time left unknown" if eta is None else f", about {_duration(eta)} left"
+    click.echo("  " + line)
+    for error, count, first in failures:
+        click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")

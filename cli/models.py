@@ -1,0 +1,101 @@
+"""`sdq models`: a registry of models by name and hash, so files and commands can say `sd15`."""
+from __future__ import annotations
+
+import json
+
+import click
+from sqlalchemy import select
+
+from sdq.cli.common import database_session, emit, load_settings, output_options, plain
+from sdq.db.models import Model
+from sdq.db.queries import model_item_counts, register_model, remove_model
+from sdq.sdmodel.checkpoint import ModelNotFound, model_sha256, resolve_model_ref
+
+_COLUMNS = ["name", "hash", "items", "source", "added"]
+
+
+def _record(model: Model, items: int) -> dict[str, object]:
+    return {"name": model.name, "hash": model.short_hash, "sha256": model.sha256,
+            "items": items, "source": model.source_uri, "architecture": model.architecture,
+            "added": model.created_at}
+
+
+@click.group()
+def models() -> None:
+    """Name models once, then refer to them by name (or hash prefix) everywhere.
+
+    A model is identified by the sha256 of its weights; the name is for people. Prompt
+    files can say `model=NAME` per row once the name is registered.
+
+    \b
+    Examples:
+      sdq models add ~/models/v1-5-pruned-emaonly.safetensors --name sd15
+      sdq models list
+      sdq models remove sd15
+    """
+
+
+@models.command("add")
+@click.argument("ref")
+@click.option("--name", required=True, help="The name to refer to the model by.")
+@output_options("json")
+def add(ref: str, name: str, output: str | None) -> None:
+    """Register REF (a checkpoint file, a diffusers folder or a Hugging Face repo id in the
+    local cache) under NAME. Hashing a large file takes a while the first time only.
+
+    \b
+    Example:
+      sdq models add stable-diffusion-v1-5/stable-diffusion-v1-5 --name sd15
+    """
+    settings = load_settings(need_broker=False)
+    try:
+        path = resolve_model_ref(ref)
+        sha256 = model_sha256(path, settings.home / "hashes.json")
+    except (ModelNotFound, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with database_session(settings) as session:
+        try:
+            model = register_model(session, sha256=sha256, name=name, source_uri=str(path))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        session.commit()
+        record = _record(model, 0)
+    if output == "json":
+        click.echo(json.dumps({k: plain(v) for k, v in record.items()}, indent=2))
+    else:
+        click.echo(f"{name}: {sha256[:10]} ({path})")
+
+
+@models.command("list")
+@output_options("json", "csv")
+def list_models(output: str | None) -> None:
+    """List the known models: registered ones and those that submitted jobs used.
+
+    \b
+    Example:
+      sdq models list --json
+    """
+    with database_session() as session:
+        counts = model_item_counts(session)
+        records = [_record(m, counts.get(m.id, 0))
+                   for m in session.scalars(select(Model).order_by(Model.name))]
+    emit(records, _COLUMNS, output, empty="no models yet; add one with `sdq models add REF --name NAME`")
+
+
+@models.command("remove")
+@click.argument("name")
+def remove(name: str) -> None:
+    """Forget the model NAME (or hash prefix); refused while items record it.
+
+    \b
+    Example:
+      sdq models remove sd15-old
+    """
+    with database_session() as session:
+        try:
+            model = remove_model(session, name)
+        except (LookupError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        removed = f"removed {model.name} ({model.short_hash})"
+        session.commit()
+    click.echo(removed)

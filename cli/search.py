@@ -1,0 +1,192 @@
+"""`sdq search`, `sdq show` and `sdq get`: find past images, read their provenance, fetch them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sdq.cli.common import (
+    configured_storage,
+    database_session,
+    emit,
+    item_record,
+    limit_option,
+    load_settings,
+    output_options,
+    plain,
+    write_file,
+)
+from sdq.db.models import SEED_LIMIT, Item, Status
+from sdq.db.queries import search_items
+from sdq.worker.provenance import MetadataError, read_png_metadata
+from sdq.worker.storage import StorageError
+
+_COLUMNS = ["id", "job", "seed", "sampler", "size", "prompt", "created"]
+_EXCERPT = 60
+_TIME = click.DateTime(["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S",
+                        "%Y-%m-%dT%H:%M:%S"])
+
+
+def _utc(ctx: click.Context, param: click.Parameter, value: datetime | None) -> datetime | None:
+    """Times on the command line are UTC, as every time sdq records is."""
+    return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+def _table_row(record: dict[str, Any]) -> dict[str, Any]:
+    prompt = record["prompt"].replace("\n", " ")
+    excerpt = prompt if len(prompt) <= _EXCERPT else prompt[:_EXCERPT - 3] + "..."
+    return {**record, "size": f"{record['width']}x{record['height']}", "prompt": excerpt}
+
+
+@click.command()
+@click.argument("text", required=False)
+@click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), help="Only this seed.")
+@click.option("--model", metavar="NAME|HASH", help="Only this model (name or hash prefix).")
+@click.option("--job", "job_id", type=int, help="Only this job.")
+@click.option("--status", type=click.Choice([s.value for s in Status]), help="Only this status.")
+@click.option("--since", type=_TIME, callback=_utc,
+              help="Created at or after this time (UTC), e.g. 2025-06-01 or '2025-06-01 14:00'.")
+@click.option("--until", type=_TIME, callback=_utc, help="Created before this time (UTC).")
+@click.option("--tag", help="Items with this tag, or whose job has it.")
+@click.option("--before", metavar="ID", type=click.IntRange(1),
+              help="Only ids below ID: the next page starts below the last id shown.")
+@limit_option(50)
+@output_options("json", "csv")
+def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
+           status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
+           before: int | None, limit: int, output: str | None) -> None:
+    """Find items by prompt TEXT and filters, newest first.
+
+    TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table
+    shortens prompts; --json and --csv give every recorded field.
+
+    \b
+    Examples:
+      sdq search "red dragon" --since 2025-06-01
+      sdq search --seed 1234 --model sd15 --json
+      sdq search lighthouse --job 42 --status done --csv > lighthouses.csv
+      sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
+    """
+    with database_session() as session:
+        page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
+                            status=Status(status) if status else None, since=since, until=until,
+                            tag=tag, before=before, limit=limit)
+        records = [item_record(item) for item in page.items]
+    emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
+         empty="no items match")
+
+
+@click.command()
+@click.argument("item_id", metavar="ITEM", type=int)
+@output_options("json")
+def show(item_id: int, output: str | None) -> None:
+    """Show everything recorded about one item: prompt, parameters, model, queue history and,
+    once it is done, the software and device that made the image (read from the image).
+
+    \b
+    Examples:
+      sdq show 1234
+      sdq show 1234 --json
+    """
+    settings = load_settings(need_broker=False)
+    with database_session(settings) as session:
+        item = session.get(Item, item_id)
+        if item is None:
+            raise click.ClickException(f"no item {item_id}")
+        record: dict[str, Any] = item_record(item)
+    if record["image_key"]:
+        try:
+            data = configured_storage(settings).get(record["image_key"])
+            provenance = read_png_metadata(data).provenance
+            record["environment"] = vars(provenance.environment) if provenance else None
+        except (StorageError, MetadataError) as exc:
+            record["environment"] = f"unavailable: {exc}"
+    if output == "json":
+        click.echo(json.dumps({k: plain(v) for k, v in record.items()}, indent=2,
+                              ensure_ascii=False))
+        return
+    width = max(map(len, record))
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
+
+
+def _selected(session: Session, item_ids: tuple[int, ...], job_id: int | None) -> Iterator[Item]:
+    """The named items (every one must exist), or all items of the job in row order."""
+    if job_id is not None:
+        yield from session.scalars(select(Item).where(Item.job_id == job_id)
+                                   .order_by(Item.row_index))
+        return
+    found = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_(item_ids)))}
+    if missing := [str(i) for i in item_ids if i not in found]:
+        raise click.ClickException(f"no item {', '.join(missing)}")
+    yield from (found[i] for i in dict.fromkeys(item_ids))
+
+
+def _same_file(path: Path, sha256: str | None) -> bool:
+    return sha256 is not None and path.is_file() and \
+        hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+
+
+@click.command()
+@click.argument("item_ids", metavar="[ITEM]...", nargs=-1, type=int)
+@click.option("--job", "job_id", type=int, help="Every finished image of this job.")
+@click.option("-o", "--output-dir", "directory", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder to write into.")
+@output_options("json")
+def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: str | None) -> None:
+    """Download images as ITEM.png, each with its record as ITEM.json, into a folder.
+
+    The PNGs carry their provenance in their own metadata too. Files already there with the
+    recorded sha256 are skipped, so an interrupted download resumes where it stopped. Items
+    without an image yet are listed; the exit status is then 1.
+
+    \b
+    Examples:
+      sdq get 1234 1235 -o picks/
+      sdq get --job 42 -o job42/
+    """
+    if bool(item_ids) == (job_id is not None):
+        raise click.UsageError("give ITEM ids or --job JOB, not both or neither")
+    settings = load_settings(need_broker=False)
+    storage = configured_storage(settings)
+    written: list[str] = []
+    skipped: list[str] = []
+    missing: list[dict[str, Any]] = []
+    with database_session(settings) as session:
+        for item in _selected(session, item_ids, job_id):
+            if item.image_key is None:
+                missing.append({"id": item.id, "status": item.status.value})
+                continue
+            path = directory / f"{item.id}.png"
+            sidecar = json.dumps({k: plain(v) for k, v in item_record(item).items()}, indent=2,
+                                 ensure_ascii=False).encode()
+            try:
+                if _same_file(path, item.image_sha256):
+                    skipped.append(str(path))
+                else:
+                    write_file(path, storage.get(item.image_key))
+                    written.append(str(path))
+                if not _same_file(path.with_suffix(".json"), hashlib.sha256(sidecar).hexdigest()):
+                    write_file(path.with_suffix(".json"), sidecar)
+            except StorageError as exc:
+                raise click.ClickException(f"item {item.id}: {exc}") from None
+    if output == "json":
+        click.echo(json.dumps({"written": written, "skipped": skipped, "not_ready": missing},
+                              indent=2))
+    else:
+        click.echo(f"{len(written)} image(s) written, {len(skipped)} already there, to {directory}")
+        for entry in missing:
+            click.echo(f"item {entry['id']}: no image yet ({entry['status']})", err=True)
+    if missing:
+        raise SystemExit(1)

@@ -1,0 +1,134 @@
+"""`sdq worker` (serve one model's queue, one process per GPU) and `sdq workers` (who is live)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import click
+
+from sdq.cli.common import load_settings
+
+
+def _queue_option(args: tuple[str, ...]) -> str | None:
+    """The queue(s) a user passed through to Celery (-Q X, --queues X, --queues=X)."""
+    for n, arg in enumerate(args):
+        if arg in ("-Q", "--queues") and n + 1 < len(args):
+            return args[n + 1]
+        if arg.startswith("--queues="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-Q") and len(arg) > 2:
+            return arg[2:]
+    return None
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", "-m", "model_ref", metavar="REF",
+              help="Checkpoint, diffusers folder or Hugging Face repo id [default: $SDQ_MODEL].")
+@click.option("--gpus", metavar="0,1,...",
+              help="Start one worker process per listed GPU (CUDA_VISIBLE_DEVICES) [default: one "
+                   "process on the default device].")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Most images denoised at once; larger batches are split [default: as sent].")
+@click.option("--name", default="sdq", show_default=True,
+              help="Node name prefix; each process is NAME[-gpuN]@HOST.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name: str,
+           celery_args: tuple[str, ...]) -> None:
+    """Serve the queue of one model: generate its batches until stopped.
+
+    The model is hashed at start and only its queue (`sdq.<short hash>`) is consumed. The
+    database schema, the storage and the broker are checked first. SIGTERM finishes the
+    running batch, then stops; a batch cut short by a crash comes back to another worker.
+    Arguments after `--` go to `celery worker` unchanged.
+
+    \b
+    Example (two GPUs, Celery's log level passed through):
+      sdq worker --model /models/v1-5-pruned-emaonly.safetensors --gpus 0,1 -- --loglevel INFO
+    """
+    from kombu.exceptions import OperationalError
+
+    from sdq.db.session import SchemaMismatch, open_database
+    from sdq.sdmodel.checkpoint import ModelNotFound
+    from sdq.worker.app import create_app, queue_name
+    from sdq.worker.storage import StorageError, open_storage
+    from sdq.worker.submit import identify_model
+
+    settings = load_settings(need_broker=True)
+    try:
+        open_database(settings.database_url).dispose()
+        open_storage(settings.storage_url).check()
+        model = identify_model(model_ref or settings.model, settings.home / "hashes.json")
+    except (SchemaMismatch, StorageError, ModelNotFound, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with create_app(settings).connection_for_write() as connection:
+        try:
+            connection.ensure_connection(max_retries=1)
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"cannot reach the broker at {connection.hostname}:{connection.port}: {exc}") from None
+    queue = queue_name(model.sha256)
+    asked = _queue_option(celery_args)
+    if asked is not None and asked != queue:
+        raise click.ClickException(
+            f"refusing queue {asked!r}: {model.name} hashes to {model.short_hash}, so this "
+            f"worker serves {queue!r} only")
+    devices: list[str | None] = [g.strip() for g in gpus.split(",")] if gpus else [None]
+    base_env = {**os.environ, "SDQ_MODEL": model.ref}
+    if batch_size:
+        base_env["SDQ_BATCH_SIZE"] = str(batch_size)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    for gpu in devices:
+        env = dict(base_env)
+        node = f"{name}@%h" if gpu is None else f"{name}-gpu{gpu}@%h"
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        command = [sys.executable, "-m", "celery", "-A", "sdq.worker.app", "worker",
+                   "--concurrency", "1", "--prefetch-multiplier", "1", "-n", node,
+                   "--without-gossip", "--without-mingle", *([] if asked else ["-Q", queue]),
+                   *celery_args]
+        children.append(subprocess.Popen(command, env=env))
+    click.echo(f"Serving {queue} ({model.name}) with {len(children)} process(es)", err=True)
+    codes = [child.wait() for child in children]
+    sys.exit(max(codes, key=abs))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def workers(as_json: bool) -> None:
+    """List live worker processes: host, GPU, model, current batch, last heartbeat, images done.
+
+    \b
+    Example:
+      sdq workers --json
+    """
+    from sdq.worker.heartbeat import live_workers
+
+    settings = load_settings(need_broker=True)
+    try:
+        records = live_workers(settings.broker_url or "")
+    except Exception as exc:  # noqa: BLE001 - redis-py's errors share no useful base
+        raise click.ClickException(f"cannot reach the broker: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo("No live workers.")
+        return
+    click.echo(f"{'NAME':<28} {'HOST':<20} {'GPU':<8} {'MODEL':<28} {'BATCH':<20} {'BEAT':>6} {'DONE':>7}")
+    now = time.time()
+    for r in records:
+        click.echo(f"{r['name']:<28} {r['host']:<20} {r['gpu']:<8} {r['model']:<28} "
+                   f"{r['batch'] or '-':<20} {now - r['heartbeat']:>5.0f}s {r['images_done']:>7}")

@@ -1,0 +1,158 @@
+"""`sdq export`: webdataset, parquet and imagefolder shards, to a folder or a bucket, resumable."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sdq.db.models import Item
+from sdq.worker.storage import open_storage
+from tests.worker.conftest import aws_env, bucket, s3_server  # noqa: F401  (fixtures)
+
+from .conftest import MODEL_SHA, Home
+
+PROMPTS = ["a red fox", "a lighthouse", "a red castle", "a boat", "a red dragon", "unfinished"]
+
+
+def done_items(home: Home, job_id: int) -> list[Item]:
+    with Session(home.engine) as session:
+        return list(session.scalars(select(Item).where(Item.job_id == job_id,
+                                                       Item.image_key.is_not(None))
+                                    .order_by(Item.id)))
+
+
+def source(home: Home):  # type: ignore[no-untyped-def]
+    return open_storage(str(home.path / "home" / "images"))
+
+
+def test_webdataset_shards_hold_image_prompt_and_record(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=5)
+    items = done_items(home, job.id)
+    result = home.run("export", str(job.id), "--format", "webdataset", "--shard-size", "2",
+                      "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == (
+        f"5 image(s) in 3 shard(s) to {tmp_path / 'out'}: 3 written, 0 already there")
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
+    assert shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with tarfile.open(tmp_path / "out" / "shard-000001.tar") as tar:
+        names = tar.getnames()
+        keys = [f"{i.id:010d}" for i in items[2:4]]
+        assert names == [f"{k}.{s}" for k in keys for s in ("png", "txt", "json")]
+        assert tar.extractfile(f"{keys[0]}.png").read() == source(home).get(items[2].image_key)
+        assert tar.extractfile(f"{keys[0]}.txt").read().decode() == "a red castle"
+        record = json.loads(tar.extractfile(f"{keys[0]}.json").read())
+    assert (record["id"], record["seed"], record["model"], record["status"]) == (
+        items[2].id, items[2].seed, "tiny", "done")
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_resumed_export_keeps_the_shards_already_written(
+        home: Home, tmp_path: Path, where: str, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = str(tmp_path / "out")
+    if where == "s3":
+        dest = f"s3://{request.getfixturevalue('bucket')}/exports"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_server").endpoint)
+    target = open_storage(dest)
+    job = home.add_job(PROMPTS, done=5)
+    items = done_items(home, job.id)
+    hidden = source(home).get(items[3].image_key)  # in the second shard: it fails
+    source(home).delete(items[3].image_key)
+    args = ["export", str(job.id), "--format", "webdataset", "--shard-size", "2", "-o", dest]
+
+    failed = home.run(*args)
+    assert failed.exit_code == 1
+    assert failed.output.splitlines()[-1] == (
+        f"Error: item {items[3].id}: image {items[3].image_key} is missing from storage "
+        "(`sdq verify` checks a job's images)")
+    assert [k for k in target.list() if k.endswith(".tar")] == ["shard-000000.tar"]
+    first = _version(target, dest, "shard-000000.tar")
+
+    source(home).put(items[3].image_key, hidden)
+    resumed = home.run(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.endswith("2 written, 1 already there\n")
+    assert _version(target, dest, "shard-000000.tar") == first
+    assert [k for k in target.list() if k.endswith(".tar")] == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with tarfile.open(fileobj=io.BytesIO(target.get("shard-000001.tar"))) as tar:
+        assert tar.extractfile(f"{items[3].id:010d}.png").read() == hidden
+
+
+def _version(target, dest: str, key: str) -> object:  # type: ignore[no-untyped-def]
+    """What changes when a file is rewritten: its mtime, or the object's ETag and time."""
+    if dest.startswith("s3://"):
+        head = target._client.head_object(Bucket=target.bucket, Key=target._key(key))
+        return head["ETag"], head["LastModified"]
+    return (Path(dest) / key).stat().st_mtime_ns
+
+
+def test_imagefolder_by_query(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=5)
+    red = [i for i in done_items(home, job.id) if "red" in i.prompt]
+    result = home.run("export", "--query", "red", "--format", "imagefolder", "-o",
+                      str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text()
+             .splitlines()]
+    assert [(r["file_name"], r["prompt"]) for r in lines] == [
+        (f"images/{i.id:010d}.png", i.prompt) for i in red]
+    for item in red:
+        assert (tmp_path / "out" / f"images/{item.id:010d}.png").read_bytes() == \
+            source(home).get(item.image_key)
+
+
+def test_parquet_rows_carry_the_image_and_the_provenance(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=5)
+    items = done_items(home, job.id)
+    result = home.run("export", str(job.id), "--format", "parquet", "--shard-size", "3", "-o",
+                      str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "out" / "shard-000001.parquet").to_pylist()
+    assert [row["id"] for row in table] == [i.id for i in items[3:]]
+    assert table[0]["image"]["bytes"] == source(home).get(items[3].image_key)
+    assert (table[0]["prompt"], table[0]["seed"]) == ("a boat", items[3].seed)
+    assert json.loads(table[0]["provenance"])["model_sha256"] == MODEL_SHA
+
+
+def test_parquet_without_pyarrow_names_the_extra(home: Home, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    job = home.add_job(PROMPTS, done=1)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an install without it sees
+    result = home.run("export", str(job.id), "--format", "parquet", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == \
+        "Error: the parquet format needs pyarrow: pip install 'sdq[export]'"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "Error: give a JOB or --query TEXT"),
+    (["7"], "Error: no finished images to export"),
+])
+def test_export_errors(home: Home, tmp_path: Path, args: list[str], message: str) -> None:
+    result = home.run("export", *args, "--format", "webdataset", "-o", str(tmp_path / "out"))
+    assert result.exit_code == (2 if "give" in message else 1)
+    assert result.output.splitlines()[-1] == message
+
+
+def test_a_grown_selection_rewrites_only_the_shards_that_changed(home: Home,
+                                                                 tmp_path: Path) -> None:
+    home.add_job(PROMPTS, done=5)  # three red ones
+    args = ["export", "--query", "red", "--format", "webdataset", "--shard-size", "2",
+            "-o", str(tmp_path / "out")]
+    assert home.run(*args).output.endswith("3 image(s) in 2 shard(s) to "
+                                           f"{tmp_path / 'out'}: 2 written, 0 already there\n")
+    home.add_job(["a red kite", "a red balloon", "a red door"], done=3)
+    result = home.run(*args)
+    assert result.output.endswith("6 image(s) in 3 shard(s) to "
+                                  f"{tmp_path / 'out'}: 2 written, 1 already there\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-manifest.json"]

@@ -1,0 +1,62 @@
+"""`sdq jobs` and `sdq status` over real rows, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import json
+
+from .conftest import Home
+
+
+def test_jobs_lists_the_newest_first_with_counts(any_home: Home) -> None:
+    first = any_home.add_job(["a", "b", "c"], done=2, name="first")
+    second = any_home.add_job(["d"], failed={0: "CUDA out of memory"}, source_name="p.csv")
+    table = any_home.run("jobs")
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["id", "name", "status", "items", "done", "failed", "created"]
+    assert lines[1].split()[:6] == [str(second.id), "p.csv", "pending", "1", "0", "1"]
+    assert lines[2].split()[:6] == [str(first.id), "first", "pending", "3", "2", "0"]
+    records = json.loads(any_home.run("jobs", "--json", "--limit", "1").output)
+    assert [r["id"] for r in records] == [second.id] and records[0]["failed"] == 1
+    csv_lines = any_home.run("jobs", "--csv").output.splitlines()
+    assert csv_lines[0].startswith("id,name,status,items,done,failed,created")
+    assert len(csv_lines) == 3
+
+
+def test_jobs_on_an_empty_database_says_how_to_start(home: Home) -> None:
+    result = home.run("jobs")
+    assert result.exit_code == 0 and "no jobs yet" in result.stderr
+
+
+def test_status_counts_rate_eta_and_failures(any_home: Home) -> None:
+    job = any_home.add_job([f"p{n}" for n in range(8)], done=4,
+                           failed={5: "CUDA out of memory", 6: "CUDA out of memory", 7: "bad"})
+    result = any_home.run("status", str(job.id))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"Job {job.id} (unnamed): pending, 4/8 done"
+    assert lines[1] == "  pending 1  done 4  failed 3"
+    # 4 images from the first start (t=0) to the last finish (t=4 s): 1/s, 1 left.
+    assert lines[2] == "  1.00 images/s, about 1s left"
+    report = json.loads(any_home.run("status", str(job.id), "--json").output)
+    assert report["counts"]["failed"] == 3 and report["eta_s"] == 1.0
+    assert report["failures"][0]["error"] == "CUDA out of memory"
+    assert report["failures"][0]["items"] == 2
+    assert lines[3].startswith("  failed x2 (first: item ") and lines[3].endswith(
+        "): CUDA out of memory")
+    assert lines[4].endswith(": bad")
+
+
+def test_status_of_a_job_with_nothing_done_and_of_no_job(home: Home) -> None:
+    job = home.add_job(["a"])
+    assert "no images finished yet, time left unknown" in home.run("status", str(job.id)).output
+    missing = home.run("status", "999")
+    assert missing.exit_code == 1 and missing.output == "Error: no job 999\n"
+    assert home.run("status", "x").exit_code == 2
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(home: Home) -> None:
+    home.env["SDQ_DATABASE_URL"] = "postgresql://sdq:hunter2@127.0.0.1:1/sdq"
+    result = home.run("jobs")
+    assert result.exit_code == 1 and "hunter2" not in result.output
+    assert result.output.startswith("Error: postgresql://sdq:***@127.0.0.1:1/sdq: connection")
+    assert len(result.output.splitlines()) == 1

@@ -1,0 +1,72 @@
+"""`sdq reproduce` against images the embedded batch runner made with the tiny model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdq.db.models import Item
+from sdq.worker.config import Settings
+from sdq.worker.submit import identify_model, submit
+from tests.worker_queue.conftest import job_items, specs
+
+from .conftest import Home
+
+
+def run_job(home: Home, checkpoint: Path, count: int, *, size: int = 64) -> list[Item]:
+    """`count` different items (prompts, seeds, guidance) made in one batch on the CPU."""
+    home.env["SDQ_DEVICE"] = "cpu"
+    result = submit(Settings.load(home.env), specs(count, size=size),
+                    model=identify_model(checkpoint), batch_size=count)
+    items = job_items(home.engine, result.job_id)
+    assert {i.batch_id for i in items} != {None} and len({i.batch_id for i in items}) == 1
+    return items
+
+
+def test_in_its_batch_the_pixels_are_identical_and_alone_within_one_level(
+        home: Home, tiny_checkpoint: Path) -> None:
+    items = run_job(home, tiny_checkpoint, 3)
+    middle = items[1]
+    in_batch = home.run("reproduce", str(middle.id), "--batch", "--json")
+    assert in_batch.exit_code == 0, in_batch.output
+    record = json.loads(in_batch.output)
+    assert record["identical"] and record["max_difference"] == 0
+    assert (record["batch"], record["batch_size"], record["position"]) == (middle.batch_id, 3, 1)
+
+    alone = home.run("reproduce", str(middle.id), "--json")
+    record = json.loads(alone.output)
+    assert (record["batch"], record["batch_size"], record["position"]) == (None, 1, 0)
+    assert record["max_difference"] <= 1
+    assert alone.exit_code == (0 if record["identical"] else 1)
+
+    text = home.run("reproduce", str(middle.id), "--batch")
+    assert text.output.startswith(f"item {middle.id}: identical pixels, regenerated in its batch")
+
+
+def test_watermarked_images_compare_like_with_like(home: Home, tiny_checkpoint: Path) -> None:
+    items = run_job(home, tiny_checkpoint, 1, size=256)
+    assert items[0].watermark == "StableDiffusionV1"
+    result = home.run("reproduce", str(items[0].id), "--batch", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["identical"] and record["watermark"] == "StableDiffusionV1"
+
+
+def test_a_model_of_another_hash_is_refused(home: Home, tiny_checkpoint: Path,
+                                           tmp_path: Path) -> None:
+    items = run_job(home, tiny_checkpoint, 1)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(tiny_checkpoint.read_bytes()[:-4] + b"    ")
+    result = home.run("reproduce", str(items[0].id), "--model", str(other))
+    assert result.exit_code == 1
+    made_with = identify_model(tiny_checkpoint).short_hash
+    assert f"item {items[0].id} was made with {made_with}; pass --model" in result.output
+
+
+def test_items_without_an_image_or_a_batch_are_one_line_errors(home: Home) -> None:
+    job = home.add_job(["made", "waiting"], done=1)
+    done, waiting = (item.id for item in job_items(home.engine, job.id))
+    no_batch = home.run("reproduce", str(done), "--batch")
+    assert no_batch.exit_code == 1 and no_batch.output == f"Error: item {done} records no batch\n"
+    pending = home.run("reproduce", str(waiting))
+    assert pending.output == f"Error: item {waiting} has no stored image (status pending)\n"
+    assert home.run("reproduce", "999").output == "Error: no item 999\n"

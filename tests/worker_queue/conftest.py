@@ -1,0 +1,156 @@
+"""Fixtures for the queue tests: settings for each mode, item specs, and helpers to look at
+what a run left in the database and in storage."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+import torch
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sdq.db.models import Item
+from sdq.db.session import upgrade
+from sdq.worker.config import Settings
+from tests.db.conftest import scratch_database
+from tests.worker.s3server import S3Server, start_s3_server
+
+from .cluster import WorkerProcess
+
+OWNER_KEY = "sdq-test:owner"
+
+
+def specs(count: int, *, steps: int = 2, size: int = 64, **fields: Any) -> list[dict[str, Any]]:
+    """`count` small items with distinct prompts, seeds and guidance."""
+    return [{"prompt": f"a red boat number {n}", "seed": 1000 + n, "sampler": "euler",
+             "steps": steps, "cfg": 7.5 if n % 2 else 5.0, "width": size, "height": size, **fields}
+            for n in range(count)]
+
+
+def job_items(engine: Engine, job_id: int) -> list[Item]:
+    with Session(engine) as session:
+        return list(session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.row_index)))
+
+
+@pytest.fixture
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    """Embedded mode: no broker, SQLite and an image folder under a fresh home."""
+    return {"SDQ_HOME": str(tmp_path / "home"), "SDQ_CONFIG": str(tmp_path / "none.toml"),
+            "SDQ_DEVICE": "cpu"}
+
+
+@pytest.fixture
+def embedded(embedded_env: dict[str, str]) -> Settings:
+    return Settings.load(embedded_env)
+
+
+# -- distributed mode: real Redis, PostgreSQL, S3 endpoint and worker processes -------------
+
+REDIS_URL = os.environ.get("SDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+VISIBILITY_TIMEOUT_S = 6
+"""Short, so that a dead worker's message returns within the test's patience."""
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[str]:
+    """A broker URL on a Redis database no other test run is using (claimed by a key that
+    expires), flushed afterwards."""
+    owner = uuid.uuid4().hex
+    for number in range(1, 16):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{number}")
+        if client.set(OWNER_KEY, owner, nx=True, ex=3600):
+            try:
+                yield f"{REDIS_URL}/{number}"
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    pytest.fail("every Redis database 1-15 is claimed by another test run")
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL schema of its own, at the newest revision."""
+    with scratch_database("postgresql", tmp_path_factory.mktemp("pg")) as engine:
+        upgrade(engine)
+        yield engine.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    server = start_s3_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def distributed_env(redis_db: str, pg_url: str, s3: S3Server, tmp_path: Path) -> dict[str, str]:
+    """The environment of a distributed deployment: for the test's own calls (Settings.load)
+    and for the worker processes it starts. Each test gets a fresh bucket."""
+    bucket = f"sdq-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket)
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SDQ_", "AWS_"))}
+    env.update({
+        "SDQ_HOME": str(tmp_path / "home"), "SDQ_CONFIG": str(tmp_path / "none.toml"),
+        "SDQ_BROKER_URL": redis_db, "SDQ_DATABASE_URL": pg_url,
+        "SDQ_STORAGE_URL": f"s3://{bucket}/images", "SDQ_DEVICE": "cpu",
+        "SDQ_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S), "SDQ_MAX_ATTEMPTS": "3",
+        "AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # CPU kernels split work by thread count, and float sums depend on the split: workers
+        # use this process's count so that their pixels can be compared with in-process ones.
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def distributed(distributed_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings of the distributed deployment; the test process's environment gets the AWS
+    variables too, so that its own storage reads reach the test endpoint."""
+    for name, value in distributed_env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    return Settings.load(distributed_env)
+
+
+@pytest.fixture
+def start_worker(distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
+                 ) -> Iterator[Callable[[str], WorkerProcess]]:
+    """Start `sdq worker` processes by name; all are killed when the test ends."""
+    sdq = Path(sys.executable).parent / "sdq"
+    started: list[WorkerProcess] = []
+
+    def start(name: str) -> WorkerProcess:
+        name = f"{name}-{uuid.uuid4().hex[:6]}"
+        process = WorkerProcess(sdq, distributed_env, tiny_checkpoint, name, tmp_path / f"{name}.log")
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+
+
+def in_queue(broker_url: str, queue: str) -> int:
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return client.llen(queue)
+    finally:
+        client.close()

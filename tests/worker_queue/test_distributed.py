@@ -1,0 +1,173 @@
+"""Distributed mode end to end: `submit` → Redis → `sdq worker` processes → S3 + PostgreSQL."""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import redis
+from click.testing import CliRunner
+from PIL import Image
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from sdq.cli.main import cli
+from sdq.db.models import Item, Job, Status
+from sdq.db.session import open_database
+from sdq.worker.app import queue_name
+from sdq.worker.config import Settings
+from sdq.worker.storage import open_storage
+from sdq.worker.submit import identify_model, submit
+from tests.db.conftest import scratch_database
+
+from .cluster import WorkerProcess, wait_for
+from .conftest import OWNER_KEY, in_queue, job_items, specs
+
+
+def wait_until_done(settings: Settings, job_id: int, timeout: float = 120) -> None:
+    engine = open_database(settings.database_url)
+
+    def finished() -> bool:
+        with Session(engine) as session:
+            return session.get(Job, job_id).status in (Status.DONE, Status.FAILED)
+
+    wait_for(f"job {job_id} to finish", finished, timeout=timeout, every=0.5)
+    engine.dispose()
+
+
+def assert_exactly_once(settings: Settings, job_id: int, count: int) -> None:
+    """Every item done once: one object per item under its own key, and nothing else."""
+    items = job_items(open_database(settings.database_url), job_id)
+    assert len(items) == count and {i.status for i in items} == {Status.DONE}
+    keys = sorted(open_storage(settings.storage_url).list(f"{job_id}/"))
+    assert keys == sorted(i.image_key for i in items)
+
+
+def test_two_workers_share_one_job(distributed: Settings, distributed_env: dict[str, str],
+                                   start_worker: Callable[[str], WorkerProcess],
+                                   tiny_checkpoint: Path) -> None:
+    workers = [start_worker("a"), start_worker("b")]
+    for w in workers:
+        w.wait_ready()
+    model = identify_model(tiny_checkpoint)
+    result = submit(distributed, specs(12, steps=1), model=model, batch_size=2,
+                    batches_per_message=1)
+    assert (result.batches, result.queue, result.report) == (6, queue_name(model.sha256), None)
+    wait_until_done(distributed, result.job_id)
+    assert_exactly_once(distributed, result.job_id, 12)
+    items = job_items(open_database(distributed.database_url), result.job_id)
+    per_worker = Counter(i.worker_host.split("@")[0] for i in items)
+    assert set(per_worker) == {w.name for w in workers}, per_worker
+    assert {i.attempts for i in items} == {1}
+    beats = {w.name: w.record() for w in workers}
+    assert {name: r["images_done"] for name, r in beats.items()} == dict(per_worker)
+    listed = CliRunner().invoke(cli, ["workers", "--json"], env=distributed_env)
+    assert listed.exit_code == 0, listed.output
+    assert {w.name for w in workers} <= {r["name"].split("@")[0] for r in json.loads(listed.output)}
+    assert in_queue(distributed.broker_url or "", result.queue or "") == 0
+
+
+def test_redis_flushed_mid_job_then_reconcile_finishes_it(
+        distributed: Settings, distributed_env: dict[str, str],
+        start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path) -> None:
+    worker = start_worker("solo")
+    worker.wait_ready()
+    result = submit(distributed, specs(8, steps=1), model=identify_model(tiny_checkpoint),
+                    batch_size=1, batches_per_message=1)
+    engine = open_database(distributed.database_url)
+    wait_for("the first item to be done",
+             lambda: any(i.status == Status.DONE for i in job_items(engine, result.job_id)))
+    broker = redis.Redis.from_url(distributed.broker_url or "")
+    broker.flushdb()
+    broker.set(OWNER_KEY, "flushed by the test", ex=3600)
+    assert in_queue(distributed.broker_url or "", result.queue or "") == 0
+    # What was running finishes; nothing else comes: the job stalls with items queued.
+    wait_for("the worker to go idle", lambda: (r := worker.record()) and r["batch"] is None)
+    stalled = [i for i in job_items(engine, result.job_id) if i.status != Status.DONE]
+    assert stalled and {i.status for i in stalled} == {Status.QUEUED}
+
+    outcome = CliRunner().invoke(cli, ["reconcile", "--json"], env=distributed_env)
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.output)["items"] == len(stalled)
+    wait_until_done(distributed, result.job_id)
+    assert_exactly_once(distributed, result.job_id, 8)
+    assert {i.attempts for i in job_items(engine, result.job_id)} == {1}
+
+
+def test_embedded_and_distributed_make_identical_pixels(
+        distributed: Settings, embedded: Settings, start_worker: Callable[[str], WorkerProcess],
+        tiny_checkpoint: Path) -> None:
+    worker = start_worker("pixels")
+    model = identify_model(tiny_checkpoint)
+    local = submit(embedded, specs(4), model=model, batch_size=2)
+    worker.wait_ready()
+    remote = submit(distributed, specs(4), model=model, batch_size=2)
+    wait_until_done(distributed, remote.job_id)
+    pairs = zip(job_items(open_database(embedded.database_url), local.job_id),
+                job_items(open_database(distributed.database_url), remote.job_id))
+    here, there = open_storage(embedded.storage_url), open_storage(distributed.storage_url)
+    for a, b in pairs:
+        assert (a.batch_position, a.seed) == (b.batch_position, b.seed)
+        png_a, png_b = here.get(a.image_key), there.get(b.image_key)
+        assert png_a != png_b  # the metadata differs (ids, times) ...
+        assert Image.open(io.BytesIO(png_a)).tobytes() == Image.open(io.BytesIO(png_b)).tobytes()
+
+
+def test_cancel_stops_queued_work(distributed: Settings, distributed_env: dict[str, str],
+                                  tiny_checkpoint: Path) -> None:
+    result = submit(distributed, specs(3), model=identify_model(tiny_checkpoint))
+    outcome = CliRunner().invoke(cli, ["cancel", str(result.job_id), "--json"], env=distributed_env)
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.output) == {"job": result.job_id, "cancelled": 3}
+    engine = open_database(distributed.database_url)
+    assert {i.status for i in job_items(engine, result.job_id)} == {Status.CANCELLED}
+    with Session(engine) as session:
+        assert session.get(Job, result.job_id).status == Status.CANCELLED
+    missing = CliRunner().invoke(cli, ["cancel", "999999"], env=distributed_env)
+    assert (missing.exit_code, missing.output) == (1, "Error: no job 999999\n")
+
+
+def test_retry_reenqueues_failed_items(distributed: Settings, distributed_env: dict[str, str],
+                                       tiny_checkpoint: Path) -> None:
+    result = submit(distributed, specs(3), model=identify_model(tiny_checkpoint))
+    broker = redis.Redis.from_url(distributed.broker_url or "")
+    broker.delete(result.queue or "")
+    engine = open_database(distributed.database_url)
+    with Session(engine) as session, session.begin():
+        session.execute(update(Item).where(Item.job_id == result.job_id, Item.row_index > 0)
+                        .values(status=Status.FAILED, attempts=3, last_error="boom"))
+    outcome = CliRunner().invoke(cli, ["retry", str(result.job_id), "--json"], env=distributed_env)
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.output) == {"job": result.job_id, "items": 2, "batches": 1}
+    assert in_queue(distributed.broker_url or "", result.queue or "") == 1
+    items = job_items(engine, result.job_id)
+    assert [(i.status, i.attempts, i.last_error) for i in items[1:]] == [(Status.QUEUED, 0, None)] * 2
+
+
+def test_worker_refuses_a_queue_of_another_model(distributed_env: dict[str, str],
+                                                 tiny_checkpoint: Path) -> None:
+    outcome = CliRunner().invoke(
+        cli, ["worker", "--model", str(tiny_checkpoint), "--", "-Q", "sdq.0123456789"],
+        env=distributed_env)
+    assert outcome.exit_code == 1
+    assert outcome.output.startswith("Error: refusing queue 'sdq.0123456789': tiny-sd hashes to ")
+
+
+def test_worker_refuses_a_database_at_another_schema_revision(
+        distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with scratch_database("postgresql", tmp_path) as empty:
+        env = {**distributed_env, "SDQ_DATABASE_URL": empty.url.render_as_string(hide_password=False)}
+        outcome = CliRunner().invoke(cli, ["worker", "--model", str(tiny_checkpoint)], env=env)
+    assert outcome.exit_code == 1
+    assert "is at schema revision none, sdq needs" in outcome.output
+    assert outcome.output.rstrip().endswith("run `sdq db upgrade`")
+
+
+def test_worker_refuses_to_start_without_a_reachable_broker(
+        distributed_env: dict[str, str], tiny_checkpoint: Path) -> None:
+    env = {**distributed_env, "SDQ_BROKER_URL": "redis://127.0.0.1:1/0"}
+    outcome = CliRunner().invoke(cli, ["worker", "--model", str(tiny_checkpoint)], env=env)
+    assert outcome.exit_code == 1
+    assert outcome.output.startswith("Error: cannot reach the broker at 127.0.0.1:1: ")

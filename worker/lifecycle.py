@@ -1,0 +1,97 @@
+"""Operations on queued work, judged from the database: reconcile, retry and cancel.
+
+Redis only carries work; anything it lost is rebuilt from the item rows. Re-enqueueing an item
+that still has a message is harmless: the runner skips whatever is done or leased.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import and_, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Job, Status
+from sdq.db.session import open_database
+from sdq.worker.config import Settings
+from sdq.worker.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What an operation sent back to the queue (or ran, in embedded mode)."""
+
+    items: int
+    batches: int
+
+
+def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
+             prefix: str) -> Requeued:
+    """Plan batches for the items matching `where`, commit, then dispatch them."""
+    planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
+    session.commit()
+    dispatch(settings, engine, planned, where)
+    batches = [b for group in planned.values() for b in group]
+    return Requeued(sum(len(b.item_ids) for b in batches), len(batches))
+
+
+def reconcile(settings: Settings) -> Requeued:
+    """Re-enqueue every item that should be in the queue: pending (never enqueued), queued
+    (its message may be gone with a flushed Redis) and running under an expired lease (its
+    worker is gone). Items of finished or cancelled jobs are left alone."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session:
+            now = utcnow()
+            session.execute(
+                update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
+                .values(status=Status.QUEUED, lease_expires_at=None))
+            open_items = Item.status.in_((Status.PENDING, Status.QUEUED))
+            return _requeue(settings, engine, session, open_items, f"r{int(time.time())}")
+    finally:
+        engine.dispose()
+
+
+def retry_job(settings: Settings, job_id: int) -> Requeued:
+    """Give the job's failed items a fresh set of attempts and enqueue them again."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session:
+            job = _job(session, job_id)
+            session.execute(
+                update(Item).where(Item.job_id == job_id, Item.status == Status.FAILED)
+                .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None))
+            job.status, job.finished_at = Status.QUEUED, None
+            where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
+            return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}")
+    finally:
+        engine.dispose()
+
+
+def cancel_job(settings: Settings, job_id: int) -> int:
+    """Cancel the job's pending and queued items (running batches finish); returns how many.
+    Their messages stay in the broker and are skipped when they arrive."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            job = _job(session, job_id)
+            now = utcnow()
+            count = session.execute(
+                update(Item).where(Item.job_id == job_id,
+                                   Item.status.in_((Status.PENDING, Status.QUEUED)))
+                .values(status=Status.CANCELLED, finished_at=now)).rowcount
+            if job.status not in (Status.DONE, Status.FAILED):
+                job.status, job.finished_at = Status.CANCELLED, now
+            return count
+    finally:
+        engine.dispose()
+
+
+def _job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    return job

@@ -1,0 +1,439 @@
+"""Prompt files: CSV, JSON Lines or plain text, parsed and validated whole into item specs.
+
+A file is either accepted entirely or refused with every problem it has, each as
+`FILE:LINE: field: reason`, so a user fixes a 10 000-row file in one round instead of one
+error per try, and nothing is ever recorded from a file that is partly wrong. What a file
+leaves out comes from `Defaults` (the submit options). Every image's seed is fixed here,
+before anything runs: a row's own seed s gives s, s+1, ... for its n images; other images get
+the base seed plus their job-wide image index.
+
+Lives beside the worker rather than in `cli/` because the scheduler re-parses the prompt text
+a schedule stores, with no command line involved.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdq.db.models import SEED_LIMIT
+from sdq.sdmodel.samplers import SAMPLERS
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+MAX_SIDE = 2048
+"""The largest width or height accepted: 16x the area SD v1 was trained at, already far past
+where it makes coherent images, and about what one 80 GB GPU decodes."""
+MAX_STEPS = 999
+MAX_CFG = 100.0
+MAX_IMAGES_PER_ROW = 10_000
+"""A cap on `n` that catches a typo (n=1000000) before it becomes a million rows."""
+FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
+          "model", "tags")
+FORMATS = ("csv", "jsonl", "text")
+_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
+
+ModelResolver = Callable[[str], "int | None"]
+"""Maps a row's `model` (a registered name or hash) to a model id; None when unknown, and
+LookupError (its message shown) when ambiguous, like `db.queries.find_model`."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The values a row does not give; `seed` is the base seed (None: pick one at random)."""
+
+    negative_prompt: str = ""
+    seed: int | None = None
+    n: int = 1
+    steps: int = 50
+    cfg: float = 7.5
+    sampler: str = "ddim"
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about one line of a file, printed as `FILE:LINE: field: reason`."""
+
+    source: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.field}: {self.reason}"
+
+
+class PromptFileError(ValueError):
+    """The file was refused; `problems` lists every error found, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """An accepted file: `items` are ready for `db.queries.submit_job`, in job order."""
+
+    source: str
+    format: str
+    sha256: str
+    base_seed: int
+    """Recorded with the job, so the seeds of rows without one can be explained later."""
+    rows: int
+    items: list[dict[str, Any]]
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def read_prompt_file(path: Path, defaults: Defaults, **options: Any) -> PromptFile:
+    """Read and parse `path` (see `parse_prompt_file` for the options); OSError if unreadable."""
+    return parse_prompt_file(path.read_bytes(), str(path), defaults, **options)
+
+
+def parse_prompt_file(
+    data: bytes, source: str, defaults: Defaults, *, format: str | None = None,
+    resolve_model: ModelResolver | None = None, tokenizer: CLIPTokenizer | None = None,
+    rng: random.Random | None = None,
+) -> PromptFile:
+    """Validate a whole prompt file and expand it into one item spec per image.
+
+    `format` is one of FORMATS (default: from the file name's suffix, else JSON Lines when the
+    first line is an object, else plain text). `resolve_model` turns a row's `model` into a
+    model id; without it no row may name a model. Prompts longer than CLIP's window are
+    warnings, not errors, since SD has always truncated them; `tokenizer` defaults to the
+    shipped CLIP one. Raises PromptFileError listing every problem.
+    """
+    problems: list[Problem] = []
+    text = _decode(data, source, problems)
+    fmt = format or _detect_format(source, text)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt file format {fmt!r}; known: {', '.join(FORMATS)}")
+    readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
+    converter = _Converter(source, defaults, resolve_model, problems)
+    rows = [row for line, record in readers[fmt](text, source, problems)
+            if (row := converter.row(line, record)) is not None]
+    if not rows and not problems:
+        problems.append(Problem(source, 1, "file", "no prompts"))
+    total = sum(row.n for row in rows)
+    base = defaults.seed if defaults.seed is not None else \
+        (rng or random.SystemRandom()).randrange(max(1, SEED_LIMIT - total))
+    _check_seed_ranges(rows, base, defaults.seed is not None, source, problems)
+    if problems:
+        # A line that is not UTF-8 shows only that: what else fails there follows from it.
+        garbled = {p.line for p in problems if p.field == "encoding"}
+        raise PromptFileError(sorted((p for p in problems
+                                      if p.field == "encoding" or p.line not in garbled),
+                                     key=lambda p: p.line))
+    return PromptFile(
+        source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
+        rows=len(rows), items=list(_expand(rows, base)),
+        warnings=_token_warnings(rows, source, tokenizer),
+    )
+
+
+@dataclass
+class _Row:
+    """One validated row; `first_index` is the job-wide index of its first image."""
+
+    line: int
+    first_index: int
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    n: int
+    steps: int
+    cfg: float
+    sampler: str
+    width: int
+    height: int
+    model_id: int | None
+    tags: list[str] | None
+
+
+def _decode(data: bytes, source: str, problems: list[Problem]) -> str:
+    """UTF-8 text (a BOM is dropped); each undecodable line is a problem, and the rest of the
+    file is still parsed, with replacement characters, so its problems are listed too."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    for number, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(source, number, "encoding", f"not UTF-8: byte "
+                                    f"0x{line[exc.start]:02x} at column {exc.start + 1}"))
+    return data.decode("utf-8-sig", errors="replace")
+
+
+def _detect_format(source: str, text: str) -> str:
+    if (fmt := _SUFFIXES.get(Path(source).suffix.lower())) is not None:
+        return fmt
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return "jsonl" if first.lstrip().startswith("{") else "text"
+
+
+def _close(word: str, choices: tuple[str, ...]) -> str:
+    """A `; did you mean ...?` hint for a misspelt name, or nothing."""
+    match = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _csv_records(text: str, source: str, problems: list[Problem]
+                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, record) per data row; a record spanning lines (a quoted newline) has its first."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str | None] | None = None
+    start = 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in cells):
+                continue
+            if header is None:
+                header = _csv_header(cells, source, line, problems)
+                if "prompt" not in header:
+                    return
+                continue
+            if len(cells) > len(header):
+                problems.append(Problem(source, line, "row", f"{len(cells)} cells, but the "
+                                        f"header names {len(header)} columns"))
+                continue
+            yield line, {name: cell for name, cell in zip(header, cells) if name is not None}
+    except csv.Error as exc:
+        problems.append(Problem(source, start, "csv", str(exc)))
+    if header is None:
+        problems.append(Problem(source, 1, "header", "no header row (expected e.g. prompt,seed)"))
+
+
+def _csv_header(cells: list[str], source: str, line: int, problems: list[Problem]
+                ) -> list[str | None]:
+    """Column names, None for a column to ignore (unknown or repeated, both reported)."""
+    names: list[str | None] = []
+    for cell in cells:
+        name = cell.strip().lower()
+        if name not in FIELDS:
+            problems.append(Problem(source, line, "header", f"unknown column {cell.strip()!r}"
+                                    + _close(name, FIELDS)))
+            name = None
+        elif name in names:
+            problems.append(Problem(source, line, "header", f"duplicate column {name!r}"))
+            name = None
+        names.append(name)
+    if "prompt" not in names:
+        problems.append(Problem(source, line, "header", "no 'prompt' column"))
+    return names
+
+
+def _jsonl_records(text: str, source: str, problems: list[Problem]
+                   ) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, content in enumerate(text.split("\n"), 1):
+        if not content.strip():
+            continue
+        duplicates: list[str] = []
+
+        def pairs(items: list[tuple[str, Any]], duplicates: list[str] = duplicates
+                  ) -> dict[str, Any]:
+            keys = [key for key, _ in items]
+            duplicates.extend(key for n, key in enumerate(keys) if key in keys[:n])
+            return dict(items)
+
+        try:
+            record = json.loads(content, object_pairs_hook=pairs)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(source, line, "json", f"{exc.msg} at column {exc.colno}"))
+            continue
+        if not isinstance(record, dict):
+            problems.append(Problem(source, line, "json",
+                                    f"expected an object, got {type(record).__name__}"))
+            continue
+        problems.extend(Problem(source, line, key, "duplicate field") for key in duplicates)
+        for key in [key for key in record if key not in FIELDS]:
+            problems.append(Problem(source, line, key, "unknown field" + _close(key, FIELDS)))
+            del record[key]
+        yield line, record
+
+
+def _text_records(text: str, source: str, problems: list[Problem]
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One prompt per line; blank lines and lines starting with `#` are skipped."""
+    for line, content in enumerate(text.split("\n"), 1):
+        prompt = content.strip()
+        if prompt and not prompt.startswith("#"):
+            yield line, {"prompt": prompt}
+
+
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        else:
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+    return convert
+
+
+def _cfg(value: Any) -> float:
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not 0 <= number <= MAX_CFG:
+        raise ValueError(f"must be between 0 and {MAX_CFG:g}, got {number:g}")
+    return number
+
+
+def _side(value: Any) -> int:
+    number = _whole(8, MAX_SIDE)(value)
+    if number % 8:
+        raise ValueError(f"must be a multiple of 8, got {number}")
+    return number
+
+
+def _sampler(value: Any) -> str:
+    name = str(value).strip().lower()
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {value!r}{_close(name, SAMPLERS)} "
+                         f"(known: {', '.join(SAMPLERS)})")
+    return name
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value.strip()
+
+
+def _tags(value: Any) -> list[str]:
+    """Comma-separated text, or (JSON) a list of strings; blanks and repeats dropped."""
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, list) or not all(isinstance(tag, str) for tag in parts):
+        raise ValueError("expected comma-separated text or a list of strings")
+    return list(dict.fromkeys(tag.strip() for tag in parts if tag.strip()))
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "prompt": _text, "negative_prompt": _text, "seed": _whole(0, SEED_LIMIT - 1),
+    "n": _whole(1, MAX_IMAGES_PER_ROW), "steps": _whole(1, MAX_STEPS), "cfg": _cfg,
+    "sampler": _sampler, "width": _side, "height": _side, "model": _text, "tags": _tags,
+}
+
+
+class _Converter:
+    """Turns raw records into rows, filling defaults and collecting every problem."""
+
+    def __init__(self, source: str, defaults: Defaults, resolve_model: ModelResolver | None,
+                 problems: list[Problem]) -> None:
+        self.source, self.defaults, self.problems = source, defaults, problems
+        self.resolve_model = resolve_model
+        self.models: dict[str, int | str] = {}
+        self.next_index = 0
+
+    def row(self, line: int, record: dict[str, Any]) -> _Row | None:
+        """The row, or None when it has problems (all of them recorded)."""
+        values: dict[str, Any] = {}
+        failed: list[str] = []
+        for name, raw in record.items():
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                continue
+            try:
+                values[name] = _CONVERTERS[name](raw)
+            except ValueError as exc:
+                failed.append(self._problem(line, name, str(exc)))
+        if not values.get("prompt") and "prompt" not in failed:
+            failed.append(self._problem(line, "prompt", "missing"))
+        model_id = None
+        if (model := values.pop("model", None)) is not None:
+            model_id = self._model_id(model)
+            if isinstance(model_id, str):
+                failed.append(self._problem(line, "model", model_id))
+                model_id = None
+        first_index = self.next_index
+        self.next_index += values.get("n", self.defaults.n)
+        if failed:
+            return None
+        row_defaults = {**vars(self.defaults), "seed": None, "tags": None}
+        return _Row(line=line, first_index=first_index, model_id=model_id,
+                    **{**row_defaults, **values})
+
+    def _problem(self, line: int, name: str, reason: str) -> str:
+        self.problems.append(Problem(self.source, line, name, reason))
+        return name
+
+    def _model_id(self, name: str) -> int | str:
+        """The model's id, or why there is none; each name is looked up once per file."""
+        if name not in self.models:
+            try:
+                found = self.resolve_model(name) if self.resolve_model else None
+            except LookupError as exc:
+                found = str(exc)
+            self.models[name] = found if found is not None else \
+                f"unknown model {name!r}; register it with `sdq models add REF --name {name}`"
+        return self.models[name]
+
+
+def _check_seed_ranges(rows: list[_Row], base: int, base_given: bool, source: str,
+                       problems: list[Problem]) -> None:
+    """Every image's seed must stay below 2^32 (a random base is chosen so that it does)."""
+    for row in rows:
+        if row.seed is not None and row.seed + row.n > SEED_LIMIT:
+            problems.append(Problem(source, row.line, "seed", f"seed {row.seed} with n={row.n} "
+                                    f"runs past {SEED_LIMIT - 1}"))
+        elif row.seed is None and base_given and base + row.first_index + row.n > SEED_LIMIT:
+            problems.append(Problem(source, row.line, "seed", f"--seed {base} + image index "
+                                    f"{row.first_index + row.n - 1} runs past {SEED_LIMIT - 1}; "
+                                    "use a smaller --seed"))
+
+
+def _expand(rows: list[_Row], base: int) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        common: dict[str, Any] = {
+            "prompt": row.prompt, "negative_prompt": row.negative_prompt, "sampler": row.sampler,
+            "steps": row.steps, "cfg": row.cfg, "width": row.width, "height": row.height,
+            "tags": row.tags,
+        }
+        if row.model_id is not None:
+            common["model_id"] = row.model_id
+        for k in range(row.n):
+            index = row.first_index + k
+            seed = (row.seed if row.seed is not None else base + row.first_index) + k
+            yield {**common, "row_index": index, "seed": seed}
+
+
+def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | None
+                    ) -> list[Problem]:
+    """A warning per prompt that CLIP would cut, naming the words it would drop."""
+    from sdq.sdmodel import clip
+
+    tokenizer = tokenizer or clip.load_tokenizer()
+    dropped: dict[str, str | None] = {}
+    warnings = []
+    for row in rows:
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(row, name)
+            if text not in dropped:
+                dropped[text] = clip.dropped_text(tokenizer, text) if text else None
+            if dropped[text] is not None:
+                warnings.append(Problem(source, row.line, name, f"longer than "
+                                        f"{clip.CONTENT_LENGTH} CLIP tokens; dropped: "
+                                        f"{dropped[text]!r}"))
+    return warnings

@@ -1,0 +1,405 @@
+"""The batch runner: claim items, generate them, store the PNGs and record them as done.
+
+One code path for both modes: a Celery task calls `Runner.run` with the batches its message
+carries, and embedded mode calls it in-process. The database is the source of truth, so every
+step is guarded by the item's row, which makes redelivered or duplicated messages harmless:
+
+- claiming an item takes a lease (`status = running`, `lease_expires_at`) and bumps its
+  `attempts`; items done, failed or cancelled are skipped, and items under another live lease
+  are waited for (their holder may be alive) until that lease runs out;
+- a renewal thread keeps the leases of the running batch alive, so only a lost worker's items
+  expire;
+- recording locks the rows and stores an image only if this claim (the same `attempts`) still
+  holds it; keys are derived from ids, so a rerun overwrites instead of adding an object.
+
+While the model denoises one micro-batch, a thread pool encodes, watermarks, uploads and
+records the previous one; `run` returns (and the task acknowledges) only when all are recorded.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import groupby
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Job, Model, Status
+from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
+from sdq.worker.provenance import (
+    EncodedPng,
+    Environment,
+    Provenance,
+    encode_png,
+    environment_fingerprint,
+)
+from sdq.worker.storage import Storage, StorageError, image_key
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 120
+"""How long a claim lasts without renewal: the longest a redelivered batch whose worker died
+waits before taking the items over. Capped by the broker's visibility timeout, so a lost
+machine's items are free by the time its message comes back."""
+STORE_THREADS = 2
+"""Encode/upload threads: two keep uploads ahead of a GPU without holding many images."""
+BACKOFF_S = 0.5
+TRANSIENT = (StorageError, OperationalError)
+"""Failures worth retrying: storage and database hiccups. Anything else is permanent."""
+FINISHED = (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+
+class TransientError(RuntimeError):
+    """Storage or database kept failing after the in-process retries; the unfinished items
+    were handed back (queued) so that a later delivery can take them."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items meant to be denoised together; `id` is recorded with each item that runs in it."""
+
+    id: str
+    item_ids: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "items": list(self.item_ids)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "Batch":
+        return cls(str(record["id"]), tuple(int(i) for i in record["items"]))
+
+
+@dataclass(frozen=True)
+class Work:
+    """A claimed item as plain data, so threads never share ORM objects."""
+
+    id: int
+    job_id: int
+    row_index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    cfg: float
+    sampler: str
+    steps: int
+    width: int
+    height: int
+    eta: float
+    attempt: int
+
+    @property
+    def shape(self) -> tuple[str, int, int, int, float]:
+        """What items must share to be denoised in one batch."""
+        return (self.sampler, self.steps, self.width, self.height, self.eta)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Items actually denoised together, with the id and positions they are recorded under."""
+
+    batch_id: str
+    items: tuple[Work, ...]
+    images: tuple[Image.Image, ...]
+    seconds: float
+
+
+@dataclass
+class RunReport:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+class Runner:
+    """Runs batches on one model, loaded on first use and kept for the life of the process."""
+
+    def __init__(
+        self, *, engine: Engine, storage: Storage, model_ref: str, device: str | None = None,
+        dtype: str | None = None, watermark: str | None = None, hash_cache: Any = None,
+        max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
+        worker_name: str | None = None, pipeline: Pipeline | None = None,
+    ) -> None:
+        """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
+        on the first run."""
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.storage = storage
+        self.model_ref, self.device, self.dtype = model_ref, device, dtype
+        self.watermark, self.hash_cache = watermark, hash_cache
+        self.max_attempts, self.lease_s, self.micro_batch = max_attempts, lease_s, micro_batch
+        self.worker_name = worker_name or socket.gethostname()
+        self.current_batch: str | None = None
+        self.images_done = 0
+        self._pipeline = pipeline
+
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
+                                           hash_cache=self.hash_cache)
+        return self._pipeline
+
+    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None
+            ) -> RunReport:
+        """Run every batch; raises TransientError (after handing items back) if storage or the
+        database stays down. A model that cannot be loaded fails the items, with the reason."""
+        report = RunReport()
+        try:
+            pipe = self.pipeline()
+        except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
+            ids, reason = [i for batch in batches for i in batch.item_ids], f"model: {exc}"
+            report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+            return report
+        environment = environment_fingerprint(pipe.device, pipe.dtype)
+        pending: list[Future[int]] = []
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sdq-store") as pool, \
+                _LeaseKeeper(self) as leases:
+            for batch in batches:
+                self.current_batch = batch.id
+                work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
+                report.skipped += len(batch.item_ids) - len(work)
+                leases.hold(w.id for w in work)
+                for chunk in self._generate(pipe, batch.id, work, report):
+                    pending.append(pool.submit(self._store, chunk, environment, on_recorded))
+            self.current_batch = None
+            errors = []
+            for future in pending:
+                try:
+                    report.done += future.result()
+                except TransientError as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        return report
+
+    # -- claiming -----------------------------------------------------------------------
+
+    def _claim(self, batch: Batch, model_sha256: str) -> list[Work]:
+        """Take the batch's free items; wait while another live lease holds some of them."""
+        deadline = time.monotonic() + self.lease_s + 1
+        while True:
+            with self.sessions.begin() as session:
+                rows = session.execute(
+                    select(Item, Model.sha256).join(Model, Item.model_id == Model.id)
+                    .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
+                ).all()
+                now = utcnow()
+                busy = {item.id for item, _ in rows if item.status == Status.RUNNING
+                        and item.lease_expires_at is not None and item.lease_expires_at > now}
+                if not busy or time.monotonic() > deadline:
+                    return self._take(session, batch, rows, busy, model_sha256)
+            time.sleep(min(1.0, self.lease_s / 4))
+
+    def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
+              model_sha256: str) -> list[Work]:
+        now = utcnow()
+        order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
+        work = []
+        gave_up = set()
+        for item, sha256 in sorted(rows, key=lambda row: order[row[0].id]):
+            if item.status in FINISHED or item.id in busy:
+                continue
+            if sha256 != model_sha256:
+                log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
+                            item.id, sha256[:10], model_sha256[:10])
+                continue
+            if item.attempts >= self.max_attempts:
+                item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
+                item.last_error = (f"gave up after {item.attempts} attempts; last error: "
+                                   f"{item.last_error or 'worker lost during the batch'}")
+                gave_up.add(item.job_id)
+                continue
+            item.status, item.attempts = Status.RUNNING, item.attempts + 1
+            item.lease_expires_at = now + timedelta(seconds=self.lease_s)
+            item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
+            work.append(Work(item.id, item.job_id, item.row_index, item.prompt, item.negative_prompt,
+                             item.seed, item.cfg, item.sampler, item.steps, item.width, item.height,
+                             item.eta, item.attempts))
+        session.flush()
+        _finish_jobs(session, gave_up)
+        return work
+
+    # -- generating ---------------------------------------------------------------------
+
+    def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport
+                  ) -> Iterator[Chunk]:
+        """Denoise the claimed items in chunks of one shape and at most `micro_batch` items.
+
+        On CUDA out-of-memory the chunk is halved, and so is `micro_batch` for what follows:
+        a worker that ran out once would only run out again at the old size.
+        """
+        groups = [list(g) for _, g in groupby(sorted(work, key=lambda w: w.shape), key=lambda w: w.shape)]
+        queue = [g[i:i + (self.micro_batch or len(g))] for g in groups
+                 for i in range(0, len(g), self.micro_batch or len(g))]
+        whole = len(queue) == 1
+        while queue:
+            items = queue.pop(0)
+            first = items[0]
+            requests = [Request(w.prompt, w.negative_prompt, w.seed, w.cfg) for w in items]
+            start = time.perf_counter()
+            try:
+                images = pipe.generate(requests, sampler=first.sampler, steps=first.steps,
+                                       width=first.width, height=first.height, eta=first.eta)
+            except torch.OutOfMemoryError:
+                if len(items) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                half = len(items) // 2
+                self.micro_batch = half
+                log.warning("CUDA out of memory at batch size %d; continuing at %d", len(items), half)
+                queue[:0] = [items[i:i + half] for i in range(0, len(items), half)]
+                whole = False
+                continue
+            except ValueError as exc:
+                ids, reason = [w.id for w in items], str(exc)
+                report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+                continue
+            chunk_id = batch_id if whole else f"{batch_id}.{items[0].row_index}"
+            yield Chunk(chunk_id, tuple(items), tuple(images), time.perf_counter() - start)
+
+    # -- storing ------------------------------------------------------------------------
+
+    def _store(self, chunk: Chunk, environment: Environment,
+               on_recorded: Callable[[int], None] | None) -> int:
+        """Encode, watermark, upload and record one chunk; returns how many were recorded."""
+        pipe = self.pipeline()
+        pngs = [
+            encode_png(image, Provenance(
+                prompt=w.prompt, negative_prompt=w.negative_prompt, seed=w.seed, sampler=w.sampler,
+                steps=w.steps, cfg=w.cfg, width=w.width, height=w.height, eta=w.eta,
+                model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
+                job_id=w.job_id, item_id=w.id, row=w.row_index, batch_id=chunk.batch_id,
+                batch_position=position,
+            ), watermark=self.watermark)
+            for position, (w, image) in enumerate(zip(chunk.items, chunk.images))
+        ]
+        try:
+            recorded = self._retrying("storing images", lambda: self._record(chunk, pngs))
+        except TransientError as exc:
+            ids, reason = [w.id for w in chunk.items], str(exc)
+            self._retrying("handing items back", lambda: self._release(ids, reason))
+            raise
+        self.images_done += recorded
+        if on_recorded:
+            on_recorded(recorded)
+        return recorded
+
+    def _record(self, chunk: Chunk, pngs: list[EncodedPng]) -> int:
+        """Upload and mark done, under row locks, the items this claim still holds."""
+        ids = [w.id for w in chunk.items]
+        share = chunk.seconds / len(chunk.items)
+        with self.sessions.begin() as session:
+            held = dict(session.execute(
+                select(Item.id, Item.attempts)
+                .where(Item.id.in_(ids), Item.status == Status.RUNNING).with_for_update()
+            ).all())
+            now = utcnow()
+            rows = []
+            for position, (w, png) in enumerate(zip(chunk.items, pngs)):
+                if held.get(w.id) != w.attempt:
+                    continue  # finished, cancelled or taken over meanwhile: not ours to record
+                key = image_key(w.job_id, w.id)
+                self.storage.put(key, png.data)
+                rows.append({"id": w.id, "status": Status.DONE, "image_key": key,
+                             "image_sha256": png.sha256, "watermark": png.watermark,
+                             "batch_id": chunk.batch_id, "batch_position": position,
+                             "device": self.pipeline().device,
+                             "lease_expires_at": None, "last_error": None, "finished_at": now,
+                             "duration_s": share})
+            if rows:
+                session.execute(update(Item), rows)
+            _finish_jobs(session, {w.job_id for w in chunk.items})
+        return len(rows)
+
+    # -- state changes for failures -----------------------------------------------------
+
+    def _fail(self, ids: Sequence[int], reason: str) -> int:
+        """Permanent failure: the items will not succeed by retrying (bad model, bad input)."""
+        log.error("failing %d item(s): %s", len(ids), reason)
+        with self.sessions.begin() as session:
+            stmt = (update(Item).where(Item.id.in_(ids), Item.status.not_in(FINISHED))
+                    .values(status=Status.FAILED, last_error=reason[:2000], lease_expires_at=None,
+                            finished_at=utcnow()))
+            count = session.execute(stmt).rowcount
+            jobs = set(session.scalars(select(Item.job_id).where(Item.id.in_(ids)).distinct()))
+            _finish_jobs(session, jobs)
+        return count
+
+    def _release(self, ids: Sequence[int], reason: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING)
+                            .values(status=Status.QUEUED, lease_expires_at=None,
+                                    last_error=reason[:2000]))
+
+    def _retrying(self, what: str, action: Callable[[], Any]) -> Any:
+        """`action`, retried with exponential backoff on transient failures, up to
+        `max_attempts` tries; then TransientError."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return action()
+            except TRANSIENT as exc:
+                if attempt == self.max_attempts:
+                    raise TransientError(f"{what} failed {attempt} times: {exc}") from exc
+                log.warning("%s failed (attempt %d of %d), retrying: %s", what, attempt,
+                            self.max_attempts, exc)
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+
+def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
+    """Close the jobs none of whose items is still to run: done, or failed if any item failed."""
+    now = utcnow()
+    for job_id in job_ids:
+        open_items = select(Item.id).where(
+            Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED, Status.RUNNING)))
+        if session.scalar(open_items.limit(1)) is not None:
+            continue
+        failed = session.scalar(select(Item.id).where(
+            Item.job_id == job_id, Item.status == Status.FAILED).limit(1))
+        session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED))
+                        .values(status=Status.FAILED if failed else Status.DONE, finished_at=now))
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the leases of the items a runner holds, every third of the lease."""
+
+    def __init__(self, runner: Runner) -> None:
+        super().__init__(name="sdq-lease", daemon=True)
+        self.runner = runner
+        self.ids: set[int] = set()
+        self.stopped = threading.Event()
+
+    def hold(self, ids: Iterable[int]) -> None:
+        self.ids.update(ids)
+
+    def __enter__(self) -> "_LeaseKeeper":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.runner.lease_s / 3):
+            ids = list(self.ids)
+            if not ids:
+                continue
+            try:
+                with self.runner.sessions.begin() as session:
+                    session.execute(
+                        update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING,
+                                           Item.worker_host == self.runner.worker_name)
+                        .values(lease_expires_at=utcnow() + timedelta(seconds=self.runner.lease_s)))
+            except OperationalError as exc:  # the next renewal may get through; the lease has slack
+                log.warning("lease renewal failed: %s", exc)

@@ -1,0 +1,180 @@
+"""Submission: record a job and its items, batch them, then enqueue or run them in-process.
+
+The CLI parses prompt files into item specs and calls `submit`; `lifecycle` re-enqueues
+through the same `dispatch`. Items are committed before any message is published, so a worker
+can never receive an id that is not in the database yet; a crash between the two leaves items
+`pending`, which `reconcile` picks up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Job, Model, Status
+from sdq.db.queries import submit_job
+from sdq.db.session import open_database
+from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+from sdq.worker.app import TASK_NAME, create_app, queue_name
+from sdq.worker.config import Settings
+from sdq.worker.runner import LEASE_S, Batch, Runner, RunReport
+from sdq.worker.storage import open_storage
+
+DEFAULT_BATCH_SIZE = 8
+"""Images denoised together by default: SD v1 at 512x512 in fp16 with guidance (16 UNet rows)
+fits a 24 GB GPU with room to spare; workers halve it on out-of-memory."""
+BATCHES_PER_MESSAGE = 4
+"""Batches one message carries: enough for uploads of one to overlap denoising of the next,
+few enough that a lost worker's message is redone cheaply."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A model as the queue knows it: how to load it, and the hash that routes its work."""
+
+    ref: str
+    sha256: str
+    name: str
+    architecture: str = "sd-v1"
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+
+def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
+    """Hash a model without loading it (cached by path, size and mtime); raises ModelNotFound."""
+    path = resolve_model_ref(ref)
+    local = Path(str(ref)).expanduser().exists()
+    name = (path.stem if path.is_file() else path.name) if local else str(ref)
+    return ModelIdentity(str(path), model_sha256(path, hash_cache), name)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `submit` did: the job, its batches, and where they went."""
+
+    job_id: int
+    items: int
+    batches: int
+    queue: str | None
+    """The broker queue, or None when the batches ran in-process."""
+    report: RunReport | None
+    """Embedded mode only: what the in-process run did."""
+
+
+def submit(
+    settings: Settings, items: Iterable[Mapping[str, Any]], *, model: ModelIdentity,
+    job: Job | None = None, batch_size: int | None = None,
+    batches_per_message: int = BATCHES_PER_MESSAGE,
+    on_recorded: Callable[[int], None] | None = None,
+) -> Submission:
+    """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
+    `db.queries.submit_job`) in one transaction, then enqueue its batches on the model's queue,
+    or, with no broker configured, run them here (`on_recorded(n)` after each stored chunk).
+
+    Raises ValueError (a bad spec or no items; nothing recorded) or
+    `db.session.SchemaMismatch`.
+    """
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            model_id = _model_id(session, model)
+            job = job or Job()
+            job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            submit_job(session, job, ({**spec, "model_id": model_id} for spec in items))
+            if job.item_count == 0:
+                raise ValueError("nothing to submit: no items")
+            session.commit()
+            planned = plan_batches(session, Item.job_id == job.id,
+                                   batch_size or settings.batch_size or DEFAULT_BATCH_SIZE,
+                                   prefix=f"j{job.id}")
+        report = dispatch(settings, engine, planned, Item.job_id == job.id,
+                          batches_per_message=batches_per_message,
+                          model_ref=model.ref, on_recorded=on_recorded)
+        return Submission(job.id, job.item_count, sum(len(b) for b in planned.values()),
+                          None if settings.embedded else queue_name(model.sha256), report)
+    finally:
+        engine.dispose()
+
+
+def _model_id(session: Session, model: ModelIdentity) -> int:
+    """The model's row, added on first use (a concurrent submit adding it too is fine)."""
+    by_hash = select(Model.id).where(Model.sha256 == model.sha256)
+    if (found := session.scalar(by_hash)) is not None:
+        return found
+    try:
+        with session.begin_nested():
+            session.add(Model(sha256=model.sha256, name=model.name[:200], source_uri=model.ref,
+                              architecture=model.architecture))
+    except IntegrityError:
+        pass
+    return session.scalars(by_hash).one()
+
+
+def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
+                 ) -> dict[str, list[Batch]]:
+    """The matching items, by model sha256, in batches of one shape (sampler, steps, size,
+    eta) and at most `batch_size` items, in submission order. Guidance, prompts and seeds may
+    differ within a batch: each image has its own generator, so batching never changes it."""
+    rows = session.execute(
+        select(Item.id, Model.sha256, Item.sampler, Item.steps, Item.width, Item.height, Item.eta)
+        .join(Model, Item.model_id == Model.id).where(where).order_by(Item.job_id, Item.row_index)
+    )
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for item_id, *key in rows:
+        groups.setdefault(tuple(key), []).append(item_id)
+    planned: dict[str, list[Batch]] = {}
+    for (sha256, *_), ids in groups.items():
+        batches = planned.setdefault(sha256, [])
+        for start in range(0, len(ids), batch_size):
+            batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",
+                                 tuple(ids[start:start + batch_size])))
+    return planned
+
+
+def dispatch(
+    settings: Settings, engine: Engine, planned: Mapping[str, Sequence[Batch]],
+    where: ColumnElement[bool], *, batches_per_message: int = BATCHES_PER_MESSAGE,
+    model_ref: str | None = None, on_recorded: Callable[[int], None] | None = None,
+) -> RunReport | None:
+    """Publish the batches to their models' queues, then mark the pending items matching
+    `where` (the predicate they were planned with) queued, in one statement; in embedded mode
+    run them here instead with `model_ref` (default: the settings' model)."""
+    if settings.embedded:
+        runner = runner_from_settings(settings, engine, model_ref or settings.model)
+        return runner.run([b for batches in planned.values() for b in batches], on_recorded)
+    app = create_app(settings)
+    # A connection of our own: the app's pool is kombu's process-wide one, which would keep a
+    # connection open after we return.
+    with app.connection_for_write() as connection:
+        producer = app.amqp.Producer(connection)
+        for sha256, batches in planned.items():
+            for start in range(0, len(batches), batches_per_message):
+                message = [b.to_json() for b in batches[start:start + batches_per_message]]
+                app.send_task(TASK_NAME, args=[message], queue=queue_name(sha256),
+                              producer=producer)
+    with Session(engine) as session, session.begin():
+        session.execute(update(Item).where(where, Item.status == Status.PENDING)
+                        .values(status=Status.QUEUED, queued_at=utcnow())
+                        .execution_options(synchronize_session=False))
+    return None
+
+
+def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
+                         worker_name: str | None = None) -> Runner:
+    """A runner configured from settings, as both modes build it."""
+    return Runner(
+        engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
+        model_ref=model_ref, device=settings.device, dtype=settings.dtype,
+        watermark=settings.watermark, hash_cache=settings.home / "hashes.json",
+        max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
+        micro_batch=settings.batch_size, worker_name=worker_name,
+    )

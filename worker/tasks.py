@@ -1,0 +1,60 @@
+"""The one Celery task: run the batches a message carries. Thin on purpose: the payload is
+item ids, the runner re-reads the rows, and the message is acknowledged only when it returns."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import Task, signals
+
+from sdq.db.session import open_database
+from sdq.worker.app import TASK_NAME, app
+from sdq.worker.config import Settings
+from sdq.worker.heartbeat import Heartbeat
+from sdq.worker.runner import Batch, Runner, TransientError
+from sdq.worker.submit import runner_from_settings
+
+_SETTINGS = Settings.load()
+
+
+class BatchTask(Task):
+    """Keeps the process's runner, and with it the loaded model, from one message to the next.
+
+    Celery creates one instance of a task per process, so this is the process's state; the
+    model itself is loaded on the first batch, never while the pool process starts.
+    """
+
+    _runner: Runner | None = None
+    _lock = threading.Lock()  # the heartbeat thread asks for the runner too
+
+    @classmethod
+    def runner(cls, worker_name: str) -> Runner:
+        with cls._lock:
+            if cls._runner is None:
+                engine = open_database(_SETTINGS.database_url)
+                cls._runner = runner_from_settings(_SETTINGS, engine, _SETTINGS.model, worker_name)
+            return cls._runner
+
+
+@app.task(bind=True, base=BatchTask, name=TASK_NAME, autoretry_for=(TransientError,),
+          retry_backoff=True, retry_backoff_max=60, max_retries=_SETTINGS.max_attempts)
+def run_batches(self: BatchTask, batches: list[dict[str, Any]]) -> None:
+    """Run `batches` (each `{"id": ..., "items": [item ids]}`) on this worker's model."""
+    self.runner(self.request.hostname).run([Batch.from_json(b) for b in batches])
+
+
+_node: dict[str, str] = {}
+"""This worker's node name, learnt in the main process before the pool forks."""
+
+
+@signals.celeryd_after_setup.connect
+def _remember_node_name(sender: str, **_: Any) -> None:
+    _node["name"] = sender
+
+
+@signals.worker_process_init.connect
+def _start_heartbeat(**_: Any) -> None:
+    """Each pool process reports itself, idle or busy, for `sdq workers` (a thread; the pool
+    process must not block here)."""
+    name = _node.get("name", "sdq")
+    Heartbeat(_SETTINGS, name, lambda: BatchTask.runner(name)).start()
