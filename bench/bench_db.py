@@ -1,8 +1,8 @@
 """Benchmark the generation index: bulk submit rate and search latency at scale.
 
-    python bench/bench_db.py                          # 1 000 000 items, SQLite and PostgreSQL
-    python bench/bench_db.py --items 200000 --backend sqlite
-    python bench/bench_db.py --postgresql-url postgresql://postgres@127.0.0.1:5432/test
+    python -m bench.bench_db                          # 1 000 000 items, SQLite and PostgreSQL
+    python -m bench.bench_db --items 200000 --backend sqlite
+    python -m bench.bench_db --postgresql-url postgresql://postgres@127.0.0.1:5432/test
 
 The corpus is generated, fixed by --seed. Prompts are 8 to 24 words (uniform) drawn
 independently from a 5 000-word vocabulary of made-up words by Zipf's law, P(rank k) ∝ 1/k,
@@ -25,19 +25,19 @@ import argparse
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Job
 from sdq.db.queries import search_items, submit_job
-from sdq.db.session import engine_from_url, upgrade
+from sdq.db.session import upgrade
+from tests.services import scratch_database
 
 VOCABULARY = 5_000
 JOB_SIZE = 100_000
@@ -89,26 +89,9 @@ class Corpus:
 
 @contextmanager
 def database(backend: str, postgresql_url: str) -> Iterator[Engine]:
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="sdq-bench-") as folder:
-            engine = engine_from_url(f"sqlite:///{Path(folder) / 'bench.db'}")
+    with tempfile.TemporaryDirectory(prefix="sdq-bench-") as folder:
+        with scratch_database(backend, Path(folder), postgresql_url) as engine:
             yield engine
-            engine.dispose()
-        return
-    schema = f"sdq_bench_{uuid.uuid4().hex[:12]}"
-    admin = engine_from_url(postgresql_url)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    engine = engine_from_url(
-        make_url(postgresql_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    )
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 def timed(call: Callable[[], object]) -> float:

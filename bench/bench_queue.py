@@ -1,8 +1,8 @@
 """Benchmark the queue: what the full system adds to the model's own time, and the enqueue rate.
 
-    PYTHONPATH=. python bench/bench_queue.py                                # full-size SD v1 (random), CPU
-    PYTHONPATH=. python bench/bench_queue.py --model v1-5.safetensors --images 32 --size 512 --device cuda
-    PYTHONPATH=. python bench/bench_queue.py --skip-overhead --items 100000  # enqueue rate only
+    python -m bench.bench_queue                                # full-size SD v1 (random), CPU
+    python -m bench.bench_queue --model v1-5.safetensors --images 32 --size 512 --device cuda
+    python -m bench.bench_queue --skip-overhead --items 100000  # enqueue rate only
 
 Overhead: N images go through the whole system (submit → Redis → `sdq worker` → storage →
 PostgreSQL), timed from the start of `submit` to the job's last row turning `done`, after a
@@ -34,32 +34,20 @@ import redis
 import torch
 from safetensors.torch import save_file
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Status
 from sdq.db.session import engine_from_url, upgrade
-from sdq.sdmodel.configs import UNetConfig, VAEConfig
 from sdq.sdmodel.pipeline import Request, load_pipeline
-from sdq.sdmodel.unet import UNetModel
-from sdq.sdmodel.vae import AutoencoderKL
 from sdq.worker.config import Settings
 from sdq.worker.submit import ModelIdentity, identify_model, submit
-from tests.conftest import ldm_checkpoint
-from tests.sdmodel.test_full_size import VIT_L14_TEXT, random_fp16
+from tests.conftest import full_size_networks_fp16, ldm_checkpoint
+from tests.services import scratch_database
 
 
 def full_size_checkpoint(path: Path) -> Path:
     """SD v1.5's architecture with random fp16 weights (2.1 GB): real speed, no download."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        unet, vae = UNetModel(UNetConfig()), AutoencoderKL(VAEConfig())
-        text = CLIPTextModel(CLIPTextConfig(**VIT_L14_TEXT))
-    generator = torch.Generator().manual_seed(0)
-    for module in (unet, vae, text):
-        module.load_state_dict(random_fp16(module, generator), assign=True, strict=False)
-    save_file(ldm_checkpoint(unet, vae, text), str(path))
+    save_file(ldm_checkpoint(*full_size_networks_fp16(seed=0)), str(path))
     return path
 
 
@@ -71,20 +59,11 @@ def specs(count: int, steps: int, size: int) -> list[dict]:
 
 @contextmanager
 def schema(postgresql_url: str) -> Iterator[str]:
-    name = f"sdq_bench_{uuid.uuid4().hex[:12]}"
-    admin = engine_from_url(postgresql_url)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {name}")
-    url = make_url(postgresql_url).update_query_dict({"options": f"-csearch_path={name}"})
-    engine = engine_from_url(url)
-    upgrade(engine)
-    engine.dispose()
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {name} CASCADE")
-        admin.dispose()
+    """A migrated scratch schema on the server, as a URL for the worker processes."""
+    with tempfile.TemporaryDirectory(prefix="sdq-bench-") as folder:
+        with scratch_database("postgresql", Path(folder), postgresql_url) as engine:
+            upgrade(engine)
+            yield engine.url.render_as_string(hide_password=False)
 
 
 def wait_done(database_url: str, job_id: int, timeout: float) -> float:

@@ -23,6 +23,8 @@ from sdq.sdmodel.configs import UNetConfig, VAEConfig  # noqa: E402
 from sdq.sdmodel.unet import UNetModel  # noqa: E402
 from sdq.sdmodel.vae import AutoencoderKL  # noqa: E402
 
+pytest_plugins = ["tests.s3server"]
+
 TINY_UNET = UNetConfig(model_channels=32, context_dim=64)
 TINY_VAE = VAEConfig(ch=32)
 TINY_TEXT = dict(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128,
@@ -70,6 +72,30 @@ def build_tiny_networks(seed: int = 0) -> tuple[UNetModel, AutoencoderKL, torch.
                 module.weight.mul_(4.0)
         text.get_input_embeddings().weight.normal_(0, 1.0)
     return unet.eval(), vae.eval(), text.eval()
+
+
+VIT_L14_TEXT = dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
+                    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def random_fp16(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Materialise a meta-device module's state dict as small random fp16 tensors."""
+    return {k: torch.empty(v.shape, dtype=torch.float16).normal_(0, 0.02, generator=generator)
+            for k, v in module.state_dict().items()}
+
+
+def full_size_networks_fp16(seed: int) -> tuple[UNetModel, AutoencoderKL, torch.nn.Module]:
+    """SD v1.5's three networks at full size with small random fp16 weights, built on the meta
+    device so that 1.07 B parameters cost seconds and 2 GB rather than minutes and 4 GB."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet, vae = UNetModel(UNetConfig()), AutoencoderKL(VAEConfig())
+        text = CLIPTextModel(CLIPTextConfig(**VIT_L14_TEXT))
+    generator = torch.Generator().manual_seed(seed)
+    for module in (unet, vae, text):
+        module.load_state_dict(random_fp16(module, generator), assign=True, strict=False)
+    return unet, vae, text
 
 
 @pytest.fixture(scope="session")

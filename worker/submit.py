@@ -64,10 +64,15 @@ class Submission:
     job_id: int
     items: int
     batches: int
-    queue: str | None
-    """The broker queue, or None when the batches ran in-process."""
+    queues: tuple[str, ...]
+    """The broker queues the batches went to, one per model; empty when they ran in-process."""
     report: RunReport | None
     """Embedded mode only: what the in-process run did."""
+
+    @property
+    def queue(self) -> str | None:
+        """The queue of a single-model submission; None in embedded mode or for several."""
+        return self.queues[0] if len(self.queues) == 1 else None
 
 
 def submit(
@@ -75,10 +80,15 @@ def submit(
     job: Job | None = None, batch_size: int | None = None,
     batches_per_message: int = BATCHES_PER_MESSAGE,
     on_recorded: Callable[[int], None] | None = None,
+    on_submitted: Callable[[int, int, int], None] | None = None,
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
-    `db.queries.submit_job`) in one transaction, then enqueue its batches on the model's queue,
-    or, with no broker configured, run them here (`on_recorded(n)` after each stored chunk).
+    `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
+    queues, or, with no broker configured, run them here (`on_recorded(n)` after each stored
+    chunk). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
+    registered model) keeps it, and each model's batches go to that model's queue.
+    `on_submitted(job_id, items, batches)` is called once the job is committed, before any
+    batch runs, so a caller can name the job even if the run is interrupted.
 
     Raises ValueError (a bad spec or no items; nothing recorded) or
     `db.session.SchemaMismatch`.
@@ -89,18 +99,21 @@ def submit(
             model_id = _model_id(session, model)
             job = job or Job()
             job.status = Status.RUNNING if settings.embedded else Status.QUEUED
-            submit_job(session, job, ({**spec, "model_id": model_id} for spec in items))
+            submit_job(session, job, ({"model_id": model_id, **spec} for spec in items))
             if job.item_count == 0:
                 raise ValueError("nothing to submit: no items")
             session.commit()
             planned = plan_batches(session, Item.job_id == job.id,
                                    batch_size or settings.batch_size or DEFAULT_BATCH_SIZE,
                                    prefix=f"j{job.id}")
+        batches = sum(len(b) for b in planned.values())
+        if on_submitted:
+            on_submitted(job.id, job.item_count, batches)
         report = dispatch(settings, engine, planned, Item.job_id == job.id,
                           batches_per_message=batches_per_message,
-                          model_ref=model.ref, on_recorded=on_recorded)
-        return Submission(job.id, job.item_count, sum(len(b) for b in planned.values()),
-                          None if settings.embedded else queue_name(model.sha256), report)
+                          model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+        queues = () if settings.embedded else tuple(queue_name(sha256) for sha256 in planned)
+        return Submission(job.id, job.item_count, batches, queues, report)
     finally:
         engine.dispose()
 
@@ -143,14 +156,23 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
 def dispatch(
     settings: Settings, engine: Engine, planned: Mapping[str, Sequence[Batch]],
     where: ColumnElement[bool], *, batches_per_message: int = BATCHES_PER_MESSAGE,
-    model_ref: str | None = None, on_recorded: Callable[[int], None] | None = None,
+    model_refs: Mapping[str, str] | None = None,
+    on_recorded: Callable[[int], None] | None = None,
 ) -> RunReport | None:
     """Publish the batches to their models' queues, then mark the pending items matching
     `where` (the predicate they were planned with) queued, in one statement; in embedded mode
-    run them here instead with `model_ref` (default: the settings' model)."""
+    run them here instead, one model after the other, each loaded from `model_refs[sha256]`,
+    else from where its model row says it came from, else the settings' model."""
     if settings.embedded:
-        runner = runner_from_settings(settings, engine, model_ref or settings.model)
-        return runner.run([b for batches in planned.values() for b in batches], on_recorded)
+        refs = _model_sources(engine, planned)
+        refs.update(model_refs or {})
+        report = RunReport()
+        for sha256, batches in planned.items():
+            runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
+            part = runner.run(batches, on_recorded)
+            report.done, report.failed = report.done + part.done, report.failed + part.failed
+            report.skipped += part.skipped
+        return report
     app = create_app(settings)
     # A connection of our own: the app's pool is kombu's process-wide one, which would keep a
     # connection open after we return.
@@ -166,6 +188,14 @@ def dispatch(
                         .values(status=Status.QUEUED, queued_at=utcnow())
                         .execution_options(synchronize_session=False))
     return None
+
+
+def _model_sources(engine: Engine, planned: Mapping[str, Sequence[Batch]]) -> dict[str, str]:
+    """sha256 -> the recorded source of each planned model that has one."""
+    with Session(engine) as session:
+        rows = session.execute(select(Model.sha256, Model.source_uri)
+                               .where(Model.sha256.in_(list(planned))))
+        return {sha256: source for sha256, source in rows if source}
 
 
 def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,

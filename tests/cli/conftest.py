@@ -23,7 +23,7 @@ from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database, upgrade
 from sdq.worker.provenance import Provenance, encode_png, environment_fingerprint
 from sdq.worker.storage import image_key, open_storage
-from tests.db.conftest import scratch_database
+from tests.services import scratch_database
 
 MODEL_SHA = "ab" * 32
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)

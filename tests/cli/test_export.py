@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.worker.storage import open_storage
-from tests.worker.conftest import aws_env, bucket, s3_server  # noqa: F401  (fixtures)
 
 from .conftest import MODEL_SHA, Home
 

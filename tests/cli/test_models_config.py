@@ -127,7 +127,7 @@ def test_doctor_says_what_to_fix(home: Home, tmp_path: Path) -> None:
 
 
 def test_doctor_on_a_server_database_that_needs_upgrading(home: Home, tmp_path: Path) -> None:
-    from tests.db.conftest import scratch_database
+    from tests.services import scratch_database
 
     with scratch_database("postgresql", tmp_path) as engine:
         home.env["SDQ_DATABASE_URL"] = engine.url.render_as_string(hide_password=False)

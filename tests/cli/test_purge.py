@@ -10,7 +10,6 @@ from sqlalchemy.orm import Session
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.worker.storage import Storage, open_storage
-from tests.worker.conftest import aws_env, bucket, s3_server  # noqa: F401  (fixtures)
 
 from .conftest import Home
 

@@ -8,8 +8,7 @@ from click.testing import CliRunner, Result
 
 from sdq.cli.main import cli
 from sdq.db.session import head_revision
-
-from .conftest import scratch_database
+from tests.services import scratch_database
 
 
 def run(tmp_path: Path, *args: str, url: str | None = None, input: str | None = None) -> Result:

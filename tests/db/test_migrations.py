@@ -19,8 +19,7 @@ from sdq.db.session import (
     open_database,
     upgrade,
 )
-
-from .conftest import scratch_database
+from tests.services import scratch_database
 
 SDQ_TABLES = {"models", "schedules", "jobs", "items"}
 

@@ -20,8 +20,7 @@ from sdq.worker.storage import (
     image_key,
     open_storage,
 )
-
-from .s3server import FlakyProxy, S3Server
+from tests.s3server import FlakyProxy, S3Server
 
 
 def test_image_keys_come_from_ids_only() -> None:

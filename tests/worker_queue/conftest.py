@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item
 from sdq.db.session import upgrade
 from sdq.worker.config import Settings
-from tests.db.conftest import scratch_database
-from tests.worker.s3server import S3Server, start_s3_server
+from tests.s3server import S3Server
+from tests.services import scratch_database
 
 from .cluster import WorkerProcess
 
@@ -83,21 +83,12 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield engine.url.render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    server = start_s3_server()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def distributed_env(redis_db: str, pg_url: str, s3: S3Server, tmp_path: Path) -> dict[str, str]:
+def distributed_env(redis_db: str, pg_url: str, s3_server: S3Server, tmp_path: Path) -> dict[str, str]:
     """The environment of a distributed deployment: for the test's own calls (Settings.load)
     and for the worker processes it starts. Each test gets a fresh bucket."""
     bucket = f"sdq-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
+    s3_server.client().create_bucket(Bucket=bucket)
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("SDQ_", "AWS_"))}
     env.update({
@@ -105,8 +96,8 @@ def distributed_env(redis_db: str, pg_url: str, s3: S3Server, tmp_path: Path) ->
         "SDQ_BROKER_URL": redis_db, "SDQ_DATABASE_URL": pg_url,
         "SDQ_STORAGE_URL": f"s3://{bucket}/images", "SDQ_DEVICE": "cpu",
         "SDQ_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S), "SDQ_MAX_ATTEMPTS": "3",
-        "AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",

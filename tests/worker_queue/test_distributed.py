@@ -20,7 +20,7 @@ from sdq.worker.app import queue_name
 from sdq.worker.config import Settings
 from sdq.worker.storage import open_storage
 from sdq.worker.submit import identify_model, submit
-from tests.db.conftest import scratch_database
+from tests.services import scratch_database
 
 from .cluster import WorkerProcess, wait_for
 from .conftest import OWNER_KEY, in_queue, job_items, specs

@@ -18,7 +18,7 @@ from sdq.worker.provenance import read_png_metadata
 from sdq.worker.runner import Batch, Runner
 from sdq.worker.storage import open_storage
 from sdq.worker.submit import identify_model, plan_batches, submit
-from tests.worker.s3server import FlakyProxy, S3Server
+from tests.s3server import FlakyProxy, S3Server
 
 from .conftest import job_items, specs
 
@@ -113,15 +113,15 @@ def test_out_of_memory_halves_the_batch(embedded: Settings, tiny_checkpoint: Pat
 
 
 def test_a_transient_storage_failure_is_retried(
-        embedded_env: dict[str, str], s3: S3Server, tiny_checkpoint: Path,
+        embedded_env: dict[str, str], s3_server: S3Server, tiny_checkpoint: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two 503s exhaust the S3 client's own attempts (SDQ_MAX_ATTEMPTS=2); the runner's retry
     gets the image through, once."""
     bucket = f"sdq-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
-    with FlakyProxy(s3.endpoint, failures=2, mode="503") as proxy:
-        for name, value in {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-                            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
+    s3_server.client().create_bucket(Bucket=bucket)
+    with FlakyProxy(s3_server.endpoint, failures=2, mode="503") as proxy:
+        for name, value in {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
                             "AWS_EC2_METADATA_DISABLED": "true"}.items():
             monkeypatch.setenv(name, value)
         settings = Settings.load({**embedded_env, "SDQ_STORAGE_URL": f"s3://{bucket}/img",
@@ -130,5 +130,5 @@ def test_a_transient_storage_failure_is_retried(
         assert proxy.requests == 3
     [item] = job_items(open_database(settings.database_url), result.job_id)
     assert (item.status, item.attempts) == (Status.DONE, 1)
-    assert list(s3.client().list_objects_v2(Bucket=bucket)["Contents"])[0]["Key"] == \
+    assert list(s3_server.client().list_objects_v2(Bucket=bucket)["Contents"])[0]["Key"] == \
         f"img/{item.image_key}"

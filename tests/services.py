@@ -1,0 +1,44 @@
+"""Real services for tests and benchmarks: scratch databases on SQLite or the PostgreSQL server.
+
+Every PostgreSQL database here is a schema of its own (named for the run, dropped after), put
+first on the search path through the URL, so concurrent runs on one server never meet.
+The server comes from SDQ_TEST_POSTGRESQL_URL (default: the CI service on 127.0.0.1:5432).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy.engine import Engine, make_url
+
+from sdq.db.session import engine_from_url
+
+POSTGRESQL_URL = os.environ.get(
+    "SDQ_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+@contextmanager
+def scratch_database(backend: str, folder: Path, postgresql_url: str = POSTGRESQL_URL) -> Iterator[Engine]:
+    """An empty database of `backend` (SQLite in `folder`, or a schema on the server) that is
+    gone afterwards."""
+    if backend == "sqlite":
+        engine = engine_from_url(f"sqlite:///{folder / 'sdq.db'}")
+        yield engine
+        engine.dispose()
+        return
+    schema = f"sdq_test_{uuid.uuid4().hex[:16]}"
+    admin = engine_from_url(postgresql_url)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = make_url(postgresql_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    engine = engine_from_url(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
