@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-from sqlalchemy import and_, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -17,6 +18,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
 from sdq.worker.config import Settings
+from sdq.worker.runner import RunReport
 from sdq.worker.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
 
 
@@ -67,6 +69,54 @@ def retry_job(settings: Settings, job_id: int) -> Requeued:
             job.status, job.finished_at = Status.QUEUED, None
             where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
             return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}")
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What `resume_job` took up again, and what it had to leave to a live lease."""
+
+    items: int
+    batches: int
+    leased: int
+    """Items running under a lease that has not expired: maybe another run is alive."""
+    report: RunReport | None
+    """Embedded mode: what the in-process run did."""
+
+
+def resume_job(settings: Settings, job_id: int,
+               on_planned: Callable[[int, int], Callable[[int], None]] | None = None) -> Resumed:
+    """Run again the job's items an interrupted run left: pending, queued, and running under
+    an expired lease (their process is gone); items done, failed or cancelled stay as they
+    are, so nothing is generated twice. In embedded mode they run here, through the same
+    runner as a submit (`on_planned(total, finished)` is called first and returns the
+    `on_recorded` callback); with a broker they are enqueued."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session:
+            job = _job(session, job_id)
+            now = utcnow()
+            session.execute(
+                update(Item).where(Item.job_id == job_id, Item.status == Status.RUNNING,
+                                   Item.lease_expires_at < now)
+                .values(status=Status.QUEUED, lease_expires_at=None))
+            leased = session.scalar(select(func.count()).where(
+                Item.job_id == job_id, Item.status == Status.RUNNING)) or 0
+            where = and_(Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
+            size = (job.defaults or {}).get("batch_size") or settings.batch_size \
+                or DEFAULT_BATCH_SIZE  # the submit's own, when it recorded one
+            planned = plan_batches(session, where, int(size),
+                                   prefix=f"j{job_id}-resume{int(time.time())}")
+            if planned and job.status not in (Status.DONE, Status.FAILED):
+                job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            total = job.item_count
+            open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
+            session.commit()
+        on_recorded = on_planned(total, total - open_count - leased) if on_planned else None
+        report = dispatch(settings, engine, planned, where, on_recorded=on_recorded) \
+            if planned else None
+        return Resumed(open_count, sum(len(group) for group in planned.values()), leased, report)
     finally:
         engine.dispose()
 

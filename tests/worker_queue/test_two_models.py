@@ -2,17 +2,22 @@
 model's batches go to that model's queue (or run in-process on that model)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import redis
+from click.testing import CliRunner
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Model
+from sdq.cli.main import cli
+from sdq.db.models import Model, Status
 from sdq.db.queries import register_model
 from sdq.db.session import open_database
 from sdq.worker.app import queue_name
 from sdq.worker.config import Settings
+from sdq.worker.lifecycle import cancel_job
 from sdq.worker.provenance import read_png_metadata
 from sdq.worker.storage import open_storage
 from sdq.worker.submit import ModelIdentity, identify_model, submit
@@ -62,8 +67,38 @@ def test_distributed_sends_each_model_to_its_queue(distributed: Settings, tiny_c
                                                    other_checkpoint: Path) -> None:
     default, other = identify_model(tiny_checkpoint), identify_model(other_checkpoint)
     other_id = _register(distributed, other, "other")
-    result = submit(distributed, _mixed(default, other_id), model=default, batch_size=8)
-    assert set(result.queues) == {queue_name(default.sha256), queue_name(other.sha256)}
-    assert result.queue is None
     broker = distributed.broker_url or ""
-    assert [in_queue(broker, q) for q in result.queues] == [1, 1]
+    queues = [queue_name(default.sha256), queue_name(other.sha256)]
+    before = [in_queue(broker, q) for q in queues]  # other tests may have left messages
+    result = submit(distributed, _mixed(default, other_id), model=default, batch_size=8)
+    assert set(result.queues) == set(queues) and result.queue is None
+    assert [in_queue(broker, q) - n for q, n in zip(queues, before)] == [1, 1]
+    _clean_up(distributed, result.job_id, queues)
+
+
+def test_sdq_submit_enqueues_a_file_and_returns(distributed: Settings,
+                                                distributed_env: dict[str, str],
+                                                tiny_checkpoint: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a boat\na fox\n")
+    queue = queue_name(identify_model(tiny_checkpoint).sha256)
+    before = in_queue(distributed.broker_url or "", queue)  # other tests may have left some
+    result = CliRunner().invoke(cli, ["submit", str(prompts), "--model", str(tiny_checkpoint),
+                                      "--width", "64", "--height", "64", "--steps", "2", "--json"],
+                                env=distributed_env)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["items"], record["batches"], record["queues"]) == (2, 1, [queue])
+    items = job_items(open_database(distributed.database_url), record["job_id"])
+    assert {i.status for i in items} == {Status.QUEUED}
+    assert in_queue(distributed.broker_url or "", queue) == before + 1
+    _clean_up(distributed, record["job_id"], [queue])
+
+
+def _clean_up(settings: Settings, job_id: int, queues: list[str]) -> None:
+    """Leave no work behind for later tests' workers or reconciles (tests run one at a time,
+    so what else is in these queues is left over too)."""
+    cancel_job(settings, job_id)
+    client = redis.Redis.from_url(settings.broker_url or "")
+    client.delete(*queues)
+    client.close()

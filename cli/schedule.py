@@ -1,0 +1,292 @@
+"""`sdq schedule` (nightly prompt files) and `sdq scheduler` (the process that runs them)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import func, select
+
+from sdq.cli.common import database_session, emit, load_settings, output_options, plain
+from sdq.cli.generate import multiple_of_8
+from sdq.db.models import Job, Schedule
+from sdq.sdmodel.samplers import SAMPLERS
+from sdq.worker.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
+from sdq.worker.schedule import (
+    NAME_PATTERN,
+    Clock,
+    DatabaseScheduler,
+    Run,
+    ScheduleError,
+    add_schedule,
+    next_run,
+    parse_cron,
+    remove_schedule,
+    run_schedule,
+    utc_clock,
+)
+
+_COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    return None if value is None else multiple_of_8(ctx, param, value)
+
+
+def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: use up to 89 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+    return value
+
+
+def _cron(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_cron(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return " ".join(value.split())
+
+
+@click.group()
+def schedule() -> None:
+    """Submit a prompt file every day on a cron, as one job per day named NAME-YYYY-MM-DD.
+
+    The file's text is stored with the schedule (and its sha256 shown by `list`), so editing
+    the file later changes nothing until `add --replace`. `sdq scheduler` runs the schedules.
+
+    \b
+    Examples:
+      sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4
+      sdq schedule list
+      sdq schedule run-now nightly
+      sdq schedule remove nightly
+    """
+
+
+@schedule.command("add")
+@click.argument("name", callback=_name)
+@click.option("--cron", required=True, callback=_cron,
+              help='When to run, in UTC: "MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK".')
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "model_ref", metavar="REF",
+              help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
+                   "[default: $SDQ_MODEL of the scheduler].")
+@click.option("--sampler", type=click.Choice(SAMPLERS), help="Default sampler [ddim].")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Default steps [50].")
+@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), help="Default guidance scale [7.5].")
+@click.option("--width", type=int, callback=_size, help="Default width [512].")
+@click.option("--height", type=int, callback=_size, help="Default height [512].")
+@click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
+              help="Default images per row [1].")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
+              help="Base seed; the same every day. Omitted: a new random base each run.")
+@click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
+@click.option("--priority", type=int, help="Recorded with each run's job.")
+@click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
+@click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
+@output_options("json")
+def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | None,
+        steps: int | None, cfg: float | None, width: int | None, height: int | None,
+        num_images: int | None, seed: int | None, batch_size: int | None,
+        priority: int | None, tags: tuple[str, ...], replace: bool, output: str | None) -> None:
+    """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
+
+    Options are the defaults `sdq submit` takes. Adding a NAME that exists with the same
+    file and options changes nothing (and re-enables a removed one); a changed file, cron or
+    option is refused unless --replace.
+
+    \b
+    Example:
+      sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4 --tag nightly
+    """
+    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+    from sdq.worker.submit import identify_model
+
+    settings = load_settings(need_broker=False)
+    if model_ref is not None:
+        if Path(model_ref).expanduser().exists():
+            model_ref = str(Path(model_ref).expanduser().resolve())
+        try:
+            identify_model(model_ref, settings.home / "hashes.json")
+        except (CheckpointError, ModelNotFound, OSError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--model") from None
+    options: dict[str, Any] = {
+        "model": model_ref, "sampler": sampler, "steps": steps, "cfg": cfg, "width": width,
+        "height": height, "n": num_images, "seed": seed, "batch_size": batch_size,
+        "priority": priority, "tags": list(tags)}
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {file}: {exc.strerror or exc}",
+                                 param_hint="FILE") from None
+    with database_session(settings) as session:
+        try:
+            added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
+                                 options=options, replace=replace)
+        except PromptFileError as exc:
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was scheduled", err=True)
+            raise SystemExit(2) from None
+        except ScheduleError as exc:
+            raise click.ClickException(str(exc)) from None
+        for warning in added.warnings:
+            click.echo(f"Warning: {warning}", err=True)
+        session.commit()
+        record = _record(added.schedule, None, None, utc_clock())
+    if output == "json":
+        click.echo(json.dumps({"outcome": added.outcome, **{k: plain(v) for k, v in record.items()}},
+                              indent=2, ensure_ascii=False))
+        return
+    change = (f"; prompt file changed {added.previous_sha256[:12]} -> {record['sha']}"
+              if added.previous_sha256 else "")
+    click.echo(f"schedule {name} {added.outcome}{change}: {cron} (UTC), file sha256 "
+               f"{record['sha']}, next run {plain(record['next_run']) or 'never'}")
+
+
+def _record(schedule: Schedule, last_day: Any, last_job: int | None,
+            now: datetime) -> dict[str, Any]:
+    upcoming = next_run(parse_cron(schedule.cron), now) if schedule.enabled else None
+    return {
+        "name": schedule.name, "cron": schedule.cron, "file": schedule.prompt_file_name,
+        "sha": schedule.prompt_sha256[:12], "sha256": schedule.prompt_sha256,
+        "enabled": schedule.enabled, "next_run": upcoming,
+        "last_run": last_day.isoformat() if last_day else None, "last_job": last_job,
+        "options": schedule.options, "created": schedule.created_at,
+    }
+
+
+@schedule.command("list")
+@output_options("json")
+def list_(output: str | None) -> None:
+    """The schedules, their prompt file's sha256 prefix, next run and last run (UTC).
+
+    \b
+    Example:
+      sdq schedule list --json
+    """
+    with database_session() as session:
+        last = (select(Job.schedule_id, func.max(Job.run_day).label("day"))
+                .where(Job.schedule_id.is_not(None)).group_by(Job.schedule_id).subquery())
+        rows = session.execute(
+            select(Schedule, last.c.day, Job.id)
+            .outerjoin(last, last.c.schedule_id == Schedule.id)
+            .outerjoin(Job, (Job.schedule_id == Schedule.id) & (Job.run_day == last.c.day))
+            .order_by(Schedule.name)).all()
+        now = utc_clock()
+        records = [_record(schedule, day, job_id, now) for schedule, day, job_id in rows]
+    emit(records, _COLUMNS, output, empty="no schedules")
+
+
+@schedule.command("remove")
+@click.argument("name")
+def remove(name: str) -> None:
+    """Stop scheduling NAME. A schedule that has run is disabled rather than deleted, so its
+    jobs keep their record; `schedule add` with the same file re-enables it.
+
+    \b
+    Example:
+      sdq schedule remove nightly
+    """
+    with database_session() as session:
+        try:
+            deleted = remove_schedule(session, name)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+        session.commit()
+    click.echo(f"schedule {name} {'removed' if deleted else 'disabled (its runs stay)'}")
+
+
+@schedule.command("run-now")
+@click.argument("name")
+@output_options("json")
+def run_now(name: str, output: str | None) -> None:
+    """Start today's (UTC) run of NAME now instead of at its cron time; refused if it has
+    run today already (one run a day). With no broker, it runs here.
+
+    \b
+    Example:
+      sdq schedule run-now nightly
+    """
+    from sdq.sdmodel.checkpoint import ModelNotFound
+
+    settings = load_settings(need_broker=False)
+    try:
+        run = run_schedule(settings, name, utc_clock().date())
+    except (LookupError, PromptFileError, ModelNotFound, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if output == "json":
+        click.echo(json.dumps(_run_record(run), indent=2))
+    if not run.created:
+        raise click.ClickException(f"{name} already ran on {run.day}: job {run.job_id}")
+    if output != "json":
+        click.echo(f"job {run.job_id} ({name}-{run.day}): {run.items} item(s)")
+
+
+def _run_record(run: Run) -> dict[str, Any]:
+    return {"schedule": run.schedule, "day": run.day.isoformat(), "job": run.job_id,
+            "created": run.created, "items": run.items}
+
+
+def _fixed_start_clock(start: datetime) -> Clock:
+    """A clock that starts at `start` and then runs at the real pace."""
+    origin = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - origin)
+
+
+def _utc_instant(ctx: click.Context, param: click.Parameter, value: str | None
+                 ) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO 8601 time, got {value!r}") from None
+    return parsed.replace(tzinfo=parsed.tzinfo or timezone.utc).astimezone(timezone.utc)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Start what is due now, then exit (for cron/CI).")
+@click.option("--max-interval", type=click.IntRange(1), default=60, show_default=True,
+              help="Seconds between looks at the database for new or changed schedules.")
+@click.option("--now", "start", callback=_utc_instant, hidden=True,
+              help="Test only: pretend the clock starts at this UTC time.")
+def scheduler(once: bool, max_interval: int, start: datetime | None) -> None:
+    """Run the schedules: Celery beat, reading the schedules from the database.
+
+    Each due schedule becomes that day's job (enqueued for the workers; with no broker it is
+    generated here). Any number of schedulers may run: the database allows one job per
+    schedule and day, so a second scheduler or a restart never repeats a run. A scheduler
+    that was down at run time catches up later the same UTC day.
+
+    \b
+    Example:
+      sdq scheduler            # in docker-compose.yml: the `scheduler` service
+    """
+    from celery.beat import Service
+
+    from sdq.worker.app import create_app
+
+    settings = load_settings(need_broker=False)
+    with database_session(settings):
+        pass  # the database is reachable and at the right schema, or one readable line
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdq").setLevel(logging.INFO)
+    clock = utc_clock if start is None else _fixed_start_clock(start)
+    app = create_app(settings)
+    if once:
+        ticker = DatabaseScheduler(app, settings=settings, clock=clock, max_interval=max_interval)
+        ticker.tick()
+        for run in ticker.last_runs:
+            click.echo(json.dumps(_run_record(run)))
+        return
+    mode = "embedded: runs generate here" if settings.embedded else "runs go to the broker"
+    click.echo(f"sdq scheduler ({mode}); Ctrl-C to stop", err=True)
+    Service(app, max_interval=max_interval,
+            scheduler_cls=partial(DatabaseScheduler, settings=settings, clock=clock)).start()

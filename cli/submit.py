@@ -1,0 +1,236 @@
+"""`sdq submit`: a prompt file in, a job out; run here (embedded) or enqueued for workers."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from sdq.cli.common import database_session, load_settings
+from sdq.cli.generate import multiple_of_8
+from sdq.cli.watch import follow, outcome, recorded_bar
+from sdq.db.models import Item, Job, Model, Status
+from sdq.db.queries import find_model
+from sdq.sdmodel.samplers import SAMPLERS
+from sdq.worker.promptfile import (
+    MAX_CFG,
+    MAX_IMAGES_PER_ROW,
+    MAX_STEPS,
+    Defaults,
+    PromptFile,
+    PromptFileError,
+    read_prompt_file,
+)
+from sdq.worker.submit import DEFAULT_BATCH_SIZE, ModelIdentity
+
+_DEFAULTS = Defaults()
+
+
+class BadInput(click.ClickException):
+    """Bad input from the user: one line, exit status 2."""
+
+    exit_code = 2
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "model_ref", metavar="REF",
+              help="Model of rows without a `model`: checkpoint, diffusers folder or Hugging "
+                   "Face repo id [default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
+@click.option("--negative-prompt", default=_DEFAULTS.negative_prompt,
+              help="Negative prompt of rows without one.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
+              help="Base seed: image i of the job without a seed of its own gets seed+i "
+                   "[default: random, recorded with the job].")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=_DEFAULTS.sampler,
+              show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=_DEFAULTS.steps,
+              show_default=True)
+@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), default=_DEFAULTS.cfg,
+              show_default=True, help="Classifier-free guidance scale.")
+@click.option("--width", type=int, default=_DEFAULTS.width, show_default=True,
+              callback=multiple_of_8)
+@click.option("--height", type=int, default=_DEFAULTS.height, show_default=True,
+              callback=multiple_of_8)
+@click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
+              default=_DEFAULTS.n, show_default=True, help="Images per row without an `n`.")
+@click.option("--batch-size", type=click.IntRange(1),
+              help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
+@click.option("--name", help="Job name [default: the file name].")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Recorded with the job (the queue does not reorder by it yet).")
+@click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the file and print the plan; record and run nothing.")
+@click.option("--wait", is_flag=True,
+              help="With a broker: follow the job's progress until it is done.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job (or plan) as JSON.")
+def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | None,
+           sampler: str, steps: int, cfg: float, width: int, height: int, num_images: int,
+           batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
+           dry_run: bool, wait: bool, as_json: bool) -> None:
+    """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
+
+    The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
+    with exit status 2, and nothing is recorded. The options fill what rows leave out. With
+    no broker (SDQ_BROKER_URL unset) the job runs here with a progress bar; with one it is
+    enqueued for `sdq worker`s and the job id printed (`--wait` follows it). Exit status 1
+    if any image failed.
+
+    \b
+    Examples:
+      sdq submit prompts.csv --model v1-5-pruned-emaonly.safetensors --steps 25 -n 4
+      sdq submit prompts.txt --seed 42 --dry-run
+      sdq submit nightly.jsonl --tag nightly --json --wait
+    """
+    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+    from sdq.worker.submit import identify_model
+
+    settings = load_settings(need_broker=False)
+    defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
+                        cfg=cfg, sampler=sampler, width=width, height=height)
+    with database_session(settings) as session:
+        parsed = _parse(file, defaults, session)
+    for warning in parsed.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    ref = model_ref or settings.model
+    try:
+        model = identify_model(ref, settings.home / "hashes.json")
+    except (CheckpointError, ModelNotFound, OSError) as exc:
+        raise BadInput(f"--model: {exc}") from None
+    size = batch_size or settings.batch_size or DEFAULT_BATCH_SIZE
+    if dry_run:
+        with database_session(settings) as session:
+            plan = _plan(session, parsed, model, size)
+        _print_plan(file, parsed, model, size, plan, as_json)
+        return
+    job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
+              defaults={**vars(defaults), "base_seed": parsed.base_seed, "model": ref,
+                        "batch_size": size},
+              priority=priority, tags=list(dict.fromkeys(tags)))
+    result, status = _submit(settings, parsed, model, job, size, as_json)
+    if wait and result["queues"]:
+        record, text, status = outcome(result["job_id"], follow(settings, result["job_id"]))
+        result["counts"] = record["counts"]
+        if not as_json:
+            click.echo(text)
+    if as_json:
+        click.echo(json.dumps(result))
+    sys.exit(status)
+
+
+def _parse(file: Path, defaults: Defaults, session: Session) -> PromptFile:
+    """The accepted file, or every problem on stderr and exit status 2."""
+    def resolve(name: str) -> int | None:
+        found = find_model(session, name)
+        return found.id if found else None
+
+    try:
+        return read_prompt_file(file, defaults, resolve_model=resolve)
+    except PromptFileError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was submitted", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        raise BadInput(f"cannot read {file}: {exc.strerror or exc}") from None
+
+
+def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, size: int,
+            as_json: bool) -> tuple[dict[str, Any], int]:
+    """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
+    from sdq.db.session import SchemaMismatch
+    from sdq.worker.submit import submit as submit_items
+
+    submitted: list[int] = []
+    with recorded_bar("generating") as start:
+        def on_submitted(job_id: int, items: int, batches: int) -> None:
+            submitted.append(job_id)
+            if settings.embedded:
+                click.echo(f"Job {job_id}: {items} image(s) in {batches} batch(es), "
+                           "running here", err=True)
+                on_recorded.append(start(items, 0))
+
+        on_recorded: list[Any] = []
+        try:
+            result = submit_items(settings, parsed.items, model=model, job=job,
+                                  batch_size=size, on_submitted=on_submitted,
+                                  on_recorded=lambda n: on_recorded[0](n))
+        except (SchemaMismatch, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            if not submitted:
+                raise
+            raise click.ClickException(f"interrupted; `sdq resume {submitted[0]}` finishes "
+                                       "the job without redoing what is done") from None
+    record: dict[str, Any] = {"job_id": result.job_id, "items": result.items,
+                              "batches": result.batches, "queues": list(result.queues),
+                              "base_seed": parsed.base_seed}
+    if result.report is None:
+        if not as_json:
+            click.echo(f"Job {result.job_id}: {result.items} image(s) in {result.batches} "
+                       f"batch(es) enqueued on {', '.join(result.queues)}")
+        return record, 0
+    report = result.report
+    record |= {"done": report.done, "failed": report.failed}
+    if not as_json:
+        text = f"Job {result.job_id}: {report.done}/{result.items} done"
+        if report.failed:
+            text += f", {report.failed} failed (`sdq status {result.job_id}` says why)"
+        click.echo(text)
+    return record, 1 if report.failed else 0
+
+
+def _plan(session: Session, parsed: PromptFile, model: ModelIdentity, size: int
+          ) -> list[dict[str, Any]]:
+    """The batches the job would run in, grouped as `plan_batches` groups them (model,
+    sampler, steps, size), each with an estimate from the finished images of the same
+    model, size and sampler (seconds per image and step), or None without any."""
+    default_id = session.scalar(select(Model.id).where(Model.sha256 == model.sha256))
+    names = {m.id: (m.name, m.sha256) for m in session.scalars(select(Model))}
+    groups = Counter((item.get("model_id", default_id), item["sampler"], item["steps"],
+                      item["width"], item["height"]) for item in parsed.items)
+    plan = []
+    for (model_id, sampler, steps, width, height), images in groups.items():
+        label, sha256 = names.get(model_id, (model.name, model.sha256))
+        per_step = None if model_id is None else session.scalar(
+            select(func.avg(Item.duration_s / Item.steps)).where(
+                Item.model_id == model_id, Item.status == Status.DONE,
+                Item.duration_s.is_not(None), Item.sampler == sampler,
+                Item.width == width, Item.height == height))
+        plan.append({"model": label, "model_sha256": sha256, "sampler": sampler,
+                     "steps": steps, "size": f"{width}x{height}", "images": images,
+                     "batches": -(-images // size),
+                     "estimated_s": None if per_step is None else per_step * steps * images})
+    return plan
+
+
+def _print_plan(file: Path, parsed: PromptFile, model: ModelIdentity, size: int,
+                plan: list[dict[str, Any]], as_json: bool) -> None:
+    estimates = [group["estimated_s"] for group in plan]
+    total = None if None in estimates else sum(estimates)
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "format": parsed.format, "rows": parsed.rows,
+                               "items": len(parsed.items), "batch_size": size,
+                               "batches": sum(g["batches"] for g in plan),
+                               "base_seed": parsed.base_seed, "groups": plan,
+                               "estimated_s": total}))
+        return
+    from sdq.cli.common import render_table
+
+    click.echo(f"{file}: {parsed.rows} row(s), {len(parsed.items)} image(s), "
+               f"{sum(g['batches'] for g in plan)} batch(es) of up to {size}, "
+               f"base seed {parsed.base_seed}")
+    click.echo(render_table(plan, ["model", "sampler", "steps", "size", "images", "batches"]))
+    if total is None:
+        click.echo("estimated time: unknown (no finished images of the same model, sampler and "
+                   "size to measure from)")
+    else:
+        click.echo(f"estimated time: about {total:.0f}s (from the seconds per step of finished "
+                   "images of the same model, sampler and size)")
+    click.echo("nothing recorded (--dry-run)")

@@ -1,0 +1,199 @@
+"""`sdq submit`, `sdq watch`, `sdq resume` and `--debug`, on the embedded default with the
+tiny model (64x64, 1-2 steps)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from sdq.cli.main import SdqGroup, cli
+from sdq.db.models import Item, Job, Model, Status
+from sdq.worker.storage import open_storage
+
+from .conftest import Home
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--sampler", "euler"]
+
+
+def _items(home: Home, job_id: int) -> list[Item]:
+    with Session(home.engine) as session:
+        return list(session.scalars(select(Item).where(Item.job_id == job_id)
+                                    .order_by(Item.row_index)))
+
+
+def _count(home: Home, table: type) -> int:
+    with Session(home.engine) as session:
+        return session.scalar(select(func.count()).select_from(table)) or 0
+
+
+def test_submit_runs_a_file_here_and_records_every_image(home: Home, tiny_checkpoint: Path
+                                                         ) -> None:
+    prompts = home.path / "prompts.csv"
+    prompts.write_text("prompt,seed,n\na red fox,7,2\na lighthouse,,\n")
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL,
+                      "--seed", "100", "--tag", "test", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["items"], record["done"], record["failed"], record["queues"]) == (3, 3, 0, [])
+    items = _items(home, record["job_id"])
+    assert [(i.prompt, i.seed, i.status) for i in items] == [
+        ("a red fox", 7, Status.DONE), ("a red fox", 8, Status.DONE),
+        ("a lighthouse", 102, Status.DONE)]
+    storage = open_storage(str(home.path / "home" / "images"))
+    assert sorted(storage.list()) == sorted(i.image_key for i in items)
+    with Session(home.engine) as session:
+        job = session.get(Job, record["job_id"])
+        assert (job.status, job.tags, job.name, job.defaults["base_seed"]) == (
+            Status.DONE, ["test"], "prompts.csv", 100)
+
+
+def test_a_row_names_its_own_model(home: Home, tiny_checkpoint: Path) -> None:
+    added = home.run("models", "add", str(tiny_checkpoint), "--name", "tiny")
+    assert added.exit_code == 0, added.output
+    prompts = home.path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a boat", "model": "tiny"}\n')
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    [item] = _items(home, json.loads(result.stdout)["job_id"])
+    with Session(home.engine) as session:
+        assert session.get(Model, item.model_id).name == "tiny"
+
+
+def test_a_bad_file_lists_every_problem_and_records_nothing(home: Home, tiny_checkpoint: Path
+                                                           ) -> None:
+    prompts = home.path / "bad.csv"
+    prompts.write_text("prompt,seed,sampler,width\nok,1,euler,64\n,x,eulr,500\n")
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL)
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert f"{prompts}:3: seed: expected a whole number, got 'x'" in lines
+    assert f"{prompts}:3: width: must be a multiple of 8, got 500" in lines
+    assert f"{prompts}:3: prompt: missing" in lines
+    assert any(line.startswith(f"{prompts}:3: sampler: unknown sampler 'eulr'") for line in lines)
+    assert "Traceback" not in result.output
+    assert (_count(home, Job), _count(home, Item)) == (0, 0)
+
+
+def test_a_missing_model_is_one_line_and_exit_2(home: Home, tmp_path: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\n")
+    result = home.run("submit", str(prompts), "--model", str(tmp_path / "nope.safetensors"))
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: --model: ") and result.stderr.count("\n") == 1
+    assert _count(home, Job) == 0
+
+
+def test_dry_run_prints_the_plan_and_records_nothing(home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\na fox\na cat\n")
+    args = ["submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL, "-n", "3",
+            "--batch-size", "4", "--dry-run"]
+    result = home.run(*args)
+    assert result.exit_code == 0, result.output
+    assert "3 row(s), 9 image(s), 3 batch(es) of up to 4" in result.stdout
+    assert "estimated time: unknown" in result.stdout
+    assert (_count(home, Job), _count(home, Item)) == (0, 0)
+    # With finished images of the same model, sampler and size, an estimate from them.
+    assert home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL).exit_code == 0
+    plan = json.loads(home.run(*args, "--json").stdout)
+    assert (plan["items"], plan["batches"], plan["rows"]) == (9, 3, 3)
+    assert plan["estimated_s"] > 0
+
+
+def test_watch_follows_a_job_to_its_end(home: Home) -> None:
+    done = home.add_job(["a", "b"], done=2)
+    result = home.run("watch", str(done.id), "--json")
+    assert (result.exit_code, json.loads(result.stdout)) == (0, {"job_id": done.id,
+                                                                 "counts": {"done": 2}})
+    failed = home.add_job(["a", "b"], done=1, failed={1: "boom"})
+    result = home.run("watch", str(failed.id))
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"Job {failed.id}: 1/2 done, 1 failed")
+    assert home.run("watch", "999").stderr == "Error: no job 999\n"
+
+
+def test_ctrl_c_stops_watching_with_one_line(home: Home) -> None:
+    job = home.add_job(["never runs"])
+    sdq = Path(sys.executable).parent / "sdq"
+    process = subprocess.Popen([str(sdq), "watch", str(job.id)], env={**os.environ, **home.env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == f"job {job.id}\n"  # the bar is up: polling
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert err == f"\nStopped watching job {job.id}; it goes on (`sdq watch {job.id}`).\n"
+
+
+def test_debug_shows_the_traceback_of_unexpected_errors() -> None:
+    group = SdqGroup(name="sdq", callback=lambda debug: None)
+
+    @group.command()
+    def boom() -> None:
+        """Fail."""
+        raise RuntimeError("the disk caught fire")
+
+    plain = CliRunner().invoke(group, ["boom"])
+    assert plain.exit_code == 1
+    assert plain.output == ("Error: the disk caught fire (unexpected RuntimeError; "
+                            "`sdq --debug ...` shows the traceback)\n")
+    debug = CliRunner().invoke(group, ["--debug", "boom"])
+    assert debug.exit_code == 1 and isinstance(debug.exception, RuntimeError)
+    assert isinstance(cli, SdqGroup) and "--debug" in CliRunner().invoke(cli, ["--help"]).output
+
+
+def test_resume_finishes_a_killed_embedded_run_without_redoing_anything(
+        home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("".join(f"a red boat number {n}\n" for n in range(12)))
+    # A short lease, so that the killed run's items are free soon after it dies.
+    env = {**os.environ, **home.env, "SDQ_VISIBILITY_TIMEOUT": "2", "SDQ_DEVICE": "cpu"}
+    sdq = Path(sys.executable).parent / "sdq"
+    process = subprocess.Popen(
+        [str(sdq), "submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
+         "--height", "64", "--steps", "4", "--batch-size", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        engine = home.engine
+        deadline = time.monotonic() + 300
+        done = 0
+        while not done and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+            with Session(engine) as session:
+                done = session.scalar(select(func.count()).where(Item.status == Status.DONE))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL
+    before = {i.id: (i.image_sha256, i.finished_at, i.attempts)
+              for i in _items(home, 1) if i.status == Status.DONE}
+    assert 1 <= len(before) < 12, "the run was not cut short in the middle"
+    time.sleep(2.5)  # the killed run's leases run out
+    result = home.run("resume", "1", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["counts"], record["resumed"], record["leased"]) == (
+        {"done": 12}, 12 - len(before), 0)
+    items = _items(home, 1)
+    assert all(i.status == Status.DONE for i in items)
+    assert {i.id: (i.image_sha256, i.finished_at, i.attempts)
+            for i in items if i.id in before} == before
+    storage = open_storage(str(home.path / "home" / "images"))
+    keys = storage.list()
+    assert sorted(keys) == sorted(f"1/{i.id}.png" for i in items)
+    with Session(home.engine) as session:
+        assert session.get(Job, 1).status == Status.DONE
+    again = home.run("resume", "1")
+    assert (again.exit_code, again.stdout) == (0, "nothing to resume. Job 1: 12/12 done\n")

@@ -1,0 +1,339 @@
+"""Nightly schedules: a prompt file, kept in the database, submitted once per UTC day on a cron.
+
+A schedule stores the prompt file's text and sha256, so a run never depends on the file still
+being where it was, and an edited file is a visible change. Each run is a job named
+`NAME-YYYY-MM-DD` carrying `(schedule_id, run_day)`; the database holds that pair unique, so
+however many schedulers run, and however often they restart, a schedule makes at most one job
+a day. The loser of a race finds the winner's job and reports it instead of a second one.
+
+Cron expressions have the usual five fields (minute hour day-of-month month day-of-week) and
+are parsed by Celery's `crontab`, whose rule is that a day matches when its day of month, month
+and weekday all match. A schedule runs at the first time its cron names on a day (UTC); a
+scheduler that was down then catches up later the same day, never for days already past.
+Every function takes the time as an argument: nothing here reads the clock.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any, Callable, Mapping
+
+from celery.beat import Scheduler
+from celery.schedules import crontab
+from sqlalchemy import or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from sdq.db.models import Job, Schedule
+from sdq.db.queries import find_model
+from sdq.db.session import open_database
+from sdq.worker.config import Settings
+from sdq.worker.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,88}")
+"""Schedule names: they become job names (`NAME-YYYY-MM-DD`, at most 100 characters)."""
+DEFAULT_FIELDS = ("seed", "n", "steps", "cfg", "sampler", "width", "height")
+"""Options that fill a prompt file's missing fields; the others (model, batch_size, priority,
+tags) apply to the job."""
+OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags")
+_SEARCH_DAYS = 5 * 366
+"""How far ahead `next_run` looks: far enough for "29 February, on a Monday"."""
+
+Clock = Callable[[], datetime]
+
+
+def utc_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def parse_cron(expression: str) -> crontab:
+    """A five-field cron expression as Celery's crontab; ValueError saying what is wrong."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day-of-month "
+                         f"month day-of-week), got {len(fields)}")
+    minute, hour, day_of_month, month, day_of_week = fields
+    try:
+        return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                       month_of_year=month, day_of_week=day_of_week)
+    except ValueError as exc:
+        raise ValueError(f"cron {expression!r}: {exc}") from None
+
+
+def first_run_on(cron: crontab, day: date) -> datetime | None:
+    """The first time `cron` names on the UTC `day`, or None when the day does not match."""
+    if (day.month in cron.month_of_year and day.day in cron.day_of_month
+            and day.isoweekday() % 7 in cron.day_of_week):
+        return datetime.combine(day, time(min(cron.hour), min(cron.minute)), timezone.utc)
+    return None
+
+
+def next_run(cron: crontab, after: datetime) -> datetime | None:
+    """The first run time strictly after `after` (one per day), None if none in five years."""
+    start = after.astimezone(timezone.utc).date()
+    for offset in range(_SEARCH_DAYS):
+        at = first_run_on(cron, start + timedelta(days=offset))
+        if at is not None and at > after:
+            return at
+    return None
+
+
+def run_name(schedule_name: str, day: date) -> str:
+    return f"{schedule_name}-{day.isoformat()}"
+
+
+def prompt_defaults(options: Mapping[str, Any]) -> Defaults:
+    return Defaults(**{k: options[k] for k in DEFAULT_FIELDS if options.get(k) is not None})
+
+
+def model_resolver(session: Session) -> ModelResolver:
+    """A prompt file row's `model` as a registered model's id, the way `sdq submit` reads it."""
+    def resolve(ref: str) -> int | None:
+        model = find_model(session, ref)
+        return model.id if model else None
+    return resolve
+
+
+class ScheduleError(ValueError):
+    """A schedule operation refused, with the reason as its message."""
+
+
+@dataclass(frozen=True)
+class Added:
+    """What `add_schedule` did: `outcome` is added, unchanged, replaced or re-enabled."""
+
+    schedule: Schedule
+    outcome: str
+    previous_sha256: str | None = None
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def add_schedule(session: Session, *, name: str, cron: str, source: str, data: bytes,
+                 options: Mapping[str, Any], replace: bool = False,
+                 now: datetime | None = None) -> Added:
+    """Validate and store (in the session's transaction) a schedule of the prompt file `data`.
+
+    The file is parsed as `sdq submit` would (PromptFileError lists its problems). A name that
+    exists is left as it is unless it is identical (a removed one is then re-enabled) or
+    `replace` is given; otherwise ScheduleError says what differs.
+    """
+    if not NAME_PATTERN.fullmatch(name):
+        raise ScheduleError(f"schedule name {name!r}: use up to 89 letters, digits, '.', '_' "
+                            "or '-', starting with a letter or digit")
+    parse_cron(cron)
+    options = {k: options[k] for k in OPTION_NAMES if options.get(k) not in (None, [], ())}
+    parsed = parse_prompt_file(data, source, prompt_defaults(options),
+                               resolve_model=model_resolver(session))
+    values = {"cron": cron, "prompt_file_name": source, "prompt_text": data.decode("utf-8"),
+              "prompt_sha256": parsed.sha256, "options": options}
+    existing = session.scalar(select(Schedule).where(Schedule.name == name))
+    if existing is None:
+        schedule = Schedule(name=name, enabled=True, **values)
+        if now is not None:
+            schedule.created_at = now
+        session.add(schedule)
+        session.flush()
+        return Added(schedule, "added", warnings=parsed.warnings)
+    previous = existing.prompt_sha256
+    changes = _changes(existing, values)
+    if changes and not replace:
+        raise ScheduleError(f"schedule {name!r} exists and would change: {'; '.join(changes)}; "
+                            "pass --replace to replace it")
+    outcome = "replaced" if changes else ("unchanged" if existing.enabled else "re-enabled")
+    for key, value in values.items():
+        setattr(existing, key, value)
+    existing.enabled = True
+    session.flush()
+    return Added(existing, outcome, previous if previous != parsed.sha256 else None,
+                 parsed.warnings)
+
+
+def _changes(schedule: Schedule, values: Mapping[str, Any]) -> list[str]:
+    changes = []
+    if schedule.prompt_sha256 != values["prompt_sha256"]:
+        changes.append(f"prompt file sha256 {schedule.prompt_sha256[:12]} -> "
+                       f"{values['prompt_sha256'][:12]}")
+    if schedule.cron != values["cron"]:
+        changes.append(f"cron {schedule.cron!r} -> {values['cron']!r}")
+    if schedule.options != values["options"]:
+        changes.append(f"options {schedule.options} -> {values['options']}")
+    return changes
+
+
+def find_schedule(session: Session, name: str) -> Schedule:
+    schedule = session.scalar(select(Schedule).where(Schedule.name == name))
+    if schedule is None:
+        raise LookupError(f"no schedule named {name!r}")
+    return schedule
+
+
+def remove_schedule(session: Session, name: str) -> bool:
+    """Delete the schedule, or disable it when it has runs (their jobs keep pointing at it);
+    True when it was deleted."""
+    schedule = find_schedule(session, name)
+    if session.scalar(select(Job.id).where(Job.schedule_id == schedule.id).limit(1)) is None:
+        session.delete(schedule)
+        session.flush()
+        return True
+    schedule.enabled = False
+    session.flush()
+    return False
+
+
+def run_of(session: Session, schedule_id: int, day: date) -> int | None:
+    """The id of the schedule's job for `day`, if it has run that day."""
+    return session.scalar(select(Job.id).where(Job.schedule_id == schedule_id,
+                                               Job.run_day == day))
+
+
+def due_runs(session: Session, now: datetime) -> list[tuple[Schedule, date]]:
+    """The enabled schedules whose run time today (UTC) has come, that have not run today and
+    existed at that time."""
+    due = []
+    day = now.astimezone(timezone.utc).date()
+    for schedule in session.scalars(select(Schedule).where(Schedule.enabled)
+                                    .order_by(Schedule.name)):
+        at = first_run_on(parse_cron(schedule.cron), day)
+        if (at is not None and schedule.created_at <= at <= now
+                and run_of(session, schedule.id, day) is None):
+            due.append((schedule, day))
+    return due
+
+
+@dataclass(frozen=True)
+class Run:
+    """One schedule's run for one day: `created` is False when it existed already."""
+
+    schedule: str
+    day: date
+    job_id: int
+    created: bool
+    items: int = 0
+
+
+def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3) -> Run:
+    """Create (and, with no broker, run here) the schedule's job for `day`, unless it exists.
+
+    The job and its items are recorded by `submit` in one transaction; the database refuses a
+    second job for the same (schedule, day), in which case the existing one is returned.
+    Raises LookupError (no such schedule), PromptFileError (the stored file no longer passes,
+    e.g. a model it names was removed) or ModelNotFound.
+    """
+    from sdq.worker.submit import identify_model, submit
+
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            schedule = find_schedule(session, name)
+            if (existing := run_of(session, schedule.id, day)) is not None:
+                return Run(name, day, existing, created=False)
+            options = dict(schedule.options)
+            parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
+                                       schedule.prompt_file_name, prompt_defaults(options),
+                                       resolve_model=model_resolver(session))
+        model = identify_model(options.get("model") or settings.model,
+                               settings.home / "hashes.json")
+        for attempt in range(attempts):
+            job = Job(name=run_name(name, day), source_name=schedule.prompt_file_name,
+                      source_sha256=schedule.prompt_sha256,
+                      defaults={**options, "base_seed": parsed.base_seed},
+                      priority=options.get("priority", 0), tags=options.get("tags", []),
+                      schedule_id=schedule.id, run_day=day)
+            try:
+                submission = submit(settings, parsed.items, model=model, job=job,
+                                    batch_size=options.get("batch_size"))
+            except (IntegrityError, OperationalError):
+                # Another scheduler got there first (the unique pair refused this job), or,
+                # on SQLite, its write made this transaction's snapshot stale: look again. A
+                # job that is this one (recorded, then its in-process run failed) is an error.
+                with Session(engine) as session:
+                    existing = run_of(session, schedule.id, day)
+                if existing is not None and existing != job.id:
+                    return Run(name, day, existing, created=False)
+                if existing is not None or attempt == attempts - 1:
+                    raise
+                continue
+            _mark_ran(engine, schedule.id, day)
+            return Run(name, day, submission.job_id, created=True, items=submission.items)
+        raise AssertionError("unreachable")
+    finally:
+        engine.dispose()
+
+
+def _mark_ran(engine: Engine, schedule_id: int, day: date) -> None:
+    """Record the day on the schedule (for display; the jobs' unique pair is the guard)."""
+    with Session(engine) as session, session.begin():
+        session.execute(update(Schedule).where(
+            Schedule.id == schedule_id,
+            or_(Schedule.last_run_day.is_(None), Schedule.last_run_day < day),
+        ).values(last_run_day=day))
+
+
+def run_due(settings: Settings, now: datetime) -> list[Run]:
+    """Run every schedule due at `now`; one failing schedule is logged and retried next time."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session:
+            due = [(schedule.name, day) for schedule, day in due_runs(session, now)]
+    finally:
+        engine.dispose()
+    runs = []
+    for name, day in due:
+        try:
+            run = run_schedule(settings, name, day)
+        except Exception:
+            log.exception("schedule %s: the run of %s failed", name, day)
+            continue
+        log.info("schedule %s: %s job %d for %s", name,
+                 "started" if run.created else "found", run.job_id, day)
+        runs.append(run)
+    return runs
+
+
+def seconds_to_next_run(settings: Settings, now: datetime) -> float | None:
+    """Seconds from `now` to the earliest next run of an enabled schedule (None: none)."""
+    engine = open_database(settings.database_url)
+    try:
+        with Session(engine) as session:
+            crons = session.scalars(select(Schedule.cron).where(Schedule.enabled)).all()
+    finally:
+        engine.dispose()
+    times = [at for cron in crons if (at := next_run(parse_cron(cron), now)) is not None]
+    return (min(times) - now).total_seconds() if times else None
+
+
+class DatabaseScheduler(Scheduler):
+    """Celery beat's scheduler with the schedules in sdq's database instead of a shelve file.
+
+    Each tick re-reads the enabled schedules (so `sdq schedule add` needs no restart), starts
+    the runs that are due through `run_schedule`, which records and enqueues them (or runs
+    them here with no broker), and sleeps until the next run or `max_interval`, whichever is
+    sooner. `clock` gives the time: tests drive it instead of waiting.
+    """
+
+    max_interval = 60
+
+    def __init__(self, app: Any, *, settings: Settings, clock: Clock = utc_clock,
+                 **kwargs: Any) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.last_runs: list[Run] = []
+        super().__init__(app, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Nothing to load up front: every tick reads the database."""
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            self.last_runs = run_due(self.settings, self.clock())
+            wait = seconds_to_next_run(self.settings, self.clock())
+        except SQLAlchemyError as exc:
+            # The database restarting is no reason to stop: look again at the next tick.
+            log.error("scheduler: the database is unavailable: %s", exc)
+            self.last_runs, wait = [], None
+        return max(1.0, min(float(self.max_interval), wait if wait is not None else float("inf")))
