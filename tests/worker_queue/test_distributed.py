@@ -61,8 +61,11 @@ def test_two_workers_share_one_job(distributed: Settings, distributed_env: dict[
     per_worker = Counter(i.worker_host.split("@")[0] for i in items)
     assert set(per_worker) == {w.name for w in workers}, per_worker
     assert {i.attempts for i in items} == {1}
-    beats = {w.name: w.record() for w in workers}
-    assert {name: r["images_done"] for name, r in beats.items()} == dict(per_worker)
+
+    def beats_caught_up() -> bool:  # heartbeats are published every few seconds
+        return {w.name: (w.record() or {}).get("images_done") for w in workers} == dict(per_worker)
+
+    wait_for("the heartbeats to count every image", beats_caught_up, timeout=30)
     listed = CliRunner().invoke(cli, ["workers", "--json"], env=distributed_env)
     assert listed.exit_code == 0, listed.output
     assert {w.name for w in workers} <= {r["name"].split("@")[0] for r in json.loads(listed.output)}
