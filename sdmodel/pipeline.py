@@ -209,6 +209,19 @@ def _load_folder(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Module,
     return unet, vae, text, tokenizer
 
 
+def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Move weights that sit at odd addresses into fresh, aligned memory.
+
+    A `.safetensors` file is mapped as it is, so each tensor starts wherever the header's length
+    puts it; MKL picks its kernels by alignment too, and the same weights read from two files
+    with different headers would then give results a float ulp apart. PyTorch's own
+    allocations (and any device or dtype change) are aligned already.
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone()
+
+
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
     hash_cache: Path | None = None,
@@ -222,6 +235,7 @@ def load_pipeline(
     unet, vae, text, tokenizer = (_load_folder if path.is_dir() else _load_single_file)(path)
     for module in (unet, vae, text):
         module.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        _align_weights(module)
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     return Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,

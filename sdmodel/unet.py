@@ -28,28 +28,51 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
 
 
 class Conv2d(nn.Conv2d):
-    """A convolution that, in float32 on the CPU, runs as one matrix product (im2col + GEMM)
-    when its output has few pixels for its width.
+    """A convolution that, in float32 on the CPU, keeps its weight laid out for oneDNN.
 
-    oneDNN re-lays out the whole weight on every call. For the deep 1280-channel convs at 4x4
-    and 8x8 latents (up to 118 MB of weights, tens of output pixels) that costs more than the
-    arithmetic, and one GEMM over the unfolded input takes a third to a half of the time; on
-    wider outputs oneDNN wins again, hence the cut-off (measured in docs/benchmarks.md).
+    PyTorch's CPU convolution hands oneDNN the plain weight, and oneDNN re-lays it out on every
+    call. For the deep 640- and 1280-channel convs at 8x8 to 16x16 latents (up to 59 MB of
+    weight each, a few hundred output pixels) that copy costs as much as the arithmetic; done
+    once, a UNet step is 10-20 % faster (docs/benchmarks.md). The laid-out copy is not part of
+    the state dict; it is made on first use and again whenever the weight changes (loading
+    in place bumps its version, `.to()` gives new storage). The autoencoder keeps plain
+    convolutions: on its wide images the prepared weight measured slower.
     """
 
-    GEMM_MAX_PIXELS_PER_CHANNEL = 1 / 8
+    _prepared: tuple[tuple[int, int], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if (x.device.type != "cpu" or x.dtype != torch.float32
-                or b * ho * wo > self.out_channels * self.GEMM_MAX_PIXELS_PER_CHANNEL):
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return super().forward(x)
-        cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (b, c*kh*kw, ho*wo)
-        cols = cols.transpose(1, 2).reshape(b * ho * wo, -1)
-        out = torch.addmm(self.bias, cols, self.weight.view(self.out_channels, -1).t())
-        return out.view(b, ho, wo, -1).permute(0, 3, 1, 2).contiguous()
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._prepared is None or self._prepared[0] != key:
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)
+            )
+            self._prepared = (key, weight)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.contiguous(), self._prepared[1], self.bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "",
+        )
+
+
+class Linear(nn.Linear):
+    """A linear layer that, in float32 on the CPU, computes few rows (tokens) as weight @ x.T.
+
+    MKL splits a product over threads along its rows; with 32 or 128 tokens (the 4x4 and 8x8
+    levels) against 1280-10240 features that leaves threads idle, and the transposed product
+    is 5% of a 2-core UNet step faster (neutral on one core; docs/benchmarks.md).
+    """
+
+    GEMM_T_MAX_ROWS = 128
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.GEMM_T_MAX_ROWS:
+            return super().forward(x)
+        x_t = x.reshape(rows, self.in_features).t()
+        out = torch.mm(self.weight, x_t) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, x_t)
+        return out.t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
 class ResBlock(nn.Module):
@@ -60,7 +83,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             group_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels),
             nn.SiLU(),
@@ -68,7 +91,7 @@ class ResBlock(nn.Module):
             Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -83,10 +106,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Identity())
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(Linear(dim, dim), nn.Identity())
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -104,7 +127,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -114,7 +137,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -145,8 +168,8 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = linear
         self.norm = group_norm(channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear else (
-            lambda: nn.Conv2d(channels, channels, 1)
+        proj = (lambda: Linear(channels, channels)) if linear else (
+            lambda: Conv2d(channels, channels, 1)
         )
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
@@ -222,7 +245,7 @@ class UNetModel(nn.Module):
         self.config = config
         mc = config.model_channels
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
         def attention(ch: int) -> SpatialTransformer:
             return SpatialTransformer(
@@ -231,7 +254,7 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(config.in_channels, mc, 3, padding=1))]
         )
         skips = [mc]
         ch = mc
@@ -264,7 +287,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            group_norm(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
+            group_norm(ch), nn.SiLU(), Conv2d(mc, config.out_channels, 3, padding=1)
         )
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
