@@ -3,13 +3,15 @@
     python -m bench.bench_db                          # 1 000 000 items, SQLite and PostgreSQL
     python -m bench.bench_db --items 200000 --backend sqlite
     python -m bench.bench_db --postgresql-url postgresql://postgres@127.0.0.1:5432/test
+    python -m bench.bench_db --backend postgresql --revision 0001   # the schema before 0002
 
 The corpus is generated, fixed by --seed. Prompts are 8 to 24 words (uniform) drawn
 independently from a 5 000-word vocabulary of made-up words by Zipf's law, P(rank k) ∝ 1/k,
 so the rank-1 word is in most prompts and a rank-4 000 word in a few hundred of a million.
 Seeds are uniform in [0, 2^32). Items arrive as jobs of 100 000, each submitted in one
-transaction with `submit_job`. Then, after ANALYZE, each kind of query is timed through
-`search_items` (first page of 50, newest first, rows loaded as ORM objects):
+transaction with `submit_job` and naming one registered model, as `sdq submit`'s items do.
+Then, after ANALYZE, each kind of query is timed through `search_items` (first page of 50,
+newest first, rows loaded as ORM objects):
 
   seed     an exact seed taken from the corpus (about one match)
   common   one of the 10 most frequent words
@@ -34,7 +36,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Job
+from sdq.db.models import Job, Model
 from sdq.db.queries import search_items, submit_job
 from sdq.db.session import upgrade
 from tests.services import scratch_database
@@ -63,11 +65,11 @@ class Corpus:
         self.seeds = rng.integers(0, 2**32, size=items).tolist()
         self.rng = rng
 
-    def jobs(self) -> Iterator[list[dict[str, Any]]]:
+    def jobs(self, model_id: int) -> Iterator[list[dict[str, Any]]]:
         for start in range(0, len(self.prompts), JOB_SIZE):
             yield [
                 {"prompt": self.prompts[n], "seed": self.seeds[n], "sampler": "euler_a",
-                 "steps": 30, "cfg": 7.5, "width": 512, "height": 512}
+                 "steps": 30, "cfg": 7.5, "width": 512, "height": 512, "model_id": model_id}
                 for n in range(start, min(start + JOB_SIZE, len(self.prompts)))
             ]
 
@@ -101,11 +103,16 @@ def timed(call: Callable[[], object]) -> float:
 
 
 def run(backend: str, corpus: Corpus, queries: dict[str, list[dict[str, Any]]],
-        postgresql_url: str) -> dict[str, Any]:
+        postgresql_url: str, revision: str) -> dict[str, Any]:
     with database(backend, postgresql_url) as engine:
-        upgrade(engine)
+        upgrade(engine, revision)
+        with Session(engine) as session:
+            model = Model(sha256="0" * 64, name="bench", architecture="sd1")
+            session.add(model)
+            session.commit()
+            model_id = model.id
         inserted, seconds = 0, 0.0
-        for specs in corpus.jobs():
+        for specs in corpus.jobs(model_id):
             with Session(engine) as session:
                 seconds += timed(lambda s=session, j=specs: (submit_job(s, Job(), j), s.commit()))
             inserted += len(specs)
@@ -132,6 +139,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--postgresql-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--seed", type=int, default=20260301)
+    parser.add_argument("--revision", default="head",
+                        help="schema revision to measure, e.g. 0001 (per-row foreign keys)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -139,7 +148,8 @@ def main() -> None:
     queries = corpus.queries(args.queries)
     print(f"corpus: {args.items:,} prompts in {time.perf_counter() - start:.0f} s", flush=True)
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
-    results = {backend: run(backend, corpus, queries, args.postgresql_url) for backend in backends}
+    results = {backend: run(backend, corpus, queries, args.postgresql_url, args.revision)
+               for backend in backends}
 
     kinds = list(queries)
     print(f"\n{args.items:,} items; search latency p50 / p95 in ms ({args.queries} queries each)\n")
