@@ -16,6 +16,7 @@ from sdq.cli.common import database_session, emit, load_settings, output_options
 from sdq.cli.generate import multiple_of_8
 from sdq.db.models import Job, Schedule
 from sdq.sdmodel.samplers import SAMPLERS
+from sdq.worker.app import PRIORITIES
 from sdq.worker.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
 from sdq.worker.schedule import (
     NAME_PATTERN,
@@ -87,7 +88,8 @@ def schedule() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Base seed; the same every day. Omitted: a new random base each run.")
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
-@click.option("--priority", type=int, help="Recorded with each run's job.")
+@click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
+              help="0-9, each run's job priority (see `sdq submit --help`).")
 @click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")

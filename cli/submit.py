@@ -17,6 +17,7 @@ from sdq.cli.watch import follow, outcome, recorded_bar
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import find_model
 from sdq.sdmodel.samplers import SAMPLERS
+from sdq.worker.app import PRIORITIES
 from sdq.worker.promptfile import (
     MAX_CFG,
     MAX_IMAGES_PER_ROW,
@@ -62,8 +63,8 @@ class BadInput(click.ClickException):
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
 @click.option("--name", help="Job name [default: the file name].")
-@click.option("--priority", type=int, default=0, show_default=True,
-              help="Recorded with the job (the queue does not reorder by it yet).")
+@click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
+              show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
 @click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
 @click.option("--dry-run", is_flag=True,
               help="Check the file and print the plan; record and run nothing.")

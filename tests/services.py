@@ -1,4 +1,5 @@
-"""Real services for tests and benchmarks: scratch databases on SQLite or the PostgreSQL server.
+"""Real services for tests and benchmarks: scratch databases on SQLite or the PostgreSQL server,
+and what waits in a Redis queue.
 
 Every PostgreSQL database here is a schema of its own (named for the run, dropped after), put
 first on the search path through the URL, so concurrent runs on one server never meet.
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis
 from sqlalchemy.engine import Engine, make_url
 
 from sdq.db.session import engine_from_url
@@ -42,3 +44,26 @@ def scratch_database(backend: str, folder: Path, postgresql_url: str = POSTGRESQ
         with admin.begin() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def _levels(client: redis.Redis, queue: str) -> list[bytes | str]:
+    """The Redis lists of `queue`: kombu keeps one per priority level (`queue`, `queue:1` ...)."""
+    return [queue, *client.keys(f"{queue}:*")]
+
+
+def in_queue(broker_url: str, queue: str) -> int:
+    """Messages waiting in `queue`, at every priority level."""
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return sum(client.llen(name) for name in _levels(client, queue))
+    finally:
+        client.close()
+
+
+def clear_queues(broker_url: str, *queues: str) -> None:
+    """Drop every message waiting in `queues`, at every priority level."""
+    client = redis.Redis.from_url(broker_url)
+    try:
+        client.delete(*(name for queue in queues for name in _levels(client, queue)))
+    finally:
+        client.close()

@@ -14,6 +14,17 @@ TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
 
 
+PRIORITIES = range(10)
+"""Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
+level and pops the lists in order, so each level here is a list of its own."""
+
+
+def broker_priority(priority: int) -> int:
+    """kombu's Redis transport pops level 0 first: the reverse of a job's priority. Values
+    outside the range (recorded before it was enforced) count as its nearest end."""
+    return PRIORITIES.stop - 1 - min(max(priority, PRIORITIES.start), PRIORITIES.stop - 1)
+
+
 def queue_name(model_sha256: str) -> str:
     """One queue per model, named by its short hash: a worker only receives work it can run."""
     return f"{QUEUE_PREFIX}{model_sha256[:10]}"
@@ -40,6 +51,8 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            "priority_steps": list(PRIORITIES),
+            "sep": ":",
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

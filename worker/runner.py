@@ -72,6 +72,8 @@ class Batch:
 
     id: str
     item_ids: tuple[int, ...]
+    priority: int = 0
+    """Its job's; it decides where the message waits, so the message does not carry it."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "items": list(self.item_ids)}
@@ -162,22 +164,30 @@ class Runner:
             return report
         environment = environment_fingerprint(pipe.device, pipe.dtype)
         pending: list[Future[int]] = []
-        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sdq-store") as pool, \
-                _LeaseKeeper(self) as leases:
-            for batch in batches:
-                self.current_batch = batch.id
-                work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
-                report.skipped += len(batch.item_ids) - len(work)
-                leases.hold(w.id for w in work)
-                for chunk in self._generate(pipe, batch.id, work, report):
-                    pending.append(pool.submit(self._store, chunk, environment, on_recorded))
-            self.current_batch = None
-            errors = []
-            for future in pending:
-                try:
-                    report.done += future.result()
-                except TransientError as exc:
-                    errors.append(exc)
+        claimed: list[int] = []
+        try:
+            with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sdq-store") as pool, \
+                    _LeaseKeeper(self) as leases:
+                for batch in batches:
+                    self.current_batch = batch.id
+                    work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
+                    report.skipped += len(batch.item_ids) - len(work)
+                    claimed.extend(w.id for w in work)
+                    leases.hold(w.id for w in work)
+                    for chunk in self._generate(pipe, batch.id, work, report):
+                        pending.append(pool.submit(self._store, chunk, environment, on_recorded))
+                self.current_batch = None
+                errors = []
+                for future in pending:
+                    try:
+                        report.done += future.result()
+                    except TransientError as exc:
+                        errors.append(exc)
+        except KeyboardInterrupt:
+            # Images already made were stored while the pool drained; the rest go back at once,
+            # with their attempt, so that `sdq resume` need not wait for the leases to run out.
+            self._hand_back_interrupted(claimed)
+            raise
         if errors:
             raise errors[0]
         return report
@@ -334,6 +344,12 @@ class Runner:
             jobs = set(session.scalars(select(Item.job_id).where(Item.id.in_(ids)).distinct()))
             _finish_jobs(session, jobs)
         return count
+
+    def _hand_back_interrupted(self, ids: Sequence[int]) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING)
+                            .values(status=Status.QUEUED, lease_expires_at=None,
+                                    attempts=Item.attempts - 1))
 
     def _release(self, ids: Sequence[int], reason: str) -> None:
         with self.sessions.begin() as session:

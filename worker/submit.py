@@ -8,6 +8,7 @@ can never receive an id that is not in the database yet; a crash between the two
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -22,7 +23,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
-from sdq.worker.app import TASK_NAME, create_app, queue_name
+from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.config import Settings
 from sdq.worker.runner import LEASE_S, Batch, Runner, RunReport
 from sdq.worker.storage import open_storage
@@ -98,6 +99,8 @@ def submit(
         with Session(engine, expire_on_commit=False) as session:
             model_id = _model_id(session, model)
             job = job or Job()
+            if (job.priority or 0) not in PRIORITIES:
+                raise ValueError(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, got {job.priority}")
             job.status = Status.RUNNING if settings.embedded else Status.QUEUED
             submit_job(session, job, ({"model_id": model_id, **spec} for spec in items))
             if job.item_count == 0:
@@ -135,21 +138,24 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
     """The matching items, by model sha256, in batches of one shape (sampler, steps, size,
-    eta) and at most `batch_size` items, in submission order. Guidance, prompts and seeds may
-    differ within a batch: each image has its own generator, so batching never changes it."""
+    eta) and one job priority, at most `batch_size` items each; highest priority first, then
+    in submission order. Guidance, prompts and seeds may differ within a batch: each image has
+    its own generator, so batching never changes it."""
     rows = session.execute(
-        select(Item.id, Model.sha256, Item.sampler, Item.steps, Item.width, Item.height, Item.eta)
-        .join(Model, Item.model_id == Model.id).where(where).order_by(Item.job_id, Item.row_index)
+        select(Item.id, Model.sha256, Job.priority, Item.sampler, Item.steps, Item.width,
+               Item.height, Item.eta)
+        .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
+        .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
     for item_id, *key in rows:
         groups.setdefault(tuple(key), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
-    for (sha256, *_), ids in groups.items():
+    for (sha256, priority, *_), ids in groups.items():
         batches = planned.setdefault(sha256, [])
         for start in range(0, len(ids), batch_size):
             batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",
-                                 tuple(ids[start:start + batch_size])))
+                                 tuple(ids[start:start + batch_size]), priority))
     return planned
 
 
@@ -159,10 +165,11 @@ def dispatch(
     model_refs: Mapping[str, str] | None = None,
     on_recorded: Callable[[int], None] | None = None,
 ) -> RunReport | None:
-    """Publish the batches to their models' queues, then mark the pending items matching
-    `where` (the predicate they were planned with) queued, in one statement; in embedded mode
-    run them here instead, one model after the other, each loaded from `model_refs[sha256]`,
-    else from where its model row says it came from, else the settings' model."""
+    """Publish the batches to their models' queues at their priority (a message holds batches
+    of one priority), then mark the pending items matching `where` (the predicate they were
+    planned with) queued, in one statement; in embedded mode run them here instead, one model
+    after the other, each loaded from `model_refs[sha256]`, else from where its model row says
+    it came from, else the settings' model."""
     if settings.embedded:
         refs = _model_sources(engine, planned)
         refs.update(model_refs or {})
@@ -179,10 +186,12 @@ def dispatch(
     with app.connection_for_write() as connection:
         producer = app.amqp.Producer(connection)
         for sha256, batches in planned.items():
-            for start in range(0, len(batches), batches_per_message):
-                message = [b.to_json() for b in batches[start:start + batches_per_message]]
-                app.send_task(TASK_NAME, args=[message], queue=queue_name(sha256),
-                              producer=producer)
+            for priority, same in groupby(batches, key=lambda b: b.priority):
+                level = list(same)
+                for start in range(0, len(level), batches_per_message):
+                    message = [b.to_json() for b in level[start:start + batches_per_message]]
+                    app.send_task(TASK_NAME, args=[message], queue=queue_name(sha256),
+                                  priority=broker_priority(priority), producer=producer)
     with Session(engine) as session, session.begin():
         session.execute(update(Item).where(where, Item.status == Status.PENDING)
                         .values(status=Status.QUEUED, queued_at=utcnow())

@@ -34,6 +34,7 @@ from sdq.worker.schedule import (
 )
 from sdq.worker.submit import identify_model
 from tests.cli.conftest import Home
+from tests.services import in_queue
 
 UTC = timezone.utc
 DAY1 = datetime(2031, 3, 4, tzinfo=UTC)
@@ -325,9 +326,9 @@ def test_the_beat_scheduler_enqueues_on_the_broker(home: Home, prompts: Path,
         [job] = jobs_of(home)
         assert run.created and job.status == Status.QUEUED
         sha = identify_model(tiny_checkpoint).sha256
-        assert client.llen(queue_name(sha)) == 1
+        assert in_queue(broker, queue_name(sha)) == 1
         beat.tick()
-        assert beat.last_runs == [] and client.llen(queue_name(sha)) == 1
+        assert beat.last_runs == [] and in_queue(broker, queue_name(sha)) == 1
     finally:
         client.flushdb()
         client.close()

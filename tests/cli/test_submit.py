@@ -153,6 +153,39 @@ def test_debug_shows_the_traceback_of_unexpected_errors() -> None:
     assert isinstance(cli, SdqGroup) and "--debug" in CliRunner().invoke(cli, ["--help"]).output
 
 
+def test_ctrl_c_hands_the_unfinished_items_back_for_an_immediate_resume(
+        home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("".join(f"a green kite number {n}\n" for n in range(12)))
+    env = {**os.environ, **home.env, "SDQ_DEVICE": "cpu"}  # the default lease: 120 s
+    sdq = Path(sys.executable).parent / "sdq"
+    process = subprocess.Popen(
+        [str(sdq), "submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
+         "--height", "64", "--steps", "4", "--batch-size", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        done = 0
+        while not done and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+            with Session(home.engine) as session:
+                done = session.scalar(select(func.count()).where(Item.status == Status.DONE))
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "`sdq resume 1`" in stderr, stderr
+    items = _items(home, 1)
+    finished = [i for i in items if i.status == Status.DONE]
+    assert 1 <= len(finished) < 12, "the run was not cut short in the middle"
+    assert Status.RUNNING not in {i.status for i in items}  # nothing left under a lease
+    result = home.run("resume", "1", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["counts"], record["resumed"], record["leased"]) == ({"done": 12}, 12 - len(finished), 0)
+    assert {i.attempts for i in _items(home, 1)} == {1}
+
+
 def test_resume_finishes_a_killed_embedded_run_without_redoing_anything(
         home: Home, tiny_checkpoint: Path) -> None:
     prompts = home.path / "p.txt"

@@ -137,11 +137,3 @@ def start_worker(distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_pat
     finally:
         for process in started:
             process.stop()
-
-
-def in_queue(broker_url: str, queue: str) -> int:
-    client = redis.Redis.from_url(broker_url)
-    try:
-        return client.llen(queue)
-    finally:
-        client.close()

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import redis
 from click.testing import CliRunner
 from PIL import Image
@@ -20,10 +21,10 @@ from sdq.worker.app import queue_name
 from sdq.worker.config import Settings
 from sdq.worker.storage import open_storage
 from sdq.worker.submit import identify_model, submit
-from tests.services import scratch_database
+from tests.services import clear_queues, in_queue, scratch_database
 
 from .cluster import WorkerProcess, wait_for
-from .conftest import OWNER_KEY, in_queue, job_items, specs
+from .conftest import OWNER_KEY, job_items, specs
 
 
 def wait_until_done(settings: Settings, job_id: int, timeout: float = 120) -> None:
@@ -135,8 +136,7 @@ def test_cancel_stops_queued_work(distributed: Settings, distributed_env: dict[s
 def test_retry_reenqueues_failed_items(distributed: Settings, distributed_env: dict[str, str],
                                        tiny_checkpoint: Path) -> None:
     result = submit(distributed, specs(3), model=identify_model(tiny_checkpoint))
-    broker = redis.Redis.from_url(distributed.broker_url or "")
-    broker.delete(result.queue or "")
+    clear_queues(distributed.broker_url or "", result.queue or "")
     engine = open_database(distributed.database_url)
     with Session(engine) as session, session.begin():
         session.execute(update(Item).where(Item.job_id == result.job_id, Item.row_index > 0)
@@ -174,3 +174,31 @@ def test_worker_refuses_to_start_without_a_reachable_broker(
     outcome = CliRunner().invoke(cli, ["worker", "--model", str(tiny_checkpoint)], env=env)
     assert outcome.exit_code == 1
     assert outcome.output.startswith("Error: cannot reach the broker at 127.0.0.1:1: ")
+
+
+def test_an_idle_worker_takes_the_higher_priority_job_first(
+        distributed: Settings, start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path) -> None:
+    model = identify_model(tiny_checkpoint)
+    before = in_queue(distributed.broker_url or "", queue_name(model.sha256))  # earlier tests' leftovers
+    low = submit(distributed, specs(3, steps=1), model=model, batch_size=1, batches_per_message=1)
+    high = submit(distributed, specs(2, steps=1), model=model, job=Job(priority=7), batch_size=1,
+                  batches_per_message=1)
+    assert in_queue(distributed.broker_url or "", low.queue or "") == before + 5
+    start_worker("solo").wait_ready()
+    wait_until_done(distributed, low.job_id)
+    wait_until_done(distributed, high.job_id)
+    engine = open_database(distributed.database_url)
+    high_started = [i.started_at for i in job_items(engine, high.job_id)]
+    low_started = [i.started_at for i in job_items(engine, low.job_id)]
+    assert max(high_started) < min(low_started), (high_started, low_started)
+
+
+def test_a_priority_outside_0_to_9_is_refused_before_anything_is_recorded(
+        distributed: Settings, tiny_checkpoint: Path) -> None:
+    engine = open_database(distributed.database_url)
+    with Session(engine) as session:
+        jobs_before = session.query(Job).count()
+    with pytest.raises(ValueError, match="priority must be 0-9, got 10"):
+        submit(distributed, specs(1), model=identify_model(tiny_checkpoint), job=Job(priority=10))
+    with Session(engine) as session:
+        assert session.query(Job).count() == jobs_before

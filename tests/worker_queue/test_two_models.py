@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import redis
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
@@ -22,8 +21,9 @@ from sdq.worker.provenance import read_png_metadata
 from sdq.worker.storage import open_storage
 from sdq.worker.submit import ModelIdentity, identify_model, submit
 from tests.conftest import build_tiny_networks, ldm_checkpoint
+from tests.services import clear_queues, in_queue
 
-from .conftest import in_queue, job_items, specs
+from .conftest import job_items, specs
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +99,4 @@ def _clean_up(settings: Settings, job_id: int, queues: list[str]) -> None:
     """Leave no work behind for later tests' workers or reconciles (tests run one at a time,
     so what else is in these queues is left over too)."""
     cancel_job(settings, job_id)
-    client = redis.Redis.from_url(settings.broker_url or "")
-    client.delete(*queues)
-    client.close()
+    clear_queues(settings.broker_url or "", *queues)

@@ -13,9 +13,10 @@ from sdq.db.models import Item, Status
 from sdq.db.session import open_database
 from sdq.worker.config import Settings
 from sdq.worker.submit import identify_model, submit
+from tests.services import in_queue
 
 from .cluster import WorkerProcess, wait_for
-from .conftest import in_queue, job_items, specs
+from .conftest import job_items, specs
 from .test_distributed import assert_exactly_once, wait_until_done
 
 
