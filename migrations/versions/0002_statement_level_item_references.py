@@ -98,7 +98,8 @@ UPGRADE = [
     DECLARE
         used bigint;
     BEGIN
-        SELECT model_id INTO used FROM items WHERE model_id IN (SELECT id FROM old_models) LIMIT 1;
+        SELECT model_id INTO used FROM items  -- IS NOT NULL lets the partial index on model_id serve
+         WHERE model_id IS NOT NULL AND model_id IN (SELECT id FROM old_models) LIMIT 1;
         IF FOUND THEN
             RAISE foreign_key_violation USING CONSTRAINT = 'fk_items_model_id_models', TABLE = 'items',
                 MESSAGE = 'update or delete on table "models" violates foreign key constraint'
