@@ -33,7 +33,7 @@ class Conv2d(nn.Conv2d):
     PyTorch's CPU convolution hands oneDNN the plain weight, and oneDNN re-lays it out on every
     call. For the deep 640- and 1280-channel convs at 8x8 to 16x16 latents (up to 59 MB of
     weight each, a few hundred output pixels) that copy costs as much as the arithmetic; done
-    once, a UNet step is 10-20 % faster (docs/benchmarks.md). The laid-out copy is not part of
+    once, a UNet call is 9-16 % faster than with the im2col GEMM this replaced (docs/benchmarks.md). The laid-out copy is not part of
     the state dict; it is made on first use and again whenever the weight changes (loading
     in place bumps its version, `.to()` gives new storage). The autoencoder keeps plain
     convolutions: on its wide images the prepared weight measured slower.
@@ -60,8 +60,8 @@ class Linear(nn.Linear):
     """A linear layer that, in float32 on the CPU, computes few rows (tokens) as weight @ x.T.
 
     MKL splits a product over threads along its rows; with 32 or 128 tokens (the 4x4 and 8x8
-    levels) against 1280-10240 features that leaves threads idle, and the transposed product
-    is 5% of a 2-core UNet step faster (neutral on one core; docs/benchmarks.md).
+    levels) against 1280-10240 features that leaves threads idle; the transposed product makes
+    a 2-core UNet call 1-4 % faster (docs/benchmarks.md).
     """
 
     GEMM_T_MAX_ROWS = 128

@@ -186,7 +186,7 @@ class Runner:
         except KeyboardInterrupt:
             # Images already made were stored while the pool drained; the rest go back at once,
             # with their attempt, so that `sdq resume` need not wait for the leases to run out.
-            self._hand_back_interrupted(claimed)
+            self._release(claimed, attempts=Item.attempts - 1)
             raise
         if errors:
             raise errors[0]
@@ -297,7 +297,7 @@ class Runner:
             recorded = self._retrying("storing images", lambda: self._record(chunk, pngs))
         except TransientError as exc:
             ids, reason = [w.id for w in chunk.items], str(exc)
-            self._retrying("handing items back", lambda: self._release(ids, reason))
+            self._retrying("handing items back", lambda: self._release(ids, last_error=reason[:2000]))
             raise
         self.images_done += recorded
         if on_recorded:
@@ -345,17 +345,11 @@ class Runner:
             _finish_jobs(session, jobs)
         return count
 
-    def _hand_back_interrupted(self, ids: Sequence[int]) -> None:
+    def _release(self, ids: Sequence[int], **values: Any) -> None:
+        """Hand the items still running back to the queue, their lease dropped and `values` set."""
         with self.sessions.begin() as session:
             session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING)
-                            .values(status=Status.QUEUED, lease_expires_at=None,
-                                    attempts=Item.attempts - 1))
-
-    def _release(self, ids: Sequence[int], reason: str) -> None:
-        with self.sessions.begin() as session:
-            session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING)
-                            .values(status=Status.QUEUED, lease_expires_at=None,
-                                    last_error=reason[:2000]))
+                            .values(status=Status.QUEUED, lease_expires_at=None, **values))
 
     def _retrying(self, what: str, action: Callable[[], Any]) -> Any:
         """`action`, retried with exponential backoff on transient failures, up to

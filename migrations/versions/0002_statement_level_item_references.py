@@ -32,7 +32,8 @@ down_revision: str | Sequence[str] | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-REPLACED_KEYS = ("fk_items_job_id_jobs", "fk_items_model_id_models")
+REFERENCES = (("job_id", "jobs", "fk_items_job_id_jobs"), ("model_id", "models", "fk_items_model_id_models"))
+"""(item column, parent table, the foreign key it replaces); a null reference is not checked."""
 
 
 def _violation(constraint: str, column: str, table: str, value: str) -> str:
@@ -43,45 +44,42 @@ def _violation(constraint: str, column: str, table: str, value: str) -> str:
     )
 
 
+def _statement_check(column: str, table: str, constraint: str) -> str:
+    """Lock the parents that exist, then compare counts: a parent that is missing, or deleted
+    while we waited for its lock, is not counted."""
+    return f"""
+        IF (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE id IN (SELECT {column} FROM new_items)
+                                  FOR KEY SHARE) AS locked)
+           < (SELECT count(DISTINCT {column}) FROM new_items) THEN
+            SELECT n.{column} INTO missing FROM new_items AS n
+             WHERE n.{column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {table} WHERE id = n.{column})
+             LIMIT 1;
+            {_violation(constraint, column, table, "missing")}
+        END IF;"""
+
+
+def _row_check(column: str, table: str, constraint: str) -> str:
+    return f"""
+        IF NEW.{column} IS NOT NULL THEN
+            PERFORM 1 FROM {table} WHERE id = NEW.{column} FOR KEY SHARE;
+            IF NOT FOUND THEN
+                {_violation(constraint, column, table, f"NEW.{column}")}
+            END IF;
+        END IF;"""
+
+
 UPGRADE = [
-    *(f"ALTER TABLE items DROP CONSTRAINT {name}" for name in REPLACED_KEYS),
-    # Lock what exists, then compare counts: a parent that is missing, or deleted while we
-    # waited for its lock, is not counted.
+    *(f"ALTER TABLE items DROP CONSTRAINT {constraint}" for _, _, constraint in REFERENCES),
     f"""CREATE FUNCTION sdq_items_insert_references() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
         missing bigint;
-    BEGIN
-        IF (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE id IN (SELECT job_id FROM new_items)
-                                  FOR KEY SHARE) AS locked)
-           < (SELECT count(DISTINCT job_id) FROM new_items) THEN
-            SELECT n.job_id INTO missing FROM new_items AS n
-             WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = n.job_id) LIMIT 1;
-            {_violation("fk_items_job_id_jobs", "job_id", "jobs", "missing")}
-        END IF;
-        IF (SELECT count(*) FROM (SELECT 1 FROM models WHERE id IN (SELECT model_id FROM new_items)
-                                  FOR KEY SHARE) AS locked)
-           < (SELECT count(DISTINCT model_id) FROM new_items) THEN
-            SELECT n.model_id INTO missing FROM new_items AS n
-             WHERE n.model_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM models WHERE id = n.model_id)
-             LIMIT 1;
-            {_violation("fk_items_model_id_models", "model_id", "models", "missing")}
-        END IF;
+    BEGIN{"".join(_statement_check(*reference) for reference in REFERENCES)}
         RETURN NULL;
     END $$""",
     "CREATE TRIGGER items_insert_references AFTER INSERT ON items REFERENCING NEW TABLE AS new_items"
     " FOR EACH STATEMENT EXECUTE FUNCTION sdq_items_insert_references()",
     f"""CREATE FUNCTION sdq_items_update_references() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM 1 FROM jobs WHERE id = NEW.job_id FOR KEY SHARE;
-        IF NOT FOUND THEN
-            {_violation("fk_items_job_id_jobs", "job_id", "jobs", "NEW.job_id")}
-        END IF;
-        IF NEW.model_id IS NOT NULL THEN
-            PERFORM 1 FROM models WHERE id = NEW.model_id FOR KEY SHARE;
-            IF NOT FOUND THEN
-                {_violation("fk_items_model_id_models", "model_id", "models", "NEW.model_id")}
-            END IF;
-        END IF;
+    BEGIN{"".join(_row_check(*reference) for reference in REFERENCES)}
         RETURN NULL;
     END $$""",
     "CREATE TRIGGER items_update_references AFTER UPDATE OF job_id, model_id ON items FOR EACH ROW"
