@@ -106,9 +106,10 @@ def resume(job_id: int, as_json: bool) -> None:
 
     Items still to run (pending, queued, or left running under an expired lease) run again
     here, in-process, as `sdq submit` runs them; finished items are kept. Items whose lease is
-    still live may belong to a run that is still going and are left to it; once the lease runs
-    out (SDQ_VISIBILITY_TIMEOUT, at most 120 s), run `sdq resume` again. With a broker
-    configured, the items are enqueued for the workers instead.
+    still live may belong to a run that is still going and are left to it; after a crash, once
+    the lease runs out (SDQ_VISIBILITY_TIMEOUT, at most 120 s), run `sdq resume` again. A run
+    stopped with Ctrl-C hands its items back itself, so resume can follow at once. With a
+    broker configured, the items are enqueued for the workers instead.
 
     \b
     Example:
