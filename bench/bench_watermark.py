@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from sdq.worker import watermark as wm
-from tests.worker.samples import photo
+from sdq.worker.images import watermark as wm
+from tests.worker.images.samples import photo
 
 TEXT = "StableDiffusionV1"
 

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
-from sdq.worker.config import Settings
-from sdq.worker.storage import Storage, StorageError, open_storage
+from sdq.worker.settings import Settings
+from sdq.worker.images.storage import Storage, StorageError, open_storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 Record = Mapping[str, Any]

@@ -15,8 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sdq.cli.common import load_settings, output_options, plain
 from sdq.db.session import current_revision, engine_from_url, head_revision
-from sdq.worker.config import Settings
-from sdq.worker.storage import StorageError, open_storage
+from sdq.worker.settings import Settings
+from sdq.worker.images.storage import StorageError, open_storage
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
 _AWS_SHOWN = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")

@@ -16,7 +16,7 @@ from sdq.db.session import (
     head_revision,
     upgrade,
 )
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 
 
 @contextmanager

@@ -11,8 +11,8 @@ from sdq.cli.common import (
     item_record,
     load_settings,
 )
-from sdq.worker.export import FORMATS, ExportError, export_items, select_item_ids
-from sdq.worker.storage import StorageError, open_storage
+from sdq.worker.jobs.export import FORMATS, ExportError, export_items, select_item_ids
+from sdq.worker.images.storage import StorageError, open_storage
 
 
 @click.command()

@@ -11,7 +11,7 @@ import click
 
 from sdq.cli.common import load_settings, write_atomically
 from sdq.sdmodel.samplers import SAMPLERS
-from sdq.worker.promptfile import MAX_SIDE
+from sdq.worker.jobs.promptfile import MAX_SIDE
 
 
 def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -71,7 +71,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     from sdq.sdmodel import clip
     from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
     from sdq.sdmodel.pipeline import Request, load_pipeline
-    from sdq.worker.provenance import Provenance, encode_png, environment_fingerprint
+    from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
 
     if eta and sampler != "ddim":
         raise click.BadParameter("only the ddim sampler takes --eta", param_hint="--eta")

@@ -39,7 +39,7 @@ def retry(job_id: int, as_json: bool) -> None:
     Example:
       sdq retry 42
     """
-    from sdq.worker.lifecycle import retry_job
+    from sdq.worker.jobs.lifecycle import retry_job
 
     done = _run(retry_job, load_settings(need_broker=False), job_id)
     _report(as_json, {"job": job_id, **asdict(done)},
@@ -56,7 +56,7 @@ def cancel(job_id: int, as_json: bool) -> None:
     Example:
       sdq cancel 42
     """
-    from sdq.worker.lifecycle import cancel_job
+    from sdq.worker.jobs.lifecycle import cancel_job
 
     count = _run(cancel_job, load_settings(need_broker=False), job_id)
     _report(as_json, {"job": job_id, "cancelled": count}, f"Job {job_id}: {count} item(s) cancelled")
@@ -75,7 +75,7 @@ def reconcile(as_json: bool) -> None:
     Example (after Redis restarted without persistence):
       sdq reconcile
     """
-    from sdq.worker.lifecycle import reconcile as reconcile_items
+    from sdq.worker.jobs.lifecycle import reconcile as reconcile_items
 
     done = _run(reconcile_items, load_settings(need_broker=False))
     _report(as_json, asdict(done), f"{done.items} item(s) re-enqueued in {done.batches} batch(es)")

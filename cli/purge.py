@@ -7,8 +7,8 @@ from dataclasses import asdict
 import click
 
 from sdq.cli.common import configured_storage, database_session, load_settings
-from sdq.worker.maintenance import JobBusy, job_contents, purge_job
-from sdq.worker.storage import StorageError
+from sdq.worker.jobs.maintenance import JobBusy, job_contents, purge_job
+from sdq.worker.images.storage import StorageError
 
 
 @click.command()

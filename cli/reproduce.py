@@ -11,9 +11,9 @@ from sdq.cli.common import configured_storage, database_session, load_settings
 from sdq.db.models import Item, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
 from sdq.sdmodel.pipeline import DTYPES, load_pipeline
-from sdq.worker.provenance import MetadataError
-from sdq.worker.reproduce import ReproduceError, compare, composition, regenerate
-from sdq.worker.storage import StorageError
+from sdq.worker.images.provenance import MetadataError
+from sdq.worker.jobs.reproduce import ReproduceError, compare, composition, regenerate
+from sdq.worker.images.storage import StorageError
 
 
 @click.command()

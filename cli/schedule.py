@@ -17,8 +17,8 @@ from sdq.cli.generate import multiple_of_8
 from sdq.db.models import Job, Schedule
 from sdq.sdmodel.samplers import SAMPLERS
 from sdq.worker.app import PRIORITIES
-from sdq.worker.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
-from sdq.worker.schedule import (
+from sdq.worker.jobs.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
+from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
     Clock,
     DatabaseScheduler,
@@ -108,7 +108,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
       sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4 --tag nightly
     """
     from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-    from sdq.worker.submit import identify_model
+    from sdq.worker.jobs.submit import identify_model
 
     settings = load_settings(need_broker=False)
     if model_ref is not None:

@@ -25,8 +25,8 @@ from sdq.cli.common import (
 )
 from sdq.db.models import SEED_LIMIT, Item, Status
 from sdq.db.queries import search_items
-from sdq.worker.provenance import MetadataError, read_png_metadata
-from sdq.worker.storage import StorageError
+from sdq.worker.images.provenance import MetadataError, read_png_metadata
+from sdq.worker.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "prompt", "created"]
 _EXCERPT = 60

@@ -24,7 +24,7 @@ from sdq.cli.common import (
 )
 from sdq.db.models import Status
 from sdq.db.queries import search_items
-from sdq.worker.storage import StorageError
+from sdq.worker.images.storage import StorageError
 
 CAPTION_LINES = 3
 GALLERY_THUMB = 256

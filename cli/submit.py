@@ -18,7 +18,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import find_model
 from sdq.sdmodel.samplers import SAMPLERS
 from sdq.worker.app import PRIORITIES
-from sdq.worker.promptfile import (
+from sdq.worker.jobs.promptfile import (
     MAX_CFG,
     MAX_IMAGES_PER_ROW,
     MAX_STEPS,
@@ -27,7 +27,7 @@ from sdq.worker.promptfile import (
     PromptFileError,
     read_prompt_file,
 )
-from sdq.worker.submit import DEFAULT_BATCH_SIZE, ModelIdentity
+from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, ModelIdentity
 
 _DEFAULTS = Defaults()
 
@@ -90,7 +90,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
     from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-    from sdq.worker.submit import identify_model
+    from sdq.worker.jobs.submit import identify_model
 
     settings = load_settings(need_broker=False)
     defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
@@ -146,7 +146,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
             as_json: bool) -> tuple[dict[str, Any], int]:
     """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
     from sdq.db.session import SchemaMismatch
-    from sdq.worker.submit import submit as submit_items
+    from sdq.worker.jobs.submit import submit as submit_items
 
     submitted: list[int] = []
     with recorded_bar("generating") as start:

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
-from sdq.worker.config import Settings
-from sdq.worker.provenance import (
+from sdq.worker.settings import Settings
+from sdq.worker.images.provenance import (
     Check,
     ItemRecord,
     MetadataError,
@@ -20,7 +20,7 @@ from sdq.worker.provenance import (
     read_png_metadata,
     verify_png,
 )
-from sdq.worker.storage import StorageError, open_storage
+from sdq.worker.images.storage import StorageError, open_storage
 
 _LABELS = {True: "ok", False: "MISMATCH", None: "-"}
 _STATUS = {True: "ok", False: "mismatch", None: "skipped"}

@@ -13,7 +13,7 @@ import click
 from sdq.cli.common import database_session, load_settings
 from sdq.db.models import Job, Status
 from sdq.db.queries import Progress, job_progress
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 
 POLL_S = 1.0
 """How often `watch` reads the job's counts: one small query, cheap for any database."""
@@ -116,7 +116,7 @@ def resume(job_id: int, as_json: bool) -> None:
       sdq resume 42
     """
     from sdq.db.session import SchemaMismatch
-    from sdq.worker.lifecycle import resume_job
+    from sdq.worker.jobs.lifecycle import resume_job
 
     settings = load_settings(need_broker=False)
     with recorded_bar(f"job {job_id}") as start:

@@ -55,8 +55,8 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     from sdq.db.session import SchemaMismatch, open_database
     from sdq.sdmodel.checkpoint import ModelNotFound
     from sdq.worker.app import create_app, queue_name
-    from sdq.worker.storage import StorageError, open_storage
-    from sdq.worker.submit import identify_model
+    from sdq.worker.images.storage import StorageError, open_storage
+    from sdq.worker.jobs.submit import identify_model
 
     settings = load_settings(need_broker=True)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
     from sdq.worker.runner import Runner

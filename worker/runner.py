@@ -38,14 +38,14 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
 from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
-from sdq.worker.provenance import (
+from sdq.worker.images.provenance import (
     EncodedPng,
     Environment,
     Provenance,
     encode_png,
     environment_fingerprint,
 )
-from sdq.worker.storage import Storage, StorageError, image_key
+from sdq.worker.images.storage import Storage, StorageError, image_key
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.worker.storage import Storage, open_storage
+from sdq.worker.images.storage import Storage, open_storage
 
 from .conftest import Home
 

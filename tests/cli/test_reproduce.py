@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 from sdq.db.models import Item
-from sdq.worker.config import Settings
-from sdq.worker.submit import identify_model, submit
-from tests.worker_queue.conftest import job_items, specs
+from sdq.worker.settings import Settings
+from sdq.worker.jobs.submit import identify_model, submit
+from tests.worker.conftest import job_items, specs
 
 from .conftest import Home
 

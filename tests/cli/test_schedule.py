@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Schedule, Status
 from sdq.worker.app import create_app, queue_name
-from sdq.worker.config import Settings
-from sdq.worker.schedule import (
+from sdq.worker.settings import Settings
+from sdq.worker.jobs.schedule import (
     DatabaseScheduler,
     Run,
     due_runs,
@@ -32,7 +32,7 @@ from sdq.worker.schedule import (
     parse_cron,
     run_schedule,
 )
-from sdq.worker.submit import identify_model
+from sdq.worker.jobs.submit import identify_model
 from tests.cli.conftest import Home
 from tests.services import in_queue
 

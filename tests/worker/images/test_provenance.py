@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from sdq.sdmodel.samplers import SAMPLERS as MODEL_SAMPLERS
-from sdq.worker import watermark as wm
-from sdq.worker.provenance import (
+from sdq.worker.images import watermark as wm
+from sdq.worker.images.provenance import (
     SAMPLERS,
     MetadataError,
     WatermarkStatus,

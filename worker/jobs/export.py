@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Status
 from sdq.db.queries import search_items
-from sdq.worker.storage import ObjectNotFound, Storage
+from sdq.worker.images.storage import ObjectNotFound, Storage
 
 FORMATS = ("webdataset", "parquet", "imagefolder")
 Describe = Callable[[Item], Mapping[str, Any]]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sdq.cli.main import cli
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 
 ROOT = Path(__file__).parents[2]
 SETTINGS = {f"SDQ_{f.name.upper()}" for f in fields(Settings)}

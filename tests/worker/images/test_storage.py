@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.worker.storage import (
+from sdq.worker.images.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,

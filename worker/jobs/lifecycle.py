@@ -17,9 +17,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 from sdq.worker.runner import RunReport
-from sdq.worker.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
+from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
 
 
 @dataclass(frozen=True)

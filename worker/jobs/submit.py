@@ -24,9 +24,9 @@ from sdq.db.queries import submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
-from sdq.worker.config import Settings
+from sdq.worker.settings import Settings
 from sdq.worker.runner import LEASE_S, Batch, Runner, RunReport
-from sdq.worker.storage import open_storage
+from sdq.worker.images.storage import open_storage
 
 DEFAULT_BATCH_SIZE = 8
 """Images denoised together by default: SD v1 at 512x512 in fp16 with guidance (16 UNet rows)

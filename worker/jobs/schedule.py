@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
-from sdq.worker.config import Settings
-from sdq.worker.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
+from sdq.worker.settings import Settings
+from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
     Raises LookupError (no such schedule), PromptFileError (the stored file no longer passes,
     e.g. a model it names was removed) or ModelNotFound.
     """
-    from sdq.worker.submit import identify_model, submit
+    from sdq.worker.jobs.submit import identify_model, submit
 
     engine = open_database(settings.database_url)
     try:

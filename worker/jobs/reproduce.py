@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
 from sdq.sdmodel.pipeline import Pipeline, Request
-from sdq.worker import watermark as wm
-from sdq.worker.provenance import WatermarkStatus, read_png_metadata
+from sdq.worker.images import watermark as wm
+from sdq.worker.images.provenance import WatermarkStatus, read_png_metadata
 
 
 class ReproduceError(ValueError):

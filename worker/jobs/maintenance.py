@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.worker.storage import Storage
+from sdq.worker.images.storage import Storage
 
 
 class JobBusy(ValueError):
