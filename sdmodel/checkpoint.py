@@ -47,7 +47,7 @@ class CheckpointError(ValueError):
 
     def __init__(self, source: Path | str, problem: str) -> None:
         super().__init__(f"{source}: {problem}")
-        self.source = str(source)
+        self.source, self.problem = str(source), problem
 
 
 class _InertStandIn:

@@ -2,8 +2,9 @@
 
 The tokenizer is rebuilt from OpenAI's BPE merges shipped with the package, so no model hub is
 ever needed to turn a prompt into the ids openai/clip-vit-large-patch14 would give. The text
-encoder's architecture is read from tensor shapes, so a tiny random test model and the real
-checkpoint go through the same code.
+encoder's architecture comes from a diffusers folder's `text_encoder/config.json` when there is
+one, and from tensor shapes for single-file checkpoints, so a tiny random test model and the
+real checkpoint go through the same code.
 """
 from __future__ import annotations
 
@@ -14,16 +15,21 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.activations import ACT2FN
+
+from .checkpoint import CheckpointError, load_weights
 
 MAX_LENGTH = 77
 """Token positions of SD v1's text encoder: BOS, up to 75 prompt tokens, EOS, then padding."""
 CONTENT_LENGTH = MAX_LENGTH - 2
 HEAD_DIM = 64
-"""Every CLIP text tower uses 64-channel heads, so the head count follows from the width."""
+"""OpenAI's CLIP text towers use 64-channel heads: how a single file's head count is inferred."""
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 _BPE_DATA = "clip_bpe_16e6.txt.gz"
@@ -166,44 +172,60 @@ def text_config_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str = 
     )
 
 
-def build_text_encoder(
-    config: CLIPTextConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> CLIPTextModel:
-    """An inference-ready, uninitialised CLIPTextModel: weights are about to be loaded over it.
+def text_config_from_diffusers(cfg: Mapping[str, Any]) -> CLIPTextConfig:
+    """A folder's `text_encoder/config.json` as transformers reads it, heads and all.
 
-    Built on the meta device and materialised with `to_empty`, which skips seconds of random
-    init and allocates straight on `device`. The one non-persistent buffer (position ids) is
-    never in a checkpoint, so it is filled here.
+    ValueError names what sdq cannot run: another model type, a projection head, fewer positions
+    than the 77 tokens every prompt is padded to, an activation transformers does not know, and
+    what transformers' own validation refuses (heads that do not divide the width, wrong types).
     """
-    with torch.device("meta"):
-        model = CLIPTextModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.to_empty(device=device)
-    positions = model.embeddings.position_ids
-    positions.copy_(torch.arange(positions.shape[-1], device=positions.device).expand_as(positions))
-    return model.eval().requires_grad_(False)
+    problems = []
+    if cfg.get("model_type", "clip_text_model") != "clip_text_model":
+        problems.append(f"model_type = {cfg['model_type']!r}: a CLIP text tower ('clip_text_model') expected")
+    if cfg.get("architectures", ["CLIPTextModel"]) != ["CLIPTextModel"]:
+        problems.append(f"architectures = {cfg['architectures']}: sdq conditions on CLIPTextModel's hidden states")
+    try:
+        config = CLIPTextConfig.from_dict(dict(cfg))
+    except StrictDataclassError as exc:  # transformers checks types and the heads against the width
+        raise ValueError("; ".join([*problems, str(exc.__cause__ or exc)])) from None
+    if config.max_position_embeddings < MAX_LENGTH:
+        problems.append(f"max_position_embeddings = {config.max_position_embeddings}: prompts are {MAX_LENGTH} tokens")
+    if config.hidden_act not in ACT2FN:
+        problems.append(f"hidden_act = {config.hidden_act!r}: unknown activation")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
 
 
 def load_text_encoder(
-    state_dict: Mapping[str, Tensor],
-    prefix: str = "",
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    weights: Mapping[str, Tensor], source: Path | str, config: CLIPTextConfig | None = None, *, prefix: str = "",
 ) -> CLIPTextModel:
-    """Config, build and strict load in one step, mapping checkpoint keys to transformers 5's.
+    """The text encoder under `prefix` in `weights`, inference-ready, as CheckpointError or a model.
 
-    Checkpoints store `text_model.`-prefixed keys (and older ones a stale `position_ids`) that
-    transformers 5's CLIPTextModel no longer has; strict loading then catches anything else.
+    `config` is a folder's; without one (single files) the architecture is inferred from the
+    shapes. Built on the meta device and given the tensors themselves, which skips seconds of
+    random init and a copy. Checkpoints say `text_model.embeddings...` and older ones carry a
+    stale `position_ids`; transformers 5's CLIPTextModel has neither, so keys follow the module
+    and the position ids (a buffer no file needs to hold) are made here.
     """
-    base = _text_model_prefix(state_dict, prefix)
-    model = build_text_encoder(text_config_from_state_dict(state_dict, prefix), device=device, dtype=dtype)
-    weights = {
-        key[len(base) :]: tensor
-        for key, tensor in state_dict.items()
-        if key.startswith(base) and key != f"{base}embeddings.position_ids"
+    try:
+        base = _text_model_prefix(weights, prefix)
+        if config is None:
+            config = text_config_from_state_dict(weights, prefix)
+    except ValueError as exc:
+        raise CheckpointError(source, str(exc)) from None
+    except KeyError as exc:
+        raise CheckpointError(source, f"missing weights: {exc.args[0]}") from None
+    tensors = {
+        key[len(prefix):].removeprefix("text_model."): tensor
+        for key, tensor in weights.items()
+        if key.startswith(prefix) and not key.endswith("position_ids")
     }
-    model.load_state_dict(weights, strict=True)
-    return model
+    with torch.device("meta"):
+        model = CLIPTextModel._from_config(config, attn_implementation="sdpa")
+    load_weights(model, tensors, source, base)
+    model.embeddings.position_ids = torch.arange(config.max_position_embeddings)[None]
+    return model.eval().requires_grad_(False)
 
 
 def encode(text_model: CLIPTextModel, input_ids: torch.LongTensor, device: torch.device | str) -> Tensor:

@@ -32,6 +32,8 @@ from .checkpoint import (
 )
 from .configs import (
     LATENT_SCALE,
+    UNetConfig,
+    VAEConfig,
     unet_config_from_diffusers,
     unet_config_from_state_dict,
     vae_config_from_diffusers,
@@ -151,20 +153,6 @@ class Pipeline:
         return self.decode(self.denoise(requests, **settings))
 
 
-def _load_text_encoder(sd: dict[str, Tensor], source: Path, prefix: str = "") -> torch.nn.Module:
-    """Build the text encoder and load it; checkpoints say `text_model.embeddings...`, while
-    transformers 5's CLIPTextModel has dropped that level, so keys follow the module."""
-    try:
-        text = clip.build_text_encoder(clip.text_config_from_state_dict(sd))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(source, str(exc)) from None
-    nested = any(k.startswith("text_model.") for k in text.state_dict())
-    head = "text_model." if nested else ""
-    load_weights(text, {head + k.removeprefix("text_model."): v for k, v in sd.items()},
-                 source, prefix + ("" if nested else "text_model."))
-    return text
-
-
 def _detect(detect: Callable[[dict[str, Tensor]], object], sd: dict[str, Tensor], source: Path, prefix: str):
     """Architecture from shapes; a weight the detection needs and cannot find is named."""
     try:
@@ -182,34 +170,63 @@ def _load_single_file(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Mo
         vae = AutoencoderKL(_detect(vae_config_from_state_dict, parts["vae"], path, PREFIXES["vae"]))
     load_weights(unet, parts["unet"], path, PREFIXES["unet"])
     load_weights(vae, parts["vae"], path, PREFIXES["vae"])
-    text = _load_text_encoder(parts["text_encoder"], path, PREFIXES["text_encoder"])
+    prefix = PREFIXES["text_encoder"]
+    text = clip.load_text_encoder({prefix + k: v for k, v in parts["text_encoder"].items()}, path, prefix=prefix)
     return unet, vae, text, clip.load_tokenizer()
 
 
-def _load_folder(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Module, object]:
-    def config(part: str) -> dict:
-        file = path / part / "config.json"
-        if not file.is_file():
-            raise CheckpointError(path, f"not a diffusers model folder: {part}/config.json missing")
+def _read_config(part: Path) -> dict:
+    file = part / "config.json"
+    if not file.is_file():
+        raise CheckpointError(part.parent, f"not a diffusers model folder: {part.name}/config.json missing")
+    try:
         return json.loads(file.read_text())
+    except ValueError as exc:
+        raise CheckpointError(file, f"not valid JSON: {exc}") from None
 
-    unet_cfg, vae_cfg = config("unet"), config("vae")
-    unet_sd = diffusers_unet_to_ldm(
-        read_weights(folder_weights(path / "unet", "diffusion_pytorch_model")), unet_cfg["layers_per_block"]
-    )
-    vae_sd = diffusers_vae_to_ldm(
-        read_weights(folder_weights(path / "vae", "diffusion_pytorch_model")), len(vae_cfg["block_out_channels"])
-    )
-    text_sd = {
-        k: v for k, v in read_weights(folder_weights(path / "text_encoder", "model")).items()
-        if not k.endswith("position_ids")
-    }
+
+def _folder_part(
+    part: Path, stem: str, architecture: Callable[[dict], object],
+    load: Callable[[object, dict[str, Tensor], Path], torch.nn.Module],
+) -> torch.nn.Module:
+    """One component of a diffusers folder, built as its config.json says, then given the
+    weights, which must fit exactly; a misfit is reported against the config that promised it."""
+    config_file = part / "config.json"
+    settings = _read_config(part)
+    try:
+        config = architecture(settings)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(config_file, str(exc)) from None
+    weights_file = folder_weights(part, stem)
+    weights = read_weights(weights_file)
+    try:
+        return load(config, weights, weights_file)
+    except CheckpointError as exc:
+        raise CheckpointError(config_file, f"does not match {weights_file.name}: {exc.problem}") from None
+
+
+def _load_unet(config: UNetConfig, weights: dict[str, Tensor], source: Path) -> UNetModel:
     with torch.device("meta"):
-        unet = UNetModel(unet_config_from_diffusers(unet_cfg))
-        vae = AutoencoderKL(vae_config_from_diffusers(vae_cfg))
-    load_weights(unet, unet_sd, path / "unet")
-    load_weights(vae, vae_sd, path / "vae")
-    text = _load_text_encoder(text_sd, path / "text_encoder")
+        model = UNetModel(config)
+    load_weights(model, diffusers_unet_to_ldm(weights, config.num_res_blocks), source)
+    return model
+
+
+def _load_vae(config: VAEConfig, weights: dict[str, Tensor], source: Path) -> AutoencoderKL:
+    with torch.device("meta"):
+        model = AutoencoderKL(config)
+    load_weights(model, diffusers_vae_to_ldm(weights, len(config.ch_mult)), source)
+    return model
+
+
+def _load_folder(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Module, object]:
+    """A folder's configs are its truth: each network is built as its config says."""
+    unet = _folder_part(path / "unet", "diffusion_pytorch_model", unet_config_from_diffusers, _load_unet)
+    vae = _folder_part(path / "vae", "diffusion_pytorch_model", vae_config_from_diffusers, _load_vae)
+    text = _folder_part(
+        path / "text_encoder", "model", clip.text_config_from_diffusers,
+        lambda config, weights, source: clip.load_text_encoder(weights, source, config),
+    )
     tokenizer = clip.load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else None)
     return unet, vae, text, tokenizer
 

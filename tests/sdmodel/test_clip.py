@@ -19,9 +19,9 @@ import regex
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdq.sdmodel.checkpoint import CheckpointError
 from sdq.sdmodel.clip import (
     PromptTruncated,
-    build_text_encoder,
     dropped_text,
     encode,
     load_text_encoder,
@@ -196,19 +196,22 @@ def test_config_round_trips_and_loaded_model_matches(tiny_text_model: CLIPTextMo
 
     ids = tokenize(load_tokenizer(), ["a photograph of an astronaut riding a horse", ""])
     expected = tiny_text_model(ids).last_hidden_state
-    model = load_text_encoder(checkpoint, prefix)
+    model = load_text_encoder(checkpoint, "sd.safetensors", prefix=prefix)
     assert model.config._attn_implementation == "sdpa"
     assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert torch.equal(model.embeddings.position_ids, torch.arange(77)[None])
     hidden = encode(model, ids, "cpu")
     assert hidden.shape == (2, 77, 64)
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_build_text_encoder_fills_position_ids(tiny_text_model: CLIPTextModel) -> None:
-    model = build_text_encoder(text_config_from_state_dict(tiny_text_model.state_dict()), dtype=torch.bfloat16)
-    assert torch.equal(model.embeddings.position_ids, torch.arange(77)[None])
-    assert model.embeddings.token_embedding.weight.dtype == torch.bfloat16
-    assert all(not p.requires_grad for p in model.parameters())
+def test_missing_text_weight_is_named(tiny_text_model: CLIPTextModel) -> None:
+    state = {f"text_model.{k}": v for k, v in tiny_text_model.state_dict().items()}
+    del state["text_model.encoder.layers.1.mlp.fc2.bias"]
+    missing = r"^sd\.safetensors: missing weights: text_model\.encoder\.layers\.1\.mlp\.fc2\.bias$"
+    with pytest.raises(CheckpointError, match=missing):
+        load_text_encoder(state, "sd.safetensors")
 
 
 def test_width_not_a_multiple_of_64_is_a_clear_error() -> None:
