@@ -85,11 +85,16 @@ def _shipped_tokenizer() -> CLIPTokenizer:
 def load_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
     """The ViT-L/14 tokenizer from shipped data, or a diffusers `tokenizer/` folder's own.
 
-    A folder wins when given because other SD families ship other pad tokens and vocabularies.
+    A folder wins when given because other SD families ship other pad tokens and vocabularies;
+    one that pads prompts to another length than SD v1's 77 tokens is refused.
     """
     if path is None:
         return _shipped_tokenizer()
-    return CLIPTokenizer.from_pretrained(Path(path), local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(Path(path), local_files_only=True)
+    if tokenizer.model_max_length != MAX_LENGTH:
+        raise CheckpointError(Path(path) / "tokenizer_config.json",
+                              f"model_max_length = {tokenizer.model_max_length}: sdq's prompts are {MAX_LENGTH} tokens")
+    return tokenizer
 
 
 def _prompt_tokens(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:

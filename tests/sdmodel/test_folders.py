@@ -169,3 +169,11 @@ def test_config_that_disagrees_is_one_clear_error(tmp_path, pristine, part, chan
         load_pipeline(folder, device="cpu")
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith(str(folder / part / "config.json"))
+
+
+def test_tokenizer_of_another_length_is_refused(tmp_path, pristine):
+    folder = shutil.copytree(pristine, tmp_path / "model")
+    file = folder / "tokenizer" / "tokenizer_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "model_max_length": 64}))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: model_max_length = 64: sdq's prompts are 77"):
+        load_pipeline(folder, device="cpu")
