@@ -78,6 +78,11 @@ def decoded_to_images(decoded: Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
+def _decimals(scores: Tensor) -> tuple[float, ...]:
+    """Python floats as the reference reports them (0.03, not float32's 0.029999999329447746)."""
+    return tuple(round(value, SCORE_DECIMALS) for value in scores.tolist())
+
+
 class SafetyChecker(nn.Module):
     """CLIP image tower + projection + concept embeddings and thresholds; see the module doc."""
 
@@ -110,14 +115,15 @@ class SafetyChecker(nn.Module):
         boost = torch.zeros(concept_sim.shape[0], device=concept_sim.device)
         special = []
         for j in range(special_sim.shape[1]):  # in order: a positive score boosts the next ones
-            s = torch.round(special_sim[:, j] - self.special_care_embeds_weights[j].float() + boost, decimals=SCORE_DECIMALS)
+            threshold = self.special_care_embeds_weights[j].float()
+            s = torch.round(special_sim[:, j] - threshold + boost, decimals=SCORE_DECIMALS)
             boost = torch.where(s > 0, SPECIAL_CARE_BOOST, boost)
             special.append(s)
         concepts = torch.round(concept_sim - self.concept_embeds_weights.float() + boost[:, None],
                                decimals=SCORE_DECIMALS).cpu()
         specials = torch.stack(special, dim=1).cpu() if special else torch.zeros(len(concepts), 0)
         return [
-            SafetyScores(bool((c > 0).any()), tuple(c.tolist()), tuple(s.tolist()))
+            SafetyScores(bool((c > 0).any()), _decimals(c), _decimals(s))
             for c, s in zip(concepts, specials)
         ]
 
