@@ -55,6 +55,7 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     from sdq.db.session import SchemaMismatch, open_database
     from sdq.sdmodel.checkpoint import ModelNotFound
     from sdq.worker.app import create_app, queue_name
+    from sdq.worker.broker_keys import upgrade_broker_keys
     from sdq.worker.images.storage import StorageError, open_storage
     from sdq.worker.jobs.submit import identify_model
 
@@ -71,6 +72,9 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
         except OperationalError as exc:
             raise click.ClickException(
                 f"cannot reach the broker at {connection.hostname}:{connection.port}: {exc}") from None
+    moved = upgrade_broker_keys(settings.broker_url or "")
+    if moved:
+        click.echo(f"Moved {moved} waiting message(s) out of an older sdq's queue names", err=True)
     queue = queue_name(model.sha256)
     asked = _queue_option(celery_args)
     if asked is not None and asked != queue:

@@ -17,6 +17,7 @@ import redis
 from sqlalchemy.engine import Engine, make_url
 
 from sdq.db.session import engine_from_url
+from sdq.worker.app import level_lists
 
 POSTGRESQL_URL = os.environ.get(
     "SDQ_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -46,16 +47,11 @@ def scratch_database(backend: str, folder: Path, postgresql_url: str = POSTGRESQ
         admin.dispose()
 
 
-def _levels(client: redis.Redis, queue: str) -> list[bytes | str]:
-    """The Redis lists of `queue`: kombu keeps one per priority level (`queue`, `queue:1` ...)."""
-    return [queue, *client.keys(f"{queue}:*")]
-
-
 def in_queue(broker_url: str, queue: str) -> int:
     """Messages waiting in `queue`, at every priority level."""
     client = redis.Redis.from_url(broker_url)
     try:
-        return sum(client.llen(name) for name in _levels(client, queue))
+        return sum(client.llen(name) for name in level_lists(queue))
     finally:
         client.close()
 
@@ -64,6 +60,6 @@ def clear_queues(broker_url: str, *queues: str) -> None:
     """Drop every message waiting in `queues`, at every priority level."""
     client = redis.Redis.from_url(broker_url)
     try:
-        client.delete(*(name for queue in queues for name in _levels(client, queue)))
+        client.delete(*(name for queue in queues for name in level_lists(queue)))
     finally:
         client.close()

@@ -6,7 +6,12 @@ with `create_app` to publish. There is no result backend: the database holds eve
 """
 from __future__ import annotations
 
+import os
+from typing import MutableMapping
+
 from celery import Celery
+from kombu.transport.redis import Channel
+from kombu.utils.url import sanitize_url
 
 from sdq.worker.settings import Settings
 
@@ -23,6 +28,19 @@ def broker_priority(priority: int) -> int:
     """kombu's Redis transport pops level 0 first: the reverse of a job's priority. Values
     outside the range (recorded before it was enforced) count as its nearest end."""
     return PRIORITIES.stop - 1 - min(max(priority, PRIORITIES.start), PRIORITIES.stop - 1)
+
+
+def level_lists(queue: str) -> list[str]:
+    """The Redis lists that hold `queue`'s messages, one per level (level 0 is the bare name).
+
+    kombu names a level's list with its Redis `sep` transport option, which sdq leaves at
+    kombu's default. The same separator joins the fields of the binding tables that every
+    client reads to route a message, the replies to `celery inspect` and Flower included: a
+    worker with another separator cannot parse the binding a default client writes for its
+    reply queue, so it answers no control command. Priorities depend on `priority_steps` alone,
+    which only sdq's publishers and workers need; a plain client's control messages and their
+    replies go at level 0, the bare list, whatever its steps."""
+    return [queue, *(f"{queue}{Channel.sep}{level}" for level in PRIORITIES if level)]
 
 
 def queue_name(model_sha256: str) -> str:
@@ -52,7 +70,6 @@ def create_app(settings: Settings) -> Celery:
             "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
             "priority_steps": list(PRIORITIES),
-            "sep": ":",
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -60,4 +77,24 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(Settings.load())
+def celery_cli_settings(environ: MutableMapping[str, str]) -> Settings:
+    """The settings of a `celery -A sdq.worker.app ...` process.
+
+    Celery's `-b URL` arrives as CELERY_BROKER_URL, which Celery prefers to the app's broker,
+    while sdq's tasks and heartbeats read SDQ_BROKER_URL: two URLs would split a worker between
+    two brokers. A URL given to celery alone becomes SDQ_BROKER_URL for this process and its
+    pool processes; two different URLs are refused in one line."""
+    settings = Settings.load(environ)
+    given = environ.get("CELERY_BROKER_URL")
+    if not given or given == settings.broker_url:
+        return settings
+    if settings.broker_url is not None:
+        raise SystemExit(
+            f"sdq: the broker given to celery (-b or CELERY_BROKER_URL: {sanitize_url(given)}) is "
+            f"not SDQ_BROKER_URL ({sanitize_url(settings.broker_url)}); give one of them, or the "
+            f"same URL to both")
+    environ["SDQ_BROKER_URL"] = given
+    return Settings.load(environ)
+
+
+app = create_app(celery_cli_settings(os.environ))

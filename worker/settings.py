@@ -24,6 +24,11 @@ def _config_file(env: Mapping[str, str]) -> Path:
     return Path(env.get("SDQ_CONFIG", base / "sdq" / "config.toml"))
 
 
+def _default_home(env: Mapping[str, str]) -> Path:
+    """Data goes where the XDG base directories put it, as the config file does."""
+    return Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "sdq"
+
+
 @dataclass(frozen=True)
 class Settings:
     """The effective settings; `None` for a URL means "use the embedded default"."""
@@ -65,7 +70,7 @@ class Settings:
                 value = str(filed[name])
             return value or None
 
-        home = Path(get("home") or Path.home() / ".local" / "share" / "sdq").expanduser()
+        home = Path(get("home") or _default_home(env)).expanduser()
         raw = {
             "home": home,
             "database_url": get("database_url") or f"sqlite:///{home / 'sdq.db'}",

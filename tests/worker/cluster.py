@@ -30,16 +30,21 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90.0, ev
 
 
 class WorkerProcess:
-    """One `sdq worker --name NAME` with its own log file."""
+    """One worker (`command`, node name NAME) on `broker_url`, with its own log file."""
 
-    def __init__(self, sdq: Path, env: dict[str, str], model: Path, name: str, log: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], broker_url: str, name: str,
+                 log: Path) -> None:
         self.name, self.log = name, log
-        self.redis = redis.Redis.from_url(env["SDQ_BROKER_URL"])
+        self.redis = redis.Redis.from_url(broker_url)
         with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [str(sdq), "worker", "--model", str(model), "--name", name, "--",
-                 "--loglevel", "INFO", "--pool", "prefork"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    @classmethod
+    def sdq(cls, sdq: Path, env: dict[str, str], model: Path, name: str, log: Path) -> "WorkerProcess":
+        """`sdq worker --name NAME`, as a deployment starts it."""
+        return cls([str(sdq), "worker", "--model", str(model), "--name", name, "--",
+                    "--loglevel", "INFO", "--pool", "prefork"], env, env["SDQ_BROKER_URL"], name, log)
 
     def record(self) -> dict[str, Any] | None:
         """The pool process's latest heartbeat."""

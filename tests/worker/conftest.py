@@ -128,7 +128,7 @@ def start_worker(distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_pat
 
     def start(name: str) -> WorkerProcess:
         name = f"{name}-{uuid.uuid4().hex[:6]}"
-        process = WorkerProcess(sdq, distributed_env, tiny_checkpoint, name, tmp_path / f"{name}.log")
+        process = WorkerProcess.sdq(sdq, distributed_env, tiny_checkpoint, name, tmp_path / f"{name}.log")
         started.append(process)
         return process
 
