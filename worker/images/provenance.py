@@ -165,7 +165,7 @@ def _unquote(text: str) -> str:
         return text
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     """A number as A1111 writes it: `7` for a whole value, else the shortest repr (`7.5`)."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -180,12 +180,12 @@ def format_parameters(p: Provenance) -> str:
     if schedule:
         settings["Schedule type"] = schedule
     settings.update({
-        "CFG scale": _number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
+        "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
         "Model hash": p.model_sha256[:10], "Model": p.model_name,
         "RNG": p.environment.rng_device.upper(),
     })
     if p.eta:
-        settings["Eta DDIM"] = _number(p.eta)
+        settings["Eta DDIM"] = format_number(p.eta)
     settings["Version"] = f"sdq {p.environment.sdq}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
     negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
