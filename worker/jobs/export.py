@@ -104,26 +104,11 @@ def export_items(
     shards = plan_shards(ids, shard_size)
     folder = "data/" if card else ""
     writer = _WRITERS[fmt](folder)
-    previous, legacy = _read_manifest(dest, prefix, fmt)
-    dest.put(f".{prefix}-manifest.json", json.dumps({
-        "format": fmt, "shard_size": shard_size, "folder": folder, "shards": shards,
-    }).encode(), content_type="application/json")
-    if legacy:
-        dest.delete(legacy)
-    planned = {*writer.common_keys(),
-               *(key for n, shard in enumerate(shards) for key in writer.keys(prefix, n, shard))}
-    earlier = _WRITERS[fmt](previous.folder)
-    for key in {*earlier.common_keys(), *(key for n, shard in enumerate(previous.shards)
-                                          for key in earlier.keys(prefix, n, shard))} - planned:
-        dest.delete(key)
-    if previous.folder != folder:  # the layout changed: no shard is where it was
-        if previous.folder:
-            dest.delete("README.md")
-        previous = _Plan([])
+    reusable = _replace_plan(dest, writer, fmt, prefix, shard_size, shards)
     written = skipped = 0
     for n, shard in enumerate(shards):
         keys = writer.keys(prefix, n, shard)
-        if n < len(previous.shards) and previous.shards[n] == shard and all(dest.exists(k) for k in keys):
+        if n < len(reusable) and reusable[n] == shard and all(dest.exists(k) for k in keys):
             skipped += 1
         else:
             items = list(session.scalars(select(Item).where(Item.id.in_(shard)).order_by(Item.id)))
@@ -144,6 +129,29 @@ def export_items(
 class _Plan:
     shards: list[list[int]]
     folder: str = ""
+
+
+def _replace_plan(dest: Storage, writer: _Writer, fmt: str, prefix: str, shard_size: int,
+                  shards: list[list[int]]) -> list[list[int]]:
+    """Write the new plan first, delete the files of the previous plan that it does not make,
+    and return the previous plan's shards that may be kept (none if the layout changed)."""
+    previous, legacy = _read_manifest(dest, prefix, fmt)
+    dest.put(f".{prefix}-manifest.json", json.dumps({
+        "format": fmt, "shard_size": shard_size, "folder": writer.folder, "shards": shards,
+    }).encode(), content_type="application/json")
+    if legacy:
+        dest.delete(legacy)
+    planned = {*writer.common_keys(),
+               *(key for n, shard in enumerate(shards) for key in writer.keys(prefix, n, shard))}
+    earlier = _WRITERS[fmt](previous.folder)
+    for key in {*earlier.common_keys(), *(key for n, shard in enumerate(previous.shards)
+                                          for key in earlier.keys(prefix, n, shard))} - planned:
+        dest.delete(key)
+    if previous.folder == writer.folder:
+        return previous.shards
+    if previous.folder:  # a card's layout before: its card goes with it
+        dest.delete("README.md")
+    return []
 
 
 def _read_manifest(dest: Storage, prefix: str, fmt: str) -> tuple[_Plan, str | None]:
