@@ -27,19 +27,24 @@ from sdq.worker.images.storage import StorageError, open_storage
               help="Items per shard.")
 @click.option("--prefix", default="shard", show_default=True,
               help="Shard file names: PREFIX-000000.tar ...")
+@click.option("--card", is_flag=True,
+              help="Also write a dataset card (README.md: settings and counts, as Hugging Face "
+                   "hub datasets have); the shards then go under data/.")
 def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_size: int,
-           prefix: str) -> None:
+           prefix: str, card: bool) -> None:
     """Export the finished images of JOB, or those matching --query (or both: the job's
     matching ones), with their prompts and provenance, as dataset shards.
 
     Shards hold items in id order. Run the same command again to resume an interrupted
-    export: shards already written are kept, the rest are written.
+    export: shards already written are kept, the rest are written. The folder loads with one
+    call in pyarrow, pandas, Hugging Face datasets (data_dir=) and webdataset.
 
     \b
     Examples:
       sdq export 42 --format webdataset -o s3://datasets/castles
       sdq export --query "red dragon" --format imagefolder -o dragons/
       sdq export 42 --format parquet --shard-size 5000 -o castles-parquet/
+      sdq export 42 --format parquet --card -o castles-hub/
     """
     if job_id is None and query is None:
         raise click.UsageError("give a JOB or --query TEXT")
@@ -58,7 +63,8 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
         try:
             with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
                 report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
-                                      shard_size=shard_size, prefix=prefix, on_item=bar.update)
+                                      shard_size=shard_size, prefix=prefix, card=card,
+                                      on_item=bar.update)
         except (ExportError, StorageError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"{report.items} image(s) in {report.shards} shard(s) to {dest}: {report.written} "

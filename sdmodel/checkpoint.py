@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -239,7 +239,8 @@ def model_sha256(path: Path, cache_file: Path | None = None) -> str:
         sha = cached(path)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".hashes-")
+        tmp = cache_file.with_name(f".hashes-{secrets.token_hex(6)}")  # not mkstemp: honour the umask
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as fh:
             json.dump(cache, fh)
         os.replace(tmp, cache_file)

@@ -154,4 +154,21 @@ def test_a_grown_selection_rewrites_only_the_shards_that_changed(home: Home,
     assert result.output.endswith("6 image(s) in 3 shard(s) to "
                                   f"{tmp_path / 'out'}: 2 written, 1 already there\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-manifest.json"]
+        ".shard-manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_an_export_of_an_earlier_sdq_resumes_and_hides_its_manifest(home: Home,
+                                                                   tmp_path: Path) -> None:
+    """Earlier versions left `shard-manifest.json` beside the shards, where folder readers
+    (pyarrow, pandas, datasets) choke on it: a rerun reads it, then keeps only the hidden one."""
+    job = home.add_job(PROMPTS, done=5)
+    out = tmp_path / "out"
+    args = ["export", str(job.id), "--format", "parquet", "--shard-size", "2", "-o", str(out)]
+    assert home.run(*args).exit_code == 0
+    (out / ".shard-manifest.json").rename(out / "shard-manifest.json")
+    result = home.run(*args)
+    assert result.output.endswith("0 written, 3 already there\n")
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".shard-manifest.json", "shard-000000.parquet", "shard-000001.parquet",
+        "shard-000002.parquet"]
+    assert pq.read_table(out).num_rows == 5

@@ -9,6 +9,7 @@ without the database.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -164,18 +165,27 @@ def _unquote(text: str) -> str:
         return text
 
 
+def format_number(value: float) -> str:
+    """A number as A1111 writes it: `7` for a whole value, else the shortest repr (`7.5`)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def format_parameters(p: Provenance) -> str:
-    """The A1111 `parameters` text, field order and spelling as that tool writes them."""
+    """The A1111 `parameters` text, field order and spelling as that tool writes them.
+
+    `RNG: CPU` matters: A1111 draws the initial noise on the GPU unless told, so pasting the
+    text without it would make another image from the same seed."""
     sampler, schedule = SAMPLERS[p.sampler]
     settings: dict[str, object] = {"Steps": p.steps, "Sampler": sampler}
     if schedule:
         settings["Schedule type"] = schedule
     settings.update({
-        "CFG scale": float(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
+        "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
         "Model hash": p.model_sha256[:10], "Model": p.model_name,
+        "RNG": p.environment.rng_device.upper(),
     })
     if p.eta:
-        settings["Eta DDIM"] = float(p.eta)
+        settings["Eta DDIM"] = format_number(p.eta)
     settings["Version"] = f"sdq {p.environment.sdq}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
     negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
@@ -201,6 +211,19 @@ class Parameters:
     @property
     def steps(self) -> int | None:
         return self._int("Steps")
+
+    @property
+    def cfg(self) -> float | None:
+        try:
+            return float(self.settings.get("CFG scale", ""))
+        except ValueError:
+            return None
+
+    @property
+    def rng(self) -> str:
+        """Where the initial noise was drawn, as A1111 names it: `CPU`, `GPU` (its default,
+        when the text says nothing) or `NV`."""
+        return self.settings.get("RNG", "GPU")
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -439,13 +462,21 @@ def _differences(found: dict[str, Any], expected: dict[str, Any], theirs: str) -
     )
 
 
+def _comparable(parameters: Parameters) -> dict[str, Any]:
+    """The text's content, whichever way sdq spelled it: earlier versions wrote `CFG scale:
+    7.0` for 7 and no `RNG` (their noise was on the CPU too), and their files still verify."""
+    settings: dict[str, Any] = {"RNG": "CPU", **parameters.settings}
+    for key in ("CFG scale", "Eta DDIM"):
+        with contextlib.suppress(KeyError, ValueError):
+            settings[key] = float(settings[key])
+    return {"prompt": parameters.prompt, "negative prompt": parameters.negative_prompt, **settings}
+
+
 def _check_parameters(meta: PngMetadata, provenance: Provenance) -> Check:
     if meta.parameters is None:
         return Check("parameters chunk", False, "missing")
-    ours = parse_parameters(format_parameters(provenance))
-    found = {"prompt": meta.parameters.prompt, "negative prompt": meta.parameters.negative_prompt,
-             **meta.parameters.settings}
-    expected = {"prompt": ours.prompt, "negative prompt": ours.negative_prompt, **ours.settings}
+    found = _comparable(meta.parameters)
+    expected = _comparable(parse_parameters(format_parameters(provenance)))
     diff = _differences(found, expected, "sdq chunk")
     return Check("parameters chunk", not diff, diff or "agrees with the sdq chunk")
 

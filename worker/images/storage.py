@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp
+# files' names are not.
+_SEGMENT = re.compile(r"^(?!\.tmp-)\.?[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMP_PREFIX = ".tmp-"
 
 

@@ -1,20 +1,28 @@
 """Dataset exports of finished images with their prompts and provenance, for training.
 
-Formats:
+Formats, each readable with one call by the usual loaders (tests/cli/test_export_readers.py):
 - `webdataset`: tar shards `{prefix}-{n:06d}.tar`, each item as `{key}.png`, `{key}.txt` (the
   prompt) and `{key}.json` (its record), the layout the `webdataset` loader groups by key;
 - `parquet`: shards `{prefix}-{n:06d}.parquet`, one row per item: `image` (a struct of PNG
-  `bytes` and `path`, as Hugging Face `datasets` stores images), `prompt`, the record's
-  fields as columns and the whole record as JSON (`provenance`); needs pyarrow;
+  `bytes` and `path`, declared a Hugging Face `Image` so `datasets` decodes it), the record's
+  fields as typed columns and the whole record as JSON (`provenance`). One Arrow schema,
+  declared here, for every shard of every export, so shards of different jobs read as one
+  table; needs pyarrow;
 - `imagefolder`: `images/{key}.png` and one `metadata.jsonl` with a `file_name` column, the
   Hugging Face imagefolder convention; a shard is here a group of images.
 
+With a dataset card (`card=True`) the layout is a Hugging Face hub dataset's: `README.md`
+(see `sdq.worker.jobs.card`) at the top, the files above under `data/`, since folder readers
+such as `pyarrow.parquet.read_table(folder)` would try to read the card as data.
+
 The key is the item id, zero-padded, so names sort in id order. Shard membership is decided
 by item id order alone (shard n holds the n-th `shard_size` ids), and the plan is written
-first to `{prefix}-manifest.json`. A rerun skips a shard that exists and whose planned ids
-are unchanged; each shard is written whole or not at all (a local temp file, then an atomic
-put), so an existing shard is a complete one. Files of an earlier plan that the new one does
-not make (the selection shrank) are deleted.
+first to `.{prefix}-manifest.json`: hidden, because pyarrow, pandas and Hugging Face
+`datasets` skip dot-files in a folder and would otherwise fail on it. A rerun skips a shard
+that exists and whose planned ids are unchanged; each shard is written whole or not at all (a
+local temp file, then an atomic put), so an existing shard is a complete one. Files of an
+earlier plan that the new one does not make (the selection shrank, the layout changed) are
+deleted.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Status
 from sdq.db.queries import search_items
 from sdq.worker.images.storage import ObjectNotFound, Storage
+from sdq.worker.jobs.card import dataset_card
 
 FORMATS = ("webdataset", "parquet", "imagefolder")
 Describe = Callable[[Item], Mapping[str, Any]]
@@ -82,29 +91,24 @@ def plan_shards(ids: Sequence[int], shard_size: int) -> list[list[int]]:
 
 def export_items(
     session: Session, source: Storage, dest: Storage, ids: Sequence[int], *, fmt: str,
-    describe: Describe, shard_size: int = 1000, prefix: str = "shard",
+    describe: Describe, shard_size: int = 1000, prefix: str = "shard", card: bool = False,
     on_item: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write the items `ids` (images read from `source`) to `dest` in format `fmt`, skipping
-    the shards a previous run of the same plan wrote. `describe(item)` is the record that
-    goes with each image (JSON-able, datetimes and enums allowed). `on_item(n)` after n items
-    are done (written or skipped). Raises ExportError, or the storage's StorageError."""
+    the shards a previous run of the same plan wrote; with `card`, a dataset card too.
+    `describe(item)` is the record that goes with each image (JSON-able, datetimes and enums
+    allowed). `on_item(n)` after n items are done (written or skipped). Raises ExportError,
+    or the storage's StorageError."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    writer = _WRITERS[fmt]()
     shards = plan_shards(ids, shard_size)
-    manifest_key = f"{prefix}-manifest.json"
-    previous = _read_manifest(dest, manifest_key, fmt)
-    dest.put(manifest_key, json.dumps({"format": fmt, "shard_size": shard_size,
-                                       "shards": shards}).encode(), content_type="application/json")
-    planned = {key for n, shard in enumerate(shards) for key in writer.keys(prefix, n, shard)}
-    for n, shard in enumerate(previous):
-        for key in set(writer.keys(prefix, n, shard)) - planned:
-            dest.delete(key)
+    folder = "data/" if card else ""
+    writer = _WRITERS[fmt](folder)
+    reusable = _replace_plan(dest, writer, fmt, prefix, shard_size, shards)
     written = skipped = 0
     for n, shard in enumerate(shards):
         keys = writer.keys(prefix, n, shard)
-        if n < len(previous) and previous[n] == shard and all(dest.exists(k) for k in keys):
+        if n < len(reusable) and reusable[n] == shard and all(dest.exists(k) for k in keys):
             skipped += 1
         else:
             items = list(session.scalars(select(Item).where(Item.id.in_(shard)).order_by(Item.id)))
@@ -115,20 +119,57 @@ def export_items(
         if on_item:
             on_item(len(shard))
     writer.finish(session, dest, shards, describe)
+    if card:
+        dest.put("README.md", dataset_card(session, shards, fmt).encode(),
+                 content_type="text/markdown")
     return ExportReport(len(ids), len(shards), written, skipped)
 
 
-def _read_manifest(dest: Storage, key: str, fmt: str) -> list[list[int]]:
-    try:
-        manifest = json.loads(dest.get(key))
-    except ObjectNotFound:
-        return []
-    except ValueError:
-        raise ExportError(f"{key} in the destination is not an export manifest") from None
-    if manifest.get("format") != fmt:
-        raise ExportError(f"the destination holds a {manifest.get('format')} export; "
-                          f"export {fmt} elsewhere or use another --prefix")
-    return [list(shard) for shard in manifest["shards"]]
+@dataclass(frozen=True)
+class _Plan:
+    shards: list[list[int]]
+    folder: str = ""
+
+
+def _replace_plan(dest: Storage, writer: _Writer, fmt: str, prefix: str, shard_size: int,
+                  shards: list[list[int]]) -> list[list[int]]:
+    """Write the new plan first, delete the files of the previous plan that it does not make,
+    and return the previous plan's shards that may be kept (none if the layout changed)."""
+    previous, legacy = _read_manifest(dest, prefix, fmt)
+    dest.put(f".{prefix}-manifest.json", json.dumps({
+        "format": fmt, "shard_size": shard_size, "folder": writer.folder, "shards": shards,
+    }).encode(), content_type="application/json")
+    if legacy:
+        dest.delete(legacy)
+    planned = {*writer.common_keys(),
+               *(key for n, shard in enumerate(shards) for key in writer.keys(prefix, n, shard))}
+    earlier = _WRITERS[fmt](previous.folder)
+    for key in {*earlier.common_keys(), *(key for n, shard in enumerate(previous.shards)
+                                          for key in earlier.keys(prefix, n, shard))} - planned:
+        dest.delete(key)
+    if previous.folder == writer.folder:
+        return previous.shards
+    if previous.folder:  # a card's layout before: its card goes with it
+        dest.delete("README.md")
+    return []
+
+
+def _read_manifest(dest: Storage, prefix: str, fmt: str) -> tuple[_Plan, str | None]:
+    """The plan of the previous run, and the key of a manifest that earlier sdq versions
+    wrote unhidden (`{prefix}-manifest.json`: read once, then replaced by the hidden one)."""
+    for key in (f".{prefix}-manifest.json", f"{prefix}-manifest.json"):
+        try:
+            manifest = json.loads(dest.get(key))
+        except ObjectNotFound:
+            continue
+        except ValueError:
+            raise ExportError(f"{key} in the destination is not an export manifest") from None
+        if manifest.get("format") != fmt:
+            raise ExportError(f"the destination holds a {manifest.get('format')} export; "
+                              f"export {fmt} elsewhere or use another --prefix")
+        plan = _Plan([list(shard) for shard in manifest["shards"]], manifest.get("folder", ""))
+        return plan, key if not key.startswith(".") else None
+    return _Plan([]), None
 
 
 def _image(source: Storage, item: Item) -> bytes:
@@ -157,13 +198,21 @@ Entry = tuple[Item, bytes, Mapping[str, Any]]
 
 
 class _Writer:
-    """One format: which keys a shard makes, how to write one, what to write at the end."""
+    """One format, writing under `folder` ("" or "data/"): which keys a shard makes, how to
+    write one, what to write at the end."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
 
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
         raise NotImplementedError
 
     def write(self, dest: Storage, prefix: str, n: int, entries: Iterable[Entry]) -> None:
         raise NotImplementedError
+
+    def common_keys(self) -> list[str]:
+        """The files `finish` writes."""
+        return []
 
     def finish(self, session: Session, dest: Storage, shards: list[list[int]],
                describe: Describe) -> None:
@@ -180,7 +229,7 @@ def _upload(dest: Storage, key: str, fill: Callable[[Path], None], content_type:
 
 class _WebDataset(_Writer):
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
-        return [f"{prefix}-{n:06d}.tar"]
+        return [f"{self.folder}{prefix}-{n:06d}.tar"]
 
     def write(self, dest: Storage, prefix: str, n: int, entries: Iterable[Entry]) -> None:
         def fill(path: Path) -> None:
@@ -196,40 +245,72 @@ class _WebDataset(_Writer):
         _upload(dest, self.keys(prefix, n, [])[0], fill, "application/x-tar")
 
 
+def parquet_schema() -> Any:
+    """The one Arrow schema of every parquet shard: the fields of `sdq.cli.common.item_record`
+    with fixed types (a column that is null throughout a shard keeps its type), around `key`,
+    `image` and `provenance`. The schema metadata carries the Hugging Face `datasets` features
+    of `image` (the `huggingface` key, as `datasets` itself writes it), so that it loads as an
+    image rather than a dict; `datasets` reads every other column's type from Arrow."""
+    import pyarrow as pa
+
+    time = pa.timestamp("us", tz="UTC")
+    text, integer, real = pa.string(), pa.int64(), pa.float64()
+    columns = {
+        "key": text, "image": pa.struct([("bytes", pa.binary()), ("path", text)]),
+        "id": integer, "job": integer, "row": integer, "status": text, "prompt": text,
+        "negative_prompt": text, "seed": integer, "sampler": text, "steps": integer, "cfg": real,
+        "eta": real, "width": integer, "height": integer, "model": text, "model_sha256": text,
+        "tags": pa.list_(text), "attempts": integer, "error": text, "batch": text,
+        "batch_position": integer, "image_key": text, "image_sha256": text, "watermark": text,
+        "worker": text, "device": text, "created": time, "started": time, "finished": time,
+        "duration_s": real, "provenance": text,
+    }
+    features = {"info": {"features": {"image": {"_type": "Image"}}}}
+    return pa.schema(list(columns.items()), metadata={"huggingface": json.dumps(features)})
+
+
 class _Parquet(_Writer):
-    def __init__(self) -> None:
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder)
         try:
-            import pyarrow  # noqa: F401
+            self.schema = parquet_schema()
         except ImportError:
             raise ExportError("the parquet format needs pyarrow: pip install 'sdq[export]'") \
                 from None
 
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
-        return [f"{prefix}-{n:06d}.parquet"]
+        return [f"{self.folder}{prefix}-{n:06d}.parquet"]
 
     def write(self, dest: Storage, prefix: str, n: int, entries: Iterable[Entry]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = []
-        for item, png, record in entries:
-            flat = json.loads(_json(record))
-            columns = {k: v for k, v in flat.items() if not isinstance(v, (list, dict))}
-            rows.append({"key": item_key(item.id),
-                         "image": {"bytes": png, "path": f"{item_key(item.id)}.png"},
-                         **columns, "prompt": item.prompt, "provenance": _json(record)})
-        table = pa.Table.from_pylist(rows)
+        rows = [self._row(item, png, record) for item, png, record in entries]
+        table = pa.Table.from_pylist(rows, schema=self.schema)
         _upload(dest, self.keys(prefix, n, [])[0], lambda path: pq.write_table(table, path),
                 "application/vnd.apache.parquet")
+
+    def _row(self, item: Item, png: bytes, record: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(record) - set(self.schema.names)
+        if unknown:  # a field added to the record must get its column, with its type
+            raise ValueError(f"record field(s) without a parquet column: {', '.join(sorted(unknown))}")
+        key = item_key(item.id)
+        values = {name: value.value if isinstance(value, Enum) else value
+                  for name, value in record.items()}
+        return {**values, "key": key, "image": {"bytes": png, "path": f"{key}.png"},
+                "provenance": _json(record)}
 
 
 class _ImageFolder(_Writer):
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
-        return [f"images/{item_key(i)}.png" for i in ids]
+        return [f"{self.folder}images/{item_key(i)}.png" for i in ids]
 
     def write(self, dest: Storage, prefix: str, n: int, entries: Iterable[Entry]) -> None:
         for item, png, _ in entries:
-            dest.put(f"images/{item_key(item.id)}.png", png)
+            dest.put(f"{self.folder}images/{item_key(item.id)}.png", png)
+
+    def common_keys(self) -> list[str]:
+        return [f"{self.folder}metadata.jsonl"]
 
     def finish(self, session: Session, dest: Storage, shards: list[list[int]],
                describe: Describe) -> None:
@@ -239,9 +320,10 @@ class _ImageFolder(_Writer):
             for item in session.scalars(select(Item).where(Item.id.in_(shard)).order_by(Item.id)):
                 record = {"file_name": f"images/{item_key(item.id)}.png", **describe(item)}
                 lines.append(_json(record) + "\n")
-        dest.put("metadata.jsonl", "".join(lines).encode(), content_type="application/jsonl")
+        dest.put(self.common_keys()[0], "".join(lines).encode(),
+                 content_type="application/jsonl")
 
 
-_WRITERS: dict[str, Callable[[], _Writer]] = {
+_WRITERS: dict[str, Callable[[str], _Writer]] = {
     "webdataset": _WebDataset, "parquet": _Parquet, "imagefolder": _ImageFolder,
 }

@@ -32,7 +32,7 @@ def test_parameters_text_in_the_a1111_layout() -> None:
         "a photograph of an astronaut riding a horse\n"
         "Negative prompt: blurry\n"
         "Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, "
-        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdq 0.1.0"
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdq 0.1.0"
     )
 
 
@@ -40,7 +40,7 @@ def test_no_negative_prompt_line_when_empty_and_eta_when_set() -> None:
     text = format_parameters(provenance(negative_prompt="", eta=0.5))
     assert text.splitlines()[0] == "a photograph of an astronaut riding a horse"
     assert text.splitlines()[1].startswith("Steps: 50, Sampler: DDIM, ")
-    assert ", Eta DDIM: 0.5, Version: sdq 0.1.0" in text
+    assert ", RNG: CPU, Eta DDIM: 0.5, Version: sdq 0.1.0" in text
 
 
 @pytest.mark.parametrize("sampler, spelled", [
@@ -68,7 +68,39 @@ def test_values_with_commas_colons_and_newlines_round_trip() -> None:
     assert (parsed.prompt, parsed.negative_prompt) == (p.prompt, p.negative_prompt)
     assert parsed.settings["Model"] == p.model_name
     assert (parsed.seed, parsed.steps, parsed.size) == (4294967295, 50, (512, 512))
-    assert parsed.settings["CFG scale"] == "7.0"
+    assert parsed.settings["CFG scale"] == "7"
+
+
+@pytest.mark.parametrize("cfg, eta, written", [
+    (7.0, 1.0, "CFG scale: 7, Seed: 42, Size: 512x512"), (7.5, 0.25, "CFG scale: 7.5, Seed"),
+    (12, 0.0, "CFG scale: 12, Seed"), (6.1, 0.1, "CFG scale: 6.1, Seed"),
+])
+def test_numbers_as_a1111_writes_them(cfg: float, eta: float, written: str) -> None:
+    text = format_parameters(provenance(cfg=cfg, eta=eta))
+    assert written in text
+    assert (f", Eta DDIM: {eta:g}, " in text) == bool(eta)
+    parsed = parse_parameters(text)
+    assert (parsed.cfg, parsed.rng) == (cfg, "CPU")
+
+
+def test_a1111_text_read_by_the_parser_people_use() -> None:
+    """sd-parsers, as image browsers use it, reads sdq's PNG as an AUTOMATIC1111 image."""
+    from sd_parsers import ParserManager
+
+    p = provenance(sampler="dpmpp_2m_karras", cfg=7.0, prompt="a castle, at dusk: misty")
+    info = ParserManager().parse(Image.open(io.BytesIO(
+        encode_png(photo(256, 256), replace(p, width=256, height=256), watermark=None).data)))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    [sampler] = info.samplers
+    assert (sampler.name, sampler.parameters) == (
+        "DPM++ 2M", {"cfg_scale": "7", "seed": "42", "steps": "50", "scheduler": "Karras"})
+    assert [prompt.value for prompt in sampler.prompts] == ["a castle, at dusk: misty"]
+    assert (sampler.model.name, sampler.model.hash) == ("v1-5-pruned-emaonly", "6ce0161689")
+    assert (info.metadata["RNG"], info.metadata["Size"]) == ("CPU", "256x256")
+
+
+def test_text_without_rng_means_a1111_default() -> None:
+    assert parse_parameters("cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1").rng == "GPU"
 
 
 def test_model_hashes_new_and_legacy() -> None:

@@ -83,6 +83,20 @@ def test_an_untouched_file_verifies(home: Home, png: bytes) -> None:
     assert result.output.rstrip().endswith("verified: every check passed")
 
 
+def test_a_file_of_an_earlier_sdq_still_verifies(home: Home) -> None:
+    """Before `RNG: CPU` was written, and with `CFG scale: 7.0`: the same content."""
+    png = encode_png(photo(512, 512), provenance(cfg=7.0), watermark=MARK).data
+    text = Image.open(io.BytesIO(png)).text["parameters"]  # type: ignore[attr-defined]
+    older = text.replace("CFG scale: 7,", "CFG scale: 7.0,").replace(" RNG: CPU,", "")
+    assert older != text
+    result = home.run(write(home, rewrite(png, parameters=older)))
+    assert result.exit_code == 0, result.output
+    assert lines(result, "parameters chunk")[0].split()[0] == "ok"
+    forged = older.replace("CFG scale: 7.0,", "CFG scale: 7.5,")
+    assert lines(home.run(write(home, rewrite(png, parameters=forged))),
+                 "parameters chunk")[0].split()[0] == "MISMATCH"
+
+
 def test_a_changed_pixel_is_caught(home: Home, png: bytes) -> None:
     def nudge(pixels: np.ndarray) -> np.ndarray:
         pixels[100, 200, 1] ^= 1

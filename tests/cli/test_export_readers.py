@@ -1,0 +1,143 @@
+"""Every export format loads with one call in the readers people use: pyarrow, pandas,
+Hugging Face `datasets` (`data_dir=`) and `webdataset`, images decoded, fields typed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import yaml
+from datasets import Image as ImageFeature
+from datasets import load_dataset
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sdq.cli.common import item_record
+from sdq.db.models import Item
+from sdq.worker.jobs.export import parquet_schema
+
+from .conftest import Home
+
+
+@pytest.fixture
+def two_jobs(home: Home) -> tuple[int, int]:
+    """Two jobs unlike each other where per-shard type inference would differ: the first has
+    no tags and no recorded error, the second has both."""
+    plain = home.add_job(["a red fox", "a lighthouse", "a boat"], done=3)
+    tagged = home.add_job(["a red castle", "a dragon"], done=2,
+                          item_tags=[["castle", "red"], ["dragon"]])
+    with Session(home.engine) as session:
+        retried = session.scalars(select(Item).where(Item.job_id == tagged.id)).first()
+        retried.last_error, retried.attempts = "CUDA out of memory", 2
+        session.commit()
+    return plain.id, tagged.id
+
+
+def export(home: Home, out: Path, *args: str) -> None:
+    result = home.run("export", *args, "-o", str(out))
+    assert result.exit_code == 0, result.output
+
+
+def items(home: Home, job_id: int) -> list[Item]:
+    with Session(home.engine) as session:
+        return list(session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.id)))
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def hf(builder: str, folder: Path, cache: Path):  # type: ignore[no-untyped-def]
+    return load_dataset(builder, data_dir=str(folder), split="train", cache_dir=str(cache))
+
+
+def test_parquet_of_two_jobs_is_one_typed_table_everywhere(home: Home, tmp_path: Path,
+                                                           two_jobs: tuple[int, int]) -> None:
+    out = tmp_path / "out"
+    export(home, out, str(two_jobs[0]), "--format", "parquet", "--prefix", "plain")
+    export(home, out, str(two_jobs[1]), "--format", "parquet", "--prefix", "tagged")
+
+    table = pq.read_table(out)
+    assert table.num_rows == 5
+    assert table.schema.remove_metadata() == parquet_schema().remove_metadata()
+    for shard in out.glob("*.parquet"):
+        assert pq.read_schema(shard) == parquet_schema()  # the same declared schema, metadata too
+    rows = {row["prompt"]: row for row in table.to_pylist()}
+    assert rows["a red castle"]["tags"] == ["castle", "red"] and rows["a red fox"]["tags"] == []
+    assert rows["a red castle"]["error"] == "CUDA out of memory" and rows["a boat"]["error"] is None
+    assert table.schema.field("finished").type == pa.timestamp("us", tz="UTC")
+
+    frame = pd.read_parquet(out)
+    assert len(frame) == 5 and str(frame["finished"].dtype).endswith("UTC]")
+
+    with Session(home.engine) as session:
+        record = item_record(session.get(Item, rows["a boat"]["id"]))
+    assert set(parquet_schema().names) == {"key", "image", "provenance", *record}
+
+    dataset = hf("parquet", out, tmp_path / "hf")
+    assert isinstance(dataset.features["image"], ImageFeature)
+    first = dataset[0]
+    assert isinstance(first["image"], Image.Image) and first["image"].size == (64, 64)
+    assert sorted(map(tuple, dataset["tags"])) == [(), (), (), ("castle", "red"), ("dragon",)]
+
+
+def test_webdataset_loads_in_webdataset_and_datasets(home: Home, tmp_path: Path,
+                                                     two_jobs: tuple[int, int]) -> None:
+    out = tmp_path / "out"
+    export(home, out, "--query", "a", "--format", "webdataset", "--shard-size", "2")
+    urls = sorted(str(path) for path in out.glob("*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert [s["txt"] for s in samples] == ["a red fox", "a lighthouse", "a boat", "a red castle",
+                                           "a dragon"]
+    assert isinstance(samples[3]["png"], Image.Image)
+    assert samples[3]["json"]["tags"] == ["castle", "red"]
+
+    # datasets infers the record's types from the first five samples (docs/cli.md): one job's.
+    one = tmp_path / "one"
+    export(home, one, str(two_jobs[1]), "--format", "webdataset")
+    dataset = hf("webdataset", one, tmp_path / "hf")
+    assert dataset.num_rows == 2 and dataset[0]["txt"] == "a red castle"
+    assert isinstance(dataset[0]["png"], Image.Image) and dataset[0]["json"]["tags"] == ["castle", "red"]
+
+
+def test_imagefolder_loads_in_datasets(home: Home, tmp_path: Path,
+                                       two_jobs: tuple[int, int]) -> None:
+    out = tmp_path / "out"
+    export(home, out, str(two_jobs[1]), "--format", "imagefolder")
+    dataset = hf("imagefolder", out, tmp_path / "hf")
+    assert [row["prompt"] for row in dataset] == ["a red castle", "a dragon"]
+    assert isinstance(dataset[0]["image"], Image.Image) and dataset[0]["tags"] == ["castle", "red"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "imagefolder"])
+def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
+        home: Home, tmp_path: Path, two_jobs: tuple[int, int], fmt: str) -> None:
+    out = tmp_path / "out"
+    export(home, out, str(two_jobs[1]), "--format", fmt)  # first without a card
+    export(home, out, str(two_jobs[1]), "--format", fmt, "--card")
+    data = {"parquet": ["shard-000000.parquet"], "webdataset": ["shard-000000.tar"],
+            "imagefolder": [*(f"images/{i.id:010d}.png" for i in items(home, two_jobs[1])),
+                            "metadata.jsonl"]}[fmt]
+    assert files(out) == [".shard-manifest.json", "README.md", *(f"data/{f}" for f in data)]
+
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-to-image"]
+    assert f"# sdq images of job {two_jobs[1]}" in body
+    assert "| tiny | ababababab | euler | 20 | 7.5 | 64x64 | 2 |" in body
+
+    dataset = hf(fmt, out, tmp_path / "hf")
+    assert dataset.num_rows == 2
+    if fmt == "parquet":
+        assert pq.read_table(out / "data").num_rows == 2
+        assert len(pd.read_parquet(out / "data")) == 2
+        hub = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hub"))
+        assert isinstance(hub[0]["image"], Image.Image)
+
+    export(home, out, str(two_jobs[1]), "--format", fmt)  # and back: the card goes
+    assert files(out) == [".shard-manifest.json", *data]
