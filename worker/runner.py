@@ -154,7 +154,11 @@ class Runner:
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
         on the first run. `store_threads`: None for one per core, up to 8."""
-        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        # Every runner transaction reads rows, then writes them: on SQLite it takes the write
+        # lock up front (the role FOR UPDATE plays on PostgreSQL), so store threads recording
+        # at once queue on the busy timeout instead of failing on a stale snapshot.
+        self.sessions = sessionmaker(engine.execution_options(sqlite_immediate=True),
+                                     expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
