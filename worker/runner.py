@@ -335,7 +335,8 @@ class Runner:
         """Upload, then mark done, in one short transaction, the items this claim still holds.
 
         Nothing is uploaded under a row lock: uploads take as long as the network does, and
-        a lock held meanwhile would stall every other worker and `sdq cancel` on these rows.
+        a lock held meanwhile would keep every other writer of these rows (claims, `sdq
+        cancel`, reconcile) waiting.
         The claim can therefore be lost during the upload (lease run out, item cancelled or
         taken over). That is safe because each attempt uploads to its own key (`image_key`):
         a retry of this call overwrites its own object, a lost claim's object never replaces
