@@ -24,8 +24,9 @@ MAX_STORE_THREADS = 8
 
 
 def default_store_threads(cores: int | None = None) -> int:
-    """One store thread per core, up to 8: encoding is CPU work that releases the GIL, and
-    uploads wait on the network; 8 keep up with a GPU at 9 images/s (docs/benchmarks.md)."""
+    """One store thread per core, up to 8. The watermark's array math, hashing, uploads and
+    fsyncs run outside the GIL, so threads overlap them; Pillow's PNG writer holds the GIL,
+    which is why the PNG level, not the thread count, sets the ceiling (docs/storage.md)."""
     return max(1, min(MAX_STORE_THREADS, cores or os.cpu_count() or 1))
 
 
