@@ -415,9 +415,15 @@ class Runner:
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
-    """Close the jobs none of whose items is still to run: done, or failed if any item failed."""
+    """Close the jobs none of whose items is still to run: done, or failed if any item failed.
+
+    The job row is locked first. Transactions that finish a job's last items at the same time
+    (the parts of one chunk, on parallel store threads) then take turns here, and the last one
+    sees the others' items done; unlocked, each could see the other's still running, and the
+    job would never close. Sorted, so two transactions never lock jobs in opposite orders."""
     now = utcnow()
-    for job_id in job_ids:
+    for job_id in sorted(job_ids):
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         open_items = select(Item.id).where(
             Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED, Status.RUNNING)))
         if session.scalar(open_items.limit(1)) is not None:
