@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Model, Status
-from sdq.db.queries import submit_job
+from sdq.db.models import Item, Job, Status
+from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.worker.images.storage import LocalStorage, Storage, open_storage
@@ -39,7 +39,7 @@ def tiny_pipeline(tiny_checkpoint: Path) -> Pipeline:
 def queued_job(engine: Engine, pipe: Pipeline, count: int) -> tuple[int, list[Batch]]:
     """A job of `count` small items for `pipe`'s model, planned into batches, not yet run."""
     with Session(engine) as session:
-        session.add(model := Model(sha256=pipe.sha256, name="tiny", architecture="sd-v1"))
+        model = register_model(session, sha256=pipe.sha256, name="tiny", source_uri="")
         session.flush()
         job = submit_job(session, Job(), [{**s, "model_id": model.id}
                                           for s in specs(count, steps=1)])
@@ -109,6 +109,20 @@ def test_one_chunk_is_stored_by_every_store_thread(embedded: Settings, tiny_pipe
     assert runner.run(batches).done == 6
     assert len(storage.threads) == 3 and all(t.startswith("sdq-store") for t in storage.threads)
     assert [i.batch_position for i in job_items(engine, job_id)] == list(range(6))
+
+
+def test_parts_recorded_at_once_on_postgresql_close_their_job(
+        pg_url: str, tmp_path: Path, tiny_pipeline: Pipeline) -> None:
+    """The two parts of the job's only chunk upload together and so record together: each
+    transaction must not miss the other's items when it decides whether the job is over."""
+    engine = open_database(pg_url)
+    for _ in range(3):
+        job_id, batches = queued_job(engine, tiny_pipeline, 2)
+        runner = Runner(engine=engine, storage=MeetingStorage(tmp_path, threads=2), model_ref="",
+                        pipeline=tiny_pipeline, store_threads=2)
+        assert runner.run(batches).done == 2
+        with Session(engine) as session:
+            assert session.get(Job, job_id).status == Status.DONE
 
 
 class BackedUpStorage(LocalStorage):
