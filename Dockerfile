@@ -1,5 +1,14 @@
-# The sdq worker image: CUDA PyTorch base, sdq installed on top (torch from the base is kept).
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# The sdq worker image: a CUDA PyTorch base, sdq installed on top.
+#
+# transformers 5 switches its PyTorch support off below torch 2.6, so the base must carry at
+# least that (tests/worker/test_image.py reads this tag and checks it against the pinned
+# transformers). pip would keep any torch that satisfies sdq's own `torch>=2.1`, but another
+# dependency could still ask for a different build; the constraint written below holds torch at
+# exactly the base's CUDA build, and the build fails rather than replace it.
+FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+
+# The transformers version sdq is tested against: pyproject.toml's `test` extra pins the same.
+ARG TRANSFORMERS_VERSION=5.24.0
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
@@ -8,7 +17,15 @@ COPY worker worker
 COPY cli cli
 COPY db db
 COPY migrations migrations
-RUN pip install --no-cache-dir . && rm -rf /src
+# After the install: torch is still the base's, and transformers builds a (tiny) CLIP text
+# model, which it refuses to do when it has disabled PyTorch.
+RUN set -eu; \
+    base_torch="$(python -c 'from importlib.metadata import version; print(version("torch"))')"; \
+    printf 'torch==%s\ntransformers==%s\n' "$base_torch" "$TRANSFORMERS_VERSION" > /tmp/constraints.txt; \
+    pip install --no-cache-dir --constraint /tmp/constraints.txt .; \
+    test "$(python -c 'from importlib.metadata import version; print(version("torch"))')" = "$base_torch"; \
+    python -c 'import transformers as t; t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4))'; \
+    rm -rf /src /tmp/constraints.txt
 
 WORKDIR /data
 ENV SDQ_HOME=/data PYTHONUNBUFFERED=1

@@ -117,7 +117,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                     model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
                     batch_position=position,
                 )
-                png = encode_png(image, provenance, watermark=watermark)
+                png = encode_png(image, provenance, watermark=watermark, level=settings.png_level)
                 path = paths[len(written)]
                 write_atomically(path, png.data)
                 written.append({"path": str(path), "seed": request.seed, "sha256": png.sha256,

@@ -9,21 +9,27 @@ step is guarded by the item's row, which makes redelivered or duplicated message
   are waited for (their holder may be alive) until that lease runs out;
 - a renewal thread keeps the leases of the running batch alive, so only a lost worker's items
   expire;
-- recording locks the rows and stores an image only if this claim (the same `attempts`) still
-  holds it; keys are derived from ids, so a rerun overwrites instead of adding an object.
+- storing uploads first, under a key derived from the item and the attempt, then records the
+  image in a short transaction only if this claim (the same `attempts`) still holds the row;
+  a claim lost meanwhile deletes its own object and records nothing (see `Runner._record`).
 
-While the model denoises one micro-batch, a thread pool encodes, watermarks, uploads and
-records the previous one; `run` returns (and the task acknowledges) only when all are recorded.
+While the model denoises one micro-batch, store threads encode, watermark, upload and record
+the previous ones, each chunk cut in parts so that all threads work on it. At most
+`QUEUED_CHUNKS` finished chunks wait or are being stored; the generator blocks beyond that, so
+memory stays flat when storage is slow. `run` returns (and the task acknowledges) only when all
+are recorded.
 """
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from itertools import groupby
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -46,6 +52,7 @@ from sdq.worker.images.provenance import (
     environment_fingerprint,
 )
 from sdq.worker.images.storage import Storage, StorageError, image_key
+from sdq.worker.settings import DEFAULT_PNG_LEVEL, default_store_threads
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,9 @@ LEASE_S = 120
 """How long a claim lasts without renewal: the longest a redelivered batch whose worker died
 waits before taking the items over. Capped by the broker's visibility timeout, so a lost
 machine's items are free by the time its message comes back."""
-STORE_THREADS = 2
-"""Encode/upload threads: two keep uploads ahead of a GPU without holding many images."""
+QUEUED_CHUNKS = 2
+"""Finished chunks held for storing at most: one being stored and one ready, so the store
+threads never wait on the GPU while storage keeps up, and memory stays flat when it does not."""
 BACKOFF_S = 0.5
 TRANSIENT = (StorageError, OperationalError)
 """Failures worth retrying: storage and database hiccups. Anything else is permanent."""
@@ -115,6 +123,16 @@ class Chunk:
     items: tuple[Work, ...]
     images: tuple[Image.Image, ...]
     seconds: float
+    first: int = 0
+    """Batch position of the first item: a part of a chunk keeps its items' positions."""
+
+    def parts(self, count: int) -> list["Chunk"]:
+        """The chunk cut into at most `count` runs of consecutive items, to be stored in
+        parallel; each part carries its share of the denoising time."""
+        size = math.ceil(len(self.items) / count)
+        return [Chunk(self.batch_id, self.items[i:i + size], self.images[i:i + size],
+                      self.seconds * len(self.items[i:i + size]) / len(self.items), self.first + i)
+                for i in range(0, len(self.items), size)]
 
 
 @dataclass
@@ -132,15 +150,22 @@ class Runner:
         dtype: str | None = None, watermark: str | None = None, hash_cache: Any = None,
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
         worker_name: str | None = None, pipeline: Pipeline | None = None,
+        png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None,
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
-        on the first run."""
-        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        on the first run. `store_threads`: None for one per core, up to 8."""
+        # Every runner transaction reads rows, then writes them: on SQLite it takes the write
+        # lock up front (the role FOR UPDATE plays on PostgreSQL), so store threads recording
+        # at once queue on the busy timeout instead of failing on a stale snapshot.
+        self.sessions = sessionmaker(engine.execution_options(sqlite_immediate=True),
+                                     expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
         self.max_attempts, self.lease_s, self.micro_batch = max_attempts, lease_s, micro_batch
         self.worker_name = worker_name or socket.gethostname()
+        self.png_level = png_level
+        self.store_threads = store_threads or default_store_threads()
         self.current_batch: str | None = None
         self.images_done = 0
         self._pipeline = pipeline
@@ -163,11 +188,11 @@ class Runner:
             report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
             return report
         environment = environment_fingerprint(pipe.device, pipe.dtype)
-        pending: list[Future[int]] = []
         claimed: list[int] = []
         try:
-            with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="sdq-store") as pool, \
-                    _LeaseKeeper(self) as leases:
+            # The queue drains (every chunk stored) before the leases stop being renewed.
+            with _LeaseKeeper(self) as leases, \
+                    _StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
                 for batch in batches:
                     self.current_batch = batch.id
                     work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
@@ -175,14 +200,15 @@ class Runner:
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
                     for chunk in self._generate(pipe, batch.id, work, report):
-                        pending.append(pool.submit(self._store, chunk, environment, on_recorded))
+                        queue.put([partial(self._store, part, environment, on_recorded)
+                                   for part in chunk.parts(self.store_threads)])
                 self.current_batch = None
-                errors = []
-                for future in pending:
-                    try:
-                        report.done += future.result()
-                    except TransientError as exc:
-                        errors.append(exc)
+            errors = []
+            for future in queue.futures:
+                try:
+                    report.done += future.result()
+                except TransientError as exc:
+                    errors.append(exc)
         except KeyboardInterrupt:
             # Images already made were stored while the pool drained; the rest go back at once,
             # with their attempt, so that `sdq resume` need not wait for the leases to run out.
@@ -281,7 +307,8 @@ class Runner:
 
     def _store(self, chunk: Chunk, environment: Environment,
                on_recorded: Callable[[int], None] | None) -> int:
-        """Encode, watermark, upload and record one chunk; returns how many were recorded."""
+        """Encode, watermark, upload and record one chunk (or part of one); returns how many
+        were recorded."""
         pipe = self.pipeline()
         pngs = [
             encode_png(image, Provenance(
@@ -289,8 +316,8 @@ class Runner:
                 steps=w.steps, cfg=w.cfg, width=w.width, height=w.height, eta=w.eta,
                 model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
                 job_id=w.job_id, item_id=w.id, row=w.row_index, batch_id=chunk.batch_id,
-                batch_position=position,
-            ), watermark=self.watermark)
+                batch_position=chunk.first + position,
+            ), watermark=self.watermark, level=self.png_level)
             for position, (w, image) in enumerate(zip(chunk.items, chunk.images))
         ]
         try:
@@ -305,31 +332,52 @@ class Runner:
         return recorded
 
     def _record(self, chunk: Chunk, pngs: list[EncodedPng]) -> int:
-        """Upload and mark done, under row locks, the items this claim still holds."""
-        ids = [w.id for w in chunk.items]
+        """Upload, then mark done, in one short transaction, the items this claim still holds.
+
+        Nothing is uploaded under a row lock: uploads take as long as the network does, and
+        a lock held meanwhile would keep every other writer of these rows (claims, `sdq
+        cancel`, reconcile) waiting.
+        The claim can therefore be lost during the upload (lease run out, item cancelled or
+        taken over). That is safe because each attempt uploads to its own key (`image_key`):
+        a retry of this call overwrites its own object, a lost claim's object never replaces
+        the one the new holder records, and the check under lock decides which object the
+        row points to. A lost claim deletes its object; a later attempt that records also
+        deletes the objects of earlier ones, in case their worker died before cleaning up.
+        """
+        keys = [image_key(w.job_id, w.id, w.attempt) for w in chunk.items]
+        for key, png in zip(keys, pngs):
+            self.storage.put(key, png.data)
         share = chunk.seconds / len(chunk.items)
         with self.sessions.begin() as session:
-            held = dict(session.execute(
-                select(Item.id, Item.attempts)
-                .where(Item.id.in_(ids), Item.status == Status.RUNNING).with_for_update()
-            ).all())
-            now = utcnow()
-            rows = []
-            for position, (w, png) in enumerate(zip(chunk.items, pngs)):
-                if held.get(w.id) != w.attempt:
-                    continue  # finished, cancelled or taken over meanwhile: not ours to record
-                key = image_key(w.job_id, w.id)
-                self.storage.put(key, png.data)
-                rows.append({"id": w.id, "status": Status.DONE, "image_key": key,
-                             "image_sha256": png.sha256, "watermark": png.watermark,
-                             "batch_id": chunk.batch_id, "batch_position": position,
-                             "device": self.pipeline().device,
-                             "lease_expires_at": None, "last_error": None, "finished_at": now,
-                             "duration_s": share})
+            found = {row.id: row for row in session.execute(
+                select(Item.id, Item.status, Item.attempts, Item.image_key)
+                .where(Item.id.in_([w.id for w in chunk.items])).with_for_update())}
+            ours = {w.id for w in chunk.items if w.id in found
+                    and (found[w.id].status, found[w.id].attempts) == (Status.RUNNING, w.attempt)}
+            rows = [{"id": w.id, "status": Status.DONE, "image_key": key,
+                     "image_sha256": png.sha256, "watermark": png.watermark,
+                     "batch_id": chunk.batch_id, "batch_position": chunk.first + position,
+                     "device": self.pipeline().device, "lease_expires_at": None,
+                     "last_error": None, "finished_at": utcnow(), "duration_s": share}
+                    for position, (w, key, png) in enumerate(zip(chunk.items, keys, pngs))
+                    if w.id in ours]
             if rows:
                 session.execute(update(Item), rows)
             _finish_jobs(session, {w.job_id for w in chunk.items})
+        for w, key in zip(chunk.items, keys):
+            if w.id in ours:
+                self._delete([image_key(w.job_id, w.id, n) for n in range(1, w.attempt)])
+            elif w.id not in found or found[w.id].image_key != key:  # not our earlier commit
+                self._delete([key])
         return len(rows)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        """Remove objects no row points to; one left behind is only wasted space."""
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except StorageError as exc:
+                log.warning("could not delete unrecorded image %s: %s", key, exc)
 
     # -- state changes for failures -----------------------------------------------------
 
@@ -367,9 +415,15 @@ class Runner:
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
-    """Close the jobs none of whose items is still to run: done, or failed if any item failed."""
+    """Close the jobs none of whose items is still to run: done, or failed if any item failed.
+
+    The job row is locked first. Transactions that finish a job's last items at the same time
+    (the parts of one chunk, on parallel store threads) then take turns here, and the last one
+    sees the others' items done; unlocked, each could see the other's still running, and the
+    job would never close. Sorted, so two transactions never lock jobs in opposite orders."""
     now = utcnow()
-    for job_id in job_ids:
+    for job_id in sorted(job_ids):
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         open_items = select(Item.id).where(
             Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED, Status.RUNNING)))
         if session.scalar(open_items.limit(1)) is not None:
@@ -378,6 +432,41 @@ def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
             Item.job_id == job_id, Item.status == Status.FAILED).limit(1))
         session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED))
                         .values(status=Status.FAILED if failed else Status.DONE, finished_at=now))
+
+
+class _StoreQueue:
+    """Store threads fed with finished chunks, at most `bound` chunks at a time: `put` blocks
+    the generator while that many are waiting or being stored, so a slow store holds back the
+    GPU instead of piling decoded images up in memory."""
+
+    def __init__(self, threads: int, bound: int) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdq-store")
+        self.slots = threading.Semaphore(bound)
+        self.futures: list[Future[int]] = []
+
+    def put(self, parts: Sequence[Callable[[], int]]) -> None:
+        """Store one chunk as `parts` run on the threads; its slot frees when the last ends."""
+        self.slots.acquire()
+        left = len(parts)
+        lock = threading.Lock()
+
+        def part_done(_: Future[int]) -> None:
+            nonlocal left
+            with lock:
+                left -= 1
+                if left == 0:
+                    self.slots.release()
+
+        for part in parts:
+            future = self.pool.submit(part)
+            future.add_done_callback(part_done)
+            self.futures.append(future)
+
+    def __enter__(self) -> "_StoreQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class _LeaseKeeper(threading.Thread):

@@ -39,13 +39,15 @@ class ObjectNotFound(StorageError):
     """The key does not exist (the bucket or folder does)."""
 
 
-def image_key(job_id: int, item_id: int) -> str:
-    """The key of an item's image, `{job}/{item}.png`: deterministic, so a completion
-    delivered twice overwrites the same object instead of leaving a second one."""
-    for name, value in (("job_id", job_id), ("item_id", item_id)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return f"{job_id}/{item_id}.png"
+def image_key(job_id: int, item_id: int, attempt: int = 1) -> str:
+    """The key of an item's image from one claim: `{job}/{item}.png` for the first attempt,
+    `{job}/{item}-{attempt}.png` for later ones. Deterministic, so a claim that uploads twice
+    overwrites its own object; distinct per attempt, so a worker whose claim was taken over
+    while it uploaded can never overwrite the image the new holder recorded."""
+    for name, value, low in (("job_id", job_id, 0), ("item_id", item_id, 0), ("attempt", attempt, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return f"{job_id}/{item_id}.png" if attempt == 1 else f"{job_id}/{item_id}-{attempt}.png"
 
 
 def check_key(key: str) -> str:

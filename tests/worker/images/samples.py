@@ -13,14 +13,15 @@ ENVIRONMENT = Environment(sdq="0.1.0", torch="2.13.0", transformers="5.24.0", de
                           gpu="NVIDIA H200", dtype="float16", attention="sdpa")
 
 
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A stand-in for decoder output: smooth colour fields plus fine grain, as photos have."""
+def photo(width: int, height: int, seed: int = 0, grain: int = 10) -> Image.Image:
+    """A stand-in for decoder output: smooth colour fields plus fine grain (up to `grain`
+    levels either way), as photos have."""
     rng = np.random.default_rng(seed)
     field = rng.normal(size=(height // 16 + 2, width // 16 + 2, 3))
     field = ((field - field.min()) / np.ptp(field) * 255).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=int)
-    grain = rng.integers(-10, 11, size=smooth.shape)
-    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+    noise = rng.integers(-grain, grain + 1, size=smooth.shape)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
 
 
 def provenance(width: int = 512, height: int = 512, **changes: object) -> Provenance:

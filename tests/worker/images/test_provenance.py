@@ -141,6 +141,22 @@ def test_png_round_trip_with_watermark() -> None:
     assert wm.detect_watermark(stored, "StableDiffusionV1") < 0.15
 
 
+def test_the_png_level_trades_size_for_time_never_pixels_or_chunks() -> None:
+    """Level 0 stores the pixels raw, 9 squeezes hardest; every level decodes to the same
+    (watermarked) pixels and carries the same provenance."""
+    p = provenance()
+    encoded = {level: encode_png(photo(512, 512), p, watermark="StableDiffusionV1", level=level)
+               for level in (0, 1, 9)}
+    assert len(encoded[0].data) > len(encoded[1].data) > len(encoded[9].data)
+    assert len(encoded[0].data) > 512 * 512 * 3
+    pixels = {level: Image.open(io.BytesIO(e.data)).tobytes() for level, e in encoded.items()}
+    assert pixels[0] == pixels[1] == pixels[9]
+    for e in encoded.values():
+        meta = read_png_metadata(e.data)
+        assert meta.provenance == p and meta.errors == () and meta.watermark == "StableDiffusionV1"
+        assert meta.pixels_sha256 == pixel_digest(Image.open(io.BytesIO(e.data)))
+
+
 @pytest.mark.parametrize("size, mark, status", [
     ((128, 128), "StableDiffusionV1", WatermarkStatus.TOO_SMALL),
     ((512, 512), None, WatermarkStatus.DISABLED),

@@ -24,10 +24,13 @@ from tests.s3server import FlakyProxy, S3Server
 
 
 def test_image_keys_come_from_ids_only() -> None:
-    assert image_key(3, 17) == "3/17.png"
+    assert image_key(3, 17) == image_key(3, 17, 1) == "3/17.png"
+    assert image_key(3, 17, 2) == "3/17-2.png"
     for bad in ("3", -1, True, 2.0):
         with pytest.raises(ValueError):
             image_key(bad, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attempt must be an int >= 1"):
+        image_key(3, 17, 0)
 
 
 @pytest.mark.parametrize("key", ["", "../x.png", "/abs.png", "a//b.png", "a/../b.png",
