@@ -16,6 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from sdq.sdmodel.errors import InvalidInput, Unavailable
+
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite writer waits for another's lock before giving up: long enough to ride
 out a bulk submit in the embedded mode's other process."""
@@ -24,7 +26,7 @@ out a bulk submit in the embedded mode's other process."""
 _URL_FORMS = "expected sqlite:///PATH or postgresql://USER@HOST/DBNAME"
 
 
-class SchemaMismatch(RuntimeError):
+class SchemaMismatch(Unavailable):
     """The database's schema revision is not the one this version of sdq works with."""
 
 
@@ -39,14 +41,14 @@ def engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
     try:
         url = make_url(url)
     except sa.exc.ArgumentError:
-        raise ValueError(f"not a database URL; {_URL_FORMS}") from None
+        raise InvalidInput(f"not a database URL; {_URL_FORMS}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     backend = url.get_backend_name()
     if backend == "postgresql":
         return sa.create_engine(url, pool_pre_ping=True, **kwargs)
     if backend != "sqlite":
-        raise ValueError(f"unsupported database {url.drivername!r}; {_URL_FORMS}")
+        raise InvalidInput(f"unsupported database {url.drivername!r}; {_URL_FORMS}")
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)

@@ -1,14 +1,20 @@
 """The Celery app: configuration only; the task lives in `tasks`, the work in `runner`.
 
 `celery -A sdq.worker.app worker` finds `app` here, built from the settings of the process
-(`SDQ_BROKER_URL`, `SDQ_VISIBILITY_TIMEOUT`); `sdq submit` and `sdq reconcile` build their own
-with `create_app` to publish. There is no result backend: the database holds every outcome.
+(`SDQ_BROKER_URL`, `SDQ_VISIBILITY_TIMEOUT`) the first time it is asked for, never at import:
+commands import this module for its names without loading Celery or reading settings.
+`sdq submit` and `sdq reconcile` build their own with `create_app` to publish. There is no
+result backend: the database holds every outcome.
 """
 from __future__ import annotations
 
-from celery import Celery
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from sdq.worker.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
@@ -32,6 +38,8 @@ def queue_name(model_sha256: str) -> str:
 
 def create_app(settings: Settings) -> Celery:
     """An app on the settings' broker (an in-memory one in embedded mode, never used there)."""
+    from celery import Celery
+
     app = Celery("sdq", broker=settings.broker_url or "memory://", include=["sdq.worker.tasks"],
                  set_as_current=False)
     app.conf.update(
@@ -60,4 +68,14 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(Settings.load())
+@cache
+def _process_app() -> Celery:
+    return create_app(Settings.load())
+
+
+def __getattr__(name: str) -> Any:
+    """`app`: the process's app, built on first use (module attributes are looked up here
+    only when not found, so every other name costs nothing)."""
+    if name == "app":
+        return _process_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

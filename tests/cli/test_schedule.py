@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Schedule, Status
 from sdq.worker.app import create_app, queue_name
 from sdq.worker.settings import Settings
+from sdq.worker.beat import DatabaseScheduler
 from sdq.worker.jobs.schedule import (
-    DatabaseScheduler,
     Run,
     due_runs,
     first_run_on,

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
+from sdq.sdmodel.errors import InvalidInput
+
 from . import watermark as wm
 
 PARAMETERS_CHUNK = "parameters"
@@ -48,7 +50,7 @@ _HASH = re.compile(r"^[0-9a-f]{8}$|^[0-9a-f]{10}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class MetadataError(ValueError):
+class MetadataError(InvalidInput):
     """The bytes are not a readable PNG."""
 
 

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+from sdq.sdmodel.errors import Unavailable
+
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMP_PREFIX = ".tmp-"
 
 
-class StorageError(Exception):
+class StorageError(Unavailable):
     """A storage operation failed; the message is one line meant for the user."""
 
 
