@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.db.models import Item, Status
 from sdq.sdmodel.errors import Unavailable
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from sdq.db.models import Item
     from sdq.db.queries import Progress
     from sdq.worker.images.storage import Storage
 
@@ -206,6 +206,8 @@ def item_record(item: Item) -> dict[str, Any]:
 
 
 def _finished(progress: Progress) -> int:
+    from sdq.db.models import Status
+
     return sum(progress.counts[s] for s in (Status.DONE, Status.FAILED, Status.CANCELLED))
 
 
@@ -237,6 +239,8 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progre
 
 def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
     """A finished job's record, summary line and exit status (0 only when every item is done)."""
+    from sdq.db.models import Status
+
     counts = {s.value: n for s, n in progress.counts.items() if n}
     done, total = progress.counts[Status.DONE], sum(progress.counts.values())
     text = f"Job {job_id}: {done}/{total} done" + "".join(

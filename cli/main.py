@@ -3,6 +3,7 @@ so `sdq --help` and the read-side commands start without loading what they do no
 from __future__ import annotations
 
 import importlib
+import textwrap
 from typing import Any
 
 import click
@@ -100,7 +101,7 @@ class SdqGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list from `COMMANDS`, without importing a single command."""
         limit = formatter.width - 6 - max(map(len, COMMANDS))
-        rows = [(name, click.utils.make_default_short_help(COMMANDS[name][1], limit))
+        rows = [(name, textwrap.shorten(COMMANDS[name][1], limit, placeholder="..."))
                 for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)

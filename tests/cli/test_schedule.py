@@ -123,7 +123,7 @@ def test_add_list_run_now_remove(home: Home, prompts: Path, tiny_checkpoint: Pat
     assert not listed(home)[0]["enabled"] and listed(home)[0]["next_run"] is None
     readded = add(home, prompts, tiny_checkpoint, "--tag", "nightly", "--seed", "7")
     assert readded.exit_code == 0 and "re-enabled" in readded.output
-    assert home.run("schedule", "remove", "nope").exit_code == 1
+    assert home.run("schedule", "remove", "nope").exit_code == 3
 
 
 def test_a_schedule_that_never_ran_is_deleted(home: Home, prompts: Path,
@@ -168,7 +168,7 @@ def test_a_bad_prompt_file_is_refused_like_submit(home: Home, tmp_path: Path,
     good = tmp_path / "good.txt"
     good.write_text("a fox\n")
     missing = add(home, good, tmp_path / "no.safetensors")
-    assert missing.exit_code == 2 and "--model" in missing.output and "no.safetensors" in missing.output
+    assert missing.exit_code == 3 and "--model" in missing.output and "no.safetensors" in missing.output
     assert listed(home) == []
 
 

@@ -7,8 +7,8 @@ however many schedulers run, and however often they restart, a schedule makes at
 a day. The loser of a race finds the winner's job and reports it instead of a second one.
 
 Cron expressions have the usual five fields (minute hour day-of-month month day-of-week) and
-are parsed by Celery's `crontab`, whose rule is that a day matches when its day of month, month
-and weekday all match. A schedule runs at the first time its cron names on a day (UTC); a
+are read as Celery's `crontab` reads them (`cron.parse_cron`), whose rule is that a day matches
+when its day of month, month and weekday all match. A schedule runs at the first time its cron names on a day (UTC); a
 scheduler that was down then catches up later the same day, never for days already past.
 Every function takes the time as an argument: nothing here reads the clock.
 """
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Callable, Mapping
 
-from celery.schedules import crontab
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -30,6 +29,7 @@ from sdq.db.models import Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound, Refused
+from sdq.worker.jobs.cron import Cron, parse_cron
 from sdq.worker.settings import Settings
 from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 
@@ -51,21 +51,7 @@ def utc_clock() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def parse_cron(expression: str) -> crontab:
-    """A five-field cron expression as Celery's crontab; ValueError saying what is wrong."""
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day-of-month "
-                         f"month day-of-week), got {len(fields)}")
-    minute, hour, day_of_month, month, day_of_week = fields
-    try:
-        return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                       month_of_year=month, day_of_week=day_of_week)
-    except ValueError as exc:
-        raise ValueError(f"cron {expression!r}: {exc}") from None
-
-
-def first_run_on(cron: crontab, day: date) -> datetime | None:
+def first_run_on(cron: Cron, day: date) -> datetime | None:
     """The first time `cron` names on the UTC `day`, or None when the day does not match."""
     if (day.month in cron.month_of_year and day.day in cron.day_of_month
             and day.isoweekday() % 7 in cron.day_of_week):
@@ -73,7 +59,7 @@ def first_run_on(cron: crontab, day: date) -> datetime | None:
     return None
 
 
-def next_run(cron: crontab, after: datetime) -> datetime | None:
+def next_run(cron: Cron, after: datetime) -> datetime | None:
     """The first run time strictly after `after` (one per day), None if none in five years."""
     start = after.astimezone(timezone.utc).date()
     for offset in range(_SEARCH_DAYS):
