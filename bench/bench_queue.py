@@ -39,8 +39,8 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Status
 from sdq.db.session import engine_from_url, upgrade
 from sdq.sdmodel.pipeline import Request, load_pipeline
-from sdq.worker.settings import Settings
 from sdq.worker.jobs.submit import ModelIdentity, identify_model, submit
+from sdq.worker.settings import Settings
 from tests.conftest import full_size_networks_fp16, ldm_checkpoint
 from tests.services import scratch_database
 

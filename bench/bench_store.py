@@ -41,7 +41,7 @@ from sdq.worker.images.provenance import encode_png, environment_fingerprint
 from sdq.worker.images.storage import LocalStorage
 from sdq.worker.jobs.submit import plan_batches
 from sdq.worker.runner import Runner
-from tests.worker.images.samples import provenance, photo
+from tests.worker.images.samples import photo, provenance
 
 MARK = "StableDiffusionV1"
 SHA256 = "0" * 64

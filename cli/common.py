@@ -1,7 +1,9 @@
-"""What the read-side commands share: the database session, output formats, one table renderer.
+"""What the commands share: settings, the database session, the image store, output formats,
+one table renderer, and following a job's progress.
 
 Every command parses its arguments, calls library functions inside `database_session`, and
-hands plain records to `emit`, so a table, JSON and CSV always carry the same fields.
+hands plain records to `emit`, so a table, JSON and CSV always carry the same fields. Library
+errors are left to the `sdq` group, which turns each kind into one line and one exit status.
 """
 from __future__ import annotations
 
@@ -10,37 +12,54 @@ import io
 import json
 import os
 import secrets
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
-from sdq.db.models import Item
-from sdq.db.session import SchemaMismatch, open_database
+from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.sdmodel.errors import Unavailable
 from sdq.worker.settings import Settings
-from sdq.worker.images.storage import Storage, StorageError, open_storage
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from sdq.db.models import Item
+    from sdq.db.queries import Progress
+    from sdq.worker.images.storage import Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 Record = Mapping[str, Any]
 
+SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+"""The sampler names the options offer, known without loading the model stack (a test keeps
+them equal to `sdq.sdmodel.samplers.SAMPLERS`)."""
+POLL_S = 1.0
+"""How often `watch` reads the job's counts: one small query, cheap for any database."""
+
 
 def load_settings(*, need_broker: bool) -> Settings:
-    """The settings, or one readable line; commands that only make sense with a broker say so."""
-    try:
-        settings = Settings.load()
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The settings (a broken config file raises SettingsError, one line naming the file and
+    the key); commands that only make sense with a broker say so."""
+    settings = Settings.load()
     if need_broker and settings.broker_url is None:
-        raise click.ClickException(
+        raise CommandFailed(
             "SDQ_BROKER_URL is not set: workers serve a broker (e.g. redis://host:6379/0); "
-            "without one, `sdq submit` runs jobs in-process")
+            "without one, `sdq submit` runs jobs in-process", BAD_INPUT)
     return settings
+
+
+def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    from sdq.worker.jobs.promptfile import MAX_SIDE
+
+    if value < 8 or value % 8 or value > MAX_SIDE:
+        raise click.BadParameter(f"must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
+    return value
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -56,30 +75,34 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 @contextmanager
 def database_session(settings: Settings | None = None) -> Iterator[Session]:
-    """A session on the configured database; its failures become one readable line that
-    names the database (password hidden)."""
+    """A session on the configured database. A database that cannot be reached, or is at
+    another schema, is `Unavailable`, named in the message (password hidden)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from sdq.db.session import open_database
+
     settings = settings or load_settings(need_broker=False)
     try:
         engine = open_database(settings.database_url)
-    except (SchemaMismatch, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise CommandFailed(f"SDQ_DATABASE_URL: {exc}", BAD_INPUT) from None
     except SQLAlchemyError as exc:
-        raise click.ClickException(_described(settings.database_url, exc)) from None
+        raise Unavailable(_described(settings.database_url, exc)) from None
     try:
         with Session(engine) as session:
             yield session
     except SQLAlchemyError as exc:
-        raise click.ClickException(_described(settings.database_url, exc)) from None
+        raise Unavailable(_described(settings.database_url, exc)) from None
     finally:
         engine.dispose()
 
 
 def configured_storage(settings: Settings) -> Storage:
-    """The image store of the settings, or one readable line."""
-    try:
-        return open_storage(settings.storage_url, max_attempts=settings.max_attempts)
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The image store of the settings (StorageError, one line, when it cannot be used)."""
+    from sdq.worker.images.storage import open_storage
+
+    return open_storage(settings.storage_url, max_attempts=settings.max_attempts)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -90,18 +113,21 @@ def write_file(path: Path, data: bytes) -> None:
         raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _described(url: str, exc: SQLAlchemyError) -> str:
+def _described(url: str, exc: Exception) -> str:
+    from sqlalchemy.engine import make_url
+
     shown = make_url(url).render_as_string(hide_password=True)
     return f"{shown}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}"
 
 
-def output_options(*formats: str) -> Callable[[F], F]:
-    """`--json`, `--csv` ... switches that set one `output` parameter (None: a table)."""
+def output_options(*formats: str, dest: str = "output") -> Callable[[F], F]:
+    """`--json`, `--csv` ... switches that set one parameter, `dest` (None: text for people).
+    Every command declares its formats this way."""
     helps = {"json": "Print JSON, for scripts.", "csv": "Print CSV, for spreadsheets."}
 
     def decorate(command: F) -> F:
         for name in reversed(formats):
-            command = click.option(f"--{name}", "output", flag_value=name, help=helps[name])(command)
+            command = click.option(f"--{name}", dest, flag_value=name, help=helps[name])(command)
         return command
     return decorate
 
@@ -180,3 +206,68 @@ def item_record(item: Item) -> dict[str, Any]:
         "created": item.created_at, "started": item.started_at, "finished": item.finished_at,
         "duration_s": item.duration_s,
     }
+
+
+def _finished(progress: Progress) -> int:
+    from sdq.db.models import Status
+
+    return sum(progress.counts[s] for s in (Status.DONE, Status.FAILED, Status.CANCELLED))
+
+
+def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progress:
+    """Show a progress bar (stderr) of the job until none of its items is left to run; returns
+    its last progress. Ctrl-C stops watching (the job goes on) with one line, exit status 1."""
+    from sdq.db.queries import get_job, job_progress
+
+    with database_session(settings) as session:
+        get_job(session, job_id)
+        progress = job_progress(session, job_id)
+        total = sum(progress.counts.values())
+        try:
+            with click.progressbar(length=total, label=f"job {job_id}", file=sys.stderr,
+                                   show_pos=True) as bar:
+                while True:
+                    bar.update(_finished(progress) - bar.pos)
+                    if not progress.remaining:
+                        break
+                    time.sleep(poll_s)
+                    session.rollback()  # a fresh snapshot, and no transaction held open
+                    progress = job_progress(session, job_id)
+        except KeyboardInterrupt:
+            click.echo(f"\nStopped watching job {job_id}; it goes on (`sdq watch {job_id}`).",
+                       err=True)
+            sys.exit(1)
+    return progress
+
+
+def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
+    """A finished job's record, summary line and exit status (0 only when every item is done)."""
+    from sdq.db.models import Status
+
+    counts = {s.value: n for s, n in progress.counts.items() if n}
+    done, total = progress.counts[Status.DONE], sum(progress.counts.values())
+    text = f"Job {job_id}: {done}/{total} done" + "".join(
+        f", {n} {s.value}" for s, n in progress.counts.items()
+        if n and s in (Status.FAILED, Status.CANCELLED))
+    if progress.counts[Status.FAILED]:
+        text += f" (`sdq status {job_id}` says why)"
+    return {"job_id": job_id, "counts": counts}, text, 0 if done == total else 1
+
+
+@contextmanager
+def recorded_bar(label: str) -> Iterator[Callable[[int, int], Callable[[int], None]]]:
+    """A progress bar on stderr opened once the total is known: yields `start(total, done)`,
+    which opens it and returns the per-chunk `on_recorded(n)` callback."""
+    bars: list[Any] = []
+
+    def start(total: int, done: int = 0) -> Callable[[int], None]:
+        bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+        bars.append(bar.__enter__())
+        bar.update(done)
+        return bar.update
+
+    try:
+        yield start
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)

@@ -10,13 +10,9 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from sdq.cli.common import load_settings, output_options, plain
-from sdq.db.session import current_revision, engine_from_url, head_revision
 from sdq.worker.settings import Settings
-from sdq.worker.images.storage import StorageError, open_storage
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
 _AWS_SHOWN = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
@@ -85,6 +81,11 @@ class Finding:
 
 
 def _check_database(settings: Settings) -> Finding:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sdq.db.session import current_revision, engine_from_url, head_revision
+
     url = make_url(settings.database_url)
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database and \
@@ -124,6 +125,8 @@ def _check_broker(settings: Settings) -> Finding:
 
 
 def _check_storage(settings: Settings) -> Finding:
+    from sdq.worker.images.storage import StorageError, open_storage
+
     try:
         open_storage(settings.storage_url, max_attempts=1).check()
     except StorageError as exc:

@@ -9,6 +9,8 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from sdq.cli.common import load_settings
+from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.session import (
     current_revision,
     downgrade,
@@ -16,29 +18,26 @@ from sdq.db.session import (
     head_revision,
     upgrade,
 )
-from sdq.worker.settings import Settings
+from sdq.sdmodel.errors import Unavailable
 
 
 @contextmanager
 def _database() -> Iterator[tuple[Engine, str]]:
     """The configured database's engine and its URL as shown to users (no password); library
     errors become one readable line."""
-    try:
-        settings = Settings.load()
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = load_settings(need_broker=False)
     try:
         engine = engine_from_url(settings.database_url)
     except ValueError as exc:
-        raise click.ClickException(f"SDQ_DATABASE_URL: {exc}") from None
+        raise CommandFailed(f"SDQ_DATABASE_URL: {exc}", BAD_INPUT) from None
     shown = engine.url.render_as_string(hide_password=True)
     try:
         yield engine, shown
     except SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise click.ClickException(f"{shown}: {detail}") from None
+        raise Unavailable(f"{shown}: {detail}") from None
     except CommandError as exc:
-        raise click.ClickException(f"{shown}: {exc}") from None
+        raise CommandFailed(f"{shown}: {exc}", BAD_INPUT) from None
     finally:
         engine.dispose()
 

@@ -11,8 +11,10 @@ from sdq.cli.common import (
     item_record,
     load_settings,
 )
-from sdq.worker.jobs.export import FORMATS, ExportError, export_items, select_item_ids
+from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.db.queries import get_job
 from sdq.worker.images.storage import StorageError, open_storage
+from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
 
 
 @click.command()
@@ -54,18 +56,17 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
     try:
         target = open_storage(dest, max_attempts=settings.max_attempts)
     except StorageError as exc:
-        raise click.BadParameter(str(exc), param_hint="-o/--output") from None
+        raise CommandFailed.of(exc, "-o/--output", code=BAD_INPUT) from None
     source = configured_storage(settings)
     with database_session(settings) as session:
+        if job_id is not None:
+            get_job(session, job_id)
         ids = select_item_ids(session, job_id=job_id, text=query)
         if not ids:
             raise click.ClickException("no finished images to export")
-        try:
-            with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
-                report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
-                                      shard_size=shard_size, prefix=prefix, card=card,
-                                      on_item=bar.update)
-        except (ExportError, StorageError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
+            report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
+                                  shard_size=shard_size, prefix=prefix, card=card,
+                                  on_item=bar.update)
     click.echo(f"{report.items} image(s) in {report.shards} shard(s) to {dest}: {report.written} "
                f"written, {report.skipped} already there")

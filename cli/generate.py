@@ -9,15 +9,8 @@ from pathlib import Path
 
 import click
 
-from sdq.cli.common import load_settings, write_atomically
-from sdq.sdmodel.samplers import SAMPLERS
-from sdq.worker.jobs.promptfile import MAX_SIDE
-
-
-def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if value < 8 or value % 8 or value > MAX_SIDE:
-        raise click.BadParameter(f"must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
-    return value
+from sdq.cli.common import SAMPLERS, load_settings, multiple_of_8, output_options, write_atomically
+from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -53,11 +46,11 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
               show_default=True, help="PNG to write; with -n N, OUT-0.png ... OUT-(N-1).png.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@output_options("json", dest="printed")
 def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int | None, sampler: str,
              steps: int, cfg: float, eta: float, width: int, height: int, num_images: int,
              batch_size: int | None, device: str | None, dtype: str | None, no_watermark: bool,
-             output: Path, as_json: bool) -> None:
+             output: Path, printed: str | None) -> None:
     """Generate images from PROMPT with a local model and write them as PNGs.
 
     Each PNG carries its provenance (an AUTOMATIC1111-style `parameters` chunk and an `sdq`
@@ -69,7 +62,6 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
           --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
     """
     from sdq.sdmodel import clip
-    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
     from sdq.sdmodel.pipeline import Request, load_pipeline
     from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
 
@@ -85,8 +77,8 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
                              hash_cache=settings.home / "hashes.json")
-    except (CheckpointError, ModelNotFound, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise CommandFailed.of(exc, code=BAD_INPUT) from None
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
             click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "
@@ -109,7 +101,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                     images = pipe.generate(batch, sampler=sampler, steps=steps, width=width, height=height,
                                            eta=eta, on_step=on_step)
             except ValueError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise CommandFailed.of(exc, code=FAILED) from None
             for position, (request, image) in enumerate(zip(batch, images)):
                 provenance = Provenance(
                     prompt=prompt, negative_prompt=negative_prompt, seed=request.seed, sampler=sampler,
@@ -122,7 +114,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                 write_atomically(path, png.data)
                 written.append({"path": str(path), "seed": request.seed, "sha256": png.sha256,
                                 "watermark": png.watermark})
-    if as_json:
+    if printed == "json":
         click.echo(json.dumps({"model": pipe.name, "model_sha256": pipe.sha256, "images": written}, indent=2))
     else:
         for entry in written:

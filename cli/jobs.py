@@ -8,7 +8,7 @@ import click
 
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
 from sdq.db.models import Job, Status
-from sdq.db.queries import failure_reasons, job_progress, recent_jobs
+from sdq.db.queries import failure_reasons, get_job, job_progress, recent_jobs
 
 _COLUMNS = ["id", "name", "status", "items", "done", "failed", "created"]
 
@@ -56,9 +56,7 @@ def status(job_id: int, output: str | None) -> None:
       sdq status 42 --json | jq .eta_s
     """
     with database_session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise click.ClickException(f"no job {job_id}")
+        job = get_job(session, job_id)
         progress = job_progress(session, job_id)
         failures = failure_reasons(session, job_id)
         record = _job_record(job, progress.counts)

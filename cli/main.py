@@ -1,20 +1,110 @@
-"""The `sdq` command group; each command lives in the module named for its group."""
+"""The `sdq` command group. Commands are imported only when they run (or show their own help),
+so `sdq --help` and the read-side commands start without loading what they do not use."""
 from __future__ import annotations
 
+import importlib
+import textwrap
 from typing import Any
 
 import click
 
+from sdq.cli.errors import CommandFailed, exit_code_of
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cancel": ("sdq.cli.jobs_admin:cancel",
+               "Cancel the pending and queued items of JOB_ID; batches already running finish."),
+    "config": ("sdq.cli.config:config",
+               "Show the effective settings (SDQ_* variables over the config file) and the mode."),
+    "db": ("sdq.cli.db:db", "Create, upgrade and inspect the database schema."),
+    "doctor": ("sdq.cli.config:doctor",
+               "Check that the database, broker, storage and default model can be reached, and "
+               "say what to fix when one cannot."),
+    "export": ("sdq.cli.export:export",
+               "Export the finished images of JOB, or those matching --query (or both: the job's "
+               "matching ones), with their prompts and provenance, as dataset shards."),
+    "gallery": ("sdq.cli.sheet:gallery",
+                "Write a static HTML gallery (index.html, thumbnails and the full images, "
+                "provenance included) that any browser opens without a server, with each image's "
+                "prompt, seed and parameters."),
+    "generate": ("sdq.cli.generate:generate",
+                 "Generate images from PROMPT with a local model and write them as PNGs."),
+    "get": ("sdq.cli.search:get",
+            "Download images as ITEM.png, each with its record as ITEM.json, into a folder."),
+    "jobs": ("sdq.cli.jobs:jobs", "List the newest jobs with their item counts."),
+    "models": ("sdq.cli.models:models",
+               "Name models once, then refer to them by name (or hash prefix) everywhere."),
+    "purge": ("sdq.cli.purge:purge",
+              "Delete JOB for good: its items, their records and their stored images."),
+    "reconcile": ("sdq.cli.jobs_admin:reconcile",
+                  "Re-enqueue work the broker lost, judged from the database."),
+    "reproduce": ("sdq.cli.reproduce:reproduce",
+                  "Regenerate ITEM from its recorded prompt, seed, sampler, steps, guidance, size "
+                  "and model (by sha256), and compare the pixels with the stored image."),
+    "resume": ("sdq.cli.watch:resume",
+               "Finish JOB after its embedded run was interrupted (Ctrl-C, a crash), redoing "
+               "nothing."),
+    "retry": ("sdq.cli.jobs_admin:retry",
+              "Re-enqueue the failed items of JOB_ID, each with a fresh set of attempts."),
+    "schedule": ("sdq.cli.schedule:schedule",
+                 "Submit a prompt file every day on a cron, as one job per day named "
+                 "NAME-YYYY-MM-DD."),
+    "scheduler": ("sdq.cli.schedule:scheduler",
+                  "Run the schedules: Celery beat, reading the schedules from the database."),
+    "search": ("sdq.cli.search:search", "Find items by prompt TEXT and filters, newest first."),
+    "sheet": ("sdq.cli.sheet:sheet",
+              "Write a contact sheet: the finished images of JOB (or matching --query) in a grid, "
+              "each captioned with its id, seed, sampler, steps, guidance and prompt."),
+    "show": ("sdq.cli.search:show",
+             "Show everything recorded about one item: prompt, parameters, model, queue history "
+             "and, once it is done, the software and device that made the image (read from the "
+             "image)."),
+    "status": ("sdq.cli.jobs:status",
+               "Show a job's progress: items per status, images/s, time left, and why items "
+               "failed."),
+    "submit": ("sdq.cli.submit:submit",
+               "Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job."),
+    "verify": ("sdq.cli.verify:verify",
+               "Check an image's provenance chunks, pixels and watermark, and its database "
+               "record."),
+    "watch": ("sdq.cli.watch:watch",
+              "Show a live progress bar of JOB until none of its items is left to run."),
+    "worker": ("sdq.cli.worker:worker",
+               "Serve the queue of one model: generate its batches until stopped."),
+    "workers": ("sdq.cli.worker:workers",
+                "List live worker processes: host, GPU, model, current batch, last heartbeat, "
+                "images done."),
+}
+"""Each command: where it lives ("module:attribute") and its one-line help for `sdq --help`
+(a test keeps these equal to the commands' own docstrings)."""
+
 
 class SdqGroup(click.Group):
-    """A group with `--debug`: without it, an exception no command expected is one readable
-    line (`Error: ...`, exit status 1); with it, the traceback. Commands turn the failures
-    they expect into `click.ClickException` themselves."""
+    """The `sdq` group: loads a command's module when that command is asked for, and turns
+    every error into one line and an exit status (see `sdq.cli.errors`). With `--debug`, an
+    error no command expected shows its traceback instead."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params.append(click.Option(["--debug"], is_flag=True,
                                         help="Show the traceback of unexpected errors."))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, _, attribute = COMMANDS[cmd_name][0].partition(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from `COMMANDS`, without importing a single command."""
+        limit = formatter.width - 6 - max(map(len, COMMANDS))
+        rows = [(name, textwrap.shorten(COMMANDS[name][1], limit, placeholder="..."))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -22,12 +112,9 @@ class SdqGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
-            if ctx.params.get("debug"):
+            if ctx.params.get("debug") and exit_code_of(exc) is None:
                 raise
-            lines = str(exc).strip().splitlines()
-            raise click.ClickException(
-                f"{lines[0] if lines else type(exc).__name__} (unexpected "
-                f"{type(exc).__name__}; `sdq --debug ...` shows the traceback)") from None
+            raise CommandFailed.of(exc) from None
 
 
 @click.group(cls=SdqGroup,
@@ -42,31 +129,3 @@ def cli(debug: bool) -> None:
     Generate one image locally:
       sdq generate "a photograph of an astronaut riding a horse" --model sd-v1-5.safetensors -o out.png
     """
-
-
-# Commands, one module per group; imported after the group so each module stays a leaf.
-from sdq.cli.config import config, doctor  # noqa: E402
-from sdq.cli.db import db  # noqa: E402
-from sdq.cli.export import export  # noqa: E402
-from sdq.cli.generate import generate  # noqa: E402
-from sdq.cli.jobs import jobs, status  # noqa: E402
-from sdq.cli.jobs_admin import cancel, reconcile, retry  # noqa: E402
-from sdq.cli.models import models  # noqa: E402
-from sdq.cli.purge import purge  # noqa: E402
-from sdq.cli.reproduce import reproduce  # noqa: E402
-from sdq.cli.schedule import schedule, scheduler  # noqa: E402
-from sdq.cli.search import get, search, show  # noqa: E402
-from sdq.cli.sheet import gallery, sheet  # noqa: E402
-from sdq.cli.submit import submit  # noqa: E402
-from sdq.cli.verify import verify  # noqa: E402
-from sdq.cli.watch import resume, watch  # noqa: E402
-from sdq.cli.worker import worker, workers  # noqa: E402
-
-COMMANDS = (
-    submit, watch, resume,
-    generate, jobs, status, search, show, get, verify, reproduce, export, sheet, gallery,
-    retry, cancel, reconcile, purge, worker, workers, models, config, doctor, db,
-    schedule, scheduler,
-)
-for _command in COMMANDS:
-    cli.add_command(_command)

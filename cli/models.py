@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 
 import click
-from sqlalchemy import select
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain
+from sdq.cli.errors import CommandFailed
 from sdq.db.models import Model
-from sdq.db.queries import model_item_counts, register_model, remove_model
-from sdq.sdmodel.checkpoint import ModelNotFound, model_sha256, resolve_model_ref
+from sdq.db.queries import all_models, model_item_counts, register_model, remove_model
 
 _COLUMNS = ["name", "hash", "items", "source", "added"]
 
@@ -47,17 +46,16 @@ def add(ref: str, name: str, output: str | None) -> None:
     Example:
       sdq models add stable-diffusion-v1-5/stable-diffusion-v1-5 --name sd15
     """
+    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+
     settings = load_settings(need_broker=False)
+    path = resolve_model_ref(ref)
     try:
-        path = resolve_model_ref(ref)
         sha256 = model_sha256(path, settings.home / "hashes.json")
-    except (ModelNotFound, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot read {path}: {exc.strerror or exc}") from None
     with database_session(settings) as session:
-        try:
-            model = register_model(session, sha256=sha256, name=name, source_uri=str(path))
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+        model = register_model(session, sha256=sha256, name=name, source_uri=str(path))
         session.commit()
         record = _record(model, 0)
     if output == "json":
@@ -77,8 +75,7 @@ def list_models(output: str | None) -> None:
     """
     with database_session() as session:
         counts = model_item_counts(session)
-        records = [_record(m, counts.get(m.id, 0))
-                   for m in session.scalars(select(Model).order_by(Model.name))]
+        records = [_record(m, counts.get(m.id, 0)) for m in all_models(session)]
     emit(records, _COLUMNS, output, empty="no models yet; add one with `sdq models add REF --name NAME`")
 
 
@@ -92,10 +89,7 @@ def remove(name: str) -> None:
       sdq models remove sd15-old
     """
     with database_session() as session:
-        try:
-            model = remove_model(session, name)
-        except (LookupError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        model = remove_model(session, name)
         removed = f"removed {model.name} ({model.short_hash})"
         session.commit()
     click.echo(removed)

@@ -6,16 +6,14 @@ from dataclasses import asdict
 
 import click
 
-from sdq.cli.common import configured_storage, database_session, load_settings
-from sdq.worker.jobs.maintenance import JobBusy, job_contents, purge_job
-from sdq.worker.images.storage import StorageError
+from sdq.cli.common import configured_storage, database_session, load_settings, output_options
 
 
 @click.command()
 @click.argument("job_id", metavar="JOB", type=int)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
-def purge(job_id: int, yes: bool, as_json: bool) -> None:
+@output_options("json")
+def purge(job_id: int, yes: bool, output: str | None) -> None:
     """Delete JOB for good: its items, their records and their stored images.
 
     Asks first, showing what will go (--yes skips the question). Refused while items of the
@@ -27,23 +25,19 @@ def purge(job_id: int, yes: bool, as_json: bool) -> None:
       sdq purge 42
       sdq purge 42 --yes --json
     """
+    from sdq.worker.jobs.maintenance import job_contents, purge_job
+
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:
-        try:
-            contents = job_contents(session, job_id)
-        except LookupError as exc:
-            raise click.ClickException(str(exc)) from None
+        contents = job_contents(session, job_id)
         engine = session.get_bind()
         session.close()  # purge_job runs its own transactions on the same database
         name = f" ({contents.name})" if contents.name else ""
         if not yes:
             click.confirm(f"Delete job {job_id}{name}: {contents.items} item(s) and "
                           f"{contents.images} stored image(s)?", abort=True, err=True)
-        try:
-            purged = purge_job(engine, configured_storage(settings), job_id)
-        except (LookupError, JobBusy, StorageError) as exc:
-            raise click.ClickException(str(exc)) from None
-    if as_json:
+        purged = purge_job(engine, configured_storage(settings), job_id)
+    if output == "json":
         click.echo(json.dumps(asdict(purged)))
     else:
         click.echo(f"Job {job_id} purged: {purged.items} item(s) and {purged.images} image(s) "

@@ -7,13 +7,10 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import configured_storage, database_session, load_settings
-from sdq.db.models import Item, Status
-from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-from sdq.sdmodel.pipeline import DTYPES, load_pipeline
-from sdq.worker.images.provenance import MetadataError
-from sdq.worker.jobs.reproduce import ReproduceError, compare, composition, regenerate
-from sdq.worker.images.storage import StorageError
+from sdq.cli.common import configured_storage, database_session, load_settings, output_options
+from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.db.models import Status
+from sdq.db.queries import get_item
 
 
 @click.command()
@@ -25,11 +22,11 @@ from sdq.worker.images.storage import StorageError
               help="Load the model from here instead of the recorded source (its sha256 must "
                    "match the item's).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps ... (default: SDQ_DEVICE, else the best).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)),
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Weights' precision (default: SDQ_DTYPE, else fp16 on GPUs, fp32 on the CPU).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@output_options("json")
 def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str | None,
-              dtype: str | None, as_json: bool) -> None:
+              dtype: str | None, output: str | None) -> None:
     """Regenerate ITEM from its recorded prompt, seed, sampler, steps, guidance, size and
     model (by sha256), and compare the pixels with the stored image.
 
@@ -45,49 +42,41 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
       sdq reproduce 1234 --batch --json
       sdq reproduce 1234 --model ~/models/v1-5-pruned-emaonly.safetensors --device cuda
     """
+    from sdq.sdmodel.pipeline import load_pipeline
+    from sdq.worker.jobs.reproduce import compare, composition, regenerate
+
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:
-        item = session.get(Item, item_id)
-        if item is None:
-            raise click.ClickException(f"no item {item_id}")
+        item = get_item(session, item_id)
         if item.status is not Status.DONE or not item.image_key:
             raise click.ClickException(f"item {item_id} has no stored image "
                                        f"(status {item.status.value})")
         if item.model is None:
             raise click.ClickException(f"item {item_id} records no model")
-        try:
-            members = composition(session, item, in_batch=in_batch)
-        except ReproduceError as exc:
-            raise click.ClickException(str(exc)) from None
+        members = composition(session, item, in_batch=in_batch)
         position = members.index(item)
         sha256, source = item.model.sha256, model_ref or item.model.source_uri
         image_key, batch_id, recorded_device = item.image_key, item.batch_id, item.device
     if not source:
         raise click.ClickException(f"model {sha256[:10]} has no recorded source; "
                                    "pass --model with a local copy")
-    try:
-        stored = configured_storage(settings).get(image_key)
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
+    stored = configured_storage(settings).get(image_key)
     try:
         pipe = load_pipeline(source, device=device or settings.device,
                              dtype=dtype or settings.dtype,
                              hash_cache=settings.home / "hashes.json")
-    except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
-        raise click.ClickException(f"cannot load model {source}: {exc}") from None
+    except (ValueError, LookupError, OSError) as exc:
+        raise CommandFailed.of(exc, f"cannot load model {source}", code=BAD_INPUT) from None
     if pipe.sha256 != sha256:
         raise click.ClickException(f"{source} is model {pipe.short_hash}, item {item_id} was made "
                                    f"with {sha256[:10]}; pass --model with that model")
-    try:
-        comparison = compare(stored, regenerate(pipe, members)[position])
-    except (ReproduceError, MetadataError) as exc:
-        raise click.ClickException(str(exc)) from None
+    comparison = compare(stored, regenerate(pipe, members)[position])
     record: dict[str, Any] = {
         "item": item_id, "batch": batch_id if in_batch else None, "batch_size": len(members),
         "position": position, "device": pipe.device, "dtype": pipe.dtype,
         "recorded_device": recorded_device, **asdict(comparison),
     }
-    if as_json:
+    if output == "json":
         click.echo(json.dumps(record, indent=2))
     else:
         click.echo(_summary(record))

@@ -10,25 +10,30 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import func, select
 
-from sdq.cli.common import database_session, emit, load_settings, output_options, plain
-from sdq.cli.generate import multiple_of_8
-from sdq.db.models import Job, Schedule
-from sdq.sdmodel.samplers import SAMPLERS
+from sdq.cli.common import (
+    SAMPLERS,
+    database_session,
+    emit,
+    load_settings,
+    multiple_of_8,
+    output_options,
+    plain,
+)
+from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
+from sdq.db.models import Schedule
 from sdq.worker.app import PRIORITIES
 from sdq.worker.jobs.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
 from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
     Clock,
-    DatabaseScheduler,
     Run,
-    ScheduleError,
     add_schedule,
     next_run,
     parse_cron,
     remove_schedule,
     run_schedule,
+    schedules_with_last_run,
     utc_clock,
 )
 
@@ -107,7 +112,6 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
     Example:
       sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4 --tag nightly
     """
-    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
     from sdq.worker.jobs.submit import identify_model
 
     settings = load_settings(need_broker=False)
@@ -116,8 +120,8 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
             model_ref = str(Path(model_ref).expanduser().resolve())
         try:
             identify_model(model_ref, settings.home / "hashes.json")
-        except (CheckpointError, ModelNotFound, OSError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--model") from None
+        except (ValueError, LookupError, OSError) as exc:
+            raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     options: dict[str, Any] = {
         "model": model_ref, "sampler": sampler, "steps": steps, "cfg": cfg, "width": width,
         "height": height, "n": num_images, "seed": seed, "batch_size": batch_size,
@@ -125,8 +129,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise click.BadParameter(f"cannot read {file}: {exc.strerror or exc}",
-                                 param_hint="FILE") from None
+        raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
     with database_session(settings) as session:
         try:
             added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
@@ -135,9 +138,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was scheduled", err=True)
-            raise SystemExit(2) from None
-        except ScheduleError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise SystemExit(BAD_INPUT) from None
         for warning in added.warnings:
             click.echo(f"Warning: {warning}", err=True)
         session.commit()
@@ -174,15 +175,9 @@ def list_(output: str | None) -> None:
       sdq schedule list --json
     """
     with database_session() as session:
-        last = (select(Job.schedule_id, func.max(Job.run_day).label("day"))
-                .where(Job.schedule_id.is_not(None)).group_by(Job.schedule_id).subquery())
-        rows = session.execute(
-            select(Schedule, last.c.day, Job.id)
-            .outerjoin(last, last.c.schedule_id == Schedule.id)
-            .outerjoin(Job, (Job.schedule_id == Schedule.id) & (Job.run_day == last.c.day))
-            .order_by(Schedule.name)).all()
         now = utc_clock()
-        records = [_record(schedule, day, job_id, now) for schedule, day, job_id in rows]
+        records = [_record(schedule, day, job_id, now)
+                   for schedule, day, job_id in schedules_with_last_run(session)]
     emit(records, _COLUMNS, output, empty="no schedules")
 
 
@@ -197,10 +192,7 @@ def remove(name: str) -> None:
       sdq schedule remove nightly
     """
     with database_session() as session:
-        try:
-            deleted = remove_schedule(session, name)
-        except LookupError as exc:
-            raise click.ClickException(str(exc)) from None
+        deleted = remove_schedule(session, name)
         session.commit()
     click.echo(f"schedule {name} {'removed' if deleted else 'disabled (its runs stay)'}")
 
@@ -216,13 +208,11 @@ def run_now(name: str, output: str | None) -> None:
     Example:
       sdq schedule run-now nightly
     """
-    from sdq.sdmodel.checkpoint import ModelNotFound
-
     settings = load_settings(need_broker=False)
     try:
         run = run_schedule(settings, name, utc_clock().date())
-    except (LookupError, PromptFileError, ModelNotFound, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise CommandFailed.of(exc, code=FAILED) from None
     if output == "json":
         click.echo(json.dumps(_run_record(run), indent=2))
     if not run.created:
@@ -274,6 +264,7 @@ def scheduler(once: bool, max_interval: int, start: datetime | None) -> None:
     from celery.beat import Service
 
     from sdq.worker.app import create_app
+    from sdq.worker.beat import DatabaseScheduler
 
     settings = load_settings(need_broker=False)
     with database_session(settings):

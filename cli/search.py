@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from sdq.cli.common import (
     configured_storage,
@@ -23,9 +20,9 @@ from sdq.cli.common import (
     plain,
     write_file,
 )
-from sdq.db.models import SEED_LIMIT, Item, Status
-from sdq.db.queries import search_items
-from sdq.worker.images.provenance import MetadataError, read_png_metadata
+from sdq.cli.errors import CommandFailed
+from sdq.db.models import SEED_LIMIT, Status
+from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.worker.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "prompt", "created"]
@@ -95,12 +92,11 @@ def show(item_id: int, output: str | None) -> None:
       sdq show 1234
       sdq show 1234 --json
     """
+    from sdq.worker.images.provenance import MetadataError, read_png_metadata
+
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:
-        item = session.get(Item, item_id)
-        if item is None:
-            raise click.ClickException(f"no item {item_id}")
-        record: dict[str, Any] = item_record(item)
+        record: dict[str, Any] = item_record(get_item(session, item_id))
     if record["image_key"]:
         try:
             data = configured_storage(settings).get(record["image_key"])
@@ -119,18 +115,6 @@ def show(item_id: int, output: str | None) -> None:
         elif isinstance(value, list):
             value = ", ".join(value)
         click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
-
-
-def _selected(session: Session, item_ids: tuple[int, ...], job_id: int | None) -> Iterator[Item]:
-    """The named items (every one must exist), or all items of the job in row order."""
-    if job_id is not None:
-        yield from session.scalars(select(Item).where(Item.job_id == job_id)
-                                   .order_by(Item.row_index))
-        return
-    found = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_(item_ids)))}
-    if missing := [str(i) for i in item_ids if i not in found]:
-        raise click.ClickException(f"no item {', '.join(missing)}")
-    yield from (found[i] for i in dict.fromkeys(item_ids))
 
 
 def _same_file(path: Path, sha256: str | None) -> bool:
@@ -164,7 +148,8 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
     skipped: list[str] = []
     missing: list[dict[str, Any]] = []
     with database_session(settings) as session:
-        for item in _selected(session, item_ids, job_id):
+        items = get_items(session, item_ids) if job_id is None else job_items(session, job_id)
+        for item in items:
             if item.image_key is None:
                 missing.append({"id": item.id, "status": item.status.value})
                 continue
@@ -180,7 +165,7 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
                 if not _same_file(path.with_suffix(".json"), hashlib.sha256(sidecar).hexdigest()):
                     write_file(path.with_suffix(".json"), sidecar)
             except StorageError as exc:
-                raise click.ClickException(f"item {item.id}: {exc}") from None
+                raise CommandFailed.of(exc, f"item {item.id}") from None
     if output == "json":
         click.echo(json.dumps({"written": written, "skipped": skipped, "not_ready": missing},
                               indent=2))

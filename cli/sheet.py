@@ -23,8 +23,7 @@ from sdq.cli.common import (
     write_file,
 )
 from sdq.db.models import Status
-from sdq.db.queries import search_items
-from sdq.worker.images.storage import StorageError
+from sdq.db.queries import get_job, search_items
 
 CAPTION_LINES = 3
 GALLERY_THUMB = 256
@@ -43,6 +42,8 @@ def _load(job_id: int | None, query: str | None, limit: int) -> list[tuple[dict[
         raise click.UsageError("give a JOB or --query TEXT, not both or neither")
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:
+        if job_id is not None:
+            get_job(session, job_id)
         page = search_items(session, job_id=job_id, text=query, status=Status.DONE, limit=limit)
         records = [item_record(item) for item in page.items]
     if job_id is not None:
@@ -50,10 +51,7 @@ def _load(job_id: int | None, query: str | None, limit: int) -> list[tuple[dict[
     if not records:
         raise click.ClickException("no finished images to show")
     storage = configured_storage(settings)
-    try:
-        return [(r, storage.get(r["image_key"])) for r in records]
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
+    return [(r, storage.get(r["image_key"])) for r in records]
 
 
 def _image(data: bytes) -> Image.Image:

@@ -3,20 +3,25 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from sdq.cli.common import database_session, load_settings
-from sdq.cli.generate import multiple_of_8
-from sdq.cli.watch import follow, outcome, recorded_bar
-from sdq.db.models import Item, Job, Model, Status
+from sdq.cli.common import (
+    SAMPLERS,
+    database_session,
+    follow,
+    load_settings,
+    multiple_of_8,
+    outcome,
+    output_options,
+    recorded_bar,
+    render_table,
+)
+from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.db.models import Job
 from sdq.db.queries import find_model
-from sdq.sdmodel.samplers import SAMPLERS
 from sdq.worker.app import PRIORITIES
 from sdq.worker.jobs.promptfile import (
     MAX_CFG,
@@ -27,15 +32,14 @@ from sdq.worker.jobs.promptfile import (
     PromptFileError,
     read_prompt_file,
 )
-from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, ModelIdentity
+from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from sdq.worker.jobs.submit import ModelIdentity
 
 _DEFAULTS = Defaults()
-
-
-class BadInput(click.ClickException):
-    """Bad input from the user: one line, exit status 2."""
-
-    exit_code = 2
 
 
 @click.command()
@@ -70,11 +74,11 @@ class BadInput(click.ClickException):
               help="Check the file and print the plan; record and run nothing.")
 @click.option("--wait", is_flag=True,
               help="With a broker: follow the job's progress until it is done.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job (or plan) as JSON.")
+@output_options("json")
 def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | None,
            sampler: str, steps: int, cfg: float, width: int, height: int, num_images: int,
            batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
-           dry_run: bool, wait: bool, as_json: bool) -> None:
+           dry_run: bool, wait: bool, output: str | None) -> None:
     """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
 
     The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
@@ -89,9 +93,9 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
       sdq submit prompts.txt --seed 42 --dry-run
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-    from sdq.worker.jobs.submit import identify_model
+    from sdq.worker.jobs.submit import identify_model, plan
 
+    as_json = output == "json"
     settings = load_settings(need_broker=False)
     defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
                         cfg=cfg, sampler=sampler, width=width, height=height)
@@ -102,13 +106,13 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     ref = model_ref or settings.model
     try:
         model = identify_model(ref, settings.home / "hashes.json")
-    except (CheckpointError, ModelNotFound, OSError) as exc:
-        raise BadInput(f"--model: {exc}") from None
+    except (ValueError, LookupError, OSError) as exc:
+        raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     size = batch_size or settings.batch_size or DEFAULT_BATCH_SIZE
     if dry_run:
         with database_session(settings) as session:
-            plan = _plan(session, parsed, model, size)
-        _print_plan(file, parsed, model, size, plan, as_json)
+            groups = plan(session, parsed.items, model, size)
+        _print_plan(file, parsed, size, groups, as_json)
         return
     job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
               defaults={**vars(defaults), "base_seed": parsed.base_seed, "model": ref,
@@ -139,13 +143,12 @@ def _parse(file: Path, defaults: Defaults, session: Session) -> PromptFile:
         click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was submitted", err=True)
         sys.exit(2)
     except OSError as exc:
-        raise BadInput(f"cannot read {file}: {exc.strerror or exc}") from None
+        raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
 
 
 def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, size: int,
             as_json: bool) -> tuple[dict[str, Any], int]:
     """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
-    from sdq.db.session import SchemaMismatch
     from sdq.worker.jobs.submit import submit as submit_items
 
     submitted: list[int] = []
@@ -162,8 +165,6 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
                                   on_recorded=lambda n: on_recorded[0](n))
-        except (SchemaMismatch, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             if not submitted:
                 raise
@@ -187,32 +188,8 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
     return record, 1 if report.failed else 0
 
 
-def _plan(session: Session, parsed: PromptFile, model: ModelIdentity, size: int
-          ) -> list[dict[str, Any]]:
-    """The batches the job would run in, grouped as `plan_batches` groups them (model,
-    sampler, steps, size), each with an estimate from the finished images of the same
-    model, size and sampler (seconds per image and step), or None without any."""
-    default_id = session.scalar(select(Model.id).where(Model.sha256 == model.sha256))
-    names = {m.id: (m.name, m.sha256) for m in session.scalars(select(Model))}
-    groups = Counter((item.get("model_id", default_id), item["sampler"], item["steps"],
-                      item["width"], item["height"]) for item in parsed.items)
-    plan = []
-    for (model_id, sampler, steps, width, height), images in groups.items():
-        label, sha256 = names.get(model_id, (model.name, model.sha256))
-        per_step = None if model_id is None else session.scalar(
-            select(func.avg(Item.duration_s / Item.steps)).where(
-                Item.model_id == model_id, Item.status == Status.DONE,
-                Item.duration_s.is_not(None), Item.sampler == sampler,
-                Item.width == width, Item.height == height))
-        plan.append({"model": label, "model_sha256": sha256, "sampler": sampler,
-                     "steps": steps, "size": f"{width}x{height}", "images": images,
-                     "batches": -(-images // size),
-                     "estimated_s": None if per_step is None else per_step * steps * images})
-    return plan
-
-
-def _print_plan(file: Path, parsed: PromptFile, model: ModelIdentity, size: int,
-                plan: list[dict[str, Any]], as_json: bool) -> None:
+def _print_plan(file: Path, parsed: PromptFile, size: int, plan: list[dict[str, Any]],
+                as_json: bool) -> None:
     estimates = [group["estimated_s"] for group in plan]
     total = None if None in estimates else sum(estimates)
     if as_json:
@@ -222,8 +199,6 @@ def _print_plan(file: Path, parsed: PromptFile, model: ModelIdentity, size: int,
                                "base_seed": parsed.base_seed, "groups": plan,
                                "estimated_s": total}))
         return
-    from sdq.cli.common import render_table
-
     click.echo(f"{file}: {parsed.rows} row(s), {len(parsed.items)} image(s), "
                f"{sum(g['batches'] for g in plan)} batch(es) of up to {size}, "
                f"base seed {parsed.base_seed}")

@@ -9,18 +9,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from sdq.cli.common import configured_storage, load_settings, output_options
+from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
-from sdq.worker.settings import Settings
+from sdq.sdmodel.errors import NotFound, Unavailable
 from sdq.worker.images.provenance import (
     Check,
     ItemRecord,
-    MetadataError,
     Verification,
     read_png_metadata,
     verify_png,
 )
-from sdq.worker.images.storage import StorageError, open_storage
+from sdq.worker.settings import Settings
 
 _LABELS = {True: "ok", False: "MISMATCH", None: "-"}
 _STATUS = {True: "ok", False: "mismatch", None: "skipped"}
@@ -85,17 +86,17 @@ def _verify_item(settings: Settings, item_id: int) -> Verification:
     try:
         found = _find_item(settings.database_url, item_id)
     except _Unavailable as exc:
-        raise click.ClickException(f"item {item_id}: {exc}") from None
+        raise Unavailable(f"item {item_id}: {exc}") from None
     if found is None:
-        raise click.ClickException(f"no item {item_id} in the database")
+        raise NotFound(f"no item {item_id} in the database")
     record, key, status = found
     if key is None:
-        raise click.ClickException(f"item {item_id} has no image yet (status: {status})")
-    return verify_png(open_storage(settings.storage_url).get(key), record)
+        raise CommandFailed(f"item {item_id} has no image yet (status: {status})")
+    return verify_png(configured_storage(settings).get(key), record)
 
 
-def _print(target: str, result: Verification, checks: list[Check], as_json: bool) -> None:
-    if as_json:
+def _print(target: str, result: Verification, checks: list[Check], output: str | None) -> None:
+    if output == "json":
         click.echo(json.dumps({
             "target": target, "sha256": result.metadata.sha256, "ok": result.ok,
             "watermark_ber": result.watermark_ber,
@@ -114,8 +115,8 @@ def _print(target: str, result: Verification, checks: list[Check], as_json: bool
 
 @click.command("verify")
 @click.argument("target")
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
-def verify(target: str, as_json: bool) -> None:
+@output_options("json")
+def verify(target: str, output: str | None) -> None:
     """Check an image's provenance chunks, pixels and watermark, and its database record.
 
     TARGET is a PNG file (from anywhere) or an item id. The file is checked against itself:
@@ -129,17 +130,17 @@ def verify(target: str, as_json: bool) -> None:
       sdq verify 1234
       sdq verify ~/Downloads/1234.png --json
     """
+    settings = load_settings(need_broker=False)
+    path = Path(target).expanduser()
+    if not path.is_file() and not target.isdigit():
+        raise CommandFailed(f"{target}: no such file, and not an item id", BAD_INPUT)
     try:
-        settings = Settings.load()
-        path = Path(target).expanduser()
         if path.is_file():
             result, skipped = _verify_file(path, settings.database_url)
-        elif target.isdigit():
-            result, skipped = _verify_item(settings, int(target)), None
         else:
-            raise click.ClickException(f"{target}: no such file, and not an item id")
-    except (MetadataError, StorageError, ValueError, OSError) as exc:
-        raise click.ClickException(f"{target}: {exc}") from None
-    _print(target, result, [*result.checks, *([skipped] if skipped else [])], as_json)
+            result, skipped = _verify_item(settings, int(target)), None
+    except (ValueError, OSError) as exc:
+        raise CommandFailed.of(exc, target, code=BAD_INPUT) from None
+    _print(target, result, [*result.checks, *([skipped] if skipped else [])], output)
     if not result.ok:
         raise SystemExit(1)

@@ -11,7 +11,9 @@ from types import FrameType
 
 import click
 
-from sdq.cli.common import load_settings
+from sdq.cli.common import configured_storage, database_session, load_settings, output_options
+from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.sdmodel.errors import Unavailable
 
 
 def _queue_option(args: tuple[str, ...]) -> str | None:
@@ -52,25 +54,23 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     """
     from kombu.exceptions import OperationalError
 
-    from sdq.db.session import SchemaMismatch, open_database
-    from sdq.sdmodel.checkpoint import ModelNotFound
     from sdq.worker.app import create_app, queue_name
     from sdq.worker.broker_keys import upgrade_broker_keys
-    from sdq.worker.images.storage import StorageError, open_storage
     from sdq.worker.jobs.submit import identify_model
 
     settings = load_settings(need_broker=True)
+    with database_session(settings):
+        pass  # the database is reachable and at the right schema, or one readable line
+    configured_storage(settings).check()
     try:
-        open_database(settings.database_url).dispose()
-        open_storage(settings.storage_url).check()
         model = identify_model(model_ref or settings.model, settings.home / "hashes.json")
-    except (SchemaMismatch, StorageError, ModelNotFound, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (ValueError, LookupError, OSError) as exc:
+        raise CommandFailed.of(exc, code=BAD_INPUT) from None
     with create_app(settings).connection_for_write() as connection:
         try:
             connection.ensure_connection(max_retries=1)
         except OperationalError as exc:
-            raise click.ClickException(
+            raise Unavailable(
                 f"cannot reach the broker at {connection.hostname}:{connection.port}: {exc}") from None
     moved = upgrade_broker_keys(settings.broker_url or "")
     if moved:
@@ -110,8 +110,8 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
-def workers(as_json: bool) -> None:
+@output_options("json")
+def workers(output: str | None) -> None:
     """List live worker processes: host, GPU, model, current batch, last heartbeat, images done.
 
     \b
@@ -124,8 +124,8 @@ def workers(as_json: bool) -> None:
     try:
         records = live_workers(settings.broker_url or "")
     except Exception as exc:  # noqa: BLE001 - redis-py's errors share no useful base
-        raise click.ClickException(f"cannot reach the broker: {exc}") from None
-    if as_json:
+        raise Unavailable(f"cannot reach the broker: {exc}") from None
+    if output == "json":
         click.echo(json.dumps(records, indent=2))
         return
     if not records:

@@ -16,6 +16,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from sdq.sdmodel.errors import NotFound, Refused
+
 from .fulltext import match_prompt, parse_query
 from .models import Item, Job, Model, Status
 
@@ -198,15 +200,46 @@ def recent_jobs(session: Session, limit: int = 20) -> list[tuple[Job, dict[Statu
     return [(job, counts[job.id]) for job in jobs]
 
 
+def get_job(session: Session, job_id: int) -> Job:
+    """The job, or NotFound naming the id."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def get_item(session: Session, item_id: int) -> Item:
+    """The item, or NotFound naming the id."""
+    item = session.get(Item, item_id)
+    if item is None:
+        raise NotFound(f"no item {item_id}")
+    return item
+
+
+def get_items(session: Session, item_ids: Sequence[int]) -> list[Item]:
+    """The items in the order asked (each once), or NotFound naming every missing id."""
+    found = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_(item_ids)))}
+    if missing := [str(i) for i in item_ids if i not in found]:
+        raise NotFound(f"no item {', '.join(missing)}")
+    return [found[i] for i in dict.fromkeys(item_ids)]
+
+
+def job_items(session: Session, job_id: int) -> Sequence[Item]:
+    """Every item of the job in row order, or NotFound when there is no such job."""
+    get_job(session, job_id)
+    return session.scalars(select(Item).where(Item.job_id == job_id)
+                           .order_by(Item.row_index)).all()
+
+
 def find_model(session: Session, ref: str) -> Model | None:
     """The model a user means by `ref`: a name, else a prefix of its sha256 (at least 6 hex
-    digits). Raises LookupError when `ref` fits more than one."""
+    digits). Raises NotFound (a LookupError) when `ref` fits more than one."""
     found = list(session.scalars(select(Model).where(Model.name == ref).limit(2)))
     if not found and len(ref) >= 6:
         prefix = Model.sha256.startswith(ref.lower(), autoescape=True)
         found = list(session.scalars(select(Model).where(prefix).limit(2)))
     if len(found) > 1:
-        raise LookupError(f"{ref!r} names more than one model; use more of its hash")
+        raise NotFound(f"{ref!r} names more than one model; use more of its hash")
     return found[0] if found else None
 
 
@@ -219,7 +252,7 @@ def register_model(session: Session, *, sha256: str, name: str, source_uri: str,
     """
     taken = session.scalar(select(Model).where(Model.name == name, Model.sha256 != sha256))
     if taken is not None:
-        raise ValueError(f"the name {name!r} is taken by model {taken.short_hash}")
+        raise Refused(f"the name {name!r} is taken by model {taken.short_hash}")
     model = session.scalar(select(Model).where(Model.sha256 == sha256))
     if model is None:
         model = Model(sha256=sha256, name=name, source_uri=source_uri, architecture=architecture)
@@ -228,6 +261,20 @@ def register_model(session: Session, *, sha256: str, name: str, source_uri: str,
         model.name, model.source_uri = name, source_uri
     session.flush()
     return model
+
+
+def all_models(session: Session) -> Sequence[Model]:
+    """Every known model, by name."""
+    return session.scalars(select(Model).order_by(Model.name)).all()
+
+
+def seconds_per_step(session: Session, *, model_id: int, sampler: str, width: int,
+                     height: int) -> float | None:
+    """Mean seconds per image and step of the finished images of one model, sampler and
+    size (None without any): what a plan's estimate is made from."""
+    return session.scalar(select(func.avg(Item.duration_s / Item.steps)).where(
+        Item.model_id == model_id, Item.status == Status.DONE, Item.duration_s.is_not(None),
+        Item.sampler == sampler, Item.width == width, Item.height == height))
 
 
 def model_item_counts(session: Session) -> dict[int, int]:
@@ -242,11 +289,11 @@ def remove_model(session: Session, ref: str) -> Model:
     provenance would lose its hash."""
     model = find_model(session, ref)
     if model is None:
-        raise LookupError(f"no model named {ref!r}")
+        raise NotFound(f"no model named {ref!r}")
     used = session.scalar(select(func.count()).where(Item.model_id == model.id))
     if used:
-        raise ValueError(f"model {model.name!r} ({model.short_hash}) is recorded with {used} "
-                         "item(s) and stays")
+        raise Refused(f"model {model.name!r} ({model.short_hash}) is recorded with {used} "
+                      "item(s) and stays")
     session.delete(model)
     session.flush()
     return model

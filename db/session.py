@@ -1,20 +1,26 @@
 """Engines for sdq databases, and the schema migrations that go with them.
 
 One URL picks the database: `sqlite:///path` (the embedded default) or `postgresql://...`
-(served through psycopg 3). Nothing here reads settings; callers pass the URL.
+(served through psycopg 3). Nothing here reads settings; callers pass the URL. Alembic is
+loaded only to migrate or to judge a database that is not at `HEAD_REVISION`: opening a
+current one, which every command does, costs one query.
 """
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from sdq.sdmodel.errors import InvalidInput, Unavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+HEAD_REVISION = "0002"
+"""The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite writer waits for another's lock before giving up: long enough to ride
@@ -24,7 +30,7 @@ out a bulk submit in the embedded mode's other process."""
 _URL_FORMS = "expected sqlite:///PATH or postgresql://USER@HOST/DBNAME"
 
 
-class SchemaMismatch(RuntimeError):
+class SchemaMismatch(Unavailable):
     """The database's schema revision is not the one this version of sdq works with."""
 
 
@@ -39,14 +45,14 @@ def engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
     try:
         url = make_url(url)
     except sa.exc.ArgumentError:
-        raise ValueError(f"not a database URL; {_URL_FORMS}") from None
+        raise InvalidInput(f"not a database URL; {_URL_FORMS}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     backend = url.get_backend_name()
     if backend == "postgresql":
         return sa.create_engine(url, pool_pre_ping=True, **kwargs)
     if backend != "sqlite":
-        raise ValueError(f"unsupported database {url.drivername!r}; {_URL_FORMS}")
+        raise InvalidInput(f"unsupported database {url.drivername!r}; {_URL_FORMS}")
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
@@ -75,6 +81,8 @@ def _sqlite_begin(connection: Connection) -> None:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic configured in code: the scripts ship inside the package, no alembic.ini."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(files("sdq.migrations")))
     config.attributes["connection"] = connection
@@ -82,6 +90,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def _migrate(engine: Engine, action: str, revision: str) -> None:
+    from alembic import command
+
     with engine.connect() as connection:
         connection.execution_options(sqlite_immediate=True)
         with connection.begin():
@@ -100,12 +110,16 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def current_revision(engine: Engine) -> str | None:
     """The database's schema revision; None for a database sdq has never touched."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
 def head_revision() -> str:
-    """The newest schema revision this version of sdq knows."""
+    """The newest schema revision this version of sdq knows, read from the scripts."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "sdq ships at least one migration"
     return head
@@ -119,6 +133,8 @@ def open_database(url: str | URL) -> Engine:
     step (`sdq db upgrade`), so here it is only checked.
     """
     engine = engine_from_url(url)
+    if _stamped_revision(engine) == HEAD_REVISION:
+        return engine
     current, head = current_revision(engine), head_revision()
     if current == head:
         return engine
@@ -138,6 +154,18 @@ def open_database(url: str | URL) -> Engine:
     )
 
 
+def _stamped_revision(engine: Engine) -> str | None:
+    """The revision in Alembic's version table, in one query; None when there is none (a
+    database that cannot be reached raises as it would anywhere)."""
+    with engine.connect() as connection:
+        try:
+            return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        except sa.exc.DBAPIError:
+            return None
+
+
 def _known_revisions() -> set[str | None]:
+    from alembic.script import ScriptDirectory
+
     scripts = ScriptDirectory.from_config(alembic_config())
     return {None} | {script.revision for script in scripts.walk_revisions()}

@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .errors import InvalidInput, NotFound
+
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (
     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
@@ -42,7 +44,7 @@ _IGNORED = re.compile(
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidInput):
     """A weights file that cannot be used as it is; the message names the file and the keys."""
 
     def __init__(self, source: Path | str, problem: str) -> None:
@@ -255,7 +257,7 @@ def folder_weights(folder: Path, stem: str) -> Path:
     raise CheckpointError(folder, f"no {stem}.safetensors or {stem}.bin")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
     """A model reference that names neither a local file or folder nor a reachable/cached repo."""
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from huggingface_hub.errors import StrictDataclassError
+from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.activations import ACT2FN
 

@@ -1,19 +1,21 @@
 """The Celery app: configuration only; the task lives in `tasks`, the work in `runner`.
 
 `celery -A sdq.worker.app worker` finds `app` here, built from the settings of the process
-(`SDQ_BROKER_URL`, `SDQ_VISIBILITY_TIMEOUT`); `sdq submit` and `sdq reconcile` build their own
-with `create_app` to publish. There is no result backend: the database holds every outcome.
+(`SDQ_BROKER_URL`, `SDQ_VISIBILITY_TIMEOUT`) the first time it is asked for, never at import:
+commands import this module for its names without loading Celery or reading settings.
+`sdq submit` and `sdq reconcile` build their own with `create_app` to publish. There is no
+result backend: the database holds every outcome.
 """
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
-
-from celery import Celery
-from kombu.transport.redis import Channel
-from kombu.utils.url import sanitize_url
+from functools import cache
+from typing import TYPE_CHECKING, Any, MutableMapping
 
 from sdq.worker.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
@@ -40,6 +42,8 @@ def level_lists(queue: str) -> list[str]:
     reply queue, so it answers no control command. Priorities depend on `priority_steps` alone,
     which only sdq's publishers and workers need; a plain client's control messages and their
     replies go at level 0, the bare list, whatever its steps."""
+    from kombu.transport.redis import Channel
+
     return [queue, *(f"{queue}{Channel.sep}{level}" for level in PRIORITIES if level)]
 
 
@@ -50,6 +54,8 @@ def queue_name(model_sha256: str) -> str:
 
 def create_app(settings: Settings) -> Celery:
     """An app on the settings' broker (an in-memory one in embedded mode, never used there)."""
+    from celery import Celery
+
     app = Celery("sdq", broker=settings.broker_url or "memory://", include=["sdq.worker.tasks"],
                  set_as_current=False)
     app.conf.update(
@@ -84,6 +90,8 @@ def celery_cli_settings(environ: MutableMapping[str, str]) -> Settings:
     while sdq's tasks and heartbeats read SDQ_BROKER_URL: two URLs would split a worker between
     two brokers. A URL given to celery alone becomes SDQ_BROKER_URL for this process and its
     pool processes; two different URLs are refused in one line."""
+    from kombu.utils.url import sanitize_url
+
     settings = Settings.load(environ)
     given = environ.get("CELERY_BROKER_URL")
     if not given or given == settings.broker_url:
@@ -97,4 +105,14 @@ def celery_cli_settings(environ: MutableMapping[str, str]) -> Settings:
     return Settings.load(environ)
 
 
-app = create_app(celery_cli_settings(os.environ))
+@cache
+def _process_app() -> Celery:
+    return create_app(celery_cli_settings(os.environ))
+
+
+def __getattr__(name: str) -> Any:
+    """`app`: the process's app, built on first use (module attributes are looked up here
+    only when not found, so every other name costs nothing)."""
+    if name == "app":
+        return _process_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

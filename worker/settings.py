@@ -5,6 +5,7 @@ so library code stays testable without touching the process environment.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -15,6 +16,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
     import tomli as tomllib
+
+from sdq.sdmodel.errors import InvalidInput
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PNG_LEVEL = 1
@@ -28,6 +31,11 @@ def default_store_threads(cores: int | None = None) -> int:
     fsyncs run outside the GIL, so threads overlap them; Pillow's PNG writer holds the GIL,
     which is why the PNG level, not the thread count, sets the ceiling (docs/storage.md)."""
     return max(1, min(MAX_STORE_THREADS, cores or os.cpu_count() or 1))
+
+
+class SettingsError(InvalidInput):
+    """A setting that cannot be used; the message names where it came from: the variable,
+    or the config file and its key."""
 
 
 def _config_file(env: Mapping[str, str]) -> Path:
@@ -69,13 +77,7 @@ class Settings:
         (lower case, without the prefix), then to the embedded defaults."""
         env = os.environ if env is None else env
         path = _config_file(env)
-        filed: dict[str, object] = {}
-        if path.is_file():
-            with path.open("rb") as fh:
-                try:
-                    filed = tomllib.load(fh)
-                except tomllib.TOMLDecodeError as exc:
-                    raise ValueError(f"{path}: {exc}") from exc
+        filed = _read_config(path, [field.name for field in fields(cls)])
 
         def get(name: str) -> str | None:
             value = env.get(f"SDQ_{name.upper()}")
@@ -104,10 +106,35 @@ class Settings:
                 try:
                     raw[field.name] = int(raw[field.name])  # type: ignore[arg-type]
                 except ValueError:
-                    raise ValueError(
-                        f"SDQ_{field.name.upper()}: expected a whole number, got {raw[field.name]!r}"
-                    ) from None
+                    variable = f"SDQ_{field.name.upper()}"
+                    where = variable if env.get(variable) else f"{path}: {field.name}"
+                    raise SettingsError(
+                        f"{where}: expected a whole number, got {raw[field.name]!r}") from None
         for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
-                raise ValueError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
+                raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
         return cls(**raw)  # type: ignore[arg-type]
+
+
+def _read_config(path: Path, keys: list[str]) -> dict[str, object]:
+    """The config file's keys, or SettingsError naming the file and what is wrong: a syntax
+    error (with its line), a key sdq does not know (a typo would otherwise be ignored), or a
+    table or list where one value belongs."""
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as fh:
+            filed = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    for key, value in filed.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(keys)}"
+            raise SettingsError(f"{path}: {key}: unknown key; {hint}")
+        if isinstance(value, (dict, list)):
+            raise SettingsError(f"{path}: {key}: expected one value, got a "
+                                f"{'table' if isinstance(value, dict) else 'list'}")
+    return filed

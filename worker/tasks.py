@@ -9,10 +9,10 @@ from celery import Task, signals
 
 from sdq.db.session import open_database
 from sdq.worker.app import TASK_NAME, app
-from sdq.worker.settings import Settings
 from sdq.worker.heartbeat import Heartbeat
-from sdq.worker.runner import Batch, Runner, TransientError
 from sdq.worker.jobs.submit import runner_from_settings
+from sdq.worker.runner import Batch, Runner, TransientError
+from sdq.worker.settings import Settings
 
 _SETTINGS = Settings.load()
 

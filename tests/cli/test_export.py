@@ -132,13 +132,16 @@ def test_parquet_without_pyarrow_names_the_extra(home: Home, tmp_path: Path,
         "Error: the parquet format needs pyarrow: pip install 'sdq[export]'"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "Error: give a JOB or --query TEXT"),
-    (["7"], "Error: no finished images to export"),
+@pytest.mark.parametrize(("args", "code", "message"), [
+    ([], 2, "Error: give a JOB or --query TEXT"),
+    (["1"], 1, "Error: no finished images to export"),
+    (["7"], 3, "Error: no job 7"),
 ])
-def test_export_errors(home: Home, tmp_path: Path, args: list[str], message: str) -> None:
+def test_export_errors(home: Home, tmp_path: Path, args: list[str], code: int,
+                       message: str) -> None:
+    home.add_job(["nothing finished"])
     result = home.run("export", *args, "--format", "webdataset", "-o", str(tmp_path / "out"))
-    assert result.exit_code == (2 if "give" in message else 1)
+    assert result.exit_code == code
     assert result.output.splitlines()[-1] == message
 
 

@@ -82,7 +82,7 @@ def test_long_prompt_warns_with_the_dropped_words(tmp_path, env, tiny_checkpoint
 
 def test_missing_model_is_one_clear_line(env, tmp_path):
     result = CliRunner().invoke(cli, ["generate", "x", "--model", str(tmp_path / "nope.safetensors")], env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "Error: " in result.output and "no such checkpoint file" in result.output
     assert "Traceback" not in result.output
 

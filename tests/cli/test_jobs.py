@@ -50,13 +50,13 @@ def test_status_of_a_job_with_nothing_done_and_of_no_job(home: Home) -> None:
     job = home.add_job(["a"])
     assert "no images finished yet, time left unknown" in home.run("status", str(job.id)).output
     missing = home.run("status", "999")
-    assert missing.exit_code == 1 and missing.output == "Error: no job 999\n"
+    assert missing.exit_code == 3 and missing.output == "Error: no job 999\n"
     assert home.run("status", "x").exit_code == 2
 
 
 def test_an_unreachable_database_is_one_line_without_the_password(home: Home) -> None:
     home.env["SDQ_DATABASE_URL"] = "postgresql://sdq:hunter2@127.0.0.1:1/sdq"
     result = home.run("jobs")
-    assert result.exit_code == 1 and "hunter2" not in result.output
+    assert result.exit_code == 4 and "hunter2" not in result.output
     assert result.output.startswith("Error: postgresql://sdq:***@127.0.0.1:1/sdq: connection")
     assert len(result.output.splitlines()) == 1

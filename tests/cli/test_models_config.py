@@ -48,9 +48,9 @@ def test_model_registry_refusals(home: Home, weights: Path, tmp_path: Path) -> N
     assert used.exit_code == 1
     assert used.output.startswith("Error: model 'tiny' (abababab") and "1 item(s)" in used.output
     missing = home.run("models", "remove", "nope")
-    assert missing.exit_code == 1 and missing.output == "Error: no model named 'nope'\n"
+    assert missing.exit_code == 3 and missing.output == "Error: no model named 'nope'\n"
     absent = home.run("models", "add", str(tmp_path / "gone.safetensors"), "--name", "x")
-    assert absent.exit_code == 1 and "no such checkpoint file" in absent.output
+    assert absent.exit_code == 3 and "no such checkpoint file" in absent.output
     assert home.run("models", "add", str(weights)).exit_code == 2
 
 
@@ -88,7 +88,7 @@ def test_config_shows_the_mode_and_masks_secrets(home: Home) -> None:
 def test_config_reports_a_bad_setting_in_one_line(home: Home) -> None:
     home.env["SDQ_BATCH_SIZE"] = "many"
     result = home.run("config")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output == "Error: SDQ_BATCH_SIZE: expected a whole number, got 'many'\n"
 
 

@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Schedule, Status
 from sdq.worker.app import create_app, queue_name
-from sdq.worker.settings import Settings
+from sdq.worker.beat import DatabaseScheduler
 from sdq.worker.jobs.schedule import (
-    DatabaseScheduler,
     Run,
     due_runs,
     first_run_on,
@@ -33,6 +32,7 @@ from sdq.worker.jobs.schedule import (
     run_schedule,
 )
 from sdq.worker.jobs.submit import identify_model
+from sdq.worker.settings import Settings
 from tests.cli.conftest import Home
 from tests.services import in_queue
 
@@ -123,7 +123,7 @@ def test_add_list_run_now_remove(home: Home, prompts: Path, tiny_checkpoint: Pat
     assert not listed(home)[0]["enabled"] and listed(home)[0]["next_run"] is None
     readded = add(home, prompts, tiny_checkpoint, "--tag", "nightly", "--seed", "7")
     assert readded.exit_code == 0 and "re-enabled" in readded.output
-    assert home.run("schedule", "remove", "nope").exit_code == 1
+    assert home.run("schedule", "remove", "nope").exit_code == 3
 
 
 def test_a_schedule_that_never_ran_is_deleted(home: Home, prompts: Path,
@@ -168,7 +168,7 @@ def test_a_bad_prompt_file_is_refused_like_submit(home: Home, tmp_path: Path,
     good = tmp_path / "good.txt"
     good.write_text("a fox\n")
     missing = add(home, good, tmp_path / "no.safetensors")
-    assert missing.exit_code == 2 and "--model" in missing.output and "no.safetensors" in missing.output
+    assert missing.exit_code == 3 and "--model" in missing.output and "no.safetensors" in missing.output
     assert listed(home) == []
 
 

@@ -99,7 +99,7 @@ def test_show_prints_the_record_and_the_environment_from_the_image(home: Home) -
     pending = json.loads(home.run("show", str(done_id + 1), "--json").output)
     assert pending["status"] == "pending" and "environment" not in pending
     missing = home.run("show", "12345")
-    assert missing.exit_code == 1 and missing.output == "Error: no item 12345\n"
+    assert missing.exit_code == 3 and missing.output == "Error: no item 12345\n"
 
 
 def test_get_downloads_images_and_records_and_skips_identical_files(home: Home, tmp_path: Path) -> None:
@@ -128,7 +128,8 @@ def test_get_downloads_images_and_records_and_skips_identical_files(home: Home, 
     [
         ([], 2, "give ITEM ids or --job JOB, not both or neither"),
         (["1", "--job", "1"], 2, "give ITEM ids or --job JOB"),
-        (["777", "778"], 1, "Error: no item 777, 778"),
+        (["777", "778"], 3, "Error: no item 777, 778"),
+        (["--job", "9"], 3, "Error: no job 9"),
     ],
 )
 def test_get_errors(home: Home, tmp_path: Path, args: list[str], code: int, message: str) -> None:

@@ -36,7 +36,7 @@ def test_sheet_of_a_job_and_of_a_query(home: Home, tmp_path: Path) -> None:
     [
         ([], 2, "give a JOB or --query TEXT, not both or neither"),
         (["1", "--query", "x"], 2, "give a JOB or --query TEXT"),
-        (["999"], 1, "Error: no finished images to show"),
+        (["999"], 3, "Error: no job 999"),
         (["1", "--tile", "8"], 2, "Invalid value for '--tile'"),
     ],
 )

@@ -82,11 +82,11 @@ def test_a_bad_file_lists_every_problem_and_records_nothing(home: Home, tiny_che
     assert (_count(home, Job), _count(home, Item)) == (0, 0)
 
 
-def test_a_missing_model_is_one_line_and_exit_2(home: Home, tmp_path: Path) -> None:
+def test_a_missing_model_is_one_line_and_exit_3(home: Home, tmp_path: Path) -> None:
     prompts = home.path / "p.txt"
     prompts.write_text("a boat\n")
     result = home.run("submit", str(prompts), "--model", str(tmp_path / "nope.safetensors"))
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr.startswith("Error: --model: ") and result.stderr.count("\n") == 1
     assert _count(home, Job) == 0
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 
 from sdq.db.models import Item
 from sdq.db.session import (
+    HEAD_REVISION,
     SchemaMismatch,
     alembic_config,
     current_revision,
@@ -26,6 +27,11 @@ SDQ_TABLES = {"models", "schedules", "jobs", "items"}
 
 def tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
+
+
+def test_the_head_revision_constant_is_the_newest_script() -> None:
+    """Databases at HEAD_REVISION open without Alembic; a new migration must move it."""
+    assert HEAD_REVISION == head_revision()
 
 
 def test_upgrade_downgrade_upgrade(empty_engine: Engine) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from sdq.sdmodel import clip
 from sdq.sdmodel.checkpoint import CheckpointError
-from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
+from sdq.sdmodel.pipeline import Request, load_pipeline
 
 from .reference import SD15_SCHEDULER
 from .test_pipeline import LATENT_TOL, PIXEL_TOL, pixels, run_reference

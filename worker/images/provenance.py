@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
+from sdq.sdmodel.errors import InvalidInput
 from sdq.worker.settings import DEFAULT_PNG_LEVEL
 
 from . import watermark as wm
@@ -51,7 +52,7 @@ _HASH = re.compile(r"^[0-9a-f]{8}$|^[0-9a-f]{10}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class MetadataError(ValueError):
+class MetadataError(InvalidInput):
     """The bytes are not a readable PNG."""
 
 

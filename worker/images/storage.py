@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+from sdq.sdmodel.errors import Unavailable
+
 # A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp
 # files' names are not.
 _SEGMENT = re.compile(r"^(?!\.tmp-)\.?[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMP_PREFIX = ".tmp-"
 
 
-class StorageError(Exception):
+class StorageError(Unavailable):
     """A storage operation failed; the message is one line meant for the user."""
 
 

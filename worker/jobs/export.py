@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Status
 from sdq.db.queries import search_items
+from sdq.sdmodel.errors import Refused
 from sdq.worker.images.storage import ObjectNotFound, Storage
 from sdq.worker.jobs.card import dataset_card
 
@@ -50,7 +51,7 @@ Describe = Callable[[Item], Mapping[str, Any]]
 _PAGE = 1000
 
 
-class ExportError(RuntimeError):
+class ExportError(Refused):
     """The export cannot be completed as asked (a missing image, a missing extra)."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Engine
@@ -17,9 +17,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.worker.settings import Settings
-from sdq.worker.runner import RunReport
+from sdq.sdmodel.errors import NotFound
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
+from sdq.worker.settings import Settings
+
+if TYPE_CHECKING:
+    from sdq.worker.runner import RunReport
 
 
 @dataclass(frozen=True)
@@ -143,5 +146,5 @@ def cancel_job(settings: Settings, job_id: int) -> int:
 def _job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:
-        raise LookupError(f"no job {job_id}")
+        raise NotFound(f"no job {job_id}")
     return job

@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
+from sdq.sdmodel.errors import NotFound, Refused
 from sdq.worker.images.storage import Storage
 
 
-class JobBusy(ValueError):
+class JobBusy(Refused):
     """Items of the job are running under a live lease; purging would race their worker."""
 
 
@@ -42,17 +43,17 @@ class Purged:
 
 
 def job_contents(session: Session, job_id: int) -> JobContents:
-    """The job's size, for the confirmation; LookupError when there is no such job."""
+    """The job's size, for the confirmation; NotFound when there is no such job."""
     job = session.get(Job, job_id)
     if job is None:
-        raise LookupError(f"no job {job_id}")
+        raise NotFound(f"no job {job_id}")
     items, images = session.execute(
         select(func.count(), func.count(Item.image_key)).where(Item.job_id == job_id)).one()
     return JobContents(job_id, job.name or job.source_name, items, images)
 
 
 def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
-    """Delete the job's images, then its items and the job row. Raises LookupError (no such
+    """Delete the job's images, then its items and the job row. Raises NotFound (no such
     job), JobBusy, or the storage's StorageError (nothing deleted from the database then)."""
     with Session(engine) as session:
         job_contents(session, job_id)

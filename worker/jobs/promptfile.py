@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdq.db.models import SEED_LIMIT
-from sdq.sdmodel.samplers import SAMPLERS
+from sdq.sdmodel.errors import InvalidInput
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -74,7 +74,7 @@ class Problem:
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InvalidInput):
     """The file was refused; `problems` lists every error found, in file order."""
 
     def __init__(self, problems: list[Problem]) -> None:
@@ -310,6 +310,8 @@ def _side(value: Any) -> int:
 
 
 def _sampler(value: Any) -> str:
+    from sdq.sdmodel.samplers import SAMPLERS
+
     name = str(value).strip().lower()
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {value!r}{_close(name, SAMPLERS)} "

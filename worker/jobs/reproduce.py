@@ -27,12 +27,13 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
+from sdq.sdmodel.errors import Refused
 from sdq.sdmodel.pipeline import Pipeline, Request
 from sdq.worker.images import watermark as wm
 from sdq.worker.images.provenance import WatermarkStatus, read_png_metadata
 
 
-class ReproduceError(ValueError):
+class ReproduceError(Refused):
     """The item cannot be reproduced as asked (no image, no batch, a gap in its batch)."""
 
 

@@ -7,8 +7,8 @@ however many schedulers run, and however often they restart, a schedule makes at
 a day. The loser of a race finds the winner's job and reports it instead of a second one.
 
 Cron expressions have the usual five fields (minute hour day-of-month month day-of-week) and
-are parsed by Celery's `crontab`, whose rule is that a day matches when its day of month, month
-and weekday all match. A schedule runs at the first time its cron names on a day (UTC); a
+are read as Celery's `crontab` reads them (`cron.parse_cron`), whose rule is that a day matches
+when its day of month, month and weekday all match. A schedule runs at the first time its cron names on a day (UTC); a
 scheduler that was down then catches up later the same day, never for days already past.
 Every function takes the time as an argument: nothing here reads the clock.
 """
@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Callable, Mapping
 
-from celery.beat import Scheduler
-from celery.schedules import crontab
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
-from sdq.worker.settings import Settings
+from sdq.sdmodel.errors import NotFound, Refused
+from sdq.worker.jobs.cron import Cron, parse_cron
 from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
+from sdq.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,7 @@ def utc_clock() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def parse_cron(expression: str) -> crontab:
-    """A five-field cron expression as Celery's crontab; ValueError saying what is wrong."""
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(f"cron {expression!r}: expected 5 fields (minute hour day-of-month "
-                         f"month day-of-week), got {len(fields)}")
-    minute, hour, day_of_month, month, day_of_week = fields
-    try:
-        return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                       month_of_year=month, day_of_week=day_of_week)
-    except ValueError as exc:
-        raise ValueError(f"cron {expression!r}: {exc}") from None
-
-
-def first_run_on(cron: crontab, day: date) -> datetime | None:
+def first_run_on(cron: Cron, day: date) -> datetime | None:
     """The first time `cron` names on the UTC `day`, or None when the day does not match."""
     if (day.month in cron.month_of_year and day.day in cron.day_of_month
             and day.isoweekday() % 7 in cron.day_of_week):
@@ -73,7 +59,7 @@ def first_run_on(cron: crontab, day: date) -> datetime | None:
     return None
 
 
-def next_run(cron: crontab, after: datetime) -> datetime | None:
+def next_run(cron: Cron, after: datetime) -> datetime | None:
     """The first run time strictly after `after` (one per day), None if none in five years."""
     start = after.astimezone(timezone.utc).date()
     for offset in range(_SEARCH_DAYS):
@@ -99,7 +85,7 @@ def model_resolver(session: Session) -> ModelResolver:
     return resolve
 
 
-class ScheduleError(ValueError):
+class ScheduleError(Refused):
     """A schedule operation refused, with the reason as its message."""
 
 
@@ -168,7 +154,7 @@ def _changes(schedule: Schedule, values: Mapping[str, Any]) -> list[str]:
 def find_schedule(session: Session, name: str) -> Schedule:
     schedule = session.scalar(select(Schedule).where(Schedule.name == name))
     if schedule is None:
-        raise LookupError(f"no schedule named {name!r}")
+        raise NotFound(f"no schedule named {name!r}")
     return schedule
 
 
@@ -183,6 +169,19 @@ def remove_schedule(session: Session, name: str) -> bool:
     schedule.enabled = False
     session.flush()
     return False
+
+
+def schedules_with_last_run(session: Session) -> list[tuple[Schedule, date | None, int | None]]:
+    """Every schedule by name, with the day of its latest run and that run's job (None, None
+    when it never ran)."""
+    last = (select(Job.schedule_id, func.max(Job.run_day).label("day"))
+            .where(Job.schedule_id.is_not(None)).group_by(Job.schedule_id).subquery())
+    rows = session.execute(
+        select(Schedule, last.c.day, Job.id)
+        .outerjoin(last, last.c.schedule_id == Schedule.id)
+        .outerjoin(Job, (Job.schedule_id == Schedule.id) & (Job.run_day == last.c.day))
+        .order_by(Schedule.name))
+    return [(schedule, day, job_id) for schedule, day, job_id in rows]
 
 
 def run_of(session: Session, schedule_id: int, day: date) -> int | None:
@@ -221,7 +220,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
 
     The job and its items are recorded by `submit` in one transaction; the database refuses a
     second job for the same (schedule, day), in which case the existing one is returned.
-    Raises LookupError (no such schedule), PromptFileError (the stored file no longer passes,
+    Raises NotFound (no such schedule), PromptFileError (the stored file no longer passes,
     e.g. a model it names was removed) or ModelNotFound.
     """
     from sdq.worker.jobs.submit import identify_model, submit
@@ -305,35 +304,3 @@ def seconds_to_next_run(settings: Settings, now: datetime) -> float | None:
         engine.dispose()
     times = [at for cron in crons if (at := next_run(parse_cron(cron), now)) is not None]
     return (min(times) - now).total_seconds() if times else None
-
-
-class DatabaseScheduler(Scheduler):
-    """Celery beat's scheduler with the schedules in sdq's database instead of a shelve file.
-
-    Each tick re-reads the enabled schedules (so `sdq schedule add` needs no restart), starts
-    the runs that are due through `run_schedule`, which records and enqueues them (or runs
-    them here with no broker), and sleeps until the next run or `max_interval`, whichever is
-    sooner. `clock` gives the time: tests drive it instead of waiting.
-    """
-
-    max_interval = 60
-
-    def __init__(self, app: Any, *, settings: Settings, clock: Clock = utc_clock,
-                 **kwargs: Any) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.last_runs: list[Run] = []
-        super().__init__(app, **kwargs)
-
-    def setup_schedule(self) -> None:
-        """Nothing to load up front: every tick reads the database."""
-
-    def tick(self, *args: Any, **kwargs: Any) -> float:
-        try:
-            self.last_runs = run_due(self.settings, self.clock())
-            wait = seconds_to_next_run(self.settings, self.clock())
-        except SQLAlchemyError as exc:
-            # The database restarting is no reason to stop: look again at the next tick.
-            log.error("scheduler: the database is unavailable: %s", exc)
-            self.last_runs, wait = [], None
-        return max(1.0, min(float(self.max_interval), wait if wait is not None else float("inf")))

@@ -3,14 +3,16 @@
 The CLI parses prompt files into item specs and calls `submit`; `lifecycle` re-enqueues
 through the same `dispatch`. Items are committed before any message is published, so a worker
 can never receive an id that is not in the database yet; a crash between the two leaves items
-`pending`, which `reconcile` picks up.
+`pending`, which `reconcile` picks up. The model stack (torch) is imported only by the
+functions that hash or run a model, so commands can use the rest without loading it.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
@@ -20,13 +22,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
-from sdq.db.queries import submit_job
+from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
-from sdq.worker.settings import Settings
-from sdq.worker.runner import LEASE_S, Batch, Runner, RunReport
 from sdq.worker.images.storage import open_storage
+from sdq.worker.settings import Settings
+
+if TYPE_CHECKING:
+    from sdq.worker.runner import Batch, Runner, RunReport
 
 DEFAULT_BATCH_SIZE = 8
 """Images denoised together by default: SD v1 at 512x512 in fp16 with guidance (16 UNet rows)
@@ -52,6 +55,8 @@ class ModelIdentity:
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
     """Hash a model without loading it (cached by path, size and mtime); raises ModelNotFound."""
+    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+
     path = resolve_model_ref(ref)
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
@@ -135,12 +140,36 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
     return session.scalars(by_hash).one()
 
 
+def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
+         batch_size: int) -> list[dict[str, Any]]:
+    """What submitting `items` would run, recording nothing: one group per model, sampler,
+    steps and size, with its images, batches and an estimate from the finished images of the
+    same model, sampler and size (seconds per image and step; None without any). `model` is
+    the default of items without a `model_id`."""
+    known = {m.id: (m.name, m.sha256) for m in all_models(session)}
+    default_id = next((i for i, (_, sha256) in known.items() if sha256 == model.sha256), None)
+    groups = Counter((item.get("model_id", default_id), item["sampler"], item["steps"],
+                      item["width"], item["height"]) for item in items)
+    planned = []
+    for (model_id, sampler, steps, width, height), images in groups.items():
+        label, sha256 = known.get(model_id, (model.name, model.sha256))
+        per_step = None if model_id is None else seconds_per_step(
+            session, model_id=model_id, sampler=sampler, width=width, height=height)
+        planned.append({"model": label, "model_sha256": sha256, "sampler": sampler,
+                        "steps": steps, "size": f"{width}x{height}", "images": images,
+                        "batches": -(-images // batch_size),
+                        "estimated_s": None if per_step is None else per_step * steps * images})
+    return planned
+
+
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
     """The matching items, by model sha256, in batches of one shape (sampler, steps, size,
     eta) and one job priority, at most `batch_size` items each; highest priority first, then
     in submission order. Guidance, prompts and seeds may differ within a batch: each image has
     its own generator, so batching never changes it."""
+    from sdq.worker.runner import Batch
+
     rows = session.execute(
         select(Item.id, Model.sha256, Job.priority, Item.sampler, Item.steps, Item.width,
                Item.height, Item.eta)
@@ -171,6 +200,8 @@ def dispatch(
     after the other, each loaded from `model_refs[sha256]`, else from where its model row says
     it came from, else the settings' model."""
     if settings.embedded:
+        from sdq.worker.runner import RunReport
+
         refs = _model_sources(engine, planned)
         refs.update(model_refs or {})
         report = RunReport()
@@ -210,6 +241,8 @@ def _model_sources(engine: Engine, planned: Mapping[str, Sequence[Batch]]) -> di
 def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
                          worker_name: str | None = None) -> Runner:
     """A runner configured from settings, as both modes build it."""
+    from sdq.worker.runner import LEASE_S, Runner
+
     return Runner(
         engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
         model_ref=model_ref, device=settings.device, dtype=settings.dtype,

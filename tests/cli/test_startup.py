@@ -1,0 +1,47 @@
+"""Commands that do not generate start without torch, transformers or Celery. They run one
+after the other in a fresh interpreter, as a user's shell would run them, which reports after
+each what it had imported so far: the first command to load one is the one to blame."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli.conftest import Home
+
+HEAVY = ["torch", "transformers", "celery"]
+_RUN = """
+import json, sys
+from sdq.cli.main import cli
+report = []
+for args in json.loads(sys.argv[2]):
+    try:
+        cli.main(args, prog_name="sdq")
+    except SystemExit as exit:
+        code = exit.code
+    loaded = sorted({name.split(".")[0] for name in sys.modules} & set(json.loads(sys.argv[3])))
+    report.append({"args": args, "code": code, "loaded": loaded})
+with open(sys.argv[1], "w") as out:
+    json.dump(report, out)
+"""
+
+
+def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
+        home: Home, tmp_path: Path) -> None:
+    home.add_job(["a red fox", "a lighthouse"], done=2)
+    assert home.run("get", "1", "-o", str(tmp_path / "one")).exit_code == 0
+    commands = [
+        ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
+        ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],
+        ["get", "2", "-o", str(tmp_path / "got")], ["verify", str(tmp_path / "one" / "1.png")],
+        ["export", "1", "--format", "imagefolder", "-o", str(tmp_path / "export")],
+        *([name, "--help"] for name in ("submit", "generate", "reproduce", "schedule", "scheduler",
+                                        "worker", "workers", "retry", "resume", "models", "db")),
+        ["purge", "1", "--yes"],
+    ]
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-c", _RUN, str(report), json.dumps(commands),
+                    json.dumps(HEAVY)], env=home.env, capture_output=True, timeout=600, check=True)
+    assert json.loads(report.read_text()) == [
+        {"args": args, "code": 0, "loaded": []} for args in commands]
