@@ -153,7 +153,7 @@ def finite(field: str, low: float, high: float) -> Callable[[Any], float]:
         except (TypeError, ValueError):
             number = math.nan
         if isinstance(value, bool) or not math.isfinite(number):
-            raise ParamError(field, f"expected a finite number, got {value!r}")
+            raise ParamError(field, f"expected a number, got {value!r}")
         if not low <= number <= high:
             raise ParamError(field, f"must be between {low:g} and {high:g}, got {number:g}")
         return number
