@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -23,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
+from sdq.sdmodel.files import write_atomically
 from sdq.worker.settings import Settings
 from sdq.worker.images.storage import Storage, StorageError, open_storage
 
@@ -41,14 +40,6 @@ def load_settings(*, need_broker: bool) -> Settings:
             "SDQ_BROKER_URL is not set: workers serve a broker (e.g. redis://host:6379/0); "
             "without one, `sdq submit` runs jobs in-process")
     return settings
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 @contextmanager

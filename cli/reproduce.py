@@ -10,6 +10,7 @@ import click
 from sdq.cli.common import configured_storage, database_session, load_settings
 from sdq.db.models import Item, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+from sdq.sdmodel.params import short_hash
 from sdq.sdmodel.pipeline import DTYPES, load_pipeline
 from sdq.worker.images.provenance import MetadataError
 from sdq.worker.jobs.reproduce import ReproduceError, compare, composition, regenerate
@@ -63,7 +64,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
         sha256, source = item.model.sha256, model_ref or item.model.source_uri
         image_key, batch_id, recorded_device = item.image_key, item.batch_id, item.device
     if not source:
-        raise click.ClickException(f"model {sha256[:10]} has no recorded source; "
+        raise click.ClickException(f"model {short_hash(sha256)} has no recorded source; "
                                    "pass --model with a local copy")
     try:
         stored = configured_storage(settings).get(image_key)
@@ -77,7 +78,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
         raise click.ClickException(f"cannot load model {source}: {exc}") from None
     if pipe.sha256 != sha256:
         raise click.ClickException(f"{source} is model {pipe.short_hash}, item {item_id} was made "
-                                   f"with {sha256[:10]}; pass --model with that model")
+                                   f"with {short_hash(sha256)}; pass --model with that model")
     try:
         comparison = compare(stored, regenerate(pipe, members)[position])
     except (ReproduceError, MetadataError) as exc:

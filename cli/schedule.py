@@ -13,11 +13,11 @@ import click
 from sqlalchemy import func, select
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain
-from sdq.cli.generate import multiple_of_8
+from sdq.cli.options import as_option_errors, generation_options
 from sdq.db.models import Job, Schedule
-from sdq.sdmodel.samplers import SAMPLERS
+from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
+from sdq.worker.jobs.promptfile import PromptFileError
 from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
     Clock,
@@ -33,10 +33,6 @@ from sdq.worker.jobs.schedule import (
 )
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    return None if value is None else multiple_of_8(ctx, param, value)
 
 
 def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -78,24 +74,20 @@ def schedule() -> None:
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
                    "[default: $SDQ_MODEL of the scheduler].")
-@click.option("--sampler", type=click.Choice(SAMPLERS), help="Default sampler [ddim].")
-@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Default steps [50].")
-@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), help="Default guidance scale [7.5].")
-@click.option("--width", type=int, callback=_size, help="Default width [512].")
-@click.option("--height", type=int, callback=_size, help="Default height [512].")
+@generation_options("Base seed; the same every day. Omitted: a new random base each run.",
+                    scope=" For rows without one.", fill_defaults=False)
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
-              help="Default images per row [1].")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
-              help="Base seed; the same every day. Omitted: a new random base each run.")
+              help="Images per row without an `n` [default: 1].")
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
 @click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")
-def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | None,
-        steps: int | None, cfg: float | None, width: int | None, height: int | None,
-        num_images: int | None, seed: int | None, batch_size: int | None,
+def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,
+        seed: int | None, sampler: str | None, steps: int | None, cfg: float | None,
+        eta: float | None, width: int | None, height: int | None,
+        num_images: int | None, batch_size: int | None,
         priority: int | None, tags: tuple[str, ...], replace: bool, output: str | None) -> None:
     """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
 
@@ -119,9 +111,10 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
         except (CheckpointError, ModelNotFound, OSError) as exc:
             raise click.BadParameter(str(exc), param_hint="--model") from None
     options: dict[str, Any] = {
-        "model": model_ref, "sampler": sampler, "steps": steps, "cfg": cfg, "width": width,
-        "height": height, "n": num_images, "seed": seed, "batch_size": batch_size,
-        "priority": priority, "tags": list(tags)}
+        "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
+        "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
+        "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
+        "tags": list(tags)}
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -129,8 +122,9 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
                                  param_hint="FILE") from None
     with database_session(settings) as session:
         try:
-            added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
-                                 options=options, replace=replace)
+            with as_option_errors():
+                added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
+                                     options=options, replace=replace)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

@@ -12,24 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from sdq.cli.common import database_session, load_settings
-from sdq.cli.generate import multiple_of_8
+from sdq.cli.options import as_option_errors, generation_options
 from sdq.cli.watch import follow, outcome, recorded_bar
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import find_model
-from sdq.sdmodel.samplers import SAMPLERS
+from sdq.sdmodel.params import MAX_IMAGES_PER_ROW, GenerationParams
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import (
-    MAX_CFG,
-    MAX_IMAGES_PER_ROW,
-    MAX_STEPS,
-    Defaults,
-    PromptFile,
-    PromptFileError,
-    read_prompt_file,
-)
+from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, read_prompt_file
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, ModelIdentity
-
-_DEFAULTS = Defaults()
 
 
 class BadInput(click.ClickException):
@@ -43,23 +33,10 @@ class BadInput(click.ClickException):
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Model of rows without a `model`: checkpoint, diffusers folder or Hugging "
                    "Face repo id [default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
-@click.option("--negative-prompt", default=_DEFAULTS.negative_prompt,
-              help="Negative prompt of rows without one.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
-              help="Base seed: image i of the job without a seed of its own gets seed+i "
-                   "[default: random, recorded with the job].")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=_DEFAULTS.sampler,
-              show_default=True)
-@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=_DEFAULTS.steps,
-              show_default=True)
-@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), default=_DEFAULTS.cfg,
-              show_default=True, help="Classifier-free guidance scale.")
-@click.option("--width", type=int, default=_DEFAULTS.width, show_default=True,
-              callback=multiple_of_8)
-@click.option("--height", type=int, default=_DEFAULTS.height, show_default=True,
-              callback=multiple_of_8)
+@generation_options("Base seed: image i of the job without a seed of its own gets seed+i "
+                    "[default: random, recorded with the job].", scope=" For rows without one.")
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
-              default=_DEFAULTS.n, show_default=True, help="Images per row without an `n`.")
+              default=1, show_default=True, help="Images per row without an `n`.")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
 @click.option("--name", help="Job name [default: the file name].")
@@ -72,7 +49,8 @@ class BadInput(click.ClickException):
               help="With a broker: follow the job's progress until it is done.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job (or plan) as JSON.")
 def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | None,
-           sampler: str, steps: int, cfg: float, width: int, height: int, num_images: int,
+           sampler: str, steps: int, cfg: float, eta: float, width: int, height: int,
+           num_images: int,
            batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
            dry_run: bool, wait: bool, as_json: bool) -> None:
     """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
@@ -92,9 +70,10 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
     from sdq.worker.jobs.submit import identify_model
 
+    with as_option_errors():
+        defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
+                            cfg=cfg, eta=eta, sampler=sampler, width=width, height=height)
     settings = load_settings(need_broker=False)
-    defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
-                        cfg=cfg, sampler=sampler, width=width, height=height)
     with database_session(settings) as session:
         parsed = _parse(file, defaults, session)
     for warning in parsed.warnings:
@@ -111,7 +90,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
         _print_plan(file, parsed, model, size, plan, as_json)
         return
     job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
-              defaults={**vars(defaults), "base_seed": parsed.base_seed, "model": ref,
+              defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
                         "batch_size": size},
               priority=priority, tags=list(dict.fromkeys(tags)))
     result, status = _submit(settings, parsed, model, job, size, as_json)
@@ -189,25 +168,25 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
 
 def _plan(session: Session, parsed: PromptFile, model: ModelIdentity, size: int
           ) -> list[dict[str, Any]]:
-    """The batches the job would run in, grouped as `plan_batches` groups them (model,
-    sampler, steps, size), each with an estimate from the finished images of the same
-    model, size and sampler (seconds per image and step), or None without any."""
+    """The batches the job would run in, grouped as `plan_batches` groups them (model and
+    batch shape: sampler, steps, size, eta), each with an estimate from the finished images
+    of the same model, size and sampler (seconds per image and step), or None without any."""
     default_id = session.scalar(select(Model.id).where(Model.sha256 == model.sha256))
     names = {m.id: (m.name, m.sha256) for m in session.scalars(select(Model))}
-    groups = Counter((item.get("model_id", default_id), item["sampler"], item["steps"],
-                      item["width"], item["height"]) for item in parsed.items)
+    groups = Counter((item.get("model_id", default_id), GenerationParams.of(item).shape)
+                     for item in parsed.items)
     plan = []
-    for (model_id, sampler, steps, width, height), images in groups.items():
+    for (model_id, shape), images in groups.items():
         label, sha256 = names.get(model_id, (model.name, model.sha256))
         per_step = None if model_id is None else session.scalar(
             select(func.avg(Item.duration_s / Item.steps)).where(
                 Item.model_id == model_id, Item.status == Status.DONE,
-                Item.duration_s.is_not(None), Item.sampler == sampler,
-                Item.width == width, Item.height == height))
-        plan.append({"model": label, "model_sha256": sha256, "sampler": sampler,
-                     "steps": steps, "size": f"{width}x{height}", "images": images,
-                     "batches": -(-images // size),
-                     "estimated_s": None if per_step is None else per_step * steps * images})
+                Item.duration_s.is_not(None), Item.sampler == shape.sampler,
+                Item.width == shape.width, Item.height == shape.height))
+        plan.append({"model": label, "model_sha256": sha256, "sampler": shape.sampler,
+                     "steps": shape.steps, "size": f"{shape.width}x{shape.height}",
+                     "eta": shape.eta, "images": images, "batches": -(-images // size),
+                     "estimated_s": None if per_step is None else per_step * shape.steps * images})
     return plan
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -19,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from .files import write_atomically
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (
@@ -238,11 +238,7 @@ def model_sha256(path: Path, cache_file: Path | None = None) -> str:
     else:
         sha = cached(path)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".hashes-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(cache, fh)
-        os.replace(tmp, cache_file)
+        write_atomically(cache_file, json.dumps(cache).encode())
     return sha
 
 

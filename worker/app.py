@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from sdq.sdmodel.params import short_hash
 from sdq.worker.settings import Settings
 
 TASK_NAME = "sdq.run_batches"
@@ -27,7 +28,7 @@ def broker_priority(priority: int) -> int:
 
 def queue_name(model_sha256: str) -> str:
     """One queue per model, named by its short hash: a worker only receives work it can run."""
-    return f"{QUEUE_PREFIX}{model_sha256[:10]}"
+    return f"{QUEUE_PREFIX}{short_hash(model_sha256)}"
 
 
 def create_app(settings: Settings) -> Celery:

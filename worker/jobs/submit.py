@@ -23,6 +23,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.settings import Settings
 from sdq.worker.runner import LEASE_S, Batch, Runner, RunReport
@@ -47,7 +48,7 @@ class ModelIdentity:
 
     @property
     def short_hash(self) -> str:
-        return self.sha256[:10]
+        return short_hash(self.sha256)
 
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
@@ -137,21 +138,20 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
 
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
-    """The matching items, by model sha256, in batches of one shape (sampler, steps, size,
-    eta) and one job priority, at most `batch_size` items each; highest priority first, then
-    in submission order. Guidance, prompts and seeds may differ within a batch: each image has
-    its own generator, so batching never changes it."""
+    """The matching items, by model sha256, in batches of one `BatchShape` (sampler, steps,
+    size, eta) and one job priority, at most `batch_size` items each; highest priority first,
+    then in submission order. Guidance, prompts and seeds may differ within a batch: each
+    image has its own generator, so batching never changes it."""
     rows = session.execute(
-        select(Item.id, Model.sha256, Job.priority, Item.sampler, Item.steps, Item.width,
-               Item.height, Item.eta)
+        select(Item.id, Model.sha256, Job.priority, *(getattr(Item, f) for f in SHAPE_FIELDS))
         .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, *key in rows:
-        groups.setdefault(tuple(key), []).append(item_id)
+    for item_id, sha256, priority, *shape in rows:
+        groups.setdefault((sha256, priority, BatchShape(*shape)), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
-    for (sha256, priority, *_), ids in groups.items():
+    for (sha256, priority, _), ids in groups.items():
         batches = planned.setdefault(sha256, [])
         for start in range(0, len(ids), batch_size):
             batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",
