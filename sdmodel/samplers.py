@@ -203,7 +203,8 @@ def _check_arguments(
     if not 1 <= steps <= max_steps:
         raise ValueError(f"steps for {name!r} must be between 1 and {max_steps}, got {steps}")
     if eta != 0 and not SAMPLERS[name].uses_eta:
-        raise ValueError(f"{name!r} takes no eta, got eta={eta}")
+        uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
+        raise ValueError(f"eta applies to {', '.join(uses)} only, got eta={eta} for {name!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be between 0 and 1, got {eta}")
     if noise.dtype != torch.float32 or noise.ndim != 4:
