@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +22,7 @@ import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.sdmodel.errors import Unavailable
+from sdq.sdmodel.files import write_atomically
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,9 +35,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 Record = Mapping[str, Any]
 
-SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
-"""The sampler names the options offer, known without loading the model stack (a test keeps
-them equal to `sdq.sdmodel.samplers.SAMPLERS`)."""
 POLL_S = 1.0
 """How often `watch` reads the job's counts: one small query, cheap for any database."""
 
@@ -52,25 +48,6 @@ def load_settings(*, need_broker: bool) -> Settings:
             "SDQ_BROKER_URL is not set: workers serve a broker (e.g. redis://host:6379/0); "
             "without one, `sdq submit` runs jobs in-process", BAD_INPUT)
     return settings
-
-
-def multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    from sdq.worker.jobs.promptfile import MAX_SIDE
-
-    if value < 8 or value % 8 or value > MAX_SIDE:
-        raise click.BadParameter(f"must be a multiple of 8 between 8 and {MAX_SIDE}, got {value}")
-    return value
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write through a temp file and a rename; created 0666 less the umask (mkstemp's 0600
-    would survive the rename, and a gallery served from a web server would answer 403)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 @contextmanager

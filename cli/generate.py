@@ -9,8 +9,11 @@ from pathlib import Path
 
 import click
 
-from sdq.cli.common import SAMPLERS, load_settings, multiple_of_8, output_options, write_atomically
+from sdq.cli.common import load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
+from sdq.cli.options import as_option_errors, generation_options
+from sdq.sdmodel.files import write_atomically
+from sdq.sdmodel.params import SEED_LIMIT, GenerationParams
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -26,17 +29,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
                    "[default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
-@click.option("--negative-prompt", default="", help="What the image should not show.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
-              help="Seed of the first image; image i gets seed+i. Random (and printed) if omitted.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
-@click.option("--steps", type=click.IntRange(1, 999), default=50, show_default=True)
-@click.option("--cfg", type=float, default=7.5, show_default=True,
-              help="Classifier-free guidance scale; 1 or less turns guidance off.")
-@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="DDIM stochasticity (ddim only).")
-@click.option("--width", type=int, default=512, show_default=True, callback=multiple_of_8)
-@click.option("--height", type=int, default=512, show_default=True, callback=multiple_of_8)
+@generation_options("Seed of the first image; image i gets seed+i. Random (and printed) if omitted.")
 @click.option("-n", "--num-images", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1),
               help="Images denoised together [default: $SDQ_BATCH_SIZE, else all of them, up to 8].")
@@ -62,15 +55,17 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
           --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
     """
     from sdq.sdmodel import clip
-    from sdq.sdmodel.pipeline import Request, load_pipeline
+    from sdq.sdmodel.pipeline import load_pipeline
     from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
 
-    if eta and sampler != "ddim":
-        raise click.BadParameter("only the ddim sampler takes --eta", param_hint="--eta")
+    base_seed = random.randrange(SEED_LIMIT) if seed is None else seed
+    if base_seed + num_images > SEED_LIMIT:
+        raise click.BadParameter(f"seed + number of images must stay below {SEED_LIMIT}",
+                                 param_hint="--seed")
+    with as_option_errors():
+        params = [GenerationParams(prompt, negative_prompt, base_seed + i, sampler, steps, cfg, eta,
+                                   width, height) for i in range(num_images)]
     settings = load_settings(need_broker=False)
-    base_seed = random.randrange(2**32) if seed is None else seed
-    if base_seed + num_images > 2**32:
-        raise click.BadParameter("seed + number of images must stay below 2^32", param_hint="--seed")
     size = batch_size or settings.batch_size or min(num_images, 8)
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
@@ -85,8 +80,8 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                        f"dropped: {dropped!r}", err=True)
     environment = environment_fingerprint(pipe.device, pipe.dtype)
     watermark = None if no_watermark else settings.watermark
-    requests = [Request(prompt, negative_prompt, base_seed + i, cfg) for i in range(num_images)]
-    batches = [requests[i:i + size] for i in range(0, num_images, size)]
+    shape = params[0].shape
+    batches = [params[i:i + size] for i in range(0, num_images, size)]
     paths = output_paths(output, num_images)
     written = []
     with click.progressbar(length=len(batches) * steps, label=f"Generating {num_images} image(s)",
@@ -98,21 +93,19 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", clip.PromptTruncated)
-                    images = pipe.generate(batch, sampler=sampler, steps=steps, width=width, height=height,
-                                           eta=eta, on_step=on_step)
+                    images = pipe.generate([p.request for p in batch], **shape.settings(),
+                                           on_step=on_step)
             except ValueError as exc:
                 raise CommandFailed.of(exc, code=FAILED) from None
-            for position, (request, image) in enumerate(zip(batch, images)):
+            for position, (image_params, image) in enumerate(zip(batch, images)):
                 provenance = Provenance(
-                    prompt=prompt, negative_prompt=negative_prompt, seed=request.seed, sampler=sampler,
-                    steps=steps, cfg=cfg, width=width, height=height, eta=eta,
-                    model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
-                    batch_position=position,
+                    params=image_params, model_sha256=pipe.sha256, model_name=pipe.name,
+                    environment=environment, batch_position=position,
                 )
                 png = encode_png(image, provenance, watermark=watermark, level=settings.png_level)
                 path = paths[len(written)]
                 write_atomically(path, png.data)
-                written.append({"path": str(path), "seed": request.seed, "sha256": png.sha256,
+                written.append({"path": str(path), "seed": image_params.seed, "sha256": png.sha256,
                                 "watermark": png.watermark})
     if printed == "json":
         click.echo(json.dumps({"model": pipe.name, "model_sha256": pipe.sha256, "images": written}, indent=2))

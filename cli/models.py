@@ -9,6 +9,7 @@ from sdq.cli.common import database_session, emit, load_settings, output_options
 from sdq.cli.errors import CommandFailed
 from sdq.db.models import Model
 from sdq.db.queries import all_models, model_item_counts, register_model, remove_model
+from sdq.sdmodel.params import short_hash
 
 _COLUMNS = ["name", "hash", "items", "source", "added"]
 
@@ -61,7 +62,7 @@ def add(ref: str, name: str, output: str | None) -> None:
     if output == "json":
         click.echo(json.dumps({k: plain(v) for k, v in record.items()}, indent=2))
     else:
-        click.echo(f"{name}: {sha256[:10]} ({path})")
+        click.echo(f"{name}: {short_hash(sha256)} ({path})")
 
 
 @models.command("list")

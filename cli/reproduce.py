@@ -11,6 +11,7 @@ from sdq.cli.common import configured_storage, database_session, load_settings, 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.models import Status
 from sdq.db.queries import get_item
+from sdq.sdmodel.params import short_hash
 
 
 @click.command()
@@ -58,7 +59,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
         sha256, source = item.model.sha256, model_ref or item.model.source_uri
         image_key, batch_id, recorded_device = item.image_key, item.batch_id, item.device
     if not source:
-        raise click.ClickException(f"model {sha256[:10]} has no recorded source; "
+        raise click.ClickException(f"model {short_hash(sha256)} has no recorded source; "
                                    "pass --model with a local copy")
     stored = configured_storage(settings).get(image_key)
     try:
@@ -69,7 +70,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
         raise CommandFailed.of(exc, f"cannot load model {source}", code=BAD_INPUT) from None
     if pipe.sha256 != sha256:
         raise click.ClickException(f"{source} is model {pipe.short_hash}, item {item_id} was made "
-                                   f"with {sha256[:10]}; pass --model with that model")
+                                   f"with {short_hash(sha256)}; pass --model with that model")
     comparison = compare(stored, regenerate(pipe, members)[position])
     record: dict[str, Any] = {
         "item": item_id, "batch": batch_id if in_batch else None, "batch_size": len(members),

@@ -11,19 +11,13 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import (
-    SAMPLERS,
-    database_session,
-    emit,
-    load_settings,
-    multiple_of_8,
-    output_options,
-    plain,
-)
+from sdq.cli.common import database_session, emit, load_settings, output_options, plain
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
+from sdq.cli.options import as_option_errors, generation_options
 from sdq.db.models import Schedule
+from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import MAX_CFG, MAX_IMAGES_PER_ROW, MAX_STEPS, PromptFileError
+from sdq.worker.jobs.promptfile import PromptFileError
 from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
     Clock,
@@ -38,10 +32,6 @@ from sdq.worker.jobs.schedule import (
 )
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    return None if value is None else multiple_of_8(ctx, param, value)
 
 
 def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -83,24 +73,20 @@ def schedule() -> None:
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
                    "[default: $SDQ_MODEL of the scheduler].")
-@click.option("--sampler", type=click.Choice(SAMPLERS), help="Default sampler [ddim].")
-@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Default steps [50].")
-@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), help="Default guidance scale [7.5].")
-@click.option("--width", type=int, callback=_size, help="Default width [512].")
-@click.option("--height", type=int, callback=_size, help="Default height [512].")
+@generation_options("Base seed; the same every day. Omitted: a new random base each run.",
+                    scope=" For rows without one.", fill_defaults=False)
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
-              help="Default images per row [1].")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
-              help="Base seed; the same every day. Omitted: a new random base each run.")
+              help="Images per row without an `n` [default: 1].")
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
 @click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")
-def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | None,
-        steps: int | None, cfg: float | None, width: int | None, height: int | None,
-        num_images: int | None, seed: int | None, batch_size: int | None,
+def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,
+        seed: int | None, sampler: str | None, steps: int | None, cfg: float | None,
+        eta: float | None, width: int | None, height: int | None,
+        num_images: int | None, batch_size: int | None,
         priority: int | None, tags: tuple[str, ...], replace: bool, output: str | None) -> None:
     """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
 
@@ -123,17 +109,19 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, sampler: str | 
         except (ValueError, LookupError, OSError) as exc:
             raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     options: dict[str, Any] = {
-        "model": model_ref, "sampler": sampler, "steps": steps, "cfg": cfg, "width": width,
-        "height": height, "n": num_images, "seed": seed, "batch_size": batch_size,
-        "priority": priority, "tags": list(tags)}
+        "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
+        "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
+        "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
+        "tags": list(tags)}
     try:
         data = file.read_bytes()
     except OSError as exc:
         raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
     with database_session(settings) as session:
         try:
-            added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
-                                 options=options, replace=replace)
+            with as_option_errors():
+                added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
+                                     options=options, replace=replace)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

@@ -9,29 +9,21 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdq.cli.common import (
-    SAMPLERS,
     database_session,
     follow,
     load_settings,
-    multiple_of_8,
     outcome,
     output_options,
     recorded_bar,
     render_table,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.options import as_option_errors, generation_options
 from sdq.db.models import Job
 from sdq.db.queries import find_model
+from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import (
-    MAX_CFG,
-    MAX_IMAGES_PER_ROW,
-    MAX_STEPS,
-    Defaults,
-    PromptFile,
-    PromptFileError,
-    read_prompt_file,
-)
+from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, read_prompt_file
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -39,31 +31,16 @@ if TYPE_CHECKING:
 
     from sdq.worker.jobs.submit import ModelIdentity
 
-_DEFAULTS = Defaults()
-
 
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Model of rows without a `model`: checkpoint, diffusers folder or Hugging "
                    "Face repo id [default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
-@click.option("--negative-prompt", default=_DEFAULTS.negative_prompt,
-              help="Negative prompt of rows without one.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
-              help="Base seed: image i of the job without a seed of its own gets seed+i "
-                   "[default: random, recorded with the job].")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=_DEFAULTS.sampler,
-              show_default=True)
-@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=_DEFAULTS.steps,
-              show_default=True)
-@click.option("--cfg", type=click.FloatRange(0, MAX_CFG), default=_DEFAULTS.cfg,
-              show_default=True, help="Classifier-free guidance scale.")
-@click.option("--width", type=int, default=_DEFAULTS.width, show_default=True,
-              callback=multiple_of_8)
-@click.option("--height", type=int, default=_DEFAULTS.height, show_default=True,
-              callback=multiple_of_8)
+@generation_options("Base seed: image i of the job without a seed of its own gets seed+i "
+                    "[default: random, recorded with the job].", scope=" For rows without one.")
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
-              default=_DEFAULTS.n, show_default=True, help="Images per row without an `n`.")
+              default=1, show_default=True, help="Images per row without an `n`.")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
 @click.option("--name", help="Job name [default: the file name].")
@@ -76,7 +53,8 @@ _DEFAULTS = Defaults()
               help="With a broker: follow the job's progress until it is done.")
 @output_options("json")
 def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | None,
-           sampler: str, steps: int, cfg: float, width: int, height: int, num_images: int,
+           sampler: str, steps: int, cfg: float, eta: float, width: int, height: int,
+           num_images: int,
            batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
            dry_run: bool, wait: bool, output: str | None) -> None:
     """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
@@ -96,9 +74,10 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     from sdq.worker.jobs.submit import identify_model, plan
 
     as_json = output == "json"
+    with as_option_errors():
+        defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
+                            cfg=cfg, eta=eta, sampler=sampler, width=width, height=height)
     settings = load_settings(need_broker=False)
-    defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
-                        cfg=cfg, sampler=sampler, width=width, height=height)
     with database_session(settings) as session:
         parsed = _parse(file, defaults, session)
     for warning in parsed.warnings:
@@ -115,7 +94,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
         _print_plan(file, parsed, size, groups, as_json)
         return
     job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
-              defaults={**vars(defaults), "base_seed": parsed.base_seed, "model": ref,
+              defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
                         "batch_size": size},
               priority=priority, tags=list(dict.fromkeys(tags)))
     result, status = _submit(settings, parsed, model, job, size, as_json)

@@ -31,17 +31,6 @@ class _Unavailable(Exception):
     """The database cannot answer; a file is still verified on its own."""
 
 
-def _record(item: Item) -> ItemRecord:
-    """The row as the plain values the library compares."""
-    return ItemRecord(
-        item_id=item.id, prompt=item.prompt, negative_prompt=item.negative_prompt,
-        seed=item.seed, sampler=item.sampler, steps=item.steps, cfg=item.cfg, eta=item.eta,
-        width=item.width, height=item.height,
-        model_sha256=item.model.sha256 if item.model is not None else None,
-        image_sha256=item.image_sha256, watermark=item.watermark,
-    )
-
-
 def _find_item(database_url: str, item_id: int) -> tuple[ItemRecord, str | None, str] | None:
     """(record, image key, status), or None when the database has no such item.
 
@@ -59,7 +48,7 @@ def _find_item(database_url: str, item_id: int) -> tuple[ItemRecord, str | None,
     try:
         with Session(engine) as session:
             item = session.get(Item, item_id)
-            return None if item is None else (_record(item), item.image_key, item.status.value)
+            return None if item is None else (ItemRecord.of(item), item.image_key, item.status.value)
     except SQLAlchemyError as exc:
         raise _Unavailable(str(exc).splitlines()[0]) from None
     finally:

@@ -25,11 +25,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .base import Base, BigId, UTCDateTime, utcnow
+from sdq.sdmodel.params import SEED_LIMIT, GenerationParams, short_hash
 
-SEED_LIMIT = 2**32
-"""Seeds live in [0, 2^32): the range a CPU `torch.Generator` seed round-trips through in
-every other SD tool, so a seed copied from here reproduces elsewhere."""
+from .base import Base, BigId, UTCDateTime, utcnow
 
 
 class Status(str, enum.Enum):
@@ -78,8 +76,8 @@ class Model(Base):
 
     @property
     def short_hash(self) -> str:
-        """The first 10 hex digits, the form users see and type (derived, so never stale)."""
-        return self.sha256[:10]
+        """The form users see and type (derived, so never stale)."""
+        return short_hash(self.sha256)
 
 
 class Schedule(Base):
@@ -191,3 +189,8 @@ class Item(Base):
 
     job: Mapped[Job] = relationship()
     model: Mapped[Model | None] = relationship()
+
+    @property
+    def params(self) -> GenerationParams:
+        """The row's generation parameters, checked (ParamError for a row no check passed)."""
+        return GenerationParams.of(self)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -21,6 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import InvalidInput, NotFound
+from .files import write_atomically
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (
@@ -240,12 +239,7 @@ def model_sha256(path: Path, cache_file: Path | None = None) -> str:
     else:
         sha = cached(path)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".hashes-{secrets.token_hex(6)}")  # not mkstemp: honour the umask
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(cache, fh)
-        os.replace(tmp, cache_file)
+        write_atomically(cache_file, json.dumps(cache).encode())
     return sha
 
 

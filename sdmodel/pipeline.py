@@ -1,14 +1,14 @@
 """Text to image: load a model once, then generate batches of independent requests.
 
 This is the seam with the worker: `load_pipeline(ref, device, dtype)` and
-`Pipeline.generate(requests, sampler=..., steps=..., width=..., height=...)`. Each request carries
-its own prompt, negative prompt, seed and guidance scale; an image comes out the same alone or at
-any position of any batch because its noise comes only from its own CPU generator.
+`Pipeline.generate(requests, **shape.settings())`: a batch shares a `params.BatchShape`
+(sampler, steps, size, eta) while each `params.Request` carries its own prompt, negative
+prompt, seed and guidance scale; an image comes out the same alone or at any position of any
+batch because its noise comes only from its own CPU generator.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,22 +39,12 @@ from .configs import (
     vae_config_from_diffusers,
     vae_config_from_state_dict,
 )
-from .samplers import SAMPLERS, sample
+from .params import BatchShape, Request, short_hash
+from .samplers import sample
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MAX_SEED = 2**32
-
-
-@dataclass(frozen=True)
-class Request:
-    """One image to make. `cfg <= 1` turns classifier-free guidance off for this image."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    cfg: float = 7.5
 
 
 def default_device() -> str:
@@ -70,12 +60,6 @@ def default_dtype(device: str) -> str:
     return "fp32" if device == "cpu" else "fp16"
 
 
-def check_size(width: int, height: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if value < 8 or value % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
-
-
 class Pipeline:
     """A loaded model on one device: UNet, autoencoder, text encoder and tokenizer."""
 
@@ -88,7 +72,7 @@ class Pipeline:
 
     @property
     def short_hash(self) -> str:
-        return self.sha256[:10]
+        return short_hash(self.sha256)
 
     @torch.inference_mode()
     def denoise(
@@ -96,15 +80,12 @@ class Pipeline:
         width: int = 512, height: int = 512, eta: float = 0.0,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Tensor:
-        """The final latents (float32, unscaled by the VAE factor) of a batch of requests."""
+        """The final latents (float32, unscaled by the VAE factor) of a batch of requests.
+        The requests were checked when built; the shape is checked here (ParamError)."""
         if not requests:
             raise ValueError("no requests to generate")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        check_size(width, height)
-        for r in requests:
-            if not 0 <= r.seed < MAX_SEED:
-                raise ValueError(f"seed must be in [0, 2^32), got {r.seed}")
+        shape = BatchShape(sampler, steps, width, height, eta)
+        sampler, width, height = shape.sampler, shape.width, shape.height
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         noise = torch.cat([
             torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32)

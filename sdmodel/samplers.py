@@ -18,13 +18,11 @@ import torch
 from torch import Tensor
 
 from . import schedule
+from .params import SAMPLERS
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[], Tensor]
 Callback = Callable[[int, int], None]
-
-SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
-
 
 def sample_ddim(
     eps_model: EpsModel,
@@ -204,14 +202,15 @@ def _check_arguments(
     max_steps = schedule.NUM_TRAIN_TIMESTEPS - (schedule.STEPS_OFFSET if name in ("ddim", "plms") else 0)
     if not 1 <= steps <= max_steps:
         raise ValueError(f"steps for {name!r} must be between 1 and {max_steps}, got {steps}")
-    if eta != 0 and name != "ddim":
-        raise ValueError(f"eta applies to ddim only, got eta={eta} for {name!r}")
+    if eta != 0 and not SAMPLERS[name].uses_eta:
+        uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
+        raise ValueError(f"eta applies to {', '.join(uses)} only, got eta={eta} for {name!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be between 0 and 1, got {eta}")
     if noise.dtype != torch.float32 or noise.ndim != 4:
         shape = tuple(noise.shape)
         raise ValueError(f"noise must be a float32 (B, C, h, w) tensor, got {noise.dtype} {shape}")
-    stochastic = name == "euler_a" or eta > 0
+    stochastic = SAMPLERS[name].ancestral or eta > 0
     if stochastic and generators is None:
         raise ValueError(f"{name!r} with eta={eta} draws noise: pass one CPU generator per image")
     if generators is not None and len(generators) != noise.shape[0]:

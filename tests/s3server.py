@@ -6,7 +6,6 @@ boto3 reaches it only over HTTP through `endpoint_url`; nothing in-process is pa
 """
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import socket
@@ -51,16 +50,6 @@ class S3Server:
         return boto3.session.Session(
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             region_name="us-east-1").client("s3", endpoint_url=endpoint or self.endpoint)
-
-    @contextlib.contextmanager
-    def without_authentication(self) -> Iterator[None]:
-        """moto authenticates only the Authorization header and fails (500) on presigned
-        URLs' query-string signatures, so fetching one needs authentication off for a while."""
-        _set_authentication(self.endpoint, False)
-        try:
-            yield
-        finally:
-            _set_authentication(self.endpoint, True)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -12,6 +12,7 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING, Any, MutableMapping
 
+from sdq.sdmodel.params import short_hash
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def level_lists(queue: str) -> list[str]:
 
 def queue_name(model_sha256: str) -> str:
     """One queue per model, named by its short hash: a worker only receives work it can run."""
-    return f"{QUEUE_PREFIX}{model_sha256[:10]}"
+    return f"{QUEUE_PREFIX}{short_hash(model_sha256)}"
 
 
 def create_app(settings: Settings) -> Celery:

@@ -43,7 +43,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
+from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, short_hash
+from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.worker.images.provenance import (
     EncodedPng,
     Environment,
@@ -98,21 +99,8 @@ class Work:
     id: int
     job_id: int
     row_index: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-    cfg: float
-    sampler: str
-    steps: int
-    width: int
-    height: int
-    eta: float
+    params: GenerationParams
     attempt: int
-
-    @property
-    def shape(self) -> tuple[str, int, int, int, float]:
-        """What items must share to be denoised in one batch."""
-        return (self.sampler, self.steps, self.width, self.height, self.eta)
 
 
 @dataclass(frozen=True)
@@ -247,7 +235,7 @@ class Runner:
                 continue
             if sha256 != model_sha256:
                 log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
-                            item.id, sha256[:10], model_sha256[:10])
+                            item.id, short_hash(sha256), short_hash(model_sha256))
                 continue
             if item.attempts >= self.max_attempts:
                 item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
@@ -255,12 +243,17 @@ class Runner:
                                    f"{item.last_error or 'worker lost during the batch'}")
                 gave_up.add(item.job_id)
                 continue
+            try:
+                params = item.params
+            except ParamError as exc:  # recorded by something that skipped the checks
+                item.status, item.finished_at, item.last_error = Status.FAILED, now, str(exc)
+                item.lease_expires_at = None
+                gave_up.add(item.job_id)
+                continue
             item.status, item.attempts = Status.RUNNING, item.attempts + 1
             item.lease_expires_at = now + timedelta(seconds=self.lease_s)
             item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
-            work.append(Work(item.id, item.job_id, item.row_index, item.prompt, item.negative_prompt,
-                             item.seed, item.cfg, item.sampler, item.steps, item.width, item.height,
-                             item.eta, item.attempts))
+            work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts))
         session.flush()
         _finish_jobs(session, gave_up)
         return work
@@ -274,18 +267,19 @@ class Runner:
         On CUDA out-of-memory the chunk is halved, and so is `micro_batch` for what follows:
         a worker that ran out once would only run out again at the old size.
         """
-        groups = [list(g) for _, g in groupby(sorted(work, key=lambda w: w.shape), key=lambda w: w.shape)]
+        def shape(w: Work) -> BatchShape:
+            return w.params.shape
+
+        groups = [list(g) for _, g in groupby(sorted(work, key=shape), key=shape)]
         queue = [g[i:i + (self.micro_batch or len(g))] for g in groups
                  for i in range(0, len(g), self.micro_batch or len(g))]
         whole = len(queue) == 1
         while queue:
             items = queue.pop(0)
-            first = items[0]
-            requests = [Request(w.prompt, w.negative_prompt, w.seed, w.cfg) for w in items]
+            requests = [w.params.request for w in items]
             start = time.perf_counter()
             try:
-                images = pipe.generate(requests, sampler=first.sampler, steps=first.steps,
-                                       width=first.width, height=first.height, eta=first.eta)
+                images = pipe.generate(requests, **shape(items[0]).settings())
             except torch.OutOfMemoryError:
                 if len(items) == 1:
                     raise
@@ -312,9 +306,7 @@ class Runner:
         pipe = self.pipeline()
         pngs = [
             encode_png(image, Provenance(
-                prompt=w.prompt, negative_prompt=w.negative_prompt, seed=w.seed, sampler=w.sampler,
-                steps=w.steps, cfg=w.cfg, width=w.width, height=w.height, eta=w.eta,
-                model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
+                params=w.params, model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
                 job_id=w.job_id, item_id=w.id, row=w.row_index, batch_id=chunk.batch_id,
                 batch_position=chunk.first + position,
             ), watermark=self.watermark, level=self.png_level)

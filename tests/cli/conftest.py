@@ -62,8 +62,7 @@ class Home:
                                     .order_by(Item.row_index)).all()
             for item in items[:done]:
                 provenance = Provenance(
-                    prompt=item.prompt, negative_prompt="", seed=item.seed, sampler=item.sampler,
-                    steps=item.steps, cfg=item.cfg, width=64, height=64, model_sha256=MODEL_SHA,
+                    params=item.params, model_sha256=MODEL_SHA,
                     model_name="tiny", environment=environment_fingerprint("cpu", "fp32"),
                     job_id=job.id, item_id=item.id, row=item.row_index)
                 png = encode_png(Image.new("RGB", (64, 64), (item.row_index * 40 % 256, 90, 30)),

@@ -34,7 +34,7 @@ def test_writes_pngs_with_provenance_and_watermark(tmp_path, env, tiny_checkpoin
     assert [entry["seed"] for entry in report["images"]] == [41, 42]
     first = tmp_path / "out" / "boat-0.png"
     meta = read_png_metadata(first)
-    assert meta.provenance.seed == 41 and meta.provenance.sampler == "euler_a"
+    assert meta.provenance.params.seed == 41 and meta.provenance.params.sampler == "euler_a"
     assert meta.provenance.model_sha256 == report["model_sha256"]
     assert meta.parameters.prompt == "a boat, at sea: stormy"
     assert meta.parameters.negative_prompt == "calm"
@@ -56,13 +56,26 @@ def test_no_watermark_and_small_images_are_recorded(tmp_path, env, tiny_checkpoi
     assert meta.watermark_status.value == "too_small" and Image.open(small).size == (64, 96)
 
 
+def test_other_tools_spellings_are_taken_and_sdqs_recorded(tmp_path, env, tiny_checkpoint):
+    out = tmp_path / "a.png"
+    assert run(env, "x", "--model", str(tiny_checkpoint), "--steps", "1", "--width", "64",
+               "--height", "64", "--sampler", "Euler a", "--guidance-scale", "6", "-o", str(out)
+               ).exit_code == 0
+    meta = read_png_metadata(out)
+    assert (meta.provenance.params.sampler, meta.provenance.params.cfg) == ("euler_a", 6.0)
+    assert meta.parameters.settings["Sampler"] == "Euler a"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--width", "500"], "must be a multiple of 8"),
-        (["--sampler", "heun"], "'heun' is not one of"),
-        (["--sampler", "euler", "--eta", "0.3"], "only the ddim sampler takes --eta"),
-        (["--seed", "4294967296"], "4294967296 is not in the range"),
+        (["--sampler", "heun"], "unknown sampler 'heun'"),
+        (["--sampler", "euler", "--eta", "0.3"], "Invalid value for '--eta': applies to ddim only"),
+        (["--seed", "4294967296"], "must be between 0 and 4294967295, got 4294967296"),
+        (["--cfg", "nan"], "Invalid value for '--cfg': expected a number, got 'nan'"),
+        (["--guidance-scale", "inf"], "expected a number, got 'inf'"),
+        (["--eta", "nan"], "Invalid value for '--eta': expected a number, got 'nan'"),
     ],
 )
 def test_bad_arguments(env, tiny_checkpoint, args, message):

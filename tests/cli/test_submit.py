@@ -108,6 +108,49 @@ def test_dry_run_prints_the_plan_and_records_nothing(home: Home, tiny_checkpoint
     assert plan["estimated_s"] > 0
 
 
+def test_options_refuse_nan_and_prompt_files_name_the_line(home: Home, tiny_checkpoint: Path
+                                                           ) -> None:
+    prompts = home.path / "p.jsonl"
+    prompts.write_text('{"prompt": "a boat"}\n{"prompt": "a fox", "cfg": NaN}\n')
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), "--cfg", "nan")
+    assert result.exit_code == 2
+    assert "Invalid value for '--cfg': expected a number, got 'nan'" in result.output
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL)
+    assert result.exit_code == 2
+    assert f"{prompts}:2: cfg: expected a number, got nan" in result.stderr.splitlines()
+    assert _count(home, Job) == 0
+
+
+def test_other_tools_columns_and_sampler_names_are_recorded_as_sdqs(home: Home,
+                                                                    tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.csv"
+    prompts.write_text("prompt,sampler,guidance_scale,num_inference_steps\na boat,Euler a,5,1\n")
+    result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
+                      "--height", "64", "--json")
+    assert result.exit_code == 0, result.output
+    [item] = _items(home, json.loads(result.stdout)["job_id"])
+    assert (item.sampler, item.cfg, item.steps) == ("euler_a", 5.0, 1)
+
+
+def test_the_dry_run_plan_is_how_the_runner_batches(home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.csv"
+    prompts.write_text("prompt,sampler,steps,eta\na,euler,2,\nb,ddim,2,0.5\nc,euler,2,\n"
+                       "d,ddim,2,\ne,ddim,1,\n")
+    args = ["submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
+            "--height", "64", "--batch-size", "8", "--json"]
+    plan = json.loads(home.run(*args, "--dry-run").stdout)
+    planned = sorted((g["sampler"], g["steps"], g["eta"], g["images"]) for g in plan["groups"])
+    assert planned == [("ddim", 1, 0.0, 1), ("ddim", 2, 0.0, 1), ("ddim", 2, 0.5, 1),
+                       ("euler", 2, 0.0, 2)]
+    result = home.run(*args)
+    assert result.exit_code == 0, result.output
+    batches: dict[str, list[Item]] = {}
+    for item in _items(home, json.loads(result.stdout)["job_id"]):
+        batches.setdefault(item.batch_id, []).append(item)
+    ran = sorted((b[0].sampler, b[0].steps, b[0].eta, len(b)) for b in batches.values())
+    assert ran == planned and plan["batches"] == len(batches)
+
+
 def test_watch_follows_a_job_to_its_end(home: Home) -> None:
     done = home.add_job(["a", "b"], done=2)
     result = home.run("watch", str(done.id), "--json")

@@ -37,7 +37,7 @@ def test_submit_runs_every_item_and_records_it(embedded: Settings, tiny_checkpoi
         (Status.DONE, 1, 0), (Status.DONE, 1, 1)] * 2 + [(Status.DONE, 1, 0)]
     for item in items:
         meta = read_png_metadata(storage.get(item.image_key))
-        assert (meta.provenance.item_id, meta.provenance.seed, meta.provenance.batch_id) == (
+        assert (meta.provenance.item_id, meta.provenance.params.seed, meta.provenance.batch_id) == (
             item.id, item.seed, item.batch_id)
         assert item.image_sha256 and item.device == "cpu" and item.duration_s > 0
     with Session(engine) as session:

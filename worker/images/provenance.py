@@ -24,6 +24,13 @@ from typing import Any, NamedTuple
 from PIL import Image, PngImagePlugin
 
 from sdq.sdmodel.errors import InvalidInput
+from sdq.sdmodel.params import (
+    SAMPLERS,
+    SHORT_HASH_LEN,
+    GenerationParams,
+    sampler_from_a1111,
+    short_hash,
+)
 from sdq.worker.settings import DEFAULT_PNG_LEVEL
 
 from . import watermark as wm
@@ -33,22 +40,10 @@ SDQ_CHUNK = "sdq"
 FORMAT = 1
 """Version of the `sdq` chunk's layout; readers refuse a newer one instead of misreading it."""
 
-# sdq sampler -> (A1111 "Sampler", A1111 "Schedule type" or None).
-SAMPLERS: dict[str, tuple[str, str | None]] = {
-    "ddim": ("DDIM", None),
-    "plms": ("PLMS", None),
-    "euler": ("Euler", None),
-    "euler_a": ("Euler a", None),
-    "dpmpp_2m": ("DPM++ 2M", None),
-    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
-}
-# Older A1111 versions folded the schedule into the sampler name.
-_LEGACY_SAMPLERS = {"DPM++ 2M Karras": "dpmpp_2m_karras"}
-
 # AUTOMATIC1111's own pattern (modules/infotext_utils.py), so parsing agrees with that tool.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-_HASH = re.compile(r"^[0-9a-f]{8}$|^[0-9a-f]{10}$")
+_HASH = re.compile(rf"^[0-9a-f]{{8}}$|^[0-9a-f]{{{SHORT_HASH_LEN}}}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -101,20 +96,14 @@ def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa") ->
 
 @dataclass(frozen=True)
 class Provenance:
-    """Everything that made one image; ids are None for a one-off `sdq generate`."""
+    """Everything that made one image; ids are None for a one-off `sdq generate`.
 
-    prompt: str
-    negative_prompt: str
-    seed: int
-    sampler: str
-    steps: int
-    cfg: float
-    width: int
-    height: int
+    The `sdq` chunk keeps the parameters flat beside the other fields (format 1)."""
+
+    params: GenerationParams
     model_sha256: str
     model_name: str
     environment: Environment
-    eta: float = 0.0
     job_id: int | None = None
     item_id: int | None = None
     row: int | None = None
@@ -123,8 +112,6 @@ class Provenance:
     created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if not _SHA256.match(self.model_sha256):
             raise ValueError(f"model_sha256: expected 64 lower-case hex digits, "
                              f"got {self.model_sha256!r}")
@@ -132,14 +119,16 @@ class Provenance:
             raise ValueError("created must be timezone-aware")
 
     def to_json(self) -> dict[str, Any]:
-        record = asdict(self)
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        record["environment"] = asdict(self.environment)
         record["created"] = self.created.isoformat()
-        return record
+        return {**self.params.to_dict(), **record}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Provenance":
         """Inverse of `to_json`; keys a later sdq may add are ignored."""
         values = _known_fields(cls, record)
+        values["params"] = GenerationParams.of(record)
         values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
         values["created"] = datetime.fromisoformat(record["created"])
         return cls(**values)
@@ -173,23 +162,24 @@ def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def format_parameters(p: Provenance) -> str:
+def format_parameters(provenance: Provenance) -> str:
     """The A1111 `parameters` text, field order and spelling as that tool writes them.
 
     `RNG: CPU` matters: A1111 draws the initial noise on the GPU unless told, so pasting the
     text without it would make another image from the same seed."""
-    sampler, schedule = SAMPLERS[p.sampler]
-    settings: dict[str, object] = {"Steps": p.steps, "Sampler": sampler}
-    if schedule:
-        settings["Schedule type"] = schedule
+    p = provenance.params
+    sampler = SAMPLERS[p.sampler]
+    settings: dict[str, object] = {"Steps": p.steps, "Sampler": sampler.a1111}
+    if sampler.a1111_schedule:
+        settings["Schedule type"] = sampler.a1111_schedule
     settings.update({
         "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
-        "Model hash": p.model_sha256[:10], "Model": p.model_name,
-        "RNG": p.environment.rng_device.upper(),
+        "Model hash": short_hash(provenance.model_sha256), "Model": provenance.model_name,
+        "RNG": provenance.environment.rng_device.upper(),
     })
     if p.eta:
         settings["Eta DDIM"] = format_number(p.eta)
-    settings["Version"] = f"sdq {p.environment.sdq}"
+    settings["Version"] = f"sdq {provenance.environment.sdq}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
     negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
     return f"{p.prompt}{negative}\n{line}".strip()
@@ -236,12 +226,7 @@ class Parameters:
     @property
     def sampler(self) -> str | None:
         """The sdq name of the sampler, None when sdq has no such sampler."""
-        name = self.settings.get("Sampler")
-        schedule = self.settings.get("Schedule type")
-        for sdq_name, spelled in SAMPLERS.items():
-            if spelled == (name, schedule if schedule not in ("Automatic", None) else None):
-                return sdq_name
-        return _LEGACY_SAMPLERS.get(name or "")
+        return sampler_from_a1111(self.settings.get("Sampler"), self.settings.get("Schedule type"))
 
     @property
     def model_hash(self) -> str | None:
@@ -312,9 +297,10 @@ def encode_png(image: Image.Image, provenance: Provenance, *, watermark: str | N
     at zlib `level` (0-9: the level changes the file's size and the time spent, never its
     pixels)."""
     image = image.convert("RGB")
-    if image.size != (provenance.width, provenance.height):
+    p = provenance.params
+    if image.size != (p.width, p.height):
         raise ValueError(f"image is {image.width}x{image.height}, provenance says "
-                         f"{provenance.width}x{provenance.height}")
+                         f"{p.width}x{p.height}")
     if not watermark:
         status = WatermarkStatus.DISABLED
     elif wm.can_watermark(image.width, image.height, watermark):
@@ -417,21 +403,25 @@ below that), so the threshold separates them while tolerating the method's fragi
 
 @dataclass(frozen=True)
 class ItemRecord:
-    """What the database recorded for an item, as plain values (the CLI maps the row here)."""
+    """What the database recorded for an item, as plain values, or what a file says of it."""
 
     item_id: int | None
-    prompt: str
-    negative_prompt: str
-    seed: int
-    sampler: str
-    steps: int
-    cfg: float
-    eta: float
-    width: int
-    height: int
+    params: GenerationParams
     model_sha256: str | None
     image_sha256: str | None
     watermark: str | None
+
+    @classmethod
+    def of(cls, item: Any) -> "ItemRecord":
+        """The record of a database item (`db.models.Item`)."""
+        return cls(item_id=item.id, params=item.params,
+                   model_sha256=item.model.sha256 if item.model is not None else None,
+                   image_sha256=item.image_sha256, watermark=item.watermark)
+
+    def flat(self) -> dict[str, Any]:
+        """The parameters beside the other fields, each compared (and named) on its own."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        return {**self.params.to_dict(), **record}
 
 
 class Check(NamedTuple):
@@ -506,11 +496,8 @@ def _check_watermark(meta: PngMetadata, image: Image.Image) -> tuple[Check, floa
 
 
 def _file_record(meta: PngMetadata, p: Provenance) -> ItemRecord:
-    return ItemRecord(
-        item_id=p.item_id, prompt=p.prompt, negative_prompt=p.negative_prompt, seed=p.seed,
-        sampler=p.sampler, steps=p.steps, cfg=p.cfg, eta=p.eta, width=p.width, height=p.height,
-        model_sha256=p.model_sha256, image_sha256=meta.sha256, watermark=meta.watermark,
-    )
+    return ItemRecord(item_id=p.item_id, params=p.params, model_sha256=p.model_sha256,
+                      image_sha256=meta.sha256, watermark=meta.watermark)
 
 
 def _check_record(meta: PngMetadata, record: ItemRecord) -> list[Check]:
@@ -519,8 +506,8 @@ def _check_record(meta: PngMetadata, record: ItemRecord) -> list[Check]:
                     f"database {(record.image_sha256 or 'none')[:16]}...")]
     if meta.provenance is None:
         return checks + [Check("database parameters", False, "the file has no sdq chunk")]
-    found = asdict(_file_record(meta, meta.provenance))
-    expected = asdict(record)
+    found = _file_record(meta, meta.provenance).flat()
+    expected = record.flat()
     del found["image_sha256"], expected["image_sha256"]
     diff = _differences(found, expected, "database")
     return checks + [Check("database parameters", not diff,
@@ -537,12 +524,13 @@ def verify_png(data: bytes, record: ItemRecord | None = None) -> Verification:
     if p is None and not meta.errors:
         checks.append(Check("sdq chunk", False, "missing: the file carries no sdq provenance"))
     if p is not None:
-        checks.append(Check("sdq chunk", True, f"{p.sampler}, {p.steps} steps, seed {p.seed}, "
-                            f"model {p.model_sha256[:10]}"))
+        g = p.params
+        checks.append(Check("sdq chunk", True, f"{g.sampler}, {g.steps} steps, seed {g.seed}, "
+                            f"model {short_hash(p.model_sha256)}"))
         checks.append(_check_parameters(meta, p))
-        size_ok = (p.width, p.height) == image.size
+        size_ok = (g.width, g.height) == image.size
         checks.append(Check("size", size_ok, f"{image.width}x{image.height}, recorded "
-                            f"{p.width}x{p.height}"))
+                            f"{g.width}x{g.height}"))
         digest_ok = pixel_digest(image) == meta.pixels_sha256
         checks.append(Check("pixels", digest_ok, "match the recorded digest" if digest_ok
                             else "differ from the recorded digest: the image was altered"))

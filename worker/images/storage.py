@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import re
-import secrets
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -26,11 +25,11 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 from sdq.sdmodel.errors import Unavailable
+from sdq.sdmodel.files import TEMP_PREFIX, atomic_writer
 
 # A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp
 # files' names are not.
-_SEGMENT = re.compile(r"^(?!\.tmp-)\.?[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TEMP_PREFIX = ".tmp-"
+_SEGMENT = re.compile(rf"^(?!{re.escape(TEMP_PREFIX)})\.?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class StorageError(Unavailable):
@@ -67,7 +66,7 @@ def _check_prefix(prefix: str) -> str:
 
 
 class Storage(ABC):
-    """Put, get, list and share image bytes by key."""
+    """Put, get and list image bytes by key."""
 
     @abstractmethod
     def check(self) -> None:
@@ -98,10 +97,6 @@ class Storage(ABC):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with `prefix`, in lexicographic order."""
 
-    @abstractmethod
-    def url(self, key: str, *, expires_in: int = 3600) -> str:
-        """A URL to hand to someone: presigned on S3, `file://` for a folder."""
-
 
 class LocalStorage(Storage):
     """A folder. Content type and metadata are not kept: the PNG carries its own provenance.
@@ -130,21 +125,11 @@ class LocalStorage(Storage):
     @contextlib.contextmanager
     def _atomic(self, key: str) -> Iterator[BinaryIO]:
         target = self._path(key)
-        # Not tempfile: its 0600 mode would survive the rename; os.open honours the umask.
-        temp = target.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{target.name}")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as out:
+            with atomic_writer(target) as out:
                 yield out
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
 
     def put(self, key: str, data: bytes, *, content_type: str = "image/png",
             metadata: Mapping[str, str] | None = None) -> None:
@@ -176,12 +161,9 @@ class LocalStorage(Storage):
         keys = (
             path.relative_to(self.root).as_posix()
             for path in folder.rglob("*")
-            if path.is_file() and not path.name.startswith(_TEMP_PREFIX)
+            if path.is_file() and not path.name.startswith(TEMP_PREFIX)
         )
         yield from sorted(key for key in keys if key.startswith(prefix))
-
-    def url(self, key: str, *, expires_in: int = 3600) -> str:
-        return self._path(key).resolve().as_uri()
 
 
 # Error codes by which S3 and compatible stores reject credentials or signatures.
@@ -295,12 +277,6 @@ class S3Storage(Storage):
             for page in pages:
                 for entry in page.get("Contents", []):
                     yield entry["Key"][len(root):]
-
-    def url(self, key: str, *, expires_in: int = 3600) -> str:
-        with self._errors(f"signing a URL for {key!r}"):
-            return self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
-                ExpiresIn=expires_in)
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5) -> Storage:

@@ -13,32 +13,34 @@ a schedule stores, with no command line involved.
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import io
 import json
-import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdq.db.models import SEED_LIMIT
 from sdq.sdmodel.errors import InvalidInput
+from sdq.sdmodel.params import (
+    CHECKS,
+    DEFAULTS,
+    MAX_IMAGES_PER_ROW,
+    SEED_LIMIT,
+    GenerationParams,
+    ParamError,
+    close_match,
+    whole,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-MAX_SIDE = 2048
-"""The largest width or height accepted: 16x the area SD v1 was trained at, already far past
-where it makes coherent images, and about what one 80 GB GPU decodes."""
-MAX_STEPS = 999
-MAX_CFG = 100.0
-MAX_IMAGES_PER_ROW = 10_000
-"""A cap on `n` that catches a typo (n=1000000) before it becomes a million rows."""
 FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
-          "model", "tags")
+          "eta", "model", "tags")
+ALIASES = {"cfg_scale": "cfg", "guidance_scale": "cfg", "num_inference_steps": "steps"}
+"""Other tools' names for sdq's fields, accepted as columns or keys and recorded as sdq's."""
 FORMATS = ("csv", "jsonl", "text")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
 
@@ -47,18 +49,26 @@ ModelResolver = Callable[[str], "int | None"]
 LookupError (its message shown) when ambiguous, like `db.queries.find_model`."""
 
 
-@dataclass(frozen=True)
 class Defaults:
-    """The values a row does not give; `seed` is the base seed (None: pick one at random)."""
+    """The values rows do not give: any generation parameter but the prompt and the seed
+    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
+    one at random)."""
 
-    negative_prompt: str = ""
-    seed: int | None = None
-    n: int = 1
-    steps: int = 50
-    cfg: float = 7.5
-    sampler: str = "ddim"
-    width: int = 512
-    height: int = 512
+    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
+        unknown = params.keys() - DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        self.seed = None if seed is None else CHECKS["seed"](seed)
+        self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
+        checked = {name: CHECKS[name](value) for name, value in params.items()}
+        self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
+
+    def __repr__(self) -> str:
+        return f"Defaults({self.to_json()!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        """As recorded with a job: every default by its field name."""
+        return {**self.params, "seed": self.seed, "n": self.n}
 
 
 @dataclass(frozen=True)
@@ -144,19 +154,14 @@ def parse_prompt_file(
 
 @dataclass
 class _Row:
-    """One validated row; `first_index` is the job-wide index of its first image."""
+    """One validated row; `first_index` is the job-wide index of its first image, and
+    `params.seed` is meaningless unless `seed` (the row's own) is set."""
 
     line: int
     first_index: int
-    prompt: str
-    negative_prompt: str
+    params: GenerationParams
     seed: int | None
     n: int
-    steps: int
-    cfg: float
-    sampler: str
-    width: int
-    height: int
     model_id: int | None
     tags: list[str] | None
 
@@ -182,12 +187,6 @@ def _detect_format(source: str, text: str) -> str:
         return fmt
     first = next((line for line in text.splitlines() if line.strip()), "")
     return "jsonl" if first.lstrip().startswith("{") else "text"
-
-
-def _close(word: str, choices: tuple[str, ...]) -> str:
-    """A `; did you mean ...?` hint for a misspelt name, or nothing."""
-    match = difflib.get_close_matches(word, choices, n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def _csv_records(text: str, source: str, problems: list[Problem]
@@ -222,13 +221,15 @@ def _csv_header(cells: list[str], source: str, line: int, problems: list[Problem
     """Column names, None for a column to ignore (unknown or repeated, both reported)."""
     names: list[str | None] = []
     for cell in cells:
-        name = cell.strip().lower()
+        spelled = cell.strip().lower()
+        name: str | None = ALIASES.get(spelled, spelled)
         if name not in FIELDS:
             problems.append(Problem(source, line, "header", f"unknown column {cell.strip()!r}"
-                                    + _close(name, FIELDS)))
+                                    + close_match(spelled, FIELDS)))
             name = None
         elif name in names:
-            problems.append(Problem(source, line, "header", f"duplicate column {name!r}"))
+            also = f" (another name for {name!r})" if spelled != name else ""
+            problems.append(Problem(source, line, "header", f"duplicate column {spelled!r}{also}"))
             name = None
         names.append(name)
     if "prompt" not in names:
@@ -259,10 +260,17 @@ def _jsonl_records(text: str, source: str, problems: list[Problem]
                                     f"expected an object, got {type(record).__name__}"))
             continue
         problems.extend(Problem(source, line, key, "duplicate field") for key in duplicates)
-        for key in [key for key in record if key not in FIELDS]:
-            problems.append(Problem(source, line, key, "unknown field" + _close(key, FIELDS)))
-            del record[key]
-        yield line, record
+        fields: dict[str, Any] = {}
+        for key, value in record.items():
+            name = ALIASES.get(key, key)
+            if name not in FIELDS:
+                problems.append(Problem(source, line, key, "unknown field" + close_match(key, FIELDS)))
+            elif name in fields:
+                problems.append(Problem(source, line, key, f"duplicate field (another name for "
+                                        f"{name!r})"))
+            else:
+                fields[name] = value
+        yield line, fields
 
 
 def _text_records(text: str, source: str, problems: list[Problem]
@@ -272,51 +280,6 @@ def _text_records(text: str, source: str, problems: list[Problem]
         prompt = content.strip()
         if prompt and not prompt.startswith("#"):
             yield line, {"prompt": prompt}
-
-
-def _whole(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            number = int(value.strip())
-        elif isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)
-        else:
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high}, got {number}")
-        return number
-    return convert
-
-
-def _cfg(value: Any) -> float:
-    try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"expected a number, got {value!r}")
-    if not 0 <= number <= MAX_CFG:
-        raise ValueError(f"must be between 0 and {MAX_CFG:g}, got {number:g}")
-    return number
-
-
-def _side(value: Any) -> int:
-    number = _whole(8, MAX_SIDE)(value)
-    if number % 8:
-        raise ValueError(f"must be a multiple of 8, got {number}")
-    return number
-
-
-def _sampler(value: Any) -> str:
-    from sdq.sdmodel.samplers import SAMPLERS
-
-    name = str(value).strip().lower()
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {value!r}{_close(name, SAMPLERS)} "
-                         f"(known: {', '.join(SAMPLERS)})")
-    return name
 
 
 def _text(value: Any) -> str:
@@ -334,10 +297,11 @@ def _tags(value: Any) -> list[str]:
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "prompt": _text, "negative_prompt": _text, "seed": _whole(0, SEED_LIMIT - 1),
-    "n": _whole(1, MAX_IMAGES_PER_ROW), "steps": _whole(1, MAX_STEPS), "cfg": _cfg,
-    "sampler": _sampler, "width": _side, "height": _side, "model": _text, "tags": _tags,
+    **CHECKS, "prompt": _text, "negative_prompt": _text, "n": whole("n", 1, MAX_IMAGES_PER_ROW),
+    "model": _text, "tags": _tags,
 }
+"""Each field's cell or JSON value to its recorded value: the parameters' own checks, and
+whitespace-trimmed text."""
 
 
 class _Converter:
@@ -359,6 +323,8 @@ class _Converter:
                 continue
             try:
                 values[name] = _CONVERTERS[name](raw)
+            except ParamError as exc:
+                failed.append(self._problem(line, name, exc.reason))
             except ValueError as exc:
                 failed.append(self._problem(line, name, str(exc)))
         if not values.get("prompt") and "prompt" not in failed:
@@ -370,12 +336,18 @@ class _Converter:
                 failed.append(self._problem(line, "model", model_id))
                 model_id = None
         first_index = self.next_index
-        self.next_index += values.get("n", self.defaults.n)
+        n = values.pop("n", self.defaults.n)
+        self.next_index += n
         if failed:
             return None
-        row_defaults = {**vars(self.defaults), "seed": None, "tags": None}
-        return _Row(line=line, first_index=first_index, model_id=model_id,
-                    **{**row_defaults, **values})
+        seed, tags = values.pop("seed", None), values.pop("tags", None)
+        try:
+            params = GenerationParams(**{**self.defaults.params, **values, "seed": seed or 0})
+        except ParamError as exc:  # fields that do not go together (eta with euler)
+            self._problem(line, exc.field, exc.reason)
+            return None
+        return _Row(line=line, first_index=first_index, params=params, seed=seed, n=n,
+                    model_id=model_id, tags=tags)
 
     def _problem(self, line: int, name: str, reason: str) -> str:
         self.problems.append(Problem(self.source, line, name, reason))
@@ -408,11 +380,7 @@ def _check_seed_ranges(rows: list[_Row], base: int, base_given: bool, source: st
 
 def _expand(rows: list[_Row], base: int) -> Iterator[dict[str, Any]]:
     for row in rows:
-        common: dict[str, Any] = {
-            "prompt": row.prompt, "negative_prompt": row.negative_prompt, "sampler": row.sampler,
-            "steps": row.steps, "cfg": row.cfg, "width": row.width, "height": row.height,
-            "tags": row.tags,
-        }
+        common: dict[str, Any] = {**row.params.to_dict(), "tags": row.tags}
         if row.model_id is not None:
             common["model_id"] = row.model_id
         for k in range(row.n):
@@ -431,7 +399,7 @@ def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | No
     warnings = []
     for row in rows:
         for name in ("prompt", "negative_prompt"):
-            text = getattr(row, name)
+            text = getattr(row.params, name)
             if text not in dropped:
                 dropped[text] = clip.dropped_text(tokenizer, text) if text else None
             if dropped[text] is not None:

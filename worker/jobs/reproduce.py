@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
 from sdq.sdmodel.errors import Refused
-from sdq.sdmodel.pipeline import Pipeline, Request
+from sdq.sdmodel.pipeline import Pipeline
 from sdq.worker.images import watermark as wm
 from sdq.worker.images.provenance import WatermarkStatus, read_png_metadata
 
@@ -62,22 +62,16 @@ def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
     if positions != list(range(len(batch))) or item not in batch:
         raise ReproduceError(f"batch {item.batch_id} is incomplete in the database "
                              f"(positions {positions})")
-    shapes = {_shape(member) for member in batch}
+    shapes = {member.params.shape for member in batch}
     if len(shapes) > 1:
         raise ReproduceError(f"batch {item.batch_id} mixes sizes or samplers: {sorted(shapes)}")
     return list(batch)
 
 
-def _shape(item: Item) -> tuple[str, int, int, int, float]:
-    return (item.sampler, item.steps, item.width, item.height, item.eta)
-
-
 def regenerate(pipe: Pipeline, items: Sequence[Item]) -> list[Image.Image]:
     """The unmarked images of `items`, denoised as one batch in the given order."""
-    first = items[0]
-    requests = [Request(i.prompt, i.negative_prompt, i.seed, i.cfg) for i in items]
-    return pipe.generate(requests, sampler=first.sampler, steps=first.steps, width=first.width,
-                         height=first.height, eta=first.eta)
+    params = [item.params for item in items]
+    return pipe.generate([p.request for p in params], **params[0].shape.settings())
 
 
 def compare(stored_png: bytes, regenerated: Image.Image) -> Comparison:

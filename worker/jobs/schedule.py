@@ -29,6 +29,7 @@ from sdq.db.models import Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound, Refused
+from sdq.sdmodel.params import DEFAULTS
 from sdq.worker.jobs.cron import Cron, parse_cron
 from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 from sdq.worker.settings import Settings
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,88}")
 """Schedule names: they become job names (`NAME-YYYY-MM-DD`, at most 100 characters)."""
-DEFAULT_FIELDS = ("seed", "n", "steps", "cfg", "sampler", "width", "height")
+DEFAULT_FIELDS = ("n", *DEFAULTS)
 """Options that fill a prompt file's missing fields; the others (model, batch_size, priority,
 tags) apply to the job."""
 OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags")

@@ -24,6 +24,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
+from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
 from sdq.worker.settings import Settings
@@ -50,7 +51,7 @@ class ModelIdentity:
 
     @property
     def short_hash(self) -> str:
-        return self.sha256[:10]
+        return short_hash(self.sha256)
 
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
@@ -142,45 +143,45 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
 
 def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
          batch_size: int) -> list[dict[str, Any]]:
-    """What submitting `items` would run, recording nothing: one group per model, sampler,
-    steps and size, with its images, batches and an estimate from the finished images of the
-    same model, sampler and size (seconds per image and step; None without any). `model` is
-    the default of items without a `model_id`."""
+    """What submitting `items` would run, recording nothing: one group per model and batch
+    shape (the same key `plan_batches` groups by), with its images, batches and an estimate
+    from the finished images of the same model, sampler and size (seconds per image and step;
+    None without any). `model` is the default of items without a `model_id`."""
     known = {m.id: (m.name, m.sha256) for m in all_models(session)}
     default_id = next((i for i, (_, sha256) in known.items() if sha256 == model.sha256), None)
-    groups = Counter((item.get("model_id", default_id), item["sampler"], item["steps"],
-                      item["width"], item["height"]) for item in items)
+    groups = Counter((item.get("model_id", default_id), GenerationParams.of(item).shape)
+                     for item in items)
     planned = []
-    for (model_id, sampler, steps, width, height), images in groups.items():
+    for (model_id, shape), images in groups.items():
         label, sha256 = known.get(model_id, (model.name, model.sha256))
         per_step = None if model_id is None else seconds_per_step(
-            session, model_id=model_id, sampler=sampler, width=width, height=height)
-        planned.append({"model": label, "model_sha256": sha256, "sampler": sampler,
-                        "steps": steps, "size": f"{width}x{height}", "images": images,
-                        "batches": -(-images // batch_size),
-                        "estimated_s": None if per_step is None else per_step * steps * images})
+            session, model_id=model_id, sampler=shape.sampler, width=shape.width,
+            height=shape.height)
+        planned.append({"model": label, "model_sha256": sha256, "sampler": shape.sampler,
+                        "steps": shape.steps, "size": f"{shape.width}x{shape.height}",
+                        "eta": shape.eta, "images": images, "batches": -(-images // batch_size),
+                        "estimated_s": None if per_step is None else per_step * shape.steps * images})
     return planned
 
 
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
-    """The matching items, by model sha256, in batches of one shape (sampler, steps, size,
-    eta) and one job priority, at most `batch_size` items each; highest priority first, then
-    in submission order. Guidance, prompts and seeds may differ within a batch: each image has
-    its own generator, so batching never changes it."""
+    """The matching items, by model sha256, in batches of one `BatchShape` (sampler, steps,
+    size, eta) and one job priority, at most `batch_size` items each; highest priority first,
+    then in submission order. Guidance, prompts and seeds may differ within a batch: each
+    image has its own generator, so batching never changes it."""
     from sdq.worker.runner import Batch
 
     rows = session.execute(
-        select(Item.id, Model.sha256, Job.priority, Item.sampler, Item.steps, Item.width,
-               Item.height, Item.eta)
+        select(Item.id, Model.sha256, Job.priority, *(getattr(Item, f) for f in SHAPE_FIELDS))
         .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, *key in rows:
-        groups.setdefault(tuple(key), []).append(item_id)
+    for item_id, sha256, priority, *shape in rows:
+        groups.setdefault((sha256, priority, BatchShape(*shape)), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
-    for (sha256, priority, *_), ids in groups.items():
+    for (sha256, priority, _), ids in groups.items():
         batches = planned.setdefault(sha256, [])
         for start in range(0, len(ids), batch_size):
             batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image
 
+from sdq.sdmodel.params import FIELDS, GenerationParams
 from sdq.worker.images.provenance import Environment, Provenance
 
 MODEL_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
@@ -25,11 +26,14 @@ def photo(width: int, height: int, seed: int = 0, grain: int = 10) -> Image.Imag
 
 
 def provenance(width: int = 512, height: int = 512, **changes: object) -> Provenance:
-    values: dict[str, object] = dict(
+    """A sample record; `changes` may name generation parameters and other fields alike."""
+    params: dict[str, object] = dict(
         prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry",
-        seed=42, sampler="ddim", steps=50, cfg=7.5, width=width, height=height,
+        seed=42, sampler="ddim", steps=50, cfg=7.5, width=width, height=height)
+    values: dict[str, object] = dict(
         model_sha256=MODEL_SHA256, model_name="v1-5-pruned-emaonly", environment=ENVIRONMENT,
         job_id=3, item_id=17, row=16, batch_id="b-1", batch_position=2,
         created=datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc))
-    values.update(changes)
-    return Provenance(**values)  # type: ignore[arg-type]
+    for name, value in changes.items():
+        (params if name in FIELDS else values)[name] = value
+    return Provenance(params=GenerationParams(**params), **values)  # type: ignore[arg-type]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,23 +66,6 @@ def test_put_get_list_exists_delete_url(store: Storage) -> None:
     assert not store.exists("3/17.png")
     with pytest.raises(ObjectNotFound):
         store.get("3/17.png")
-
-
-def test_local_url_is_a_file_uri(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path)
-    store.put("1/2.png", b"image")
-    with urllib.request.urlopen(store.url("1/2.png"), timeout=10) as response:
-        assert response.read() == b"image"
-
-
-def test_s3_url_is_presigned(bucket: str, aws_env: S3Server) -> None:
-    store = open_storage(f"s3://{bucket}/images", endpoint_url=aws_env.endpoint)
-    store.put("1/2.png", b"image")
-    url = store.url("1/2.png", expires_in=600)
-    assert url.startswith(f"{aws_env.endpoint}/{bucket}/images/1/2.png?")
-    assert "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url
-    with aws_env.without_authentication(), urllib.request.urlopen(url, timeout=10) as response:
-        assert response.read() == b"image"
 
 
 def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None:

@@ -168,9 +168,7 @@ def store_item(home: Home) -> tuple[int, bytes]:
         session.add_all([model, job])
         session.flush()
         p = provenance(job_id=job.id)
-        item = Item(job_id=job.id, row_index=p.row, prompt=p.prompt,
-                    negative_prompt=p.negative_prompt, seed=p.seed, sampler=p.sampler,
-                    steps=p.steps, cfg=p.cfg, width=p.width, height=p.height, model=model)
+        item = Item(job_id=job.id, row_index=p.row, model=model, **p.params.to_dict())
         session.add(item)
         session.flush()
         encoded = encode_png(photo(512, 512), provenance(job_id=job.id, item_id=item.id),

@@ -45,7 +45,7 @@ def test_csv_rows_fill_defaults_and_follow_the_seed_rules(tokenizer) -> None:
     assert [i["row_index"] for i in result.items] == [0, 1, 2, 3, 4]
     cat, dog = result.items[0], result.items[2]
     assert cat == {"prompt": "a cat", "negative_prompt": "", "sampler": "euler_a", "steps": 50,
-                   "cfg": 7.5, "width": 512, "height": 512, "tags": ["x", "y"],
+                   "cfg": 7.5, "eta": 0.0, "width": 512, "height": 512, "tags": ["x", "y"],
                    "row_index": 0, "seed": 5}
     assert dog["tags"] is None and dog["cfg"] == 4.5 and dog["sampler"] == "ddim"
     assert len(result.sha256) == 64 and result.warnings == []
@@ -62,6 +62,26 @@ def test_jsonl_and_text_formats_give_the_same_items() -> None:
         [("a fox", 7, "blurry", 256), ("an owl", 8, "blurry", 256)]
     assert jsonl.items[0]["tags"] == ["a", "b"] and jsonl.items[0]["cfg"] == 3.0
     assert jsonl.items[1]["steps"] == 30 and jsonl.items[1]["seed"] == 8
+
+
+def test_other_tools_names_are_taken_and_sdqs_recorded() -> None:
+    csv = parse("prompt,sampler,guidance_scale,num_inference_steps\nx,Euler a,5,20\n"
+                "y,DPM++ 2M Karras,,\n")
+    assert [(i["sampler"], i["cfg"], i["steps"]) for i in csv.items] == [
+        ("euler_a", 5.0, 20), ("dpmpp_2m_karras", 7.5, 50)]
+    jsonl = parse('{"prompt": "x", "sampler": "euler_ancestral", "cfg_scale": 4}\n', "p.jsonl")
+    assert (jsonl.items[0]["sampler"], jsonl.items[0]["cfg"]) == ("euler_a", 4.0)
+
+
+def test_nan_and_fields_that_do_not_go_together_are_refused_with_their_line() -> None:
+    assert errors('{"prompt": "x", "cfg": NaN}\n{"prompt": "y", "eta": Infinity}\n', "p.jsonl") == [
+        "p.jsonl:1: cfg: expected a number, got nan", "p.jsonl:2: eta: expected a number, got inf"]
+    assert errors("prompt,sampler,eta\nx,ddim,0.5\ny,euler,0.5\n") == [
+        "p.csv:3: eta: applies to ddim only, got eta=0.5 for 'euler'"]
+    assert errors("prompt,cfg,guidance_scale\nx,1,2\n") == [
+        "p.csv:1: header: duplicate column 'guidance_scale' (another name for 'cfg')"]
+    assert errors('{"prompt": "x", "cfg": 1, "cfg_scale": 2}\n', "p.jsonl") == [
+        "p.jsonl:1: cfg_scale: duplicate field (another name for 'cfg')"]
 
 
 def test_format_is_sniffed_when_the_suffix_says_nothing() -> None:

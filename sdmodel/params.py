@@ -1,0 +1,279 @@
+"""The parameters of one image, their limits and defaults, and the sampler registry.
+
+This is the one place that says what a generation request is: the database rows, prompt
+files, the command-line options, the runner, the PNG provenance and the pipeline all take
+their fields, limits and sampler names from here. It imports nothing heavy (no torch), so
+commands that only check or record requests stay fast.
+
+Values are checked, and sampler spellings resolved, when a `GenerationParams` (or one of its
+two halves, `Request` and `BatchShape`) is built; a bad value raises `ParamError` naming the
+field, which a prompt file turns into `FILE:LINE: field: reason` and the CLI into an option
+error.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+SEED_LIMIT = 2**32
+"""Seeds live in [0, 2^32): the range a CPU `torch.Generator` seed round-trips through in
+every other SD tool, so a seed copied from here reproduces elsewhere."""
+MAX_SIDE = 2048
+"""The largest width or height accepted: 16x the area SD v1 was trained at, already far past
+where it makes coherent images, and about what one 80 GB GPU decodes."""
+SIDE_MULTIPLE = 8
+"""Width and height are multiples of the autoencoder's downsampling factor."""
+MAX_STEPS = 999
+"""Leading spacing with offset 1 (ddim, plms) visits t = 1000 at 1000 steps, past the table."""
+MAX_CFG = 100.0
+MAX_ETA = 1.0
+"""eta = 1 is DDPM-like; beyond it DDIM's noise term has no meaning."""
+MAX_IMAGES_PER_ROW = 10_000
+"""A cap on a prompt file row's `n` that catches a typo (n=1000000) before it becomes a
+million rows."""
+SHORT_HASH_LEN = 10
+"""Hex digits of a model's sha256 that users see and type, as AUTOMATIC1111's `Model hash`."""
+
+
+def short_hash(sha256: str) -> str:
+    """The short form of a model hash (also its A1111 `Model hash`)."""
+    return sha256[:SHORT_HASH_LEN]
+
+
+class ParamError(ValueError):
+    """A parameter value refused: `field` names it, `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}")
+
+
+# -- samplers --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler sdq runs: its name, how AUTOMATIC1111 writes it, and what it needs."""
+
+    name: str
+    a1111: str
+    a1111_schedule: str | None
+    """A1111's separate `Schedule type`; older versions folded it into the sampler name."""
+    uses_eta: bool
+    ancestral: bool
+    """Draws fresh noise at every step (from each image's own generator)."""
+    aliases: tuple[str, ...] = ()
+    """Other tools' spellings (diffusers scheduler names, k-diffusion names)."""
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", "DDIM", None, uses_eta=True, ancestral=False, aliases=("ddim_scheduler",)),
+    Sampler("plms", "PLMS", None, uses_eta=False, ancestral=False, aliases=("pndm",)),
+    Sampler("euler", "Euler", None, uses_eta=False, ancestral=False,
+            aliases=("k_euler", "euler_discrete")),
+    Sampler("euler_a", "Euler a", None, uses_eta=False, ancestral=True,
+            aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral",
+                     "euler_ancestral_discrete")),
+    Sampler("dpmpp_2m", "DPM++ 2M", None, uses_eta=False, ancestral=False,
+            aliases=("dpmsolver++", "dpm++_2m", "k_dpmpp_2m", "dpmsolver_multistep")),
+    Sampler("dpmpp_2m_karras", "DPM++ 2M", "Karras", uses_eta=False, ancestral=False,
+            aliases=("DPM++ 2M Karras", "dpmsolver++_karras", "dpm++_2m_karras",
+                     "k_dpmpp_2m_karras")),
+)}
+"""sdq's samplers by canonical name, in the order help texts list them."""
+DEFAULT_SAMPLER = "ddim"
+
+
+def _spelling(name: str) -> str:
+    """The form spellings are compared in: case, spaces, '-' and '_' do not matter."""
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+_ALIASES: dict[str, str] = {
+    _spelling(spelled): s.name
+    for s in SAMPLERS.values()
+    for spelled in (s.name, s.a1111 if s.a1111_schedule is None else "", *s.aliases) if spelled
+}
+
+
+def close_match(word: str, choices: Any) -> str:
+    """A `; did you mean ...?` hint for a misspelt name, or nothing."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def resolve_sampler(name: Any) -> str:
+    """sdq's canonical name for a sampler spelt as sdq, AUTOMATIC1111 or diffusers spell it."""
+    if not isinstance(name, str):
+        raise ParamError("sampler", f"expected a sampler name, got {name!r}")
+    canonical = _ALIASES.get(_spelling(name))
+    if canonical is None:
+        hint = close_match(name.strip().lower(), SAMPLERS) or close_match(_spelling(name), _ALIASES)
+        raise ParamError("sampler", f"unknown sampler {name!r}{hint} (known: {', '.join(SAMPLERS)})")
+    return canonical
+
+
+def sampler_from_a1111(sampler: str | None, schedule: str | None) -> str | None:
+    """The sdq sampler an A1111 `Sampler` + `Schedule type` pair names; None if sdq has none."""
+    schedule = None if schedule in (None, "Automatic") else schedule
+    for s in SAMPLERS.values():
+        if (s.a1111, s.a1111_schedule) == (sampler, schedule):
+            return s.name
+    if schedule is None and sampler:
+        return _ALIASES.get(_spelling(sampler))
+    return None
+
+
+# -- one check per field ---------------------------------------------------------------------
+
+def whole(field: str, low: int, high: int) -> Callable[[Any], int]:
+    """A whole number in [low, high]; digit strings and integral floats are taken too."""
+    def check(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        else:
+            raise ParamError(field, f"expected a whole number, got {value!r}")
+        if not low <= number <= high:
+            raise ParamError(field, f"must be between {low} and {high}, got {number}")
+        return number
+    return check
+
+
+def finite(field: str, low: float, high: float) -> Callable[[Any], float]:
+    """A finite number in [low, high]; NaN and infinities are refused, not compared."""
+    def check(value: Any) -> float:
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ParamError(field, f"expected a number, got {value!r}")
+        if not low <= number <= high:
+            raise ParamError(field, f"must be between {low:g} and {high:g}, got {number:g}")
+        return number
+    return check
+
+
+def side(field: str) -> Callable[[Any], int]:
+    """An image side: a multiple of SIDE_MULTIPLE up to MAX_SIDE."""
+    in_range = whole(field, SIDE_MULTIPLE, MAX_SIDE)
+
+    def check(value: Any) -> int:
+        number = in_range(value)
+        if number % SIDE_MULTIPLE:
+            raise ParamError(field, f"must be a multiple of {SIDE_MULTIPLE}, got {number}")
+        return number
+    return check
+
+
+def text(field: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ParamError(field, f"expected text, got {type(value).__name__}")
+        return value
+    return check
+
+
+CHECKS: dict[str, Callable[[Any], Any]] = {
+    "prompt": text("prompt"), "negative_prompt": text("negative_prompt"),
+    "seed": whole("seed", 0, SEED_LIMIT - 1), "sampler": resolve_sampler,
+    "steps": whole("steps", 1, MAX_STEPS), "cfg": finite("cfg", 0, MAX_CFG),
+    "eta": finite("eta", 0, MAX_ETA), "width": side("width"), "height": side("height"),
+}
+"""Each parameter's check: the value as recorded (a canonical sampler name, a float cfg), or
+ParamError. Prompt files run these on their cells, the dataclasses on their fields."""
+
+
+def _check_fields(obj: Any) -> None:
+    for f in fields(obj):
+        object.__setattr__(obj, f.name, CHECKS[f.name](getattr(obj, f.name)))
+    sampler, eta = getattr(obj, "sampler", None), getattr(obj, "eta", 0.0)
+    if sampler is not None and eta and not SAMPLERS[sampler].uses_eta:
+        uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
+        raise ParamError("eta", f"applies to {', '.join(uses)} only, got eta={eta:g} "
+                         f"for {sampler!r}")
+
+
+# -- the parameters --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    """What may differ between images denoised together: each has its own generator."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    cfg: float = 7.5
+    """Classifier-free guidance scale; 1 or less turns guidance off for this image."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True, order=True)
+class BatchShape:
+    """What images must share to be denoised in one batch: the one batch-shape key, used by
+    the runner, the batch planner, `submit --dry-run` and `reproduce`."""
+
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = 50
+    width: int = 512
+    height: int = 512
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def settings(self) -> dict[str, Any]:
+        """As the keyword arguments of `Pipeline.generate`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides one image besides the model: a request and its batch shape."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = 50
+    cfg: float = 7.5
+    eta: float = 0.0
+    width: int = 512
+    height: int = 512
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @classmethod
+    def of(cls, record: Any) -> "GenerationParams":
+        """The parameters of anything that carries them: a mapping (an item spec, a JSON
+        record) or an object (a database row); other keys are ignored."""
+        get = record.get if isinstance(record, Mapping) else lambda name, _: getattr(record, name)
+        values = {name: get(name, None) for name in FIELDS}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def request(self) -> Request:
+        return Request(self.prompt, self.negative_prompt, self.seed, self.cfg)
+
+    @property
+    def shape(self) -> BatchShape:
+        return BatchShape(self.sampler, self.steps, self.width, self.height, self.eta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerationParams))
+SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BatchShape))
+DEFAULTS = {f.name: f.default for f in fields(GenerationParams) if f.name != "prompt"}
+"""The value of each parameter a request leaves out (seed 0 here; commands pick a random
+base seed instead when none is given)."""
