@@ -18,12 +18,14 @@ from typing import Any, Mapping
 from torch import Tensor
 
 LATENT_SCALE = 0.18215
+# The pipeline draws (4, H/8, W/8) latents: SD v1's autoencoder has 4 channels and 4 levels (f=8).
 LATENT_CHANNELS = 4
-"""The pipeline draws (4, H/8, W/8) latents: SD v1's autoencoder has 4 levels (f=8) and 4 channels."""
 VAE_LEVELS = 4
 
 # Values that sdq's networks hard-wire, under diffusers' config keys. A key a config leaves out
-# takes diffusers' default, which is the value listed here.
+# takes diffusers' default, which is the value listed here. Keys that do not change inference
+# (sample_size, dropout, force_upcast, upcast_attention, which diffusers' SDPA attention ignores
+# too) and keys unknown to sdq are not checked.
 _UNET_FIXED: dict[str, Any] = {
     "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
     "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True,
@@ -164,11 +166,11 @@ def _required(cfg: Mapping[str, Any], *keys: str) -> None:
     _refuse([f"{key} missing" for key in keys if key not in cfg])
 
 
-def _level_widths(widths: list[int]) -> tuple[int, ...]:
-    """block_out_channels as multiples of the first level's width (the LDM channel_mult)."""
-    _refuse([f"block_out_channels = {json.dumps(widths)}: each width must be a multiple of the first"]
-            if not widths or any(w % widths[0] for w in widths) else [])
-    return tuple(w // widths[0] for w in widths)
+def _width_problems(widths: list[int]) -> list[str]:
+    """The LDM networks express level widths as multiples of the first (channel_mult)."""
+    if widths and all(w % widths[0] == 0 for w in widths):
+        return []
+    return [f"block_out_channels = {json.dumps(widths)}: each width must be a multiple of the first"]
 
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
@@ -180,7 +182,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     _required(cfg, "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
     widths, down = list(cfg["block_out_channels"]), list(cfg["down_block_types"])
     levels, linear = len(widths), bool(cfg.get("use_linear_projection", False))
-    problems = _fixed_values(cfg, _UNET_FIXED, "UNet")
+    problems = _fixed_values(cfg, _UNET_FIXED, "UNet") + _width_problems(widths)
     mirrored = ["CrossAttnUpBlock2D" if kind.startswith("CrossAttn") else "UpBlock2D" for kind in reversed(down)]
     if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or len(down) != levels:
         problems.append(f"down_block_types = {json.dumps(down)}: one CrossAttnDownBlock2D or "
@@ -193,7 +195,8 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     used = [(widths[i], heads[i]) for i in {*attention_levels, levels - 1} if i < min(levels, len(heads))]
     sizes = {(w // h if linear else h) if w % h == 0 else 0 for w, h in used}
     if len(sizes) != 1 or 0 in sizes:
-        what = "a head width that divides every level" if linear else "one head count that divides every width"
+        what = ("heads of one width at every attending level" if linear
+                else "one head count that divides the width of every attending level")
         problems.append(f"attention_head_dim = {json.dumps(cfg.get('attention_head_dim'))}: sdq's UNet needs {what}")
     depths = set(_per_level(cfg, "transformer_layers_per_block", 1, levels))
     if len(depths) != 1:
@@ -207,7 +210,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         model_channels=widths[0],
-        channel_mult=_level_widths(widths),
+        channel_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=cfg["layers_per_block"],
         attention_levels=attention_levels,
         transformer_depth=depth,
@@ -222,7 +225,7 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     """Read a diffusers `vae/config.json`; ValueError lists every key sdq cannot honour."""
     _required(cfg, "block_out_channels", "layers_per_block")
     widths = list(cfg["block_out_channels"])
-    problems = _fixed_values(cfg, _VAE_FIXED, "autoencoder")
+    problems = _fixed_values(cfg, _VAE_FIXED, "autoencoder") + _width_problems(widths)
     if len(widths) != VAE_LEVELS:
         problems.append(f"block_out_channels = {json.dumps(widths)}: sdq's pipeline needs {VAE_LEVELS} "
                         f"levels (latents 1/8 of the image size)")
@@ -232,7 +235,7 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     _refuse(problems)
     return VAEConfig(
         ch=widths[0],
-        ch_mult=_level_widths(widths),
+        ch_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=cfg["layers_per_block"],
         z_channels=LATENT_CHANNELS,
         embed_dim=LATENT_CHANNELS,
