@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Status
 from sdq.db.session import engine_from_url, upgrade
 from sdq.sdmodel.pipeline import Request, load_pipeline
+from sdq.worker.app import level_lists
 from sdq.worker.jobs.submit import ModelIdentity, identify_model, submit
 from sdq.worker.settings import Settings
 from tests.conftest import full_size_networks_fp16, ldm_checkpoint
@@ -134,8 +135,9 @@ def enqueue_rate(env: dict[str, str], items: int) -> None:
     result = submit(settings, specs(items, 20, 512), model=nobody)
     seconds = time.perf_counter() - start
     client = redis.Redis.from_url(settings.broker_url or "")
-    messages = client.llen(result.queue or "")
-    client.delete(result.queue or "")
+    lists = level_lists(result.queue or "")  # default priority 0 is not the bare list
+    messages = sum(client.llen(name) for name in lists)
+    client.delete(*lists)
     print(f"\nenqueue: {items:,} items, {result.batches:,} batches, {messages:,} messages in "
           f"{seconds:.1f} s: {items / seconds:,.0f} items/s")
 
