@@ -156,6 +156,7 @@ class Runner:
         self.store_threads = store_threads or default_store_threads()
         self.current_batch: str | None = None
         self.images_done = 0
+        self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
 
     def pipeline(self) -> Pipeline:
@@ -318,7 +319,8 @@ class Runner:
             ids, reason = [w.id for w in chunk.items], str(exc)
             self._retrying("handing items back", lambda: self._release(ids, last_error=reason[:2000]))
             raise
-        self.images_done += recorded
+        with self._done_lock:
+            self.images_done += recorded
         if on_recorded:
             on_recorded(recorded)
         return recorded
