@@ -17,7 +17,6 @@ from sdq.worker.images.provenance import format_number
 
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
           (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"))
-_LOADERS = {"parquet": "parquet", "webdataset": "webdataset", "imagefolder": "imagefolder"}
 Setting = tuple[str, str, str, int, float, str]
 """(model name, model sha256 prefix, sampler, steps, cfg, WxH)."""
 
@@ -32,7 +31,9 @@ def _widen(span: Span, value: Any) -> Span:
 
 
 @dataclass
-class _Summary:
+class Summary:
+    """What the card says about the exported items."""
+
     images: int = 0
     jobs: set[int] = field(default_factory=set)
     settings: Counter[Setting] = field(default_factory=Counter)
@@ -48,9 +49,9 @@ class _Summary:
         self.finished = _widen(self.finished, finished)
 
 
-def summarize(session: Session, shards: Sequence[Sequence[int]]) -> _Summary:
+def summarize(session: Session, shards: Sequence[Sequence[int]]) -> Summary:
     """Counts and settings of the exported items, read a shard at a time."""
-    summary = _Summary()
+    summary = Summary()
     for shard in shards:
         rows = session.execute(
             select(Item.job_id, Item.sampler, Item.steps, Item.cfg, Item.width, Item.height,
@@ -71,7 +72,8 @@ def _cell(value: object) -> str:
 
 
 def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str) -> str:
-    """The README.md of an export whose files are under `data/`."""
+    """The README.md of an export whose files are under `data/`; `fmt` is also the name of
+    the Hugging Face `datasets` builder that reads it."""
     s = summarize(session, shards)
     jobs = ", ".join(str(job) for job in sorted(s.jobs))
     title = f"sdq images of job{'s' if len(s.jobs) > 1 else ''} {jobs}"
@@ -91,7 +93,7 @@ def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str) ->
     seeds = f"seeds {s.seeds[0]} to {s.seeds[1]}" if s.seeds else "no seeds"
     loading = [
         "```python", "from datasets import load_dataset",
-        f'images = load_dataset("{_LOADERS[fmt]}", data_dir="THIS_FOLDER", split="train")',
+        f'images = load_dataset("{fmt}", data_dir="THIS_FOLDER", split="train")',
     ]
     if fmt == "parquet":
         loading += ["", "import pyarrow.parquet as pq",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sd_parsers import ParserManager
 
 from sdq.worker.images import watermark as wm
 from sdq.worker.images.provenance import (
@@ -79,8 +80,6 @@ def test_numbers_as_a1111_writes_them(cfg: float, eta: float, written: str) -> N
 
 def test_a1111_text_read_by_the_parser_people_use() -> None:
     """sd-parsers, as image browsers use it, reads sdq's PNG as an AUTOMATIC1111 image."""
-    from sd_parsers import ParserManager
-
     p = provenance(sampler="dpmpp_2m_karras", cfg=7.0, prompt="a castle, at dusk: misty")
     info = ParserManager().parse(Image.open(io.BytesIO(
         encode_png(photo(256, 256), replace(p, width=256, height=256), watermark=None).data)))
