@@ -79,14 +79,14 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     base_seed = random.randrange(2**32) if seed is None else seed
     if base_seed + num_images > 2**32:
         raise click.BadParameter("seed + number of images must stay below 2^32", param_hint="--seed")
-    size = batch_size or settings.batch_size or min(num_images, 8)
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
-                             hash_cache=settings.home / "hashes.json")
+                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
     except (CheckpointError, ModelNotFound, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height) or 8)
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
             click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "

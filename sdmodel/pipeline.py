@@ -302,11 +302,15 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
-    hash_cache: Path | None = None, fast: FastPath | None = None,
+    hash_cache: Path | None = None, fast: FastPath | str | None = None,
 ) -> Pipeline:
-    """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id;
-    `fast` as in `Pipeline` (default: the device's defaults)."""
+    """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
+
+    `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
+    device); default: the device's defaults."""
     device = device or default_device()
+    if isinstance(fast, str):
+        fast = FastPath.parse(fast, device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")

@@ -131,10 +131,10 @@ class Runner:
         self, *, engine: Engine, storage: Storage, model_ref: str, device: str | None = None,
         dtype: str | None = None, watermark: str | None = None, hash_cache: Any = None,
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
-        worker_name: str | None = None, pipeline: Pipeline | None = None,
+        worker_name: str | None = None, pipeline: Pipeline | None = None, fast: str | None = None,
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
-        on the first run."""
+        on the first run, with the fast path `fast` (a `FastPath.parse` string)."""
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
@@ -144,11 +144,12 @@ class Runner:
         self.current_batch: str | None = None
         self.images_done = 0
         self._pipeline = pipeline
+        self.fast = fast
 
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
             self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
-                                           hash_cache=self.hash_cache)
+                                           hash_cache=self.hash_cache, fast=self.fast)
         return self._pipeline
 
     def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None

@@ -39,6 +39,14 @@ class Settings:
     watermark: str
     visibility_timeout: int
     max_attempts: int
+    fast_path: str = "default"
+    compile: bool = False
+
+    @property
+    def fast_path_spec(self) -> str:
+        """`SDQ_FAST_PATH` with `SDQ_COMPILE` folded in, as `sdmodel.fastpath.FastPath.parse`
+        reads it (parsed where the device is known)."""
+        return self.fast_path + (",+compile" if self.compile else "")
 
     @property
     def embedded(self) -> bool:
@@ -78,6 +86,8 @@ class Settings:
             "watermark": get("watermark") or "StableDiffusionV1",
             "visibility_timeout": get("visibility_timeout") or "3600",
             "max_attempts": get("max_attempts") or "3",
+            "fast_path": get("fast_path") or "default",
+            "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:

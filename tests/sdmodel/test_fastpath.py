@@ -109,3 +109,15 @@ def test_auto_batch_size():
     assert sizes == sorted(sizes)
     assert auto_batch_size(24 * gib, 768, 768) < auto_batch_size(24 * gib)
     assert auto_batch_size(24 * gib, dtype="fp32") == auto_batch_size(24 * gib) // 2
+
+
+def test_settings_reach_the_pipeline(tiny_checkpoint, tmp_path):
+    from sdq.worker.settings import Settings
+
+    env = {"SDQ_FAST_PATH": "off,+channels_last", "SDQ_COMPILE": "true", "SDQ_CONFIG": str(tmp_path / "none.toml")}
+    spec = Settings.load(env).fast_path_spec
+    assert FastPath.parse(spec, "cpu") == FastPath(channels_last=True, compile=True)
+    assert Settings.load({"SDQ_CONFIG": str(tmp_path / "none.toml")}).fast_path_spec == "default"
+    pipe = load_pipeline(tiny_checkpoint, device="cpu", fast="off,+channels_last")
+    assert pipe.fast == FastPath(channels_last=True)
+    assert pipe.unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)

@@ -215,5 +215,5 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
         model_ref=model_ref, device=settings.device, dtype=settings.dtype,
         watermark=settings.watermark, hash_cache=settings.home / "hashes.json",
         max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
-        micro_batch=settings.batch_size, worker_name=worker_name,
+        micro_batch=settings.batch_size, worker_name=worker_name, fast=settings.fast_path_spec,
     )
