@@ -432,13 +432,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=540.0, help="hard cap in seconds (default 9 min)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--compile-tiny", action="store_true", help="run the compile phase in --tiny too")
+    parser.add_argument("--size", type=int, help="image side (default 512; --tiny 64)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default 50; --tiny 3)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 16 32; --tiny 1 2")
+    parser.add_argument("--ab-batch", type=int, help="batch of the fast_path A/B (default 16; --tiny 2)")
     args = parser.parse_args(argv)
     small = args.tiny
-    args.width = args.height = 64 if small else 512
-    args.steps = 3 if small else 50
+    args.width = args.height = args.size or (64 if small else 512)
+    args.steps = args.steps or (3 if small else 50)
     args.dtypes = ["fp32"] if args.device == "cpu" else ["fp16", "bf16"]
-    args.batch_sizes = [1, 2] if small else [1, 8, 16, 32]
-    args.ab_batch = 2 if small else 16
+    args.batch_sizes = args.batch_sizes or ([1, 2] if small else [1, 8, 16, 32])
+    args.ab_batch = args.ab_batch or (2 if small else 16)
     args.system_batch, args.system_batches = (2, 2) if small else (32, 3)
     args.store_threads, args.store_batches = ([1, 2], 2) if small else ([1, 2, 4, 8], 2)
     return args

@@ -118,8 +118,9 @@ class Pipeline:
         memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
         self.unet.to(memory_format=memory_format)
         self.vae.to(memory_format=memory_format)
+        # A captured graph cannot copy from the host, so graphs need the frequencies in place too.
         self.unet.time_freqs = (timestep_frequencies(self.unet.config.model_channels).to(self.device)
-                                if fast.device_loop else None)
+                                if fast.device_loop or fast.cuda_graphs else None)
         for module in self.vae.modules():
             if isinstance(module, AttnBlock):
                 module.contiguous_qkv = fast.contiguous_attention
