@@ -52,7 +52,7 @@ class Report:
         self.path, self.started = path, time.monotonic()
         self.data: dict[str, Any] = {"probe": {"args": args, "finished": False, "cut_off": None},
                                      "phases": {}}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.current: str | None = None
 
     def phase(self, name: str) -> dict[str, Any]:
@@ -70,10 +70,11 @@ class Report:
 
     def cut_off(self) -> None:
         """The watchdog's end: say where the run stopped, keep what it has, exit at once."""
-        self.data["probe"]["cut_off"] = self.current
-        if self.current:
-            self.data["phases"][self.current]["status"] = "cut off"
-        self.write()
+        with self.lock:
+            self.data["probe"]["cut_off"] = self.current
+            if self.current:
+                self.data["phases"][self.current]["status"] = "cut off"
+            self.write()
         print(f"gpu_probe: budget spent during {self.current}; wrote {self.path}", flush=True)
         os._exit(3)
 
@@ -387,6 +388,7 @@ def phase_fast_path(entry: dict, pipes: dict, args: argparse.Namespace, report: 
                  for p in AB_PIECES]
     if args.device.startswith("cuda"):
         variants += [("+cuda_graphs", replace(default, cuda_graphs=True)),
+                     ("default batch 1", default),
                      ("+cuda_graphs batch 1", replace(default, cuda_graphs=True))]
     for label, fast in variants:
         size = 1 if label.endswith("batch 1") else batch
