@@ -40,12 +40,13 @@ class FastPath:
 
     @classmethod
     def for_device(cls, device: str) -> "FastPath":
-        """The defaults: every safe piece on CUDA; on other devices only what does not slow
-        them (measured on the CPU, docs/benchmarks.md), i.e. the device loop's lazy pieces."""
+        """The defaults: every safe piece on CUDA. Elsewhere only the device loop, which costs
+        nothing: channels_last measured slower on the CPU (docs/benchmarks.md), padding is
+        pure waste without compiled shapes, and the other pieces are CUDA switches."""
         if device.split(":")[0] == "cuda":
             return cls(device_loop=True, channels_last=True, contiguous_attention=True,
                        sdpa_order=True, cudnn_benchmark=True, pad_sizes=True)
-        return cls(device_loop=True, contiguous_attention=True)
+        return cls(device_loop=True)
 
     @classmethod
     def parse(cls, spec: str, device: str) -> "FastPath":
