@@ -25,26 +25,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's `tests` importable
+if __package__ in (None, ""):  # run as a script: make the repository's `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._checkout import use_checkout  # noqa: E402
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+use_checkout()
+print("bench_sdmodel: loading torch and diffusers ...", file=sys.stderr, flush=True)
 
-from sdq.sdmodel import clip
-from sdq.sdmodel.checkpoint import PREFIXES
-from sdq.sdmodel.configs import UNetConfig, VAEConfig
-from sdq.sdmodel.pipeline import DTYPES, Request, load_pipeline
-from sdq.sdmodel.samplers import SAMPLERS
-from tests.conftest import (
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sdq.sdmodel import clip  # noqa: E402
+from sdq.sdmodel.checkpoint import PREFIXES  # noqa: E402
+from sdq.sdmodel.configs import UNetConfig, VAEConfig  # noqa: E402
+from sdq.sdmodel.pipeline import DTYPES, Request, load_pipeline  # noqa: E402
+from sdq.sdmodel.samplers import SAMPLERS  # noqa: E402
+from tests.conftest import (  # noqa: E402
     TINY_UNET,
     TINY_VAE,
     build_tiny_networks,
     full_size_networks_fp16,
     ldm_checkpoint,
 )
-from tests.sdmodel.reference import reference_scheduler, to_diffusers
 
 CONFIGS = {"tiny": (TINY_UNET, TINY_VAE), "full": (UNetConfig(), VAEConfig())}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a lighthouse on a cliff at dusk, oil painting",
@@ -71,7 +74,7 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def sdq_runner(path: Path, args: argparse.Namespace) -> Run:
-    pipe = load_pipeline(path, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(path, device=args.device, dtype=args.dtype, fast=args.fast_path)
     sync = synchronizer(args.device)
 
     def run(requests: list[Request]) -> tuple[list[float], np.ndarray]:
@@ -92,6 +95,8 @@ def sdq_runner(path: Path, args: argparse.Namespace) -> Run:
 
 def diffusers_runner(path: Path, size: str, args: argparse.Namespace) -> Run:
     import diffusers
+
+    from tests.sdmodel.reference import reference_scheduler, to_diffusers
 
     checkpoint = load_file(str(path))
     text_config = clip.text_config_from_state_dict(checkpoint, PREFIXES["text_encoder"])
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/sdq-bench"),
                         help="where the random checkpoint is written once (full: 2.1 GB)")
+    parser.add_argument("--fast-path", default="default", help="sdq's fast path (SDQ_FAST_PATH syntax)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 

@@ -66,14 +66,14 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         params = [GenerationParams(prompt, negative_prompt, base_seed + i, sampler, steps, cfg, eta,
                                    width, height) for i in range(num_images)]
     settings = load_settings(need_broker=False)
-    size = batch_size or settings.batch_size or min(num_images, 8)
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
-                             hash_cache=settings.home / "hashes.json")
+                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=BAD_INPUT) from None
+    size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height) or 8)
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
             click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "

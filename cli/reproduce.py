@@ -65,7 +65,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
     try:
         pipe = load_pipeline(source, device=device or settings.device,
                              dtype=dtype or settings.dtype,
-                             hash_cache=settings.home / "hashes.json")
+                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
     except (ValueError, LookupError, OSError) as exc:
         raise CommandFailed.of(exc, f"cannot load model {source}", code=BAD_INPUT) from None
     if pipe.sha256 != sha256:

@@ -9,6 +9,7 @@ batch because its noise comes only from its own CPU generator.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,10 +40,11 @@ from .configs import (
     vae_config_from_diffusers,
     vae_config_from_state_dict,
 )
+from .fastpath import FastPath, auto_batch_size, bucket_size
 from .params import BatchShape, Request, short_hash
 from .samplers import sample
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from .unet import UNetModel, timestep_frequencies
+from .vae import AttnBlock, AutoencoderKL
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,19 +62,82 @@ def default_dtype(device: str) -> str:
     return "fp32" if device == "cpu" else "fp16"
 
 
+def _sdpa_priority() -> ExitStack:
+    """SDPA backends tried in the order cuDNN, flash, memory-efficient, math: on Hopper the
+    cuDNN kernel is the fastest where it applies, and PyTorch's default order skips it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    stack = ExitStack()
+    try:
+        stack.enter_context(sdpa_kernel(order, set_priority=True))
+    except TypeError:  # torch < 2.6 has no priorities: its own order stands
+        pass
+    return stack
+
+
 class Pipeline:
-    """A loaded model on one device: UNet, autoencoder, text encoder and tokenizer."""
+    """A loaded model on one device: UNet, autoencoder, text encoder and tokenizer.
+
+    `fast` (default: `FastPath.for_device(device)`) picks the speed-ups; `set_fast_path`
+    changes them on the loaded networks, which is how the GPU probe measures each one."""
 
     def __init__(
         self, unet: UNetModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
-        *, sha256: str, name: str, device: str, dtype: str,
+        *, sha256: str, name: str, device: str, dtype: str, fast: FastPath | None = None,
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.sha256, self.name, self.device, self.dtype = sha256, name, device, dtype
+        self.set_fast_path(fast or FastPath.for_device(device))
 
     @property
     def short_hash(self) -> str:
         return short_hash(self.sha256)
+
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def set_fast_path(self, fast: FastPath) -> None:
+        """Lay out the networks and build the UNet / decoder callables `fast` asks for."""
+        memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
+        self.unet.to(memory_format=memory_format)
+        self.vae.to(memory_format=memory_format)
+        # A captured graph cannot copy from the host, so graphs need the frequencies in place too.
+        self.unet.time_freqs = (timestep_frequencies(self.unet.config.model_channels).to(self.device)
+                                if fast.device_loop or fast.cuda_graphs else None)
+        for module in self.vae.modules():
+            if isinstance(module, AttnBlock):
+                module.contiguous_qkv = fast.contiguous_attention
+        self._unet: Callable[..., Tensor] = self.unet
+        self._decode: Callable[[Tensor], Tensor] = self.vae.decode
+        if fast.compile:
+            self._unet = torch.compile(self.unet, dynamic=False)
+            self._decode = torch.compile(self.vae.decode, dynamic=False)
+        elif fast.cuda_graphs and self.on_cuda:
+            from .cudagraph import GraphedCall
+
+            self._unet = GraphedCall(self.unet)
+        self.fast = fast
+
+    def default_batch_size(self, width: int = 512, height: int = 512) -> int | None:
+        """On CUDA, the batch the free device memory holds (`fastpath.auto_batch_size`);
+        `None` elsewhere, where the caller's own default stands."""
+        if not self.on_cuda:
+            return None
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        return auto_batch_size(free, width, height, self.dtype)
+
+    def _kernels(self) -> ExitStack:
+        """The per-call kernel choices of the fast path (process-wide flags in PyTorch)."""
+        if not self.on_cuda:
+            return ExitStack()
+        torch.backends.cudnn.benchmark = self.fast.cudnn_benchmark
+        return _sdpa_priority() if self.fast.sdpa_order else ExitStack()
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
 
     @torch.inference_mode()
     def denoise(
@@ -93,7 +158,7 @@ class Pipeline:
         ]).to(self.device)
         dtype = DTYPES[self.dtype]
         cfg = torch.tensor([r.cfg for r in requests], device=self.device)[:, None, None, None]
-        guided = bool((cfg > 1).any())
+        guided = any(r.cfg > 1 for r in requests)
         ids = clip.tokenize(self.tokenizer, [r.prompt for r in requests]
                             + ([r.negative_prompt for r in requests] if guided else []))
         embeddings = clip.encode(self.text_encoder, ids, self.device).to(dtype)
@@ -107,13 +172,15 @@ class Pipeline:
             x = x.to(dtype)
             if guided:
                 x = torch.cat([x, x])
-            out = self.unet(x, t, context).float()
+            out = self._unet(self._layout(x), t, context).float()
             if not guided:
                 return out
             e_uncond, e_cond = out.chunk(2)
             return torch.where(cfg > 1, e_uncond + cfg * (e_cond - e_uncond), e_cond)
 
-        return sample(sampler, eps_model, noise, steps, eta=eta, generators=generators, on_step=on_step)
+        with self._kernels():
+            return sample(sampler, eps_model, noise, steps, eta=eta, generators=generators,
+                          on_step=on_step, predraw=self.fast.device_loop)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> list[Image.Image]:
@@ -121,17 +188,24 @@ class Pipeline:
 
         On the CPU the autoencoder runs one image at a time: its full-resolution activations
         then stay in cache, 8-10 % faster than a batch (docs/benchmarks.md); GPUs take the batch."""
-        z = latents.to(self.device, DTYPES[self.dtype]) / LATENT_SCALE
+        z = self._layout(latents.to(self.device, DTYPES[self.dtype]) / LATENT_SCALE)
         parts = z.split(1) if torch.device(self.device).type == "cpu" else [z]
-        x = torch.cat([self.vae.decode(part) for part in parts]).float()
+        with self._kernels():
+            x = torch.cat([self._decode(part) for part in parts]).float()
         pixels = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
     def generate(self, requests: Sequence[Request], **settings) -> list[Image.Image]:
         """Unwatermarked images, one per request; CUDA out-of-memory reaches the caller so it
-        can split the batch. Settings are those of `denoise`."""
-        return self.decode(self.denoise(requests, **settings))
+        can split the batch. Settings are those of `denoise`.
+
+        With `pad_sizes` the batch is filled up to its bucket with copies of its last request
+        (so it costs no new prompt), and those images are dropped."""
+        n = len(requests)
+        if self.fast.pad_sizes and requests:
+            requests = [*requests, *[requests[-1]] * (bucket_size(n) - n)]
+        return self.decode(self.denoise(requests, **settings))[:n]
 
 
 def _detect(detect: Callable[[dict[str, Tensor]], object], sd: dict[str, Tensor], source: Path, prefix: str):
@@ -227,10 +301,15 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
-    hash_cache: Path | None = None,
+    hash_cache: Path | None = None, fast: FastPath | str | None = None,
 ) -> Pipeline:
-    """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id."""
+    """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
+
+    `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
+    device); default: the device's defaults."""
     device = device or default_device()
+    if isinstance(fast, str):
+        fast = FastPath.parse(fast, device)
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -242,5 +321,5 @@ def load_pipeline(
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     return Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, fast=fast,
     )

@@ -192,6 +192,28 @@ def _per_item_noise(generators: Sequence[torch.Generator], like: Tensor) -> Nois
     return draw
 
 
+def _predrawn_noise(generators: Sequence[torch.Generator], like: Tensor, count: int) -> NoiseSampler:
+    """The same draws as `_per_item_noise`, all `count` of them made before the loop.
+
+    Each image's generator draws its own values in its own order (one (1, C, h, w) tensor per
+    step, the shape the per-step path draws), so the streams are identical; the block goes to
+    the device in one asynchronous copy from pinned memory, and the loop never waits on the
+    host for noise."""
+    shape = like.shape[1:]
+    pinned = like.device.type == "cuda"
+    block = torch.empty((count, len(generators), *shape), dtype=torch.float32, pin_memory=pinned)
+    for b, g in enumerate(generators):
+        for step in range(count):
+            block[step, b] = torch.randn((1, *shape), generator=g, dtype=torch.float32)[0]
+    on_device = block.to(like.device, non_blocking=True)
+    steps = iter(on_device)
+
+    def draw() -> Tensor:
+        return next(steps)
+
+    return draw
+
+
 def _check_arguments(
     name: str, noise: Tensor, steps: int, eta: float, generators: Sequence[torch.Generator] | None
 ) -> None:
@@ -228,16 +250,22 @@ def sample(
     eta: float = 0.0,
     generators: Sequence[torch.Generator] | None = None,
     on_step: Callback | None = None,
+    predraw: bool = False,
 ) -> Tensor:
     """Run sampler ``name`` from unit ``noise`` for ``steps`` steps; return the final latents.
 
     ``on_step(i, total)`` follows network evaluations, which is one more than ``steps`` for
     plms. ``generators`` (one CPU generator per image, having drawn ``noise``) feed euler_a and
-    ddim with eta > 0.
+    ddim with eta > 0, one draw per step; ``predraw`` makes those draws before the loop (same
+    values) so that a GPU loop never waits for them. The per-step coefficients stay CPU
+    scalars, as in diffusers: PyTorch passes them to device kernels by value, without a sync.
     """
     _check_arguments(name, noise, steps, eta, generators)
     callback = on_step or (lambda i, total: None)
-    draw = _per_item_noise(generators, noise) if generators is not None else None
+    stochastic = name == "euler_a" or eta > 0
+    draw = None
+    if generators is not None and stochastic:
+        draw = _predrawn_noise(generators, noise, steps) if predraw else _per_item_noise(generators, noise)
     device = noise.device
     alphas_cumprod = schedule.alphas_cumprod(schedule.betas())
     train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)

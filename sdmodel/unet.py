@@ -15,11 +15,20 @@ from torch import Tensor, nn
 from .configs import UNetConfig
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, in float32."""
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """The `dim // 2` float32 frequencies of the sinusoidal timestep embedding, made on the CPU
+    (so they are bit-identical on every device) and moved once by the caller."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs.to(t.device)[None]
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: Tensor, dim: int, freqs: Tensor | None = None) -> Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, in float32.
+
+    `freqs` already on `t`'s device spares a host-to-device copy per call, which would
+    synchronise a CUDA denoising loop and break CUDA-graph capture."""
+    freqs = timestep_frequencies(dim).to(t.device) if freqs is None else freqs
+    args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -33,27 +42,50 @@ class Conv2d(nn.Conv2d):
     PyTorch's CPU convolution hands oneDNN the plain weight, and oneDNN re-lays it out on every
     call. For the deep 640- and 1280-channel convs at 8x8 to 16x16 latents (up to 59 MB of
     weight each, a few hundred output pixels) that copy costs as much as the arithmetic; done
-    once, a UNet call is 9-16 % faster than with the im2col GEMM this replaced (docs/benchmarks.md). The laid-out copy is not part of
-    the state dict; it is made on first use and again whenever the weight changes (loading
-    in place bumps its version, `.to()` gives new storage). The autoencoder keeps plain
-    convolutions: on its wide images the prepared weight measured slower.
+    once, a UNet call is 9-16 % faster than with the im2col GEMM this replaced
+    (docs/benchmarks.md). The autoencoder keeps plain convolutions: on its wide images the
+    prepared weight measured slower.
+
+    The laid-out weight replaces the plain one (a 3.4 GB UNet would otherwise be held twice):
+    it is made on first use, and turned back into the plain weight before anything else
+    reads it — `.to()` and friends, `state_dict()`, loading in place.
     """
 
-    _prepared: tuple[tuple[int, int], Tensor] | None = None
+    def _cpu_prepared(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        if not self._cpu_prepared(x):
             return super().forward(x)
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._prepared is None or self._prepared[0] != key:
-            weight = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)
+        if not self.weight.is_mkldnn:
+            prepared = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), list(self.padding), list(self.stride), list(self.dilation),
+                self.groups, list(x.shape),
             )
-            self._prepared = (key, weight)
+            self.weight = nn.Parameter(prepared, requires_grad=False)
         return torch.ops.mkldnn._convolution_pointwise(
-            x.contiguous(), self._prepared[1], self.bias, list(self.padding), list(self.stride),
+            x.contiguous(), self.weight, self.bias, list(self.padding), list(self.stride),
             list(self.dilation), self.groups, "none", [], "",
         )
+
+    def plain(self) -> None:
+        """Give the weight back its plain (OIHW) layout; a no-op unless it was prepared."""
+        if self.weight.is_mkldnn:
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.plain()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:
+            destination[prefix + "weight"] = self.weight.to_dense()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.plain()
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 class Linear(nn.Linear):
@@ -238,7 +270,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """Predicts the noise in latents `x` at timesteps `t`, conditioned on text embeddings."""
+    """Predicts the noise in latents `x` at timesteps `t`, conditioned on text embeddings.
+
+    `time_freqs`: the timestep frequencies on the model's device, set by the pipeline's fast
+    path (not a buffer: checkpoints do not carry it, and meta-device loading would leave it
+    empty); `None` makes them per call."""
+
+    time_freqs: Tensor | None = None
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -292,7 +330,7 @@ class UNetModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         t = t.to(x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels, self.time_freqs).to(x.dtype))
         hs = []
         h = x
         for block in self.input_blocks:

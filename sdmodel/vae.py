@@ -41,7 +41,14 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels (1x1 conv projections, as in the checkpoint)."""
+    """Single-head self-attention over all pixels (1x1 conv projections, as in the checkpoint).
+
+    `contiguous_qkv` (the fast path's `contiguous_attention`) lays q, k and v out token-major:
+    CUDA's fused SDPA kernels need the last dimension contiguous, and without it SDPA falls
+    back to the math kernel and its 4096x4096 score matrix per 512x512 image. In channels_last
+    the projections come out token-major already, and the copy is free."""
+
+    contiguous_qkv: bool = False
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -54,9 +61,14 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
+        q, k, v = (self._tokens(p(y)) for p in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))
+
+    def _tokens(self, y: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, 1, H*W, C): one head over all pixels."""
+        tokens = y.flatten(2).transpose(1, 2)[:, None]
+        return tokens.contiguous() if self.contiguous_qkv else tokens
 
 
 class Downsample(nn.Module):

@@ -138,10 +138,11 @@ class Runner:
         dtype: str | None = None, watermark: str | None = None, hash_cache: Any = None,
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
         worker_name: str | None = None, pipeline: Pipeline | None = None,
-        png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None,
+        png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None, fast: str | None = None,
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
-        on the first run. `store_threads`: None for one per core, up to 8."""
+        on the first run, with the fast path `fast` (a `FastPath.parse` string).
+        `store_threads`: None for one per core, up to 8."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
         # lock up front (the role FOR UPDATE plays on PostgreSQL), so store threads recording
         # at once queue on the busy timeout instead of failing on a stale snapshot.
@@ -158,11 +159,12 @@ class Runner:
         self.images_done = 0
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
+        self.fast = fast
 
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
             self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
-                                           hash_cache=self.hash_cache)
+                                           hash_cache=self.hash_cache, fast=self.fast)
         return self._pipeline
 
     def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None

@@ -65,6 +65,14 @@ class Settings:
     max_attempts: int
     png_level: int
     store_threads: int
+    fast_path: str = "default"
+    compile: bool = False
+
+    @property
+    def fast_path_spec(self) -> str:
+        """`SDQ_FAST_PATH` with `SDQ_COMPILE` folded in, as `sdmodel.fastpath.FastPath.parse`
+        reads it (parsed where the device is known)."""
+        return self.fast_path + (",+compile" if self.compile else "")
 
     @property
     def embedded(self) -> bool:
@@ -100,6 +108,8 @@ class Settings:
             "max_attempts": get("max_attempts") or "3",
             "png_level": get("png_level") or str(DEFAULT_PNG_LEVEL),
             "store_threads": get("store_threads") or str(default_store_threads()),
+            "fast_path": get("fast_path") or "default",
+            "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
