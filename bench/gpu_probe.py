@@ -270,7 +270,6 @@ def phase_diffusers(entry: dict, pipes: dict, args: argparse.Namespace, report: 
 
     for batch in args.batch_sizes:
         guarded(rows, report, {"dtype": dtype}, lambda: measure_generate(generate, batch, args))
-    del ref
 
 
 def _missing_for_runner() -> str | None:
