@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Schedule, Status
 from sdq.worker.app import create_app, queue_name
-from sdq.worker.settings import Settings
 from sdq.worker.beat import DatabaseScheduler
 from sdq.worker.jobs.schedule import (
     Run,
@@ -33,6 +32,7 @@ from sdq.worker.jobs.schedule import (
     run_schedule,
 )
 from sdq.worker.jobs.submit import identify_model
+from sdq.worker.settings import Settings
 from tests.cli.conftest import Home
 from tests.services import in_queue
 
