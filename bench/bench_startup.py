@@ -39,8 +39,10 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float],
     walls, cpus = [], []
     for _ in range(runs):
         cpu, start = _cpu(), time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=True)
+        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(argv[3:])} failed: {done.stderr.strip()[-300:]}")
         walls.append(time.perf_counter() - start)
         cpus.append(_cpu() - cpu)
     return walls, cpus

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import textwrap
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -79,30 +80,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class SdqGroup(click.Group):
-    """The `sdq` group: loads a command's module when that command is asked for, and turns
-    every error into one line and an exit status (see `sdq.cli.errors`). With `--debug`, an
-    error no command expected shows its traceback instead."""
+    """The `sdq` group: loads a command's module when that command is asked for (`lazy`, like
+    `COMMANDS`; commands added the usual way work too), and turns every error into one line
+    and an exit status (see `sdq.cli.errors`). With `--debug`, an error no command expected
+    shows its traceback instead."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: Mapping[str, tuple[str, str]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
         self.params.append(click.Option(["--debug"], is_flag=True,
                                         help="Show the traceback of unexpected errors."))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted({*self.lazy, *self.commands})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return None
-        module, _, attribute = COMMANDS[cmd_name][0].partition(":")
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = self.lazy[cmd_name][0].partition(":")
         command: click.Command = getattr(importlib.import_module(module), attribute)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """The command list from `COMMANDS`, without importing a single command."""
-        limit = formatter.width - 6 - max(map(len, COMMANDS))
-        rows = [(name, textwrap.shorten(COMMANDS[name][1], limit, placeholder="..."))
-                for name in self.list_commands(ctx)]
+        """The command list, with the lazy commands' help from their entry: none imported."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = [(name, textwrap.shorten(self.lazy[name][1], limit, placeholder="...")
+                 if name in self.lazy else self.commands[name].get_short_help_str(limit))
+                for name in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -117,7 +123,7 @@ class SdqGroup(click.Group):
             raise CommandFailed.of(exc) from None
 
 
-@click.group(cls=SdqGroup,
+@click.group(cls=SdqGroup, lazy=COMMANDS,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="sdq", prog_name="sdq")
 def cli(debug: bool) -> None:

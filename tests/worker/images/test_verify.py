@@ -152,11 +152,11 @@ def test_files_without_sdq_provenance(home: Home) -> None:
     result = home.run(write(home, buffer.getvalue()))
     assert result.exit_code == 1 and "missing" in lines(result, "sdq chunk")[0]
     result = home.run(write(home, b"not an image", "x.png"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("Error: ") and "not a readable image" in result.output
     assert len(result.output.strip().splitlines()) == 1
     result = home.run("no-such-file.png")
-    assert result.exit_code == 1 and "no such file, and not an item id" in result.output
+    assert result.exit_code == 2 and "no such file, and not an item id" in result.output
 
 
 def store_item(home: Home) -> tuple[int, bytes]:
@@ -217,10 +217,10 @@ def test_a_file_is_checked_against_the_item_it_names(home: Home) -> None:
 
 def test_unknown_items(home: Home) -> None:
     result = home.run("12345")
-    assert result.exit_code == 1 and "no database at" in result.output
+    assert result.exit_code == 4 and "no database at" in result.output
     item_id, _ = store_item(home)
     result = home.run(str(item_id + 1))
-    assert result.exit_code == 1 and f"no item {item_id + 1} in the database" in result.output
+    assert result.exit_code == 3 and f"no item {item_id + 1} in the database" in result.output
     change_item(home, item_id, image_key=None)
     result = home.run(str(item_id))
     assert result.exit_code == 1 and "has no image yet (status: done)" in result.output
