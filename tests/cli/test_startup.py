@@ -45,11 +45,3 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
                     json.dumps(HEAVY)], env=home.env, capture_output=True, timeout=600, check=True)
     assert json.loads(report.read_text()) == [
         {"args": args, "code": 0, "loaded": []} for args in commands]
-
-
-def test_the_sampler_names_offered_are_the_model_stacks() -> None:
-    """The options name the samplers without importing the model stack that defines them."""
-    from sdq.cli.common import SAMPLERS
-    from sdq.sdmodel.samplers import SAMPLERS as DEFINED
-
-    assert SAMPLERS == DEFINED
