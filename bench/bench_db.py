@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Job, Model
+from sdq.db.models import SEED_LIMIT, Job, Model
 from sdq.db.queries import search_items, submit_job
 from sdq.db.session import upgrade
 from tests.services import scratch_database
@@ -62,7 +62,7 @@ class Corpus:
         vocab = self.vocabulary
         self.prompts = [" ".join(vocab[w] for w in flat[end - n:end])
                         for n, end in zip(lengths, ends, strict=True)]
-        self.seeds = rng.integers(0, 2**32, size=items).tolist()
+        self.seeds = rng.integers(0, SEED_LIMIT, size=items).tolist()
         self.rng = rng
 
     def jobs(self, model_id: int) -> Iterator[list[dict[str, Any]]]:

@@ -23,6 +23,7 @@ import click
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
+from sdq.sdmodel.params import FIELDS
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -172,9 +173,7 @@ def item_record(item: Item) -> dict[str, Any]:
     model = item.model
     return {
         "id": item.id, "job": item.job_id, "row": item.row_index, "status": item.status,
-        "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
-        "sampler": item.sampler, "steps": item.steps, "cfg": item.cfg, "eta": item.eta,
-        "width": item.width, "height": item.height,
+        **{name: getattr(item, name) for name in FIELDS},
         "model": model.name if model else None, "model_sha256": model.sha256 if model else None,
         "tags": item.tags or [], "attempts": item.attempts, "error": item.last_error,
         "batch": item.batch_id, "batch_position": item.batch_position,

@@ -91,6 +91,8 @@ def _spelling(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
+# Every spelling of every sampler; A1111's sampler name alone names one only when that sampler
+# has no separate schedule type ("DPM++ 2M" is dpmpp_2m, not dpmpp_2m_karras).
 _ALIASES: dict[str, str] = {
     _spelling(spelled): s.name
     for s in SAMPLERS.values()

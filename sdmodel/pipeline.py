@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -141,16 +141,19 @@ class Pipeline:
 
     @torch.inference_mode()
     def denoise(
-        self, requests: Sequence[Request], *, sampler: str = "ddim", steps: int = 50,
-        width: int = 512, height: int = 512, eta: float = 0.0,
-        on_step: Callable[[int, int], None] | None = None,
+        self, requests: Sequence[Request], *, on_step: Callable[[int, int], None] | None = None,
+        **settings: Any,
     ) -> Tensor:
         """The final latents (float32, unscaled by the VAE factor) of a batch of requests.
-        The requests were checked when built; the shape is checked here (ParamError)."""
+
+        `settings` are the fields of a `params.BatchShape` (sampler, steps, width, height,
+        eta; its defaults for those left out), checked here (ParamError); the requests were
+        checked when built."""
         if not requests:
             raise ValueError("no requests to generate")
-        shape = BatchShape(sampler, steps, width, height, eta)
-        sampler, width, height = shape.sampler, shape.width, shape.height
+        shape = BatchShape(**settings)
+        sampler, steps, width, height, eta = (shape.sampler, shape.steps, shape.width,
+                                              shape.height, shape.eta)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         noise = torch.cat([
             torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32)

@@ -102,6 +102,11 @@ class Work:
     params: GenerationParams
     attempt: int
 
+    @property
+    def shape(self) -> BatchShape:
+        """What items must share to be denoised in one batch."""
+        return self.params.shape
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -270,10 +275,7 @@ class Runner:
         On CUDA out-of-memory the chunk is halved, and so is `micro_batch` for what follows:
         a worker that ran out once would only run out again at the old size.
         """
-        def shape(w: Work) -> BatchShape:
-            return w.params.shape
-
-        groups = [list(g) for _, g in groupby(sorted(work, key=shape), key=shape)]
+        groups = [list(g) for _, g in groupby(sorted(work, key=lambda w: w.shape), key=lambda w: w.shape)]
         queue = [g[i:i + (self.micro_batch or len(g))] for g in groups
                  for i in range(0, len(g), self.micro_batch or len(g))]
         whole = len(queue) == 1
@@ -282,7 +284,7 @@ class Runner:
             requests = [w.params.request for w in items]
             start = time.perf_counter()
             try:
-                images = pipe.generate(requests, **shape(items[0]).settings())
+                images = pipe.generate(requests, **items[0].shape.settings())
             except torch.OutOfMemoryError:
                 if len(items) == 1:
                     raise

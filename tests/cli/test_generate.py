@@ -73,7 +73,7 @@ def test_other_tools_spellings_are_taken_and_sdqs_recorded(tmp_path, env, tiny_c
         (["--sampler", "heun"], "unknown sampler 'heun'"),
         (["--sampler", "euler", "--eta", "0.3"], "Invalid value for '--eta': applies to ddim only"),
         (["--seed", "4294967296"], "must be between 0 and 4294967295, got 4294967296"),
-        (["--cfg", "nan"], "Invalid value for '--cfg': expected a number, got 'nan'"),
+        (["--cfg", "nan"], "Invalid value for '--cfg' / '--guidance-scale': expected a number, got 'nan'"),
         (["--guidance-scale", "inf"], "expected a number, got 'inf'"),
         (["--eta", "nan"], "Invalid value for '--eta': expected a number, got 'nan'"),
     ],

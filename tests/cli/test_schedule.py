@@ -152,7 +152,7 @@ def test_a_bad_cron_is_refused_with_the_reason(home: Home, prompts: Path,
 def test_nan_options_are_refused(home: Home, prompts: Path, tiny_checkpoint: Path) -> None:
     result = add(home, prompts, tiny_checkpoint, "--cfg", "nan")
     assert result.exit_code == 2
-    assert "Invalid value for '--cfg': expected a number, got 'nan'" in result.output
+    assert "Invalid value for '--cfg' / '--guidance-scale': expected a number, got 'nan'" in result.output
     result = add(home, prompts, tiny_checkpoint, "--eta", "0.5")
     assert result.exit_code == 2 and "Invalid value for '--eta': applies to ddim only" in result.output
     assert listed(home) == []

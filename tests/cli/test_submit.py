@@ -114,7 +114,7 @@ def test_options_refuse_nan_and_prompt_files_name_the_line(home: Home, tiny_chec
     prompts.write_text('{"prompt": "a boat"}\n{"prompt": "a fox", "cfg": NaN}\n')
     result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), "--cfg", "nan")
     assert result.exit_code == 2
-    assert "Invalid value for '--cfg': expected a number, got 'nan'" in result.output
+    assert "Invalid value for '--cfg' / '--guidance-scale': expected a number, got 'nan'" in result.output
     result = home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL)
     assert result.exit_code == 2
     assert f"{prompts}:2: cfg: expected a number, got nan" in result.stderr.splitlines()

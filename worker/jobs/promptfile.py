@@ -62,6 +62,7 @@ class Defaults:
         self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
         checked = {name: CHECKS[name](value) for name, value in params.items()}
         self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
+        GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
 
     def __repr__(self) -> str:
         return f"Defaults({self.to_json()!r})"
