@@ -268,7 +268,7 @@ def test_resume_finishes_a_killed_embedded_run_without_redoing_anything(
             for i in items if i.id in before} == before
     storage = open_storage(str(home.path / "home" / "images"))
     keys = storage.list()
-    assert sorted(keys) == sorted(f"1/{i.id}.png" for i in items)
+    assert sorted(keys) == sorted(i.image_key for i in items)
     with Session(home.engine) as session:
         assert session.get(Job, 1).status == Status.DONE
     again = home.run("resume", "1")

@@ -130,7 +130,7 @@ def test_cancel_stops_queued_work(distributed: Settings, distributed_env: dict[s
     with Session(engine) as session:
         assert session.get(Job, result.job_id).status == Status.CANCELLED
     missing = CliRunner().invoke(cli, ["cancel", "999999"], env=distributed_env)
-    assert (missing.exit_code, missing.output) == (1, "Error: no job 999999\n")
+    assert (missing.exit_code, missing.output) == (3, "Error: no job 999999\n")  # not found
 
 
 def test_retry_reenqueues_failed_items(distributed: Settings, distributed_env: dict[str, str],
@@ -163,7 +163,7 @@ def test_worker_refuses_a_database_at_another_schema_revision(
     with scratch_database("postgresql", tmp_path) as empty:
         env = {**distributed_env, "SDQ_DATABASE_URL": empty.url.render_as_string(hide_password=False)}
         outcome = CliRunner().invoke(cli, ["worker", "--model", str(tiny_checkpoint)], env=env)
-    assert outcome.exit_code == 1
+    assert outcome.exit_code == 4  # unavailable
     assert "is at schema revision none, sdq needs" in outcome.output
     assert outcome.output.rstrip().endswith("run `sdq db upgrade`")
 
@@ -172,7 +172,7 @@ def test_worker_refuses_to_start_without_a_reachable_broker(
         distributed_env: dict[str, str], tiny_checkpoint: Path) -> None:
     env = {**distributed_env, "SDQ_BROKER_URL": "redis://127.0.0.1:1/0"}
     outcome = CliRunner().invoke(cli, ["worker", "--model", str(tiny_checkpoint)], env=env)
-    assert outcome.exit_code == 1
+    assert outcome.exit_code == 4  # unavailable
     assert outcome.output.startswith("Error: cannot reach the broker at 127.0.0.1:1: ")
 
 

@@ -80,9 +80,9 @@ def test_numbers_as_a1111_writes_them(cfg: float, eta: float, written: str) -> N
 
 def test_a1111_text_read_by_the_parser_people_use() -> None:
     """sd-parsers, as image browsers use it, reads sdq's PNG as an AUTOMATIC1111 image."""
-    p = provenance(sampler="dpmpp_2m_karras", cfg=7.0, prompt="a castle, at dusk: misty")
+    p = provenance(256, 256, sampler="dpmpp_2m_karras", cfg=7.0, prompt="a castle, at dusk: misty")
     info = ParserManager().parse(Image.open(io.BytesIO(
-        encode_png(photo(256, 256), replace(p, width=256, height=256), watermark=None).data)))
+        encode_png(photo(256, 256), p, watermark=None).data)))
     assert info is not None and info.generator.name == "AUTOMATIC1111"
     [sampler] = info.samplers
     assert (sampler.name, sampler.parameters) == (
