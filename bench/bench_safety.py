@@ -14,12 +14,12 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from bench.timing import best_ms
 from sdq.sdmodel.safety import load_safety_checker, preprocess
 from tests.conftest import random_fp16
 from tests.worker.images.samples import photo
@@ -47,15 +47,6 @@ def save_full_size_checker(folder: Path) -> None:
             "special_care_embeds_weights": (SPECIAL,)}
     weights.update({k: torch.randn(shape, generator=generator).half() for k, shape in head.items()})
     save_file(weights, str(folder / "model.safetensors"))
-
-
-def best_ms(run: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 def main() -> None:

@@ -11,25 +11,16 @@ stand-ins for decoded SD output as the tests use).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
+from bench.timing import best_ms
 from sdq.worker.images import watermark as wm
 from tests.worker.images.samples import photo
 
 TEXT = "StableDiffusionV1"
-
-
-def best_ms(run: Callable[[], object], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 def reference() -> Callable[[Image.Image], np.ndarray] | None:
