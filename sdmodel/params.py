@@ -84,6 +84,10 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
 )}
 """sdq's samplers by canonical name, in the order help texts list them."""
 DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+DEFAULT_CFG = 7.5
+DEFAULT_SIZE = 512
+"""Width and height of an image whose request gives none: SD v1's training resolution."""
 
 
 def _spelling(name: str) -> str:
@@ -211,7 +215,7 @@ class Request:
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
-    cfg: float = 7.5
+    cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale; 1 or less turns guidance off for this image."""
 
     def __post_init__(self) -> None:
@@ -224,9 +228,9 @@ class BatchShape:
     the runner, the batch planner, `submit --dry-run` and `reproduce`."""
 
     sampler: str = DEFAULT_SAMPLER
-    steps: int = 50
-    width: int = 512
-    height: int = 512
+    steps: int = DEFAULT_STEPS
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
     eta: float = 0.0
 
     def __post_init__(self) -> None:
@@ -245,11 +249,11 @@ class GenerationParams:
     negative_prompt: str = ""
     seed: int = 0
     sampler: str = DEFAULT_SAMPLER
-    steps: int = 50
-    cfg: float = 7.5
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
     eta: float = 0.0
-    width: int = 512
-    height: int = 512
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -38,6 +38,11 @@ class SettingsError(InvalidInput):
     or the config file and its key."""
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False}
+"""The spellings of an on/off setting; anything else is a mistake, not "off"."""
+
+
 def _config_file(env: Mapping[str, str]) -> Path:
     base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return Path(env.get("SDQ_CONFIG", base / "sdq" / "config.toml"))
@@ -93,6 +98,11 @@ class Settings:
                 value = str(filed[name])
             return value or None
 
+        def where(name: str) -> str:
+            """Where a bad value came from, as the error names it."""
+            variable = f"SDQ_{name.upper()}"
+            return variable if env.get(variable) else f"{path}: {name}"
+
         home = Path(get("home") or _default_home(env)).expanduser()
         raw = {
             "home": home,
@@ -109,17 +119,20 @@ class Settings:
             "png_level": get("png_level") or str(DEFAULT_PNG_LEVEL),
             "store_threads": get("store_threads") or str(default_store_threads()),
             "fast_path": get("fast_path") or "default",
-            "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
+            "compile": get("compile") or "0",
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
                 try:
                     raw[field.name] = int(raw[field.name])  # type: ignore[arg-type]
                 except ValueError:
-                    variable = f"SDQ_{field.name.upper()}"
-                    where = variable if env.get(variable) else f"{path}: {field.name}"
-                    raise SettingsError(
-                        f"{where}: expected a whole number, got {raw[field.name]!r}") from None
+                    raise SettingsError(f"{where(field.name)}: expected a whole number, "
+                                        f"got {raw[field.name]!r}") from None
+        switch = str(raw["compile"]).lower()
+        if switch not in _SWITCH:
+            raise SettingsError(f"{where('compile')}: expected one of "
+                                f"{', '.join(sorted(_SWITCH))}, got {raw['compile']!r}")
+        raw["compile"] = _SWITCH[switch]
         for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdq.worker.settings import Settings
+import pytest
+
+from sdq.worker.settings import Settings, SettingsError
 
 
 def test_the_default_home_follows_xdg_data_home(tmp_path: Path) -> None:
@@ -18,3 +20,20 @@ def test_sdq_home_wins_over_xdg_data_home(tmp_path: Path) -> None:
     env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
            "SDQ_HOME": str(tmp_path / "home")}
     assert Settings.load(env).home == tmp_path / "home"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("on", True), ("TRUE", True),
+                                                 ("0", False), ("off", False), ("no", False)])
+def test_compile_reads_the_usual_switch_spellings(tmp_path: Path, value: str, expected: bool) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "SDQ_COMPILE": value}
+    assert Settings.load(env).compile is expected
+
+
+def test_a_compile_value_that_is_no_switch_is_refused_not_read_as_off(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"SDQ_COMPILE: expected one of .* got 'maybe'"):
+        Settings.load({"XDG_CONFIG_HOME": str(tmp_path), "SDQ_COMPILE": "maybe"})
+    config = tmp_path / "sdq" / "config.toml"
+    config.parent.mkdir()
+    config.write_text('compile = "fast"\n')
+    with pytest.raises(SettingsError, match=rf"{config}: compile: expected one of .* got 'fast'"):
+        Settings.load({"XDG_CONFIG_HOME": str(tmp_path)})
