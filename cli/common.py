@@ -111,8 +111,17 @@ def output_options(*formats: str, dest: str = "output") -> Callable[[F], F]:
 
 
 def limit_option(default: int) -> Callable[[F], F]:
-    return click.option("--limit", type=click.IntRange(1), default=default, show_default=True,
-                        help="Show at most this many.")
+    """`--limit N`, passed on as None for 0: no limit, as in sqlite-utils and llm."""
+    return click.option("--limit", type=click.IntRange(0), default=default, show_default=True,
+                        callback=lambda _ctx, _param, value: value or None,
+                        help="Show at most this many (0: all).")
+
+
+def report(record: dict[str, Any], text: str, output: str | None) -> None:
+    """The outcome of a command that does one thing: `text` for people, `record` as one JSON
+    object for scripts."""
+    click.echo(json.dumps({k: plain(v) for k, v in record.items()}, ensure_ascii=False)
+               if output == "json" else text)
 
 
 def plain(value: Any) -> Any:

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import click
 
 from sdq.cli.common import load_settings, output_options, plain
-from sdq.worker.settings import Settings
+from sdq.worker.settings import Settings, config_file
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
 _AWS_SHOWN = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
@@ -48,9 +48,10 @@ def _settings_record(settings: Settings) -> dict[str, Any]:
     return record
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @output_options("json")
-def config(output: str | None) -> None:
+@click.pass_context
+def config(ctx: click.Context, output: str | None) -> None:
     """Show the effective settings (SDQ_* variables over the config file) and the mode.
 
     Embedded mode (no SDQ_BROKER_URL) runs jobs in-process; distributed mode enqueues them
@@ -60,14 +61,51 @@ def config(output: str | None) -> None:
     Examples:
       sdq config
       SDQ_BROKER_URL=redis://queue.internal:6379/0 sdq config --json
+      sdq config path images        (where the images are: see `sdq config path --help`)
     """
-    record = _settings_record(load_settings(need_broker=False))
+    if ctx.invoked_subcommand is None:
+        _print_record(_settings_record(load_settings(need_broker=False)), output)
+
+
+def _print_record(record: dict[str, Any], output: str | None) -> None:
     if output == "json":
         click.echo(json.dumps(record, indent=2))
         return
     width = max(map(len, record))
     for key, value in record.items():
         click.echo(f"{key:<{width}}  {'(not set)' if value is None else value}")
+
+
+def paths(settings: Settings) -> dict[str, str]:
+    """Where sdq reads and writes: the config file, the home folder, the database (its file
+    for SQLite, else the URL, password masked) and the images (a folder or an S3 URL)."""
+    database = settings.database_url
+    if database.startswith("sqlite:///"):
+        database = database.removeprefix("sqlite:///")
+    return {"config": str(config_file()), "home": str(settings.home),
+            "database": mask_url(database) or database, "images": settings.storage_url}
+
+
+@config.command("path")
+@click.argument("name", required=False, type=click.Choice(["config", "home", "database", "images"]))
+@output_options("json")
+def path(name: str | None, output: str | None) -> None:
+    """Print where sdq keeps things: the config file, the home folder, the database and the
+    images; with NAME, that one path alone, for scripts.
+
+    \b
+    Examples:
+      sdq config path
+      sqlite-utils tables "$(sdq config path database)"
+      ls "$(sdq config path images)"
+    """
+    found = paths(load_settings(need_broker=False))
+    if name is None:
+        _print_record(found, output)
+    elif output == "json":
+        click.echo(json.dumps({name: found[name]}))
+    else:
+        click.echo(found[name])
 
 
 @dataclass(frozen=True)

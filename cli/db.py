@@ -9,7 +9,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sdq.cli.common import load_settings
+from sdq.cli.common import load_settings, output_options, report
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.session import (
     current_revision,
@@ -53,13 +53,15 @@ def db() -> None:
     \b
     Examples:
       sdq db current
+      sdq db current --json | jq .up_to_date
       SDQ_DATABASE_URL=postgresql://sdq@db.internal/sdq sdq db upgrade
     """
 
 
 @db.command("upgrade")
 @click.argument("revision", default="head")
-def upgrade_command(revision: str) -> None:
+@output_options("json")
+def upgrade_command(revision: str, output: str | None) -> None:
     """Upgrade the schema to REVISION (default: the newest this sdq knows).
 
     Runs in one transaction: on an error the database is left as it was.
@@ -72,14 +74,14 @@ def upgrade_command(revision: str) -> None:
         before = current_revision(engine)
         upgrade(engine, revision)
         after = current_revision(engine)
-    if before == after:
-        click.echo(f"{shown}: already at {after}")
-    else:
-        click.echo(f"{shown}: upgraded from {before or 'an empty database'} to {after}")
+    text = (f"{shown}: already at {after}" if before == after else
+            f"{shown}: upgraded from {before or 'an empty database'} to {after}")
+    report({"database": shown, "before": before, "after": after}, text, output)
 
 
 @db.command("current")
-def current_command() -> None:
+@output_options("json")
+def current_command(output: str | None) -> None:
     """Show the schema revision of the database, and whether it is the newest.
 
     \b
@@ -90,17 +92,20 @@ def current_command() -> None:
     with _database() as (engine, shown):
         current = current_revision(engine)
     if current is None:
-        click.echo(f"{shown}: empty (no sdq schema); run `sdq db upgrade`")
+        text = f"{shown}: empty (no sdq schema); run `sdq db upgrade`"
     elif current == head:
-        click.echo(f"{shown}: {current} (head)")
+        text = f"{shown}: {current} (head)"
     else:
-        click.echo(f"{shown}: {current} (head is {head}; run `sdq db upgrade`)")
+        text = f"{shown}: {current} (head is {head}; run `sdq db upgrade`)"
+    report({"database": shown, "current": current, "head": head, "up_to_date": current == head},
+           text, output)
 
 
 @db.command("downgrade")
 @click.argument("revision")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def downgrade_command(revision: str, yes: bool) -> None:
+@output_options("json")
+def downgrade_command(revision: str, yes: bool, output: str | None) -> None:
     """Downgrade the schema to REVISION; "base" removes every sdq table and its data.
 
     Downgrades drop what later revisions added, data included, so sdq asks first.
@@ -114,4 +119,6 @@ def downgrade_command(revision: str, yes: bool) -> None:
             click.confirm(f"Downgrade {shown} to {revision}, dropping what newer revisions hold?",
                           abort=True)
         downgrade(engine, revision)
-        click.echo(f"{shown}: now at {current_revision(engine) or 'base (no sdq tables)'}")
+        now = current_revision(engine)
+    report({"database": shown, "current": now},
+           f"{shown}: now at {now or 'base (no sdq tables)'}", output)

@@ -10,6 +10,8 @@ from sdq.cli.common import (
     database_session,
     item_record,
     load_settings,
+    output_options,
+    report,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.queries import get_job
@@ -32,8 +34,9 @@ from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
 @click.option("--card", is_flag=True,
               help="Also write a dataset card (README.md: settings and counts, as Hugging Face "
                    "hub datasets have); the shards then go under data/.")
+@output_options("json", dest="printed")
 def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_size: int,
-           prefix: str, card: bool) -> None:
+           prefix: str, card: bool, printed: str | None) -> None:
     """Export the finished images of JOB, or those matching --query (or both: the job's
     matching ones), with their prompts and provenance, as dataset shards.
 
@@ -65,8 +68,10 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
         if not ids:
             raise click.ClickException("no finished images to export")
         with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
-            report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
+            done = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
                                   shard_size=shard_size, prefix=prefix, card=card,
                                   on_item=bar.update)
-    click.echo(f"{report.items} image(s) in {report.shards} shard(s) to {dest}: {report.written} "
-               f"written, {report.skipped} already there")
+    report({"destination": dest, "format": fmt, "items": done.items, "shards": done.shards,
+            "written": done.written, "skipped": done.skipped},
+           f"{done.items} image(s) in {done.shards} shard(s) to {dest}: {done.written} "
+           f"written, {done.skipped} already there", printed)

@@ -23,7 +23,7 @@ def _job_record(job: Job, counts: dict[Status, int]) -> dict[str, Any]:
 @click.command()
 @limit_option(20)
 @output_options("json", "csv")
-def jobs(limit: int, output: str | None) -> None:
+def jobs(limit: int | None, output: str | None) -> None:
     """List the newest jobs with their item counts.
 
     \b

@@ -1,16 +1,11 @@
 """`sdq retry`, `sdq cancel` and `sdq reconcile`: put work back in the queue, or take it out."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 import click
 
-from sdq.cli.common import load_settings, output_options
-
-
-def _report(output: str | None, record: dict[str, object], text: str) -> None:
-    click.echo(json.dumps(record) if output == "json" else text)
+from sdq.cli.common import load_settings, output_options, report
 
 
 @click.command()
@@ -26,8 +21,8 @@ def retry(job_id: int, output: str | None) -> None:
     from sdq.worker.jobs.lifecycle import retry_job
 
     done = retry_job(load_settings(need_broker=False), job_id)
-    _report(output, {"job": job_id, **asdict(done)},
-            f"Job {job_id}: {done.items} failed item(s) re-enqueued in {done.batches} batch(es)")
+    report({"job": job_id, **asdict(done)},
+           f"Job {job_id}: {done.items} failed item(s) re-enqueued in {done.batches} batch(es)", output)
 
 
 @click.command()
@@ -43,7 +38,7 @@ def cancel(job_id: int, output: str | None) -> None:
     from sdq.worker.jobs.lifecycle import cancel_job
 
     count = cancel_job(load_settings(need_broker=False), job_id)
-    _report(output, {"job": job_id, "cancelled": count}, f"Job {job_id}: {count} item(s) cancelled")
+    report({"job": job_id, "cancelled": count}, f"Job {job_id}: {count} item(s) cancelled", output)
 
 
 @click.command()
@@ -62,4 +57,4 @@ def reconcile(output: str | None) -> None:
     from sdq.worker.jobs.lifecycle import reconcile as reconcile_items
 
     done = reconcile_items(load_settings(need_broker=False))
-    _report(output, asdict(done), f"{done.items} item(s) re-enqueued in {done.batches} batch(es)")
+    report(asdict(done), f"{done.items} item(s) re-enqueued in {done.batches} batch(es)", output)

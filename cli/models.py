@@ -5,7 +5,7 @@ import json
 
 import click
 
-from sdq.cli.common import database_session, emit, load_settings, output_options, plain
+from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import CommandFailed
 from sdq.db.models import Model
 from sdq.db.queries import all_models, model_item_counts, register_model, remove_model
@@ -82,7 +82,8 @@ def list_models(output: str | None) -> None:
 
 @models.command("remove")
 @click.argument("name")
-def remove(name: str) -> None:
+@output_options("json")
+def remove(name: str, output: str | None) -> None:
     """Forget the model NAME (or hash prefix); refused while items record it.
 
     \b
@@ -91,6 +92,7 @@ def remove(name: str) -> None:
     """
     with database_session() as session:
         model = remove_model(session, name)
+        record = {"removed": model.name, "sha256": model.sha256}
         removed = f"removed {model.name} ({model.short_hash})"
         session.commit()
-    click.echo(removed)
+    report(record, removed, output)

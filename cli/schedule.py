@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import database_session, emit, load_settings, output_options, plain
+from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options
 from sdq.db.models import Schedule
@@ -171,7 +171,8 @@ def list_(output: str | None) -> None:
 
 @schedule.command("remove")
 @click.argument("name")
-def remove(name: str) -> None:
+@output_options("json")
+def remove(name: str, output: str | None) -> None:
     """Stop scheduling NAME. A schedule that has run is disabled rather than deleted, so its
     jobs keep their record; `schedule add` with the same file re-enables it.
 
@@ -182,7 +183,8 @@ def remove(name: str) -> None:
     with database_session() as session:
         deleted = remove_schedule(session, name)
         session.commit()
-    click.echo(f"schedule {name} {'removed' if deleted else 'disabled (its runs stay)'}")
+    report({"schedule": name, "outcome": "removed" if deleted else "disabled"},
+           f"schedule {name} {'removed' if deleted else 'disabled (its runs stay)'}", output)
 
 
 @schedule.command("run-now")

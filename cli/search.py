@@ -58,7 +58,7 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
 @output_options("json", "csv")
 def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           before: int | None, limit: int, output: str | None) -> None:
+           before: int | None, limit: int | None, output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table

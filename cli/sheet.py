@@ -20,6 +20,8 @@ from sdq.cli.common import (
     item_record,
     limit_option,
     load_settings,
+    output_options,
+    report,
     write_file,
 )
 from sdq.db.models import Status
@@ -36,7 +38,7 @@ def _selection(command: F) -> F:
     return click.argument("job_id", metavar="[JOB]", type=int, required=False)(command)
 
 
-def _load(job_id: int | None, query: str | None, limit: int) -> list[tuple[dict[str, Any], bytes]]:
+def _load(job_id: int | None, query: str | None, limit: int | None) -> list[tuple[dict[str, Any], bytes]]:
     """The selected done items, in job order (for a job) or newest first, with their PNGs."""
     if (job_id is None) == (query is None):
         raise click.UsageError("give a JOB or --query TEXT, not both or neither")
@@ -97,8 +99,9 @@ def contact_sheet(tiles: Sequence[tuple[Image.Image, str]], *, columns: int, til
 @click.option("--tile", type=click.IntRange(32, 2048), default=256, show_default=True,
               help="Pixels per image (scaled down to fit).")
 @limit_option(64)
+@output_options("json", dest="printed")
 def sheet(job_id: int | None, query: str | None, output: Path, columns: int | None, tile: int,
-          limit: int) -> None:
+          limit: int | None, printed: str | None) -> None:
     """Write a contact sheet: the finished images of JOB (or matching --query) in a grid,
     each captioned with its id, seed, sampler, steps, guidance and prompt.
 
@@ -114,7 +117,9 @@ def sheet(job_id: int | None, query: str | None, output: Path, columns: int | No
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     write_file(output, buffer.getvalue())
-    click.echo(f"{output}: {len(loaded)} image(s), {image.width}x{image.height}")
+    report({"file": str(output), "images": len(loaded), "width": image.width,
+            "height": image.height},
+           f"{output}: {len(loaded)} image(s), {image.width}x{image.height}", printed)
 
 
 _PAGE = """<!doctype html>
@@ -149,7 +154,9 @@ def _figure(record: dict[str, Any]) -> str:
 @click.option("-o", "--output-dir", "directory", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder to write into.")
 @limit_option(500)
-def gallery(job_id: int | None, query: str | None, directory: Path, limit: int) -> None:
+@output_options("json")
+def gallery(job_id: int | None, query: str | None, directory: Path, limit: int | None,
+            output: str | None) -> None:
     """Write a static HTML gallery (index.html, thumbnails and the full images, provenance
     included) that any browser opens without a server, with each image's prompt, seed and
     parameters.
@@ -172,4 +179,5 @@ def gallery(job_id: int | None, query: str | None, directory: Path, limit: int) 
     page = _PAGE.format(title=html.escape(title), thumb=GALLERY_THUMB,
                         figures="\n".join(_figure(r) for r, _ in loaded))
     write_file(directory / "index.html", page.encode())
-    click.echo(f"{directory / 'index.html'}: {len(loaded)} image(s)")
+    report({"page": str(directory / "index.html"), "images": len(loaded)},
+           f"{directory / 'index.html'}: {len(loaded)} image(s)", output)

@@ -1,7 +1,6 @@
 """`sdq watch` and `sdq resume`: follow a job to its end, or finish an interrupted one."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -13,6 +12,7 @@ from sdq.cli.common import (
     outcome,
     output_options,
     recorded_bar,
+    report,
 )
 
 
@@ -31,7 +31,7 @@ def watch(job_id: int, output: str | None) -> None:
     """
     progress = follow(load_settings(need_broker=False), job_id)
     record, text, status = outcome(job_id, progress)
-    click.echo(json.dumps(record) if output == "json" else text)
+    report(record, text, output)
     sys.exit(status)
 
 
@@ -74,5 +74,5 @@ def resume(job_id: int, output: str | None) -> None:
     if not settings.embedded and resumed.items:
         text += f"; {resumed.items} item(s) enqueued (`sdq watch {job_id}`)"
         status = 0
-    click.echo(json.dumps(record) if output == "json" else text)
+    report(record, text, output)
     sys.exit(status)

@@ -58,9 +58,10 @@ def search_items(
     until: datetime | None = None,
     tag: str | None = None,
     before: int | None = None,
-    limit: int = 50,
+    limit: int | None = 50,
 ) -> Page:
-    """Items matching every given filter, newest (highest id) first, `limit` at a time.
+    """Items matching every given filter, newest (highest id) first, `limit` at a time (None:
+    all of them, in one page).
 
     `text` is a prompt search (words and "quoted phrases", all required; see `fulltext`);
     `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
@@ -68,7 +69,7 @@ def search_items(
     scan: tags are not indexed). Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
-    if limit < 1:
+    if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     stmt: Select[Any] = select(Item)
     key: ColumnElement[int] = Item.id.expression
@@ -94,6 +95,8 @@ def search_items(
         stmt = stmt.where(or_(_has_tag(Item.tags, tag, dialect), Item.job_id.in_(tagged_jobs)))
     if before is not None:
         stmt = stmt.where(key < before)
+    if limit is None:
+        return Page(list(session.scalars(stmt.order_by(key.desc()))), None)
     if dialect == "postgresql" and query.has_multiword_phrase:
         rows = _newest_in_two_steps(session, stmt, limit + 1, before)
     else:
@@ -189,8 +192,9 @@ def failure_reasons(session: Session, job_id: int, limit: int = 10) -> list[tupl
     return [(reason, count, first) for reason, count, first in session.execute(stmt)]
 
 
-def recent_jobs(session: Session, limit: int = 20) -> list[tuple[Job, dict[Status, int]]]:
-    """The newest jobs with their item counts per status, in two queries whatever the limit."""
+def recent_jobs(session: Session, limit: int | None = 20) -> list[tuple[Job, dict[Status, int]]]:
+    """The newest jobs (None: all) with their item counts per status, in two queries whatever
+    the limit."""
     jobs = list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
     counts = {job.id: dict.fromkeys(Status, 0) for job in jobs}
     stmt = (select(Item.job_id, Item.status, func.count()).where(Item.job_id.in_(counts))

@@ -43,7 +43,9 @@ _SWITCH = {"1": True, "true": True, "yes": True, "on": True,
 """The spellings of an on/off setting; anything else is a mistake, not "off"."""
 
 
-def _config_file(env: Mapping[str, str]) -> Path:
+def config_file(env: Mapping[str, str] | None = None) -> Path:
+    """Where the config file is read from (it need not exist)."""
+    env = os.environ if env is None else env
     base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return Path(env.get("SDQ_CONFIG", base / "sdq" / "config.toml"))
 
@@ -89,7 +91,7 @@ class Settings:
         """Read `SDQ_*` variables, falling back to the config file's keys of the same name
         (lower case, without the prefix), then to the embedded defaults."""
         env = os.environ if env is None else env
-        path = _config_file(env)
+        path = config_file(env)
         filed = _read_config(path, [field.name for field in fields(cls)])
 
         def get(name: str) -> str | None:

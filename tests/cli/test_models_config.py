@@ -34,6 +34,9 @@ def test_add_list_and_remove_a_model(any_home: Home, weights: Path) -> None:
     assert table[1].split()[:3] == ["sd15b", sha[:10], "0"]
     removed = any_home.run("models", "remove", sha[:8])
     assert removed.exit_code == 0 and removed.output == f"removed sd15b ({sha[:10]})\n"
+    any_home.run("models", "add", str(weights), "--name", "sd15c")
+    assert json.loads(any_home.run("models", "remove", "sd15c", "--json").output) == {
+        "removed": "sd15c", "sha256": sha}
     assert any_home.run("models", "list").stderr.startswith("no models yet")
 
 

@@ -132,6 +132,9 @@ def test_a_schedule_that_never_ran_is_deleted(home: Home, prompts: Path,
     result = home.run("schedule", "remove", "nightly")
     assert result.exit_code == 0 and "removed" in result.output
     assert listed(home) == []
+    assert add(home, prompts, tiny_checkpoint).exit_code == 0
+    result = home.run("schedule", "remove", "nightly", "--json")
+    assert json.loads(result.output) == {"schedule": "nightly", "outcome": "removed"}
 
 
 @pytest.mark.parametrize("cron, reason", [
