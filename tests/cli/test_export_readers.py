@@ -104,6 +104,29 @@ def test_webdataset_loads_in_webdataset_and_datasets(home: Home, tmp_path: Path,
     assert isinstance(dataset[0]["png"], Image.Image) and dataset[0]["json"]["tags"] == ["castle", "red"]
 
 
+def test_a_webdataset_with_a_card_loads_typed_whatever_its_first_samples_hold(
+        home: Home, tmp_path: Path) -> None:
+    """datasets infers a webdataset's types from its first five samples: here six with no tags
+    and no error come first, then one with both. The card's declared features carry the day."""
+    home.add_job([f"a plain boat {n}" for n in range(6)], done=6)
+    tagged = home.add_job(["a red castle"], done=1, item_tags=[["castle", "red"]])
+    with Session(home.engine) as session:
+        retried = session.scalars(select(Item).where(Item.job_id == tagged.id)).one()
+        retried.last_error = "CUDA out of memory"
+        session.commit()
+    out = tmp_path / "out"
+    export(home, out, "--query", "a", "--format", "webdataset", "--card")
+    dataset = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert dataset.num_rows == 7 and isinstance(dataset.features["png"], ImageFeature)
+    record = dataset.features["json"]
+    assert (str(record["tags"].feature.dtype), record["error"].dtype, record["finished"].dtype) == (
+        "string", "string", "timestamp[us, tz=UTC]")
+    last = dataset[6]
+    assert last["txt"] == "a red castle" and isinstance(last["png"], Image.Image)
+    assert (last["json"]["tags"], last["json"]["error"]) == (["castle", "red"], "CUDA out of memory")
+    assert dataset[0]["json"]["tags"] == [] and dataset[0]["json"]["error"] is None
+
+
 def test_imagefolder_loads_in_datasets(home: Home, tmp_path: Path,
                                        two_jobs: tuple[int, int]) -> None:
     out = tmp_path / "out"

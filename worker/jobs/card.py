@@ -71,16 +71,19 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str) -> str:
+def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str,
+                 features: list[dict[str, Any]] | None = None) -> str:
     """The README.md of an export whose files are under `data/`; `fmt` is also the name of
-    the Hugging Face `datasets` builder that reads it."""
+    the Hugging Face `datasets` builder that reads it. `features` (the hub's
+    `dataset_info.features`), when given, go in the front matter, as JSON, which is YAML too."""
     s = summarize(session, shards)
     jobs = ", ".join(str(job) for job in sorted(s.jobs))
     title = f"sdq images of job{'s' if len(s.jobs) > 1 else ''} {jobs}"
     front = "\n".join([
         "---", f"pretty_name: {json.dumps(title)}", "task_categories:", "- text-to-image",
         "tags:", "- sdq", "- stable-diffusion", "- synthetic",
-        "size_categories:", f"- {size_category(s.images)}", "---",
+        "size_categories:", f"- {size_category(s.images)}",
+        *([f"dataset_info: {json.dumps({'features': features})}"] if features else []), "---",
     ])
     table = [
         "| model | model sha256 | sampler | steps | cfg | size | images |",
@@ -95,6 +98,9 @@ def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str) ->
         "```python", "from datasets import load_dataset",
         f'images = load_dataset("{fmt}", data_dir="THIS_FOLDER", split="train")',
     ]
+    if features:
+        loading += ["# the types declared above, whatever the first samples hold:",
+                    'images = load_dataset("THIS_FOLDER", split="train")']
     if fmt == "parquet":
         loading += ["", "import pyarrow.parquet as pq",
                     'table = pq.read_table("THIS_FOLDER/data")  # or pandas.read_parquet']

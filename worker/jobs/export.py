@@ -121,7 +121,7 @@ def export_items(
             on_item(len(shard))
     writer.finish(session, dest, shards, describe)
     if card:
-        dest.put("README.md", dataset_card(session, shards, fmt).encode(),
+        dest.put("README.md", dataset_card(session, shards, fmt, card_features(fmt)).encode(),
                  content_type="text/markdown")
     return ExportReport(len(ids), len(shards), written, skipped)
 
@@ -246,28 +246,52 @@ class _WebDataset(_Writer):
         _upload(dest, self.keys(prefix, n, [])[0], fill, "application/x-tar")
 
 
+RECORD_TYPES: dict[str, str] = {
+    "id": "int64", "job": "int64", "row": "int64", "status": "string", "prompt": "string",
+    "negative_prompt": "string", "seed": "int64", "sampler": "string", "steps": "int64",
+    "cfg": "float64", "eta": "float64", "width": "int64", "height": "int64", "model": "string",
+    "model_sha256": "string", "tags": "list[string]", "attempts": "int64", "error": "string",
+    "batch": "string", "batch_position": "int64", "image_key": "string",
+    "image_sha256": "string", "watermark": "string", "worker": "string", "device": "string",
+    "created": "timestamp[us, tz=UTC]", "started": "timestamp[us, tz=UTC]",
+    "finished": "timestamp[us, tz=UTC]", "duration_s": "float64",
+}
+"""The fixed type of each field of `sdq.cli.common.item_record`, named as Hugging Face
+`datasets` names dtypes: one table for the parquet schema and the dataset card's features."""
+
+
 def parquet_schema() -> Any:
-    """The one Arrow schema of every parquet shard: the fields of `sdq.cli.common.item_record`
-    with fixed types (a column that is null throughout a shard keeps its type), around `key`,
-    `image` and `provenance`. The schema metadata carries the Hugging Face `datasets` features
-    of `image` (the `huggingface` key, as `datasets` itself writes it), so that it loads as an
-    image rather than a dict; `datasets` reads every other column's type from Arrow."""
+    """The one Arrow schema of every parquet shard: the record's fields with fixed types (a
+    column that is null throughout a shard keeps its type), around `key`, `image` and
+    `provenance`. The schema metadata carries the Hugging Face `datasets` features of `image`
+    (the `huggingface` key, as `datasets` itself writes it), so that it loads as an image
+    rather than a dict; `datasets` reads every other column's type from Arrow."""
     import pyarrow as pa
 
-    time = pa.timestamp("us", tz="UTC")
-    text, integer, real = pa.string(), pa.int64(), pa.float64()
-    columns = {
-        "key": text, "image": pa.struct([("bytes", pa.binary()), ("path", text)]),
-        "id": integer, "job": integer, "row": integer, "status": text, "prompt": text,
-        "negative_prompt": text, "seed": integer, "sampler": text, "steps": integer, "cfg": real,
-        "eta": real, "width": integer, "height": integer, "model": text, "model_sha256": text,
-        "tags": pa.list_(text), "attempts": integer, "error": text, "batch": text,
-        "batch_position": integer, "image_key": text, "image_sha256": text, "watermark": text,
-        "worker": text, "device": text, "created": time, "started": time, "finished": time,
-        "duration_s": real, "provenance": text,
-    }
+    arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
+             "list[string]": pa.list_(pa.string()),
+             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    columns = [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+               *((name, arrow[dtype]) for name, dtype in RECORD_TYPES.items()),
+               ("provenance", pa.string())]
     features = {"info": {"features": {"image": {"_type": "Image"}}}}
-    return pa.schema(list(columns.items()), metadata={"huggingface": json.dumps(features)})
+    return pa.schema(columns, metadata={"huggingface": json.dumps(features)})
+
+
+def card_features(fmt: str) -> list[dict[str, Any]] | None:
+    """The `dataset_info.features` of a dataset card for `fmt`, as the hub's YAML writes them,
+    or None where the files carry their own types. `datasets` infers a webdataset's types from
+    its first five samples, so an export whose first samples have no tags or no error (null)
+    fails on a later one that has; declared features make the whole export load as typed."""
+    if fmt != "webdataset":
+        return None
+
+    def feature(name: str, dtype: str) -> dict[str, Any]:
+        return {"name": name, "list": "string"} if dtype == "list[string]" else {"name": name, "dtype": dtype}
+
+    return [feature("__key__", "string"), feature("__url__", "string"),
+            {"name": "png", "dtype": "image"}, feature("txt", "string"),
+            {"name": "json", "struct": [feature(n, t) for n, t in RECORD_TYPES.items()]}]
 
 
 class _Parquet(_Writer):
