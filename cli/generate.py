@@ -73,7 +73,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                              hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=BAD_INPUT) from None
-    size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height) or 8)
+    size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height))
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
             click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "

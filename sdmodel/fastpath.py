@@ -92,6 +92,9 @@ def bucket_size(n: int) -> int:
 HALF_BYTES_PER_IMAGE_512 = 700 * 2**20
 _FIXED_RESERVE = 2 * 2**30
 MAX_AUTO_BATCH = 32
+CPU_BATCH_SIZE = 8
+"""Images denoised together on a CPU: a larger batch is no faster there (the cores are busy at
+8) and holds gigabytes more activations."""
 
 
 def auto_batch_size(free_bytes: int, width: int = 512, height: int = 512, dtype: str = "fp16",

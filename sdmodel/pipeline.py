@@ -40,7 +40,7 @@ from .configs import (
     vae_config_from_diffusers,
     vae_config_from_state_dict,
 )
-from .fastpath import FastPath, auto_batch_size, bucket_size
+from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
 from .params import BatchShape, Request, short_hash
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
@@ -121,11 +121,11 @@ class Pipeline:
             self._unet = GraphedCall(self.unet)
         self.fast = fast
 
-    def default_batch_size(self, width: int = 512, height: int = 512) -> int | None:
+    def default_batch_size(self, width: int = 512, height: int = 512) -> int:
         """On CUDA, the batch the free device memory holds (`fastpath.auto_batch_size`);
-        `None` elsewhere, where the caller's own default stands."""
+        elsewhere `CPU_BATCH_SIZE`."""
         if not self.on_cuda:
-            return None
+            return CPU_BATCH_SIZE
         free, _total = torch.cuda.mem_get_info(torch.device(self.device))
         return auto_batch_size(free, width, height, self.dtype)
 

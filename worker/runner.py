@@ -270,14 +270,16 @@ class Runner:
 
     def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport
                   ) -> Iterator[Chunk]:
-        """Denoise the claimed items in chunks of one shape and at most `micro_batch` items.
+        """Denoise the claimed items in chunks of one shape and at most `micro_batch` items
+        (unset: what the device holds at that size, `Pipeline.default_batch_size`).
 
         On CUDA out-of-memory the chunk is halved, and so is `micro_batch` for what follows:
         a worker that ran out once would only run out again at the old size.
         """
         groups = [list(g) for _, g in groupby(sorted(work, key=lambda w: w.shape), key=lambda w: w.shape)]
-        queue = [g[i:i + (self.micro_batch or len(g))] for g in groups
-                 for i in range(0, len(g), self.micro_batch or len(g))]
+        sizes = [self.micro_batch or pipe.default_batch_size(g[0].shape.width, g[0].shape.height)
+                 for g in groups]
+        queue = [g[i:i + size] for g, size in zip(groups, sizes) for i in range(0, len(g), size)]
         whole = len(queue) == 1
         while queue:
             items = queue.pop(0)

@@ -44,6 +44,20 @@ def test_submit_runs_every_item_and_records_it(embedded: Settings, tiny_checkpoi
         assert session.get(Job, result.job_id).status == Status.DONE
 
 
+def test_a_planned_batch_is_denoised_in_micro_batches_the_device_holds(
+        embedded: Settings, tiny_checkpoint: Path) -> None:
+    """The submitter plans batches of 32 whatever the hardware; a CPU worker denoises them 8
+    at a time (`Pipeline.default_batch_size`), each micro-batch its own chunk."""
+    result = submit(embedded, specs(10, steps=1), model=identify_model(tiny_checkpoint))
+    assert (result.items, result.batches) == (10, 1)
+    items = job_items(open_database(embedded.database_url), result.job_id)
+    chunks: dict[str, list[int]] = {}
+    for item in items:
+        chunks.setdefault(item.batch_id, []).append(item.batch_position)
+    assert sorted(map(len, chunks.values())) == [2, 8] and all(i.status == Status.DONE for i in items)
+    assert sorted(chunks.values(), key=len) == [[0, 1], list(range(8))]
+
+
 def test_a_bad_or_empty_submission_records_nothing(embedded: Settings, tiny_checkpoint: Path) -> None:
     model = identify_model(tiny_checkpoint)
     with pytest.raises(ValueError, match="nothing to submit"):

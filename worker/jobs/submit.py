@@ -25,6 +25,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
+from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
 from sdq.worker.settings import Settings
@@ -32,10 +33,12 @@ from sdq.worker.settings import Settings
 if TYPE_CHECKING:
     from sdq.worker.runner import Batch, Runner, RunReport
 
-DEFAULT_BATCH_SIZE = 8
-"""Images denoised together by default: SD v1 at 512x512 in fp16 with guidance (16 UNet rows)
-fits a 24 GB GPU with room to spare; workers halve it on out-of-memory."""
-BATCHES_PER_MESSAGE = 4
+DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
+"""Items planned (and claimed) together by default: as many as the largest batch a worker
+denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
+that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
+GPU), so the submitter need not know the workers' hardware."""
+BATCHES_PER_MESSAGE = 2
 """Batches one message carries: enough for uploads of one to overlap denoising of the next,
 few enough that a lost worker's message is redone cheaply."""
 
