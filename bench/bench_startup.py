@@ -3,7 +3,8 @@
 transformers or Celery for commands that do not generate).
 
 Prints the median and best wall time over N runs of each command, each in a fresh process
-as a shell runs it, next to `python -c pass` (the interpreter's own start), under a scratch
+as a shell runs it, next to `python -c pass` (the interpreter's own start) and the imports of
+click and SQLAlchemy's ORM alone (the floor of any command that reads the database), under a scratch
 SDQ_HOME whose embedded database exists (a first run creates it, and is not timed). The
 median CPU time (user + system) is printed too: on a busy machine the wall time mostly
 measures the wait for a core, the CPU time what a quiet machine's wall time would be.
@@ -26,6 +27,9 @@ import time
 from pathlib import Path
 
 COMMANDS = (["--help"], ["jobs"], ["search", "lighthouse"], ["config"], ["schedule", "list"])
+FLOORS = ("pass", "import click", "import sqlalchemy.orm")
+"""What no sdq command can start faster than: the interpreter, and the libraries commands that
+print or read the database cannot do without."""
 _SDQ = "import sys; from sdq.cli.main import cli; sys.argv[0] = 'sdq'; cli()"
 
 
@@ -60,15 +64,16 @@ def main() -> None:
         env.pop("SDQ_BROKER_URL", None)
         subprocess.run([args.python, "-c", _SDQ, "jobs"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rows = [("python -c pass", timed([args.python, "-c", "pass"], env, args.runs))]
+        rows = [(f"python -c {code!r}", timed([args.python, "-c", code], env, args.runs))
+                for code in FLOORS]
         rows += [(f"sdq {' '.join(command)}",
                   timed([args.python, "-c", _SDQ, *command], env, args.runs))
                  for command in COMMANDS]
     load = os.getloadavg()[0]
     print(f"{args.runs} runs each, load average {load:.1f}, {os.cpu_count()} CPUs")
-    print(f"{'command':<24} {'wall median s':>13} {'wall best s':>11} {'CPU median s':>12}")
+    print(f"{'command':<36} {'wall median s':>13} {'wall best s':>11} {'CPU median s':>12}")
     for label, (walls, cpus) in rows:
-        print(f"{label:<24} {statistics.median(walls):>13.3f} {min(walls):>11.3f} "
+        print(f"{label:<36} {statistics.median(walls):>13.3f} {min(walls):>11.3f} "
               f"{statistics.median(cpus):>12.3f}")
 
 

@@ -24,8 +24,8 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
+from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
 from sdq.worker.settings import Settings
