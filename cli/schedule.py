@@ -17,7 +17,6 @@ from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.db.models import Schedule
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.settings import SAFETY_OFF
 from sdq.worker.jobs.promptfile import PromptFileError
 from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
@@ -31,6 +30,7 @@ from sdq.worker.jobs.schedule import (
     schedules_with_last_run,
     utc_clock,
 )
+from sdq.worker.settings import SAFETY_OFF
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
 

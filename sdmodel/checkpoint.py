@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import InvalidInput, NotFound
-from .params import HUB_REPO_ID
 from .files import write_atomically
+from .params import HUB_REPO_ID
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (

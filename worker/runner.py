@@ -41,7 +41,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.db.base import utcnow
-from sdq.db.models import SAFETY_ACTIONS, Item, Job, Model, Status
+from sdq.db.models import Item, Job, Model, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
 from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, short_hash
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
@@ -53,6 +53,7 @@ from sdq.worker.images.provenance import (
     encode_png,
     environment_fingerprint,
 )
+from sdq.worker.images.safety import judge, stored_image
 from sdq.worker.images.storage import Storage, StorageError, image_key
 from sdq.worker.settings import DEFAULT_PNG_LEVEL, default_store_threads
 
@@ -344,18 +345,16 @@ class Runner:
         were recorded."""
         pipe = self.pipeline()
         verdicts = self._check(chunk)
+        stored = [stored_image(image, verdict) for image, verdict in zip(chunk.images, verdicts)]
         pngs = [
-            None if verdict and verdict.action == "dropped" else encode_png(
-                Image.new("RGB", image.size) if verdict and verdict.action == "blacked" else image,
-                Provenance(
-                    params=w.params, model_sha256=pipe.sha256, model_name=pipe.name,
-                    environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
-                    batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
-                ),
-                # A black image is not what the model made: it carries no watermark.
-                watermark=None if verdict and verdict.action == "blacked" else self.watermark,
-                level=self.png_level)
-            for position, (w, image, verdict) in enumerate(zip(chunk.items, chunk.images, verdicts))
+            None if image is None else encode_png(image, Provenance(
+                params=w.params, model_sha256=pipe.sha256, model_name=pipe.name,
+                environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
+                batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
+            ), watermark=self.watermark if image is generated else None, level=self.png_level)
+            # A black image is not what the model made: it carries no watermark.
+            for position, (w, image, generated, verdict)
+            in enumerate(zip(chunk.items, stored, chunk.images, verdicts))
         ]
         try:
             recorded = self._retrying("storing images", lambda: self._record(chunk, pngs, verdicts))
@@ -375,13 +374,11 @@ class Runner:
         path, one call per checker for the chunk's images."""
         verdicts: list[SafetyVerdict | None] = [None] * len(chunk.items)
         for ref in {w.safety_checker for w in chunk.items if w.safety_checker}:
-            checker = self.safety_checker(ref)
             positions = [n for n, w in enumerate(chunk.items) if w.safety_checker == ref]
-            scores = checker.check([chunk.images[n] for n in positions])
-            for n, score in zip(positions, scores):
-                action = SAFETY_ACTIONS[chunk.items[n].on_flag] if score.flagged else "kept"
-                verdicts[n] = SafetyVerdict(checker.sha256, score.flagged, score.concept_scores,
-                                            score.special_scores, action)
+            judged = judge(self.safety_checker(ref), [chunk.images[n] for n in positions],
+                           [chunk.items[n].on_flag for n in positions])
+            for n, verdict in zip(positions, judged):
+                verdicts[n] = verdict
         return verdicts
 
     def _record(self, chunk: Chunk, pngs: Sequence[EncodedPng | None],

@@ -63,21 +63,25 @@ class ExportReport:
     skipped: int
 
 
-def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None
-                    ) -> list[int]:
-    """The finished items with an image, of a job and/or matching a prompt search, by id."""
+def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None,
+                    exclude_flagged: bool = False) -> list[int]:
+    """The finished items with an image, of a job and/or matching a prompt search, by id;
+    with `exclude_flagged`, without those the safety checker flagged (unchecked ones stay)."""
     if text is None:
         stmt = (select(Item.id).where(Item.status == Status.DONE, Item.image_key.is_not(None))
                 .order_by(Item.id))
         if job_id is not None:
             stmt = stmt.where(Item.job_id == job_id)
+        if exclude_flagged:
+            stmt = stmt.where(Item.safety_flagged.is_not(True))
         return list(session.scalars(stmt))
     ids: list[int] = []
     before = None
     while True:
         page = search_items(session, text=text, job_id=job_id, status=Status.DONE,
                             before=before, limit=_PAGE)
-        ids.extend(item.id for item in page.items if item.image_key)
+        ids.extend(item.id for item in page.items
+                   if item.image_key and not (exclude_flagged and item.safety_flagged))
         if page.next_before is None:
             return sorted(ids)
         before = page.next_before
@@ -264,7 +268,9 @@ def parquet_schema() -> Any:
         "tags": pa.list_(text), "attempts": integer, "error": text, "batch": text,
         "batch_position": integer, "image_key": text, "image_sha256": text, "watermark": text,
         "worker": text, "device": text, "created": time, "started": time, "finished": time,
-        "duration_s": real, "provenance": text,
+        "duration_s": real, "safety_flagged": pa.bool_(), "safety_action": text,
+        "safety_checker_sha256": text, "safety_concept_scores": pa.list_(real),
+        "safety_special_scores": pa.list_(real), "provenance": text,
     }
     features = {"info": {"features": {"image": {"_type": "Image"}}}}
     return pa.schema(list(columns.items()), metadata={"huggingface": json.dumps(features)})
