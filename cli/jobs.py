@@ -76,10 +76,6 @@ def status(job_id: int, output: str | None) -> None:
     click.echo(f"Job {job_id} ({record['name'] or 'unnamed'}): {plain(job.status)}, "
                f"{record['done']}/{record['items']} done")
     click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
-    if job.safety_checker:
-        click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})")
-    else:
-        click.echo("  safety checker: none (images not checked)")
     rate = progress.images_per_s
     line = f"{rate:.2f} images/s" if rate else "no images finished yet"
     if progress.remaining:
@@ -88,3 +84,7 @@ def status(job_id: int, output: str | None) -> None:
     click.echo("  " + line)
     for error, count, first in failures:
         click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
+    if job.safety_checker:
+        click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})")
+    else:
+        click.echo("  safety checker: none (images not checked)")
