@@ -192,3 +192,18 @@ def flag_images(folder: Path, images: list, flagged: list[int]) -> None:
     weights["concept_embeds"] = concepts.to(dtype)
     weights["concept_embeds_weights"] = thresholds.to(dtype)
     save_file(weights, str(path))
+
+
+@pytest.fixture(scope="session")
+def flag_all_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pipeline folder whose tiny checker flags every image: concept 0's threshold is -1,
+    below any cosine similarity."""
+    from safetensors.torch import load_file
+
+    pipeline = tmp_path_factory.mktemp("pipeline")
+    vision, projection = TINY_CHECKERS["vit-l14-scaled"]
+    path = save_safety_checker(pipeline / "safety_checker", vision, projection) / "model.safetensors"
+    weights = load_file(str(path))
+    weights["concept_embeds_weights"][0] = -1.0
+    save_file(weights, str(path))
+    return pipeline

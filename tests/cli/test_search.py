@@ -22,7 +22,8 @@ def test_search_table_json_and_csv(any_home: Home) -> None:
     table = any_home.run("search", "red")
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
-    assert lines[0].split() == ["id", "job", "seed", "sampler", "size", "prompt", "created"]
+    assert lines[0].split() == ["id", "job", "seed", "sampler", "size", "safety", "prompt",
+                                "created"]
     assert len(lines) == 3 and "a red fox, very" in lines[1] and lines[1].count("...") == 1
     assert "64x64" in lines[1] and "a red dragon over the sea" in lines[2]
     records = json.loads(any_home.run("search", "red", "--json").output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ from sdq.worker.jobs.submit import identify_model, submit
 from sdq.worker.settings import Settings
 from tests.conftest import TINY_CHECKERS, flag_images, save_safety_checker
 
+from .cluster import WorkerProcess
 from .conftest import job_items, specs
+from .test_distributed import wait_until_done
 
 COUNT, FLAGGED = 4, 1
 """Items per job, and the row whose image the checker is made to flag."""
@@ -107,3 +110,24 @@ def test_a_checker_that_cannot_load_fails_the_items_with_the_reason(
     assert {i.status for i in items} == {Status.FAILED}
     assert items[0].last_error.startswith(f"safety checker: {tmp_path / 'gone'}: no such safety checker")
     assert all(i.image_key is None for i in items)
+
+
+def test_a_distributed_worker_checks_with_the_jobs_checker(
+        distributed: Settings, start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path,
+        flag_all_checker: Path) -> None:
+    """The worker process loads the checker the job names and applies the job's on_flag."""
+    worker = start_worker("safety")
+    worker.wait_ready()
+    result = submit(distributed, specs(3, steps=1), model=identify_model(tiny_checkpoint), batch_size=3,
+                    job=Job(safety_checker=str(flag_all_checker), on_flag="black"))
+    wait_until_done(distributed, result.job_id)
+    items = items_with_models(distributed, result.job_id)
+    assert [(i.status, i.safety_flagged, i.safety_action) for i in items] == [
+        (Status.DONE, True, "blacked")] * 3
+    assert {i.safety_checker_sha256 for i in items} == {model_sha256(flag_all_checker / "safety_checker")}
+    storage = open_storage(distributed.storage_url)
+    for item in items:
+        data = storage.get(item.image_key)
+        assert not np.asarray(Image.open(io.BytesIO(data))).any()
+        assert read_png_metadata(data).provenance.safety.action == "blacked"
+        assert verify_png(data, ItemRecord.of(item)).ok
