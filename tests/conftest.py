@@ -143,7 +143,8 @@ def save_safety_checker(folder: Path, vision: dict, projection_dim: int, *, conc
     generator = torch.Generator().manual_seed(seed)
     if meta:
         with torch.device("meta"):
-            state = random_fp16(CLIPVisionModel(CLIPVisionConfig(**vision)), generator)
+            tower = CLIPVisionModel(CLIPVisionConfig(**vision))
+        state = random_fp16(tower, generator)
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
