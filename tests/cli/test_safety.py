@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from sqlalchemy import update
+
+from sdq.db.models import Item
 
 from .conftest import Home
 
@@ -70,10 +73,6 @@ def test_gallery_and_sheet_show_the_flag_and_skip_dropped_images(home: Home, tmp
     page = (tmp_path / "g" / "index.html").read_text()
     assert page.count("flagged (kept)") == 1 and page.count("passed") == 1
     assert page.count("not checked") == 1
-    from sqlalchemy import update
-
-    from sdq.db.models import Item
-
     with home.engine.begin() as connection:  # row 0 dropped: done, no image
         connection.execute(update(Item).where(Item.job_id == job.id, Item.row_index == 0)
                            .values(image_key=None, image_sha256=None, safety_action="dropped"))
@@ -81,3 +80,19 @@ def test_gallery_and_sheet_show_the_flag_and_skip_dropped_images(home: Home, tmp
     assert result.exit_code == 0 and "2 image(s)" in result.output
     got = home.run("get", "--job", str(job.id), "-o", str(tmp_path / "got"))
     assert got.exit_code == 0 and "dropped by the safety checker" in got.stderr
+
+
+def test_reproduce_says_why_a_blacked_or_dropped_image_cannot_be_compared(home: Home) -> None:
+    job = home.add_job(["a", "b"], done=2)
+    home.judge(job.id, {0: True}, action="blacked")
+    home.judge(job.id, {1: True}, action="dropped")
+    with home.engine.begin() as connection:
+        connection.execute(update(Item).where(Item.job_id == job.id, Item.row_index == 1)
+                           .values(image_key=None, image_sha256=None))
+    ids = {r["row"]: r["id"] for r in json.loads(home.run("search", "--json").output)}
+    blacked = home.run("reproduce", str(ids[0]))
+    assert blacked.exit_code == 1 and "blacked out by the safety checker" in blacked.output
+    dropped = home.run("reproduce", str(ids[1]))
+    assert dropped.output == f"Error: item {ids[1]} has no stored image (status done, dropped by the safety checker)\n"
+    verified = home.run("verify", str(ids[1]))
+    assert verified.exit_code == 1 and "image dropped by the safety checker" in verified.output
