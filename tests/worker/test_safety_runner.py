@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
 from sdq.db.models import Item, Job, Status
@@ -29,15 +30,10 @@ COUNT, FLAGGED = 4, 1
 
 
 def items_with_models(settings: Settings, job_id: int) -> list[Item]:
+    """The job's items with their models loaded, for `ItemRecord.of` outside the session."""
     with Session(open_database(settings.database_url)) as session:
-        return list(session.scalars(select_items(job_id)).unique())
-
-
-def select_items(job_id: int):
-    from sqlalchemy import select
-
-    return (select(Item).options(joinedload(Item.model)).where(Item.job_id == job_id)
-            .order_by(Item.row_index))
+        return list(session.scalars(select(Item).options(joinedload(Item.model))
+                                    .where(Item.job_id == job_id).order_by(Item.row_index)))
 
 
 def run_job(settings: Settings, checkpoint: Path, **job_fields: object) -> int:
