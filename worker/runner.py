@@ -18,6 +18,11 @@ the previous ones, each chunk cut in parts so that all threads work on it. At mo
 `QUEUED_CHUNKS` finished chunks wait or are being stored; the generator blocks beyond that, so
 memory stays flat when storage is slow. `run` returns (and the task acknowledges) only when all
 are recorded.
+
+A job that names a safety checker has each image scored on the store threads too, so on a GPU
+the checker overlaps the next chunk's denoising; the checker is loaded once per runner (per
+worker process), before the batch that first needs it is denoised, and a job whose checker
+cannot be loaded fails its items instead of running them unchecked.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from itertools import groupby
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -56,6 +61,9 @@ from sdq.worker.images.provenance import (
 from sdq.worker.images.safety import judge, stored_image
 from sdq.worker.images.storage import Storage, StorageError, image_key
 from sdq.worker.settings import DEFAULT_PNG_LEVEL, default_store_threads
+
+if TYPE_CHECKING:
+    from sdq.sdmodel.safety import SafetyChecker
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +178,7 @@ class Runner:
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
         self.fast = fast
-        self._checkers: dict[str, Any] = {}
+        self._checkers: dict[str, SafetyChecker] = {}
         """Safety checkers by the reference jobs name them with, loaded once, on first use."""
 
     def pipeline(self) -> Pipeline:
@@ -179,7 +187,7 @@ class Runner:
                                            hash_cache=self.hash_cache, fast=self.fast)
         return self._pipeline
 
-    def safety_checker(self, ref: str) -> Any:
+    def safety_checker(self, ref: str) -> SafetyChecker:
         """The checker `ref` names, on the model's device and in its dtype, loaded once."""
         if ref not in self._checkers:
             from sdq.sdmodel.pipeline import DTYPES
