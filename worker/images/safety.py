@@ -8,7 +8,7 @@ row and the PNG's `sdq` chunk, so a black image says why it is black.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -16,10 +16,13 @@ from sdq.db.models import SAFETY_ACTIONS
 
 from .provenance import SafetyVerdict
 
+if TYPE_CHECKING:
+    from sdq.sdmodel.safety import SafetyChecker
 
-def judge(checker: Any, images: Sequence[Image.Image], on_flag: Sequence[str]) -> list[SafetyVerdict]:
-    """Score `images` in one call to `checker` (an `sdmodel.safety.SafetyChecker`) and
-    decide each one's action from its own `on_flag`."""
+
+def judge(checker: SafetyChecker, images: Sequence[Image.Image], on_flag: Sequence[str]) -> list[SafetyVerdict]:
+    """Score `images` in one call to `checker` and decide each one's action from its own
+    `on_flag`."""
     return [SafetyVerdict(checker.sha256, score.flagged, score.concept_scores, score.special_scores,
                           SAFETY_ACTIONS[flag] if score.flagged else "kept")
             for score, flag in zip(checker.check(list(images)), on_flag)]
