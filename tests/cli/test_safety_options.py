@@ -7,13 +7,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job
+from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.safety import load_safety_checker
 from sdq.worker.images.provenance import read_png_metadata, verify_png
 from sdq.worker.images.storage import open_storage
+from sdq.worker.jobs.submit import job_safety_checker
 from sdq.worker.settings import Settings
 
 from .conftest import Home
@@ -104,3 +108,24 @@ def test_schedule_add_keeps_the_options_and_its_runs_use_them(tmp_path: Path, ho
     assert off.exit_code == 0, off.output
     assert {r["name"]: r["options"].get("safety_checker") for r in
             json.loads(home.run("schedule", "list", "--json").output)}["other"] == "off"
+
+
+def test_the_checker_reference_a_job_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local folder as its absolute path (workers load it from there), a repo id as given,
+    `off` as none; anything else is refused before a job is recorded."""
+    (tmp_path / "sc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert job_safety_checker("sc", None) == str(tmp_path / "sc")
+    assert job_safety_checker(None, "CompVis/stable-diffusion-safety-checker") == \
+        "CompVis/stable-diffusion-safety-checker"
+    assert job_safety_checker("off", "/elsewhere") is None
+    assert job_safety_checker(None, None) is None
+    with pytest.raises(ValueError, match="missing/sc: no such safety checker folder"):
+        job_safety_checker("./missing/sc", None)
+
+
+def test_a_repo_id_without_a_network_is_one_clear_error() -> None:
+    """Tests never reach the hub (HF_HUB_OFFLINE): a repo id not in the cache fails by name."""
+    with pytest.raises(CheckpointError, match="nobody/no-such-checker: no such safety checker folder, "
+                                              "and not a Hugging Face repo id in the cache or reachable"):
+        load_safety_checker("nobody/no-such-checker")
