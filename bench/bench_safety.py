@@ -11,42 +11,20 @@ batch sizes; best of N repeats.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bench.timing import best_ms
 from sdq.sdmodel.safety import load_safety_checker, preprocess
-from tests.conftest import random_fp16
+from tests.conftest import save_safety_checker
 from tests.worker.images.samples import photo
 
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                patch_size=14, image_size=224, hidden_act="quick_gelu")
-PROJECTION, CONCEPTS, SPECIAL = 768, 17, 3
-
-
-def save_full_size_checker(folder: Path) -> None:
-    """config.json and random fp16 weights in the layout diffusers saves."""
-    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPConfig(vision_config=VIT_L14, projection_dim=PROJECTION).to_dict()
-    config["architectures"] = ["StableDiffusionSafetyChecker"]
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    with torch.device("meta"):
-        vision = CLIPVisionModel(CLIPVisionConfig(**VIT_L14))
-    generator = torch.Generator().manual_seed(0)
-    weights = {f"vision_model.{k}": v for k, v in random_fp16(vision, generator).items()
-               if not k.endswith("position_ids")}
-    head = {"visual_projection.weight": (PROJECTION, VIT_L14["hidden_size"]), "concept_embeds": (CONCEPTS, PROJECTION),
-            "concept_embeds_weights": (CONCEPTS,), "special_care_embeds": (SPECIAL, PROJECTION),
-            "special_care_embeds_weights": (SPECIAL,)}
-    weights.update({k: torch.randn(shape, generator=generator).half() for k, shape in head.items()})
-    save_file(weights, str(folder / "model.safetensors"))
+PROJECTION = 768
 
 
 def main() -> None:
@@ -55,7 +33,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        save_full_size_checker(Path(tmp) / "safety_checker")
+        save_safety_checker(Path(tmp) / "safety_checker", VIT_L14, PROJECTION, dtype=torch.float16,
+                            meta=True)
         start = time.perf_counter()
         checker = load_safety_checker(Path(tmp))
         load_s = time.perf_counter() - start

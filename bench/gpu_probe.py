@@ -10,6 +10,7 @@ seconds, so a cut-off run still reports what it measured. Phases, most important
   sdq           images/s at each batch size, fp16 then bf16, default fast path; peak memory
   diffusers     StableDiffusionPipeline on the same weights and settings (if its wheel is there)
   system        the embedded runner (SQLite + local storage + watermark) vs generation alone
+  safety        the safety checker (ViT-L/14 tower) per 512x512 image: preprocessing, model
   store         the store path alone (encode, watermark, write, record) at 1/2/4/8 threads
   fast_path     each fast-path piece switched against the default, at one batch size
   compile       torch.compile (and CUDA graphs) against the default, last: minutes of warm-up
@@ -37,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the repository's `bench` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._checkout import use_checkout  # noqa: E402
 
-PHASES = ("environment", "ceilings", "sdq", "diffusers", "system", "store", "fast_path", "compile")
+PHASES = ("environment", "ceilings", "sdq", "diffusers", "system", "safety", "store", "fast_path",
+          "compile")
 PROMPTS = ["a photograph of an astronaut riding a horse", "a lighthouse on a cliff at dusk, oil painting",
            "a bowl of ripe fruit on a wooden table", "portrait of an old fisherman, dramatic light"]
 GUIDANCE = 7.5
@@ -373,6 +375,41 @@ def phase_store(entry: dict, pipes: dict, args: argparse.Namespace, report: Repo
                 lambda: run_system(premade, args, args.system_batch, args.store_batches, threads))
 
 
+def phase_safety(entry: dict, args: argparse.Namespace, report: Report) -> None:
+    """The checker as the runner uses it, loaded from a diffusers folder of random weights onto
+    the device in each dtype: milliseconds per image for preprocessing (PIL, on the CPU) and
+    for the model, at several batch sizes, best of 3."""
+    import torch
+
+    from bench.bench_safety import PROJECTION, VIT_L14
+    from sdq.sdmodel.pipeline import DTYPES
+    from sdq.sdmodel.safety import load_safety_checker, preprocess
+    from tests.conftest import TINY_CHECKERS, save_safety_checker
+    from tests.worker.images.samples import photo
+
+    vision, projection = TINY_CHECKERS["vit-l14-scaled"] if args.tiny else (VIT_L14, PROJECTION)
+    rows = entry.setdefault("rows", [])
+    entry["architecture"] = "tiny" if args.tiny else "ViT-L/14 (CompVis/stable-diffusion-safety-checker)"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_safety_checker(Path(tmp) / "safety_checker", vision, projection, dtype=torch.float16, meta=True)
+        for dtype in args.dtypes:
+            checker = load_safety_checker(tmp, device=args.device, dtype=DTYPES[dtype])
+            for batch in args.safety_batches:
+                def run(batch: int = batch, checker: Any = checker) -> dict:
+                    images = [photo(512, 512, seed=i) for i in range(batch)]
+                    pixels = preprocess(images, vision["image_size"])
+                    checker.score(pixels)
+                    prep = min(timed("cpu", lambda: preprocess(images, vision["image_size"]))[0]
+                               for _ in range(3))
+                    model = min(timed(args.device, lambda: checker.score(pixels))[0] for _ in range(3))
+                    return {"preprocess_ms_per_image": round(prep * 1e3 / batch, 2),
+                            "model_ms_per_image": round(model * 1e3 / batch, 2),
+                            "images_per_s": round(batch / (prep + model), 2)}
+
+                guarded(rows, report, {"dtype": dtype, "batch": batch}, run)
+            del checker
+
+
 def phase_fast_path(entry: dict, pipes: dict, args: argparse.Namespace, report: Report) -> None:
     """Each piece flipped from the default, at one batch size; cuda_graphs switched on."""
     from sdq.sdmodel.fastpath import FastPath
@@ -446,6 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ab_batch = args.ab_batch or (2 if small else 16)
     args.system_batch, args.system_batches = (2, 2) if small else (32, 3)
     args.store_threads, args.store_batches = ([1, 2], 2) if small else ([1, 2, 4, 8], 2)
+    args.safety_batches = [1, 2] if small else [1, 8, 32]
     return args
 
 
@@ -476,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdq": lambda e: phase_sdq(e, pipes, args, report),
         "diffusers": lambda e: phase_diffusers(e, pipes, args, report),
         "system": lambda e: phase_system(e, pipes, args, report),
+        "safety": lambda e: phase_safety(e, args, report),
         "store": lambda e: phase_store(e, pipes, args, report),
         "fast_path": lambda e: phase_fast_path(e, pipes, args, report),
         "compile": lambda e: phase_compile(e, pipes, args, report),

@@ -190,7 +190,24 @@ def item_record(item: Item) -> dict[str, Any]:
         "watermark": item.watermark, "worker": item.worker_host, "device": item.device,
         "created": item.created_at, "started": item.started_at, "finished": item.finished_at,
         "duration_s": item.duration_s,
+        **safety_fields(item),
     }
+
+
+def safety_label(record: Mapping[str, Any]) -> str:
+    """The verdict in a word or two, as tables and galleries show it."""
+    if record["safety_flagged"] is None:
+        return "not checked"
+    return f"flagged ({record['safety_action']})" if record["safety_flagged"] else "passed"
+
+
+def safety_fields(item: Item) -> dict[str, Any]:
+    """The safety checker's verdict as typed fields, all None when no check ran."""
+    scores = item.safety_scores or {}
+    return {"safety_flagged": item.safety_flagged, "safety_action": item.safety_action,
+            "safety_checker_sha256": item.safety_checker_sha256,
+            "safety_concept_scores": scores.get("concept"),
+            "safety_special_scores": scores.get("special")}
 
 
 def _finished(progress: Progress) -> int:

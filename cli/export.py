@@ -31,12 +31,14 @@ from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
               help="Items per shard.")
 @click.option("--prefix", default="shard", show_default=True,
               help="Shard file names: PREFIX-000000.tar ...")
+@click.option("--exclude-flagged", is_flag=True,
+              help="Leave out images the safety checker flagged (images never checked stay).")
 @click.option("--card", is_flag=True,
               help="Also write a dataset card (README.md: settings and counts, as Hugging Face "
                    "hub datasets have); the shards then go under data/.")
 @output_options("json", dest="printed")
 def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_size: int,
-           prefix: str, card: bool, printed: str | None) -> None:
+           prefix: str, exclude_flagged: bool, card: bool, printed: str | None) -> None:
     """Export the finished images of JOB, or those matching --query (or both: the job's
     matching ones), with their prompts and provenance, as dataset shards.
 
@@ -50,6 +52,7 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
       sdq export --query "red dragon" --format imagefolder -o dragons/
       sdq export 42 --format parquet --shard-size 5000 -o castles-parquet/
       sdq export 42 --format parquet --card -o castles-hub/
+      sdq export 42 --format parquet --exclude-flagged -o castles-clean/
     """
     if job_id is None and query is None:
         raise click.UsageError("give a JOB or --query TEXT")
@@ -64,7 +67,7 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
     with database_session(settings) as session:
         if job_id is not None:
             get_job(session, job_id)
-        ids = select_item_ids(session, job_id=job_id, text=query)
+        ids = select_item_ids(session, job_id=job_id, text=query, exclude_flagged=exclude_flagged)
         if not ids:
             raise click.ClickException("no finished images to export")
         with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:

@@ -11,7 +11,7 @@ import click
 
 from sdq.cli.common import load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options
+from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import SEED_LIMIT, GenerationParams
 
@@ -37,17 +37,19 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
               help="[default: fp16 on GPUs, fp32 on the CPU]")
 @click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
+@safety_options()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
               show_default=True, help="PNG to write; with -n N, OUT-0.png ... OUT-(N-1).png.")
 @output_options("json", dest="printed")
 def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int | None, sampler: str,
              steps: int, cfg: float, eta: float, width: int, height: int, num_images: int,
              batch_size: int | None, device: str | None, dtype: str | None, no_watermark: bool,
-             output: Path, printed: str | None) -> None:
+             safety_checker: str | None, on_flag: str, output: Path, printed: str | None) -> None:
     """Generate images from PROMPT with a local model and write them as PNGs.
 
     Each PNG carries its provenance (an AUTOMATIC1111-style `parameters` chunk and an `sdq`
-    JSON chunk) and, from 256x256 up, the invisible watermark.
+    JSON chunk) and, from 256x256 up, the invisible watermark. With a safety checker each
+    image's verdict is in its `sdq` chunk; a dropped image is not written.
 
     \b
     Example:
@@ -55,8 +57,11 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
           --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
     """
     from sdq.sdmodel import clip
-    from sdq.sdmodel.pipeline import load_pipeline
+    from sdq.sdmodel.pipeline import DTYPES, load_pipeline
+    from sdq.sdmodel.safety import load_safety_checker
     from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
+    from sdq.worker.images.safety import judge, stored_image
+    from sdq.worker.jobs.submit import job_safety_checker
 
     base_seed = random.randrange(SEED_LIMIT) if seed is None else seed
     if base_seed + num_images > SEED_LIMIT:
@@ -66,6 +71,10 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         params = [GenerationParams(prompt, negative_prompt, base_seed + i, sampler, steps, cfg, eta,
                                    width, height) for i in range(num_images)]
     settings = load_settings(need_broker=False)
+    try:
+        checker_ref = job_safety_checker(safety_checker, settings.safety_checker)
+    except ValueError as exc:
+        raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
     try:
@@ -73,6 +82,13 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                              hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=BAD_INPUT) from None
+    checker = None
+    if checker_ref is not None:
+        try:
+            checker = load_safety_checker(checker_ref, device=pipe.device, dtype=DTYPES[pipe.dtype],
+                                          hash_cache=settings.home / "hashes.json")
+        except ValueError as exc:
+            raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height))
     for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
@@ -97,18 +113,29 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                                            on_step=on_step)
             except ValueError as exc:
                 raise CommandFailed.of(exc, code=FAILED) from None
-            for position, (image_params, image) in enumerate(zip(batch, images)):
+            verdicts = judge(checker, images, [on_flag] * len(images)) if checker else [None] * len(images)
+            for position, (image_params, image, verdict) in enumerate(zip(batch, images, verdicts)):
+                path = paths[len(written)]
+                entry = {"path": str(path), "seed": image_params.seed, "sha256": None,
+                         "watermark": None, "safety": verdict.to_json() if verdict else None}
+                written.append(entry)
+                stored = stored_image(image, verdict)
+                if stored is None:
+                    entry["path"] = None
+                    continue
                 provenance = Provenance(
                     params=image_params, model_sha256=pipe.sha256, model_name=pipe.name,
-                    environment=environment, batch_position=position,
+                    environment=environment, batch_position=position, safety=verdict,
                 )
-                png = encode_png(image, provenance, watermark=watermark, level=settings.png_level)
-                path = paths[len(written)]
+                png = encode_png(stored, provenance, watermark=watermark if stored is image else None,
+                                 level=settings.png_level)
                 write_atomically(path, png.data)
-                written.append({"path": str(path), "seed": image_params.seed, "sha256": png.sha256,
-                                "watermark": png.watermark})
+                entry.update(sha256=png.sha256, watermark=png.watermark)
     if printed == "json":
         click.echo(json.dumps({"model": pipe.name, "model_sha256": pipe.sha256, "images": written}, indent=2))
     else:
         for entry in written:
-            click.echo(f"{entry['path']}  seed {entry['seed']}")
+            verdict = entry["safety"]
+            note = f"  flagged by the safety checker: {verdict['action']}" \
+                if verdict and verdict["flagged"] else ""
+            click.echo(f"{entry['path'] or 'not written'}  seed {entry['seed']}{note}")

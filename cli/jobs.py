@@ -8,16 +8,19 @@ import click
 
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
 from sdq.db.models import Job, Status
-from sdq.db.queries import failure_reasons, get_job, job_progress, recent_jobs
+from sdq.db.queries import failure_reasons, flagged_counts, get_job, job_progress, recent_jobs
 
-_COLUMNS = ["id", "name", "status", "items", "done", "failed", "created"]
+_COLUMNS = ["id", "name", "status", "items", "done", "failed", "flagged", "created"]
 
 
-def _job_record(job: Job, counts: dict[Status, int]) -> dict[str, Any]:
+def _job_record(job: Job, counts: dict[Status, int], flagged: int) -> dict[str, Any]:
+    """`flagged`: images the safety checker flagged, whatever became of them; `safety_checker`
+    is None for a job that runs none (its images are then not checked, not "not flagged")."""
     return {"id": job.id, "name": job.name or job.source_name, "status": job.status,
             "items": sum(counts.values()), "done": counts[Status.DONE],
-            "failed": counts[Status.FAILED], "created": job.created_at,
-            "finished": job.finished_at, "priority": job.priority, "tags": job.tags or []}
+            "failed": counts[Status.FAILED], "flagged": flagged, "created": job.created_at,
+            "finished": job.finished_at, "priority": job.priority, "tags": job.tags or [],
+            "safety_checker": job.safety_checker, "on_flag": job.on_flag}
 
 
 @click.command()
@@ -32,7 +35,9 @@ def jobs(limit: int | None, output: str | None) -> None:
       sdq jobs --limit 100 --csv > jobs.csv
     """
     with database_session() as session:
-        records = [_job_record(job, counts) for job, counts in recent_jobs(session, limit)]
+        listed = recent_jobs(session, limit)
+        flagged = flagged_counts(session, (job.id for job, _ in listed))
+        records = [_job_record(job, counts, flagged[job.id]) for job, counts in listed]
     emit(records, _COLUMNS, output, empty="no jobs yet; submit one with `sdq submit FILE`")
 
 
@@ -59,7 +64,7 @@ def status(job_id: int, output: str | None) -> None:
         job = get_job(session, job_id)
         progress = job_progress(session, job_id)
         failures = failure_reasons(session, job_id)
-        record = _job_record(job, progress.counts)
+        record = _job_record(job, progress.counts, flagged_counts(session, [job_id])[job_id])
     if output == "json":
         click.echo(json.dumps({
             **{k: plain(v) for k, v in record.items()},
@@ -79,3 +84,7 @@ def status(job_id: int, output: str | None) -> None:
     click.echo("  " + line)
     for error, count, first in failures:
         click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
+    if job.safety_checker:
+        click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})")
+    else:
+        click.echo("  safety checker: none (images not checked)")

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from sdq.db.models import ON_FLAG
 from sdq.sdmodel.params import (
     CHECKS,
     DEFAULTS,
@@ -99,6 +100,26 @@ def generation_options(seed_help: str, *, scope: str = "", fill_defaults: bool =
             command = click.option(option_name(field), *aliases, field, type=kind,
                                    help=text + scope, **extra)(command)
         return click.option("--seed", type=SEED, help=seed_help)(command)
+    return decorate
+
+
+def safety_options(*, fill_defaults: bool = True) -> Callable[[F], F]:
+    """Add --safety-checker PATH|off and --on-flag keep|black|drop (passed as `safety_checker`
+    and `on_flag`); with `fill_defaults` False, --on-flag left out is None."""
+    def decorate(command: F) -> F:
+        command = click.option(
+            "--on-flag", type=click.Choice(ON_FLAG), default=ON_FLAG[0] if fill_defaults else None,
+            show_default=fill_defaults,
+            help="What becomes of an image the safety checker flags: keep it as generated, "
+                 "store a black image of the same size, or drop it (no image; the item ends "
+                 "done with safety action `dropped`). The verdict is recorded either way."
+                 + ("" if fill_defaults else " [default: keep]"))(command)
+        return click.option(
+            "--safety-checker", metavar="PATH|off",
+            help="Score every image with this safety checker: a diffusers safety_checker/ "
+                 "folder, a pipeline folder holding one, or a Hugging Face repo id; `off` for "
+                 "none [default: $SDQ_SAFETY_CHECKER, else none: images are recorded as not "
+                 "checked].")(command)
     return decorate
 
 

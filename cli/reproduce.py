@@ -50,8 +50,12 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
     with database_session(settings) as session:
         item = get_item(session, item_id)
         if item.status is not Status.DONE or not item.image_key:
+            dropped = ", dropped by the safety checker" if item.safety_action == "dropped" else ""
             raise click.ClickException(f"item {item_id} has no stored image "
-                                       f"(status {item.status.value})")
+                                       f"(status {item.status.value}{dropped})")
+        if item.safety_action == "blacked":
+            raise click.ClickException(f"item {item_id}'s stored image was blacked out by the "
+                                       "safety checker: there is nothing to compare with")
         if item.model is None:
             raise click.ClickException(f"item {item_id} records no model")
         members = composition(session, item, in_batch=in_batch)

@@ -13,7 +13,7 @@ import click
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options
+from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.db.models import Schedule
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
@@ -30,6 +30,7 @@ from sdq.worker.jobs.schedule import (
     schedules_with_last_run,
     utc_clock,
 )
+from sdq.worker.settings import SAFETY_OFF
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
 
@@ -81,13 +82,15 @@ def schedule() -> None:
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
 @click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
+@safety_options(fill_defaults=False)
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")
 def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,
         seed: int | None, sampler: str | None, steps: int | None, cfg: float | None,
         eta: float | None, width: int | None, height: int | None,
         num_images: int | None, batch_size: int | None,
-        priority: int | None, tags: tuple[str, ...], replace: bool, output: str | None) -> None:
+        priority: int | None, tags: tuple[str, ...], safety_checker: str | None,
+        on_flag: str | None, replace: bool, output: str | None) -> None:
     """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
 
     Options are the defaults `sdq submit` takes. Adding a NAME that exists with the same
@@ -98,7 +101,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     Example:
       sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4 --tag nightly
     """
-    from sdq.worker.jobs.submit import identify_model
+    from sdq.worker.jobs.submit import identify_model, job_safety_checker
 
     settings = load_settings(need_broker=False)
     if model_ref is not None:
@@ -108,11 +111,16 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
             identify_model(model_ref, settings.home / "hashes.json")
         except (ValueError, LookupError, OSError) as exc:
             raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
+    if safety_checker is not None:  # `off` is kept: the scheduler's default must not apply
+        try:
+            safety_checker = job_safety_checker(safety_checker, None) or SAFETY_OFF
+        except ValueError as exc:
+            raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     options: dict[str, Any] = {
         "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
         "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
         "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
-        "tags": list(tags)}
+        "tags": list(tags), "safety_checker": safety_checker, "on_flag": on_flag}
     try:
         data = file.read_bytes()
     except OSError as exc:

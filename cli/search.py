@@ -18,6 +18,7 @@ from sdq.cli.common import (
     load_settings,
     output_options,
     plain,
+    safety_label,
     write_file,
 )
 from sdq.cli.errors import CommandFailed
@@ -25,7 +26,7 @@ from sdq.db.models import SEED_LIMIT, Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.worker.images.storage import StorageError
 
-_COLUMNS = ["id", "job", "seed", "sampler", "size", "prompt", "created"]
+_COLUMNS = ["id", "job", "seed", "sampler", "size", "safety", "prompt", "created"]
 _EXCERPT = 60
 _TIME = click.DateTime(["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S",
                         "%Y-%m-%dT%H:%M:%S"])
@@ -39,7 +40,8 @@ def _utc(ctx: click.Context, param: click.Parameter, value: datetime | None) -> 
 def _table_row(record: dict[str, Any]) -> dict[str, Any]:
     prompt = record["prompt"].replace("\n", " ")
     excerpt = prompt if len(prompt) <= _EXCERPT else prompt[:_EXCERPT - 3] + "..."
-    return {**record, "size": f"{record['width']}x{record['height']}", "prompt": excerpt}
+    return {**record, "size": f"{record['width']}x{record['height']}", "prompt": excerpt,
+            "safety": safety_label(record)}
 
 
 @click.command()
@@ -52,13 +54,16 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
               help="Created at or after this time (UTC), e.g. 2025-06-01 or '2025-06-01 14:00'.")
 @click.option("--until", type=_TIME, callback=_utc, help="Created before this time (UTC).")
 @click.option("--tag", help="Items with this tag, or whose job has it.")
+@click.option("--flagged/--not-flagged", default=None,
+              help="Only images the safety checker flagged, or checked and passed (images never "
+                   "checked match neither).")
 @click.option("--before", metavar="ID", type=click.IntRange(1),
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
 def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           before: int | None, limit: int | None, output: str | None) -> None:
+           flagged: bool | None, before: int | None, limit: int | None, output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table
@@ -69,12 +74,13 @@ def search(text: str | None, seed: int | None, model: str | None, job_id: int | 
       sdq search "red dragon" --since 2025-06-01
       sdq search --seed 1234 --model sd15 --json
       sdq search lighthouse --job 42 --status done --csv > lighthouses.csv
+      sdq search --job 42 --flagged --json
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
     """
     with database_session() as session:
         page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
                             status=Status(status) if status else None, since=since, until=until,
-                            tag=tag, before=before, limit=limit)
+                            tag=tag, flagged=flagged, before=before, limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
          empty="no items match")
@@ -113,7 +119,7 @@ def show(item_id: int, output: str | None) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
         elif isinstance(value, list):
-            value = ", ".join(value)
+            value = ", ".join(map(str, value))
         click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
 
 
@@ -133,7 +139,8 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
 
     The PNGs carry their provenance in their own metadata too. Files already there with the
     recorded sha256 are skipped, so an interrupted download resumes where it stopped. Items
-    without an image yet are listed; the exit status is then 1.
+    without an image yet are listed; the exit status is then 1. Images the safety checker
+    dropped are listed too, but are not an error.
 
     \b
     Examples:
@@ -147,9 +154,13 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
     written: list[str] = []
     skipped: list[str] = []
     missing: list[dict[str, Any]] = []
+    dropped: list[int] = []
     with database_session(settings) as session:
         items = get_items(session, item_ids) if job_id is None else job_items(session, job_id)
         for item in items:
+            if item.safety_action == "dropped":
+                dropped.append(item.id)
+                continue
             if item.image_key is None:
                 missing.append({"id": item.id, "status": item.status.value})
                 continue
@@ -167,11 +178,13 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
             except StorageError as exc:
                 raise CommandFailed.of(exc, f"item {item.id}") from None
     if output == "json":
-        click.echo(json.dumps({"written": written, "skipped": skipped, "not_ready": missing},
-                              indent=2))
+        click.echo(json.dumps({"written": written, "skipped": skipped, "not_ready": missing,
+                               "dropped": dropped}, indent=2))
     else:
         click.echo(f"{len(written)} image(s) written, {len(skipped)} already there, to {directory}")
         for entry in missing:
             click.echo(f"item {entry['id']}: no image yet ({entry['status']})", err=True)
+        for item_id in dropped:
+            click.echo(f"item {item_id}: no image, dropped by the safety checker", err=True)
     if missing:
         raise SystemExit(1)

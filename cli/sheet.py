@@ -22,6 +22,7 @@ from sdq.cli.common import (
     load_settings,
     output_options,
     report,
+    safety_label,
     write_file,
 )
 from sdq.db.models import Status
@@ -47,7 +48,8 @@ def _load(job_id: int | None, query: str | None, limit: int | None) -> list[tupl
         if job_id is not None:
             get_job(session, job_id)
         page = search_items(session, job_id=job_id, text=query, status=Status.DONE, limit=limit)
-        records = [item_record(item) for item in page.items]
+        # A dropped image leaves its item done without one.
+        records = [item_record(item) for item in page.items if item.image_key]
     if job_id is not None:
         records.sort(key=lambda r: r["row"])
     if not records:
@@ -61,8 +63,9 @@ def _image(data: bytes) -> Image.Image:
 
 
 def _caption(record: dict[str, Any]) -> str:
+    flag = f" FLAGGED ({record['safety_action']})" if record["safety_flagged"] else ""
     return f"#{record['id']} seed {record['seed']} {record['sampler']} {record['steps']} " \
-           f"cfg {record['cfg']:g}\n{record['prompt']}"
+           f"cfg {record['cfg']:g}{flag}\n{record['prompt']}"
 
 
 def contact_sheet(tiles: Sequence[tuple[Image.Image, str]], *, columns: int, tile: int,
@@ -136,11 +139,12 @@ dt {{ color: #666; }} dd {{ margin: 0; overflow-wrap: anywhere; }}
 {figures}
 </main></body></html>
 """
-_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "size", "model", "id")
+_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "size", "model", "safety",
+           "id")
 
 
 def _figure(record: dict[str, Any]) -> str:
-    values = {**record, "size": f"{record['width']}x{record['height']}"}
+    values = {**record, "size": f"{record['width']}x{record['height']}", "safety": safety_label(record)}
     rows = "".join(f"<dt>{name.replace('_', ' ')}</dt><dd>{html.escape(str(values[name]))}</dd>"
                    for name in _FIELDS if values[name] not in (None, ""))
     name = f"{record['id']}"

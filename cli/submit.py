@@ -18,7 +18,7 @@ from sdq.cli.common import (
     render_table,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options
+from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.db.models import Job
 from sdq.db.queries import find_model
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
 @click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
+@safety_options()
 @click.option("--dry-run", is_flag=True,
               help="Check the file and print the plan; record and run nothing.")
 @click.option("--wait", is_flag=True,
@@ -56,7 +57,8 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
            sampler: str, steps: int, cfg: float, eta: float, width: int, height: int,
            num_images: int,
            batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
-           dry_run: bool, wait: bool, output: str | None) -> None:
+           safety_checker: str | None, on_flag: str, dry_run: bool, wait: bool,
+           output: str | None) -> None:
     """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
 
     The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
@@ -71,7 +73,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
       sdq submit prompts.txt --seed 42 --dry-run
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.worker.jobs.submit import identify_model, plan
+    from sdq.worker.jobs.submit import identify_model, job_safety_checker, plan
 
     as_json = output == "json"
     with as_option_errors():
@@ -87,6 +89,10 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
         model = identify_model(ref, settings.home / "hashes.json")
     except (ValueError, LookupError, OSError) as exc:
         raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
+    try:
+        checker = job_safety_checker(safety_checker, settings.safety_checker)
+    except ValueError as exc:
+        raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     size = batch_size or settings.batch_size or DEFAULT_BATCH_SIZE
     if dry_run:
         with database_session(settings) as session:
@@ -96,7 +102,8 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
               defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
                         "batch_size": size},
-              priority=priority, tags=list(dict.fromkeys(tags)))
+              priority=priority, tags=list(dict.fromkeys(tags)), safety_checker=checker,
+              on_flag=on_flag)
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
         record, text, status = outcome(result["job_id"], follow(settings, result["job_id"]))

@@ -48,7 +48,12 @@ def _find_item(database_url: str, item_id: int) -> tuple[ItemRecord, str | None,
     try:
         with Session(engine) as session:
             item = session.get(Item, item_id)
-            return None if item is None else (ItemRecord.of(item), item.image_key, item.status.value)
+            if item is None:
+                return None
+            status = item.status.value
+            if item.safety_action == "dropped":
+                status += ", image dropped by the safety checker"
+            return ItemRecord.of(item), item.image_key, status
     except SQLAlchemyError as exc:
         raise _Unavailable(str(exc).splitlines()[0]) from None
     finally:

@@ -41,6 +41,14 @@ class Status(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+ON_FLAG = ("keep", "black", "drop")
+"""What a job does with an image the safety checker flags: store it as generated, store a
+black image of the same size instead, or store no image."""
+SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
+"""An item's `safety_action` for each `on_flag` when its image was flagged; an image the
+checker passed is always `kept`."""
+
+
 def _partial(condition: str) -> dict[str, Any]:
     """Index options that index only rows meeting `condition`, on both databases."""
     return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
@@ -126,6 +134,10 @@ class Job(Base):
     # A schedule that has run is disabled, not deleted: its runs keep pointing at it.
     schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"))
     run_day: Mapped[date | None] = mapped_column(Date)
+    # The safety checker each image is scored with (a folder or a hub id; null: none), and
+    # what becomes of a flagged image: one of ON_FLAG (docs/db.md).
+    safety_checker: Mapped[str | None] = mapped_column(Text)
+    on_flag: Mapped[str] = mapped_column(String(8), default="keep", server_default="keep")
 
 
 class Item(Base):
@@ -186,6 +198,13 @@ class Item(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     duration_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The safety checker's verdict: null throughout when no check ran ("not checked", which
+    # is not "not flagged"). Scores are {"concept": [...], "special": [...]}; the action is
+    # one of SAFETY_ACTIONS, and a dropped image leaves the item done without an image.
+    safety_flagged: Mapped[bool | None]
+    safety_scores: Mapped[dict[str, list[float]] | None] = mapped_column(JSON)
+    safety_checker_sha256: Mapped[str | None] = mapped_column(String(64))
+    safety_action: Mapped[str | None] = mapped_column(String(8))
 
     job: Mapped[Job] = relationship()
     model: Mapped[Model | None] = relationship()

@@ -57,6 +57,7 @@ def search_items(
     since: datetime | None = None,
     until: datetime | None = None,
     tag: str | None = None,
+    flagged: bool | None = None,
     before: int | None = None,
     limit: int | None = 50,
 ) -> Page:
@@ -66,7 +67,8 @@ def search_items(
     `text` is a prompt search (words and "quoted phrases", all required; see `fulltext`);
     `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
     (exclusive) bound the creation time; `tag` matches the item's own tags or its job's (a
-    scan: tags are not indexed). Paging is by keyset (`before` an id), so a page costs the
+    scan: tags are not indexed). `flagged` True or False keeps the items the safety checker
+    flagged, or checked and passed; items never checked match neither. Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit is not None and limit < 1:
@@ -93,6 +95,8 @@ def search_items(
     if tag is not None:
         tagged_jobs = select(Job.id).where(_has_tag(Job.tags, tag, dialect))
         stmt = stmt.where(or_(_has_tag(Item.tags, tag, dialect), Item.job_id.in_(tagged_jobs)))
+    if flagged is not None:
+        stmt = stmt.where(Item.safety_flagged.is_(flagged))
     if before is not None:
         stmt = stmt.where(key < before)
     if limit is None:
@@ -202,6 +206,16 @@ def recent_jobs(session: Session, limit: int | None = 20) -> list[tuple[Job, dic
     for job_id, status, n in session.execute(stmt):
         counts[job_id][status] = n
     return [(job, counts[job.id]) for job in jobs]
+
+
+def flagged_counts(session: Session, job_ids: Iterable[int]) -> dict[int, int]:
+    """How many images of each job the safety checker flagged (zeros included)."""
+    ids = list(job_ids)
+    counts = dict.fromkeys(ids, 0)
+    stmt = (select(Item.job_id, func.count()).where(Item.job_id.in_(ids), Item.safety_flagged.is_(True))
+            .group_by(Item.job_id))
+    counts.update({job_id: n for job_id, n in session.execute(stmt)})
+    return counts
 
 
 def get_job(session: Session, job_id: int) -> Job:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .errors import InvalidInput, NotFound
 from .files import write_atomically
+from .params import HUB_REPO_ID
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (
@@ -263,23 +264,24 @@ _REPO_FILES = [
 ]
 
 
-def resolve_model_ref(ref: str | Path) -> Path:
+def resolve_model_ref(ref: str | Path, files: Sequence[str] | None = None) -> Path:
     """A local file or folder as given; a Hugging Face repo id from the HF cache (fetched into
-    it first when the network allows)."""
+    it first when the network allows), only `files` of it (default: a model's)."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
     text = str(ref)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or path.suffix in (".safetensors", ".ckpt"):
+    if not HUB_REPO_ID.fullmatch(text) or path.suffix in (".safetensors", ".ckpt"):
         raise ModelNotFound(f"{text}: no such checkpoint file or model folder")
     from huggingface_hub import snapshot_download
 
+    patterns = list(files or _REPO_FILES)
     try:
-        return Path(snapshot_download(text, allow_patterns=_REPO_FILES, local_files_only=True))
+        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
     try:
-        return Path(snapshot_download(text, allow_patterns=_REPO_FILES))
+        return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as exc:
         raise ModelNotFound(
             f"{text}: not in the Hugging Face cache and could not be downloaded "

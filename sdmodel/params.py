@@ -34,6 +34,9 @@ MAX_ETA = 1.0
 MAX_IMAGES_PER_ROW = 10_000
 """A cap on a prompt file row's `n` that catches a typo (n=1000000) before it becomes a
 million rows."""
+HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""What a Hugging Face repo id looks like (`owner/name`): a reference that is not a local path
+and has this form is looked up on the hub."""
 SHORT_HASH_LEN = 10
 """Hex digits of a model's sha256 that users see and type, as AUTOMATIC1111's `Model hash`."""
 

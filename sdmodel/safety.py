@@ -11,7 +11,8 @@ adjustment decide borderline flags, so they are kept as the reference has them.
 The image tower is transformers' `CLIPVisionModel`, built from the folder's config.json; the head
 is the few lines here. Preprocessing equals CLIPImageProcessor's: resize the shortest side to the
 tower's input size with PIL's bicubic filter, center crop, scale to [0, 1], normalise with CLIP's
-mean and standard deviation. sdq records the scores and lets users act; it never alters images.
+mean and standard deviation. The checker only scores; what becomes of a flagged image (kept,
+blacked out or dropped) is the job's choice, applied by the runner (`worker/runner.py`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_weights, model_sha256, read_weights
+from .checkpoint import (
+    CheckpointError,
+    ModelNotFound,
+    load_weights,
+    model_sha256,
+    read_weights,
+    resolve_model_ref,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -134,6 +142,23 @@ class SafetyChecker(nn.Module):
         return self.score(preprocess(images, self.vision_model.config.image_size))
 
 
+_WEIGHT_NAMES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+_HUB_FILES = [f"{folder}{name}" for folder in ("", "safety_checker/") for name in ("config.json", *_WEIGHT_NAMES)]
+"""A hub repo's files a checker needs: its own (a checker repo) or its pipeline's subfolder."""
+
+
+def find_safety_checker(ref: str | Path) -> Path:
+    """The checker folder `ref` names: a `safety_checker/` folder, a pipeline folder holding
+    one, or (when not a local path) a Hugging Face repo id of either, from the HF cache or
+    fetched into it when the network allows (only the checker's files)."""
+    try:
+        path = resolve_model_ref(ref, files=_HUB_FILES)
+    except ModelNotFound:
+        raise CheckpointError(ref, "no such safety checker folder, and not a Hugging Face repo "
+                                   "id in the cache or reachable") from None
+    return _checker_folder(path)
+
+
 def _checker_folder(path: Path) -> Path:
     """A `safety_checker/` folder itself, or the one inside a full pipeline folder."""
     inside = path / "safety_checker"
@@ -144,7 +169,7 @@ def _checker_folder(path: Path) -> Path:
 
 
 def _weights_file(folder: Path) -> Path:
-    for name in ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"):
+    for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(folder, "no model.safetensors or pytorch_model.bin")
@@ -171,14 +196,15 @@ def _vision_config(config_file: Path):
 def load_safety_checker(
     ref: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, hash_cache: Path | None = None,
 ) -> SafetyChecker:
-    """A checker from a local `safety_checker/` folder or a pipeline folder holding one.
+    """A checker from a `safety_checker/` folder, a pipeline folder holding one, or a hub id
+    (see `find_safety_checker`).
 
     Its identity, like a model's, is the sha256 of its folder's files. Weights saved by
     transformers 4 nest the tower one level deeper (`vision_model.vision_model.*`); both load.
     """
     from transformers import CLIPVisionModel
 
-    folder = _checker_folder(Path(ref).expanduser())
+    folder = find_safety_checker(ref)
     config_file, weights_file = folder / "config.json", _weights_file(folder)
     vision_config, projection_dim = _vision_config(config_file)
     weights = {

@@ -104,3 +104,107 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-sd.safetensors"
     save_file(ldm_checkpoint(*build_tiny_networks()), str(path))
     return path
+
+
+# -- safety checkers: diffusers' `safety_checker/` layout, random weights, chosen thresholds --
+
+TINY_CHECKERS = {
+    # ViT-L/14's layout (patch 14 at 224 pixels, quick_gelu) at a tiny width.
+    "vit-l14-scaled": (dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+                            intermediate_size=128, patch_size=14, image_size=224,
+                            hidden_act="quick_gelu"), 48),
+    "other-config": (dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
+                          intermediate_size=96, patch_size=16, image_size=160, hidden_act="gelu",
+                          layer_norm_eps=1e-6), 32),
+}
+"""(vision tower config, projection width) of tiny checkers that differ in every field the
+loader reads."""
+NEVER = 2.0
+"""A threshold no cosine similarity reaches: the concept never flags."""
+
+
+def save_safety_checker(folder: Path, vision: dict, projection_dim: int, *, concepts: int = 17,
+                        special: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0,
+                        meta: bool = False) -> Path:
+    """A `safety_checker/` folder (config.json, model.safetensors) with random weights in the
+    layout diffusers saves; every threshold is NEVER, so nothing flags until changed.
+
+    The tower gets transformers' own initialisation, under which different images embed
+    differently enough to single one out (`flag_images`); with `meta`, small random values
+    instead, built on the meta device: seconds for the full-size tower, for timing only."""
+    import json
+
+    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPConfig(vision_config=vision, projection_dim=projection_dim).to_dict()
+    config["architectures"] = ["StableDiffusionSafetyChecker"]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            tower = CLIPVisionModel(CLIPVisionConfig(**vision))
+        state = random_fp16(tower, generator)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            state = CLIPVisionModel(CLIPVisionConfig(**vision)).state_dict()
+    weights = {f"vision_model.{k}": v for k, v in state.items() if not k.endswith("position_ids")}
+    weights.update({
+        "visual_projection.weight": torch.randn(projection_dim, vision["hidden_size"], generator=generator),
+        "concept_embeds": torch.randn(concepts, projection_dim, generator=generator),
+        "special_care_embeds": torch.randn(special, projection_dim, generator=generator),
+        "concept_embeds_weights": torch.full((concepts,), NEVER),
+        "special_care_embeds_weights": torch.full((special,), NEVER),
+    })
+    save_file({k: v.to(dtype) for k, v in weights.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def own_direction(embeds: torch.Tensor, k: int) -> torch.Tensor:
+    """The part of embedding k orthogonal to all the others: a concept pointing there has
+    similarity 0 with every other image, however alike a random tower embeds them."""
+    others, _ = torch.linalg.qr(torch.cat([embeds[:k], embeds[k + 1:]]).T)
+    return embeds[k] - others @ (others.T @ embeds[k])
+
+
+def flag_images(folder: Path, images: list, flagged: list[int]) -> None:
+    """Rewrite the checker's concepts so that exactly the images at `flagged` flag: concept j
+    points at image flagged[j]'s own direction with half its similarity as threshold; the
+    other concepts never flag. Deterministic for these images."""
+    from safetensors.torch import load_file
+
+    from sdq.sdmodel.safety import load_safety_checker, preprocess
+
+    checker = load_safety_checker(folder)
+    with torch.inference_mode():
+        pooled = checker.vision_model(preprocess(images, checker.vision_model.config.image_size)).pooler_output
+        embeds = torch.nn.functional.normalize(checker.visual_projection(pooled).double())
+    path = folder / "model.safetensors"
+    weights = load_file(str(path))
+    concepts = weights["concept_embeds"].double()
+    thresholds = torch.full_like(weights["concept_embeds_weights"], NEVER, dtype=torch.float64)
+    for j, k in enumerate(flagged):
+        direction = own_direction(embeds, k)
+        similarity = float(embeds[k] @ torch.nn.functional.normalize(direction, dim=0))
+        assert similarity > 0.01, f"image {k} is too like the others to single out ({similarity})"
+        concepts[j], thresholds[j] = direction, similarity / 2
+    dtype = weights["concept_embeds"].dtype
+    weights["concept_embeds"] = concepts.to(dtype)
+    weights["concept_embeds_weights"] = thresholds.to(dtype)
+    save_file(weights, str(path))
+
+
+@pytest.fixture(scope="session")
+def flag_all_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pipeline folder whose tiny checker flags every image: concept 0's threshold is -1,
+    below any cosine similarity."""
+    from safetensors.torch import load_file
+
+    pipeline = tmp_path_factory.mktemp("pipeline")
+    vision, projection = TINY_CHECKERS["vit-l14-scaled"]
+    path = save_safety_checker(pipeline / "safety_checker", vision, projection) / "model.safetensors"
+    weights = load_file(str(path))
+    weights["concept_embeds_weights"][0] = -1.0
+    save_file(weights, str(path))
+    return pipeline

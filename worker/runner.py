@@ -18,6 +18,11 @@ the previous ones, each chunk cut in parts so that all threads work on it. At mo
 `QUEUED_CHUNKS` finished chunks wait or are being stored; the generator blocks beyond that, so
 memory stays flat when storage is slow. `run` returns (and the task acknowledges) only when all
 are recorded.
+
+A job that names a safety checker has each image scored on the store threads too, so on a GPU
+the checker overlaps the next chunk's denoising; the checker is loaded once per runner (per
+worker process), before the batch that first needs it is denoised, and a job whose checker
+cannot be loaded fails its items instead of running them unchecked.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from itertools import groupby
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -49,11 +54,16 @@ from sdq.worker.images.provenance import (
     EncodedPng,
     Environment,
     Provenance,
+    SafetyVerdict,
     encode_png,
     environment_fingerprint,
 )
+from sdq.worker.images.safety import judge, stored_image
 from sdq.worker.images.storage import Storage, StorageError, image_key
 from sdq.worker.settings import DEFAULT_PNG_LEVEL, default_store_threads
+
+if TYPE_CHECKING:
+    from sdq.sdmodel.safety import SafetyChecker
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,9 @@ class Work:
     row_index: int
     params: GenerationParams
     attempt: int
+    safety_checker: str | None = None
+    """The job's checker (a folder or hub id), None for no check."""
+    on_flag: str = "keep"
 
     @property
     def shape(self) -> BatchShape:
@@ -165,12 +178,39 @@ class Runner:
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
         self.fast = fast
+        self._checkers: dict[str, SafetyChecker] = {}
+        """Safety checkers by the reference jobs name them with, loaded once, on first use."""
 
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
             self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
                                            hash_cache=self.hash_cache, fast=self.fast)
         return self._pipeline
+
+    def safety_checker(self, ref: str) -> SafetyChecker:
+        """The checker `ref` names, on the model's device and in its dtype, loaded once."""
+        if ref not in self._checkers:
+            from sdq.sdmodel.pipeline import DTYPES
+            from sdq.sdmodel.safety import load_safety_checker
+
+            pipe = self.pipeline()
+            self._checkers[ref] = load_safety_checker(ref, device=pipe.device, dtype=DTYPES[pipe.dtype],
+                                                      hash_cache=self.hash_cache)
+        return self._checkers[ref]
+
+    def _with_checkers(self, work: list[Work], report: RunReport) -> list[Work]:
+        """The claimed items whose safety checker loads; the others fail with the reason (a
+        job that asked for a check never runs without one)."""
+        failed: dict[str, str] = {}
+        for ref in {w.safety_checker for w in work if w.safety_checker}:
+            try:
+                self.safety_checker(ref)
+            except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
+                failed[ref] = f"safety checker: {exc}"
+        for ref, reason in failed.items():
+            ids = [w.id for w in work if w.safety_checker == ref]
+            report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+        return [w for w in work if w.safety_checker not in failed]
 
     def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None
             ) -> RunReport:
@@ -195,6 +235,7 @@ class Runner:
                     report.skipped += len(batch.item_ids) - len(work)
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
+                    work = self._with_checkers(work, report)
                     for chunk in self._generate(pipe, batch.id, work, report):
                         queue.put([partial(self._store, part, environment, on_recorded)
                                    for part in chunk.parts(self.store_threads)])
@@ -222,11 +263,12 @@ class Runner:
         while True:
             with self.sessions.begin() as session:
                 rows = session.execute(
-                    select(Item, Model.sha256).join(Model, Item.model_id == Model.id)
+                    select(Item, Model.sha256, Job.safety_checker, Job.on_flag)
+                    .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
                     .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
                 ).all()
                 now = utcnow()
-                busy = {item.id for item, _ in rows if item.status == Status.RUNNING
+                busy = {item.id for item, *_ in rows if item.status == Status.RUNNING
                         and item.lease_expires_at is not None and item.lease_expires_at > now}
                 if not busy or time.monotonic() > deadline:
                     return self._take(session, batch, rows, busy, model_sha256)
@@ -238,7 +280,7 @@ class Runner:
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
         gave_up = set()
-        for item, sha256 in sorted(rows, key=lambda row: order[row[0].id]):
+        for item, sha256, checker, on_flag in sorted(rows, key=lambda row: order[row[0].id]):
             if item.status in FINISHED or item.id in busy:
                 continue
             if sha256 != model_sha256:
@@ -261,7 +303,8 @@ class Runner:
             item.status, item.attempts = Status.RUNNING, item.attempts + 1
             item.lease_expires_at = now + timedelta(seconds=self.lease_s)
             item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
-            work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts))
+            work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts,
+                             checker, on_flag))
         session.flush()
         _finish_jobs(session, gave_up)
         return work
@@ -311,16 +354,20 @@ class Runner:
         """Encode, watermark, upload and record one chunk (or part of one); returns how many
         were recorded."""
         pipe = self.pipeline()
+        verdicts = self._check(chunk)
+        stored = [stored_image(image, verdict) for image, verdict in zip(chunk.images, verdicts)]
         pngs = [
-            encode_png(image, Provenance(
-                params=w.params, model_sha256=pipe.sha256, model_name=pipe.name, environment=environment,
-                job_id=w.job_id, item_id=w.id, row=w.row_index, batch_id=chunk.batch_id,
-                batch_position=chunk.first + position,
-            ), watermark=self.watermark, level=self.png_level)
-            for position, (w, image) in enumerate(zip(chunk.items, chunk.images))
+            None if image is None else encode_png(image, Provenance(
+                params=w.params, model_sha256=pipe.sha256, model_name=pipe.name,
+                environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
+                batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
+            ), watermark=self.watermark if image is generated else None, level=self.png_level)
+            # A black image is not what the model made: it carries no watermark.
+            for position, (w, image, generated, verdict)
+            in enumerate(zip(chunk.items, stored, chunk.images, verdicts))
         ]
         try:
-            recorded = self._retrying("storing images", lambda: self._record(chunk, pngs))
+            recorded = self._retrying("storing images", lambda: self._record(chunk, pngs, verdicts))
         except TransientError as exc:
             ids, reason = [w.id for w in chunk.items], str(exc)
             self._retrying("handing items back", lambda: self._release(ids, last_error=reason[:2000]))
@@ -331,7 +378,21 @@ class Runner:
             on_recorded(recorded)
         return recorded
 
-    def _record(self, chunk: Chunk, pngs: list[EncodedPng]) -> int:
+    def _check(self, chunk: Chunk) -> list[SafetyVerdict | None]:
+        """Each image's verdict from its job's checker (None where the job has none), and
+        the action its job's `on_flag` takes: runs on a store thread, off the denoising
+        path, one call per checker for the chunk's images."""
+        verdicts: list[SafetyVerdict | None] = [None] * len(chunk.items)
+        for ref in {w.safety_checker for w in chunk.items if w.safety_checker}:
+            positions = [n for n, w in enumerate(chunk.items) if w.safety_checker == ref]
+            judged = judge(self.safety_checker(ref), [chunk.images[n] for n in positions],
+                           [chunk.items[n].on_flag for n in positions])
+            for n, verdict in zip(positions, judged):
+                verdicts[n] = verdict
+        return verdicts
+
+    def _record(self, chunk: Chunk, pngs: Sequence[EncodedPng | None],
+                verdicts: Sequence[SafetyVerdict | None]) -> int:
         """Upload, then mark done, in one short transaction, the items this claim still holds.
 
         Nothing is uploaded under a row lock: uploads take as long as the network does, and
@@ -344,9 +405,11 @@ class Runner:
         row points to. A lost claim deletes its object; a later attempt that records also
         deletes the objects of earlier ones, in case their worker died before cleaning up.
         """
-        keys = [image_key(w.job_id, w.id, w.attempt) for w in chunk.items]
+        keys = [None if png is None else image_key(w.job_id, w.id, w.attempt)
+                for w, png in zip(chunk.items, pngs)]
         for key, png in zip(keys, pngs):
-            self.storage.put(key, png.data)
+            if key is not None and png is not None:
+                self.storage.put(key, png.data)
         share = chunk.seconds / len(chunk.items)
         with self.sessions.begin() as session:
             found = {row.id: row for row in session.execute(
@@ -355,20 +418,22 @@ class Runner:
             ours = {w.id for w in chunk.items if w.id in found
                     and (found[w.id].status, found[w.id].attempts) == (Status.RUNNING, w.attempt)}
             rows = [{"id": w.id, "status": Status.DONE, "image_key": key,
-                     "image_sha256": png.sha256, "watermark": png.watermark,
+                     "image_sha256": png.sha256 if png else None,
+                     "watermark": png.watermark if png else None,
                      "batch_id": chunk.batch_id, "batch_position": chunk.first + position,
                      "device": self.pipeline().device, "lease_expires_at": None,
-                     "last_error": None, "finished_at": utcnow(), "duration_s": share}
-                    for position, (w, key, png) in enumerate(zip(chunk.items, keys, pngs))
-                    if w.id in ours]
+                     "last_error": None, "finished_at": utcnow(), "duration_s": share,
+                     **_safety_columns(verdict)}
+                    for position, (w, key, png, verdict)
+                    in enumerate(zip(chunk.items, keys, pngs, verdicts)) if w.id in ours]
             if rows:
                 session.execute(update(Item), rows)
             _finish_jobs(session, {w.job_id for w in chunk.items})
         for w, key in zip(chunk.items, keys):
             if w.id in ours:
                 self._delete([image_key(w.job_id, w.id, n) for n in range(1, w.attempt)])
-            elif w.id not in found or found[w.id].image_key != key:  # not our earlier commit
-                self._delete([key])
+            elif key is not None and (w.id not in found or found[w.id].image_key != key):
+                self._delete([key])  # not our earlier commit
         return len(rows)
 
     def _delete(self, keys: Sequence[str]) -> None:
@@ -412,6 +477,15 @@ class Runner:
                             self.max_attempts, exc)
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
+
+
+def _safety_columns(verdict: SafetyVerdict | None) -> dict[str, Any]:
+    """An item's safety columns: all null when no check ran."""
+    if verdict is None:
+        return {"safety_flagged": None, "safety_scores": None, "safety_checker_sha256": None,
+                "safety_action": None}
+    return {"safety_flagged": verdict.flagged, "safety_scores": verdict.scores,
+            "safety_checker_sha256": verdict.checker_sha256, "safety_action": verdict.action}
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:

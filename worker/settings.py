@@ -33,6 +33,14 @@ def default_store_threads(cores: int | None = None) -> int:
     return max(1, min(MAX_STORE_THREADS, cores or os.cpu_count() or 1))
 
 
+SAFETY_OFF = "off"
+
+
+def safety_checker_ref(value: str | None) -> str | None:
+    """A safety checker as given (`--safety-checker`, SDQ_SAFETY_CHECKER): None for none."""
+    return None if value is None or value.strip().lower() in ("", SAFETY_OFF) else value
+
+
 class SettingsError(InvalidInput):
     """A setting that cannot be used; the message names where it came from: the variable,
     or the config file and its key."""
@@ -74,6 +82,9 @@ class Settings:
     store_threads: int
     fast_path: str = "default"
     compile: bool = False
+    safety_checker: str | None = None
+    """The safety checker jobs run unless they say otherwise: a folder or a hub id; None
+    (unset, or `off`) for none."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -122,6 +133,7 @@ class Settings:
             "store_threads": get("store_threads") or str(default_store_threads()),
             "fast_path": get("fast_path") or "default",
             "compile": get("compile") or "0",
+            "safety_checker": safety_checker_ref(get("safety_checker")),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:

@@ -80,6 +80,21 @@ class Home:
         return job
 
 
+    def judge(self, job_id: int, flagged: dict[int, bool], action: str = "kept") -> None:
+        """Record safety verdicts on rows of the job as the runner does: flagged or not by row,
+        `action` for the flagged ones; other rows stay unchecked."""
+        with Session(self.engine) as session:
+            items = session.scalars(select(Item).where(Item.job_id == job_id)).all()
+            for item in items:
+                if item.row_index in flagged:
+                    hit = flagged[item.row_index]
+                    item.safety_flagged, item.safety_action = hit, action if hit else "kept"
+                    item.safety_checker_sha256 = "cd" * 32
+                    item.safety_scores = {"concept": [0.012 if hit else -0.2] + [-0.1] * 16,
+                                          "special": [-0.05] * 3}
+            session.commit()
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Home:
     """The embedded default: SQLite and a local image folder under SDQ_HOME."""

@@ -34,6 +34,7 @@ def two_jobs(home: Home) -> tuple[int, int]:
         retried = session.scalars(select(Item).where(Item.job_id == tagged.id)).first()
         retried.last_error, retried.attempts = "CUDA out of memory", 2
         session.commit()
+    home.judge(tagged.id, {0: False, 1: True})
     return plain.id, tagged.id
 
 
@@ -70,6 +71,11 @@ def test_parquet_of_two_jobs_is_one_typed_table_everywhere(home: Home, tmp_path:
     assert rows["a red castle"]["tags"] == ["castle", "red"] and rows["a red fox"]["tags"] == []
     assert rows["a red castle"]["error"] == "CUDA out of memory" and rows["a boat"]["error"] is None
     assert table.schema.field("finished").type == pa.timestamp("us", tz="UTC")
+    assert (rows["a dragon"]["safety_flagged"], rows["a red castle"]["safety_flagged"],
+            rows["a boat"]["safety_flagged"]) == (True, False, None)
+    assert rows["a dragon"]["safety_concept_scores"][0] == 0.012
+    assert rows["a boat"]["safety_special_scores"] is None
+    assert table.schema.field("safety_concept_scores").type == pa.list_(pa.float64())
 
     frame = pd.read_parquet(out)
     assert len(frame) == 5 and str(frame["finished"].dtype).endswith("UTC]")
@@ -83,6 +89,7 @@ def test_parquet_of_two_jobs_is_one_typed_table_everywhere(home: Home, tmp_path:
     first = dataset[0]
     assert isinstance(first["image"], Image.Image) and first["image"].size == (64, 64)
     assert sorted(map(tuple, dataset["tags"])) == [(), (), (), ("castle", "red"), ("dragon",)]
+    assert sorted(dataset["safety_flagged"], key=str) == [False, None, None, None, True]
 
 
 def test_webdataset_loads_in_webdataset_and_datasets(home: Home, tmp_path: Path,

@@ -12,13 +12,13 @@ def test_jobs_lists_the_newest_first_with_counts(any_home: Home) -> None:
     table = any_home.run("jobs")
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
-    assert lines[0].split() == ["id", "name", "status", "items", "done", "failed", "created"]
+    assert lines[0].split() == ["id", "name", "status", "items", "done", "failed", "flagged", "created"]
     assert lines[1].split()[:6] == [str(second.id), "p.csv", "pending", "1", "0", "1"]
     assert lines[2].split()[:6] == [str(first.id), "first", "pending", "3", "2", "0"]
     records = json.loads(any_home.run("jobs", "--json", "--limit", "1").output)
     assert [r["id"] for r in records] == [second.id] and records[0]["failed"] == 1
     csv_lines = any_home.run("jobs", "--csv").output.splitlines()
-    assert csv_lines[0].startswith("id,name,status,items,done,failed,created")
+    assert csv_lines[0].startswith("id,name,status,items,done,failed,flagged,created")
     assert len(csv_lines) == 3
 
 

@@ -22,7 +22,8 @@ def test_search_table_json_and_csv(any_home: Home) -> None:
     table = any_home.run("search", "red")
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
-    assert lines[0].split() == ["id", "job", "seed", "sampler", "size", "prompt", "created"]
+    assert lines[0].split() == ["id", "job", "seed", "sampler", "size", "safety", "prompt",
+                                "created"]
     assert len(lines) == 3 and "a red fox, very" in lines[1] and lines[1].count("...") == 1
     assert "64x64" in lines[1] and "a red dragon over the sea" in lines[2]
     records = json.loads(any_home.run("search", "red", "--json").output)
@@ -78,7 +79,7 @@ def test_a_tag_matches_the_item_or_its_job(any_home: Home) -> None:
         (["--seed", "-1"], "Invalid value for '--seed'"),
         (["--status", "lost"], "Invalid value for '--status'"),
         (["--since", "yesterday"], "Invalid value for '--since'"),
-        (["--limit", "0"], "Invalid value for '--limit'"),
+        (["--limit", "-1"], "Invalid value for '--limit'"),
     ],
 )
 def test_search_rejects_bad_options(home: Home, args: list[str], message: str) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 from sdq.db.models import Item
@@ -117,3 +117,27 @@ def test_unknown_urls_are_refused() -> None:
     with pytest.raises(ValueError, match="not a database URL") as error:
         engine_from_url("user:secret@host")
     assert "secret" not in str(error.value)
+
+
+def test_0004_adds_the_safety_columns_to_rows_already_there(empty_engine: Engine) -> None:
+    """Existing jobs read as `on_flag = keep`, existing items as not checked; down and up
+    again keep the rows (0004 only adds and drops columns)."""
+    upgrade(empty_engine, "0003")
+    with empty_engine.begin() as connection:
+        connection.execute(text("INSERT INTO jobs (id, defaults, priority, tags, status, item_count, "
+                                "created_at) VALUES (1, '{}', 0, '[]', 'done', 1, CURRENT_TIMESTAMP)"))
+        connection.execute(text("INSERT INTO items (id, job_id, row_index, prompt, negative_prompt, seed, "
+                                "sampler, steps, cfg, eta, width, height, status, attempts, created_at) "
+                                "VALUES (1, 1, 0, 'a fox', '', 1, 'ddim', 50, 7.5, 0, 512, 512, 'done', 1, "
+                                "CURRENT_TIMESTAMP)"))
+    upgrade(empty_engine)
+    query = text("SELECT jobs.on_flag, jobs.safety_checker, items.safety_flagged, items.safety_scores, "
+                 "items.safety_checker_sha256, items.safety_action FROM items JOIN jobs ON jobs.id = items.job_id")
+    with empty_engine.connect() as connection:
+        assert tuple(connection.execute(query).one()) == ("keep", None, None, None, None, None)
+    downgrade(empty_engine, "0003")
+    columns = {column["name"] for column in inspect(empty_engine).get_columns("items")}
+    assert not {c for c in columns if c.startswith("safety_")}
+    with empty_engine.connect() as connection:
+        assert connection.execute(text("SELECT prompt FROM items")).scalar() == "a fox"
+    upgrade(empty_engine)

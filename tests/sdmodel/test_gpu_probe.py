@@ -27,12 +27,13 @@ def test_probe_reports_every_phase_on_the_cpu(tmp_path):
     assert phases["compile"]["status"] == "skipped"
     for name in set(PHASES) - {"compile"}:
         assert phases[name]["status"] == "done", (name, phases[name])
-    for name in ("sdq", "diffusers", "system", "store", "fast_path"):
+    for name in ("sdq", "diffusers", "system", "safety", "store", "fast_path"):
         rows = phases[name]["rows"]
         assert rows and all("error" not in r and r["images_per_s"] > 0 for r in rows), (name, rows)
     assert [r["batch"] for r in phases["sdq"]["rows"]] == [1, 2]
     assert {r["variant"] for r in phases["fast_path"]["rows"]} >= {"default", "off", "-device_loop", "+channels_last"}
     assert phases["system"]["rows"][1]["images"] == 4
+    assert [r["batch"] for r in phases["safety"]["rows"]] == [1, 2]
     assert phases["ceilings"]["gemm_tflops"] >= 0 and phases["environment"]["device"] == "cpu"
 
 

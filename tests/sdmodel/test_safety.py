@@ -168,5 +168,8 @@ def test_config_that_disagrees_with_weights_is_one_clear_error(saved, tmp_path):
                                               r"missing weights: vision_model\.encoder\.layers\.\d+\.") as caught:
         load_safety_checker(folder)
     assert "\n" not in str(caught.value)
-    with pytest.raises(CheckpointError, match="no safety checker here"):
+    with pytest.raises(CheckpointError, match="no such safety checker folder"):
         load_safety_checker(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no safety checker here"):
+        load_safety_checker(tmp_path / "empty")

@@ -95,6 +95,33 @@ def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa") ->
 
 
 @dataclass(frozen=True)
+class SafetyVerdict:
+    """What the safety checker said of an image and what was done about it: `action` is
+    `kept` (stored as generated), `blacked` (a black image stored instead) or `dropped`."""
+
+    checker_sha256: str
+    flagged: bool
+    concept_scores: tuple[float, ...]
+    special_scores: tuple[float, ...]
+    action: str
+
+    @property
+    def scores(self) -> dict[str, list[float]]:
+        """As the item row keeps them (`items.safety_scores`)."""
+        return {"concept": list(self.concept_scores), "special": list(self.special_scores)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checker_sha256": self.checker_sha256, "flagged": self.flagged,
+                "scores": self.scores, "action": self.action}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "SafetyVerdict":
+        return cls(record["checker_sha256"], bool(record["flagged"]),
+                   tuple(record["scores"]["concept"]), tuple(record["scores"]["special"]),
+                   record["action"])
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Everything that made one image; ids are None for a one-off `sdq generate`.
 
@@ -110,6 +137,8 @@ class Provenance:
     batch_id: str | None = None
     batch_position: int | None = None
     created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    safety: SafetyVerdict | None = None
+    """None when no safety check ran (the `sdq` chunk then says `"safety": null`)."""
 
     def __post_init__(self) -> None:
         if not _SHA256.match(self.model_sha256):
@@ -122,6 +151,7 @@ class Provenance:
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
         record["environment"] = asdict(self.environment)
         record["created"] = self.created.isoformat()
+        record["safety"] = self.safety.to_json() if self.safety else None
         return {**self.params.to_dict(), **record}
 
     @classmethod
@@ -131,6 +161,7 @@ class Provenance:
         values["params"] = GenerationParams.of(record)
         values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
         values["created"] = datetime.fromisoformat(record["created"])
+        values["safety"] = SafetyVerdict.from_json(record["safety"]) if record.get("safety") else None
         return cls(**values)
 
 
@@ -410,13 +441,16 @@ class ItemRecord:
     model_sha256: str | None
     image_sha256: str | None
     watermark: str | None
+    safety_flagged: bool | None = None
+    """None: no safety check ran."""
 
     @classmethod
     def of(cls, item: Any) -> "ItemRecord":
         """The record of a database item (`db.models.Item`)."""
         return cls(item_id=item.id, params=item.params,
                    model_sha256=item.model.sha256 if item.model is not None else None,
-                   image_sha256=item.image_sha256, watermark=item.watermark)
+                   image_sha256=item.image_sha256, watermark=item.watermark,
+                   safety_flagged=item.safety_flagged)
 
     def flat(self) -> dict[str, Any]:
         """The parameters beside the other fields, each compared (and named) on its own."""
@@ -497,7 +531,8 @@ def _check_watermark(meta: PngMetadata, image: Image.Image) -> tuple[Check, floa
 
 def _file_record(meta: PngMetadata, p: Provenance) -> ItemRecord:
     return ItemRecord(item_id=p.item_id, params=p.params, model_sha256=p.model_sha256,
-                      image_sha256=meta.sha256, watermark=meta.watermark)
+                      image_sha256=meta.sha256, watermark=meta.watermark,
+                      safety_flagged=p.safety.flagged if p.safety else None)
 
 
 def _check_record(meta: PngMetadata, record: ItemRecord) -> list[Check]:

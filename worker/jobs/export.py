@@ -63,21 +63,25 @@ class ExportReport:
     skipped: int
 
 
-def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None
-                    ) -> list[int]:
-    """The finished items with an image, of a job and/or matching a prompt search, by id."""
+def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None,
+                    exclude_flagged: bool = False) -> list[int]:
+    """The finished items with an image, of a job and/or matching a prompt search, by id;
+    with `exclude_flagged`, without those the safety checker flagged (unchecked ones stay)."""
     if text is None:
         stmt = (select(Item.id).where(Item.status == Status.DONE, Item.image_key.is_not(None))
                 .order_by(Item.id))
         if job_id is not None:
             stmt = stmt.where(Item.job_id == job_id)
+        if exclude_flagged:
+            stmt = stmt.where(Item.safety_flagged.is_not(True))
         return list(session.scalars(stmt))
     ids: list[int] = []
     before = None
     while True:
         page = search_items(session, text=text, job_id=job_id, status=Status.DONE,
                             before=before, limit=_PAGE)
-        ids.extend(item.id for item in page.items if item.image_key)
+        ids.extend(item.id for item in page.items
+                   if item.image_key and not (exclude_flagged and item.safety_flagged))
         if page.next_before is None:
             return sorted(ids)
         before = page.next_before
@@ -254,7 +258,9 @@ RECORD_TYPES: dict[str, str] = {
     "batch": "string", "batch_position": "int64", "image_key": "string",
     "image_sha256": "string", "watermark": "string", "worker": "string", "device": "string",
     "created": "timestamp[us, tz=UTC]", "started": "timestamp[us, tz=UTC]",
-    "finished": "timestamp[us, tz=UTC]", "duration_s": "float64",
+    "finished": "timestamp[us, tz=UTC]", "duration_s": "float64", "safety_flagged": "bool",
+    "safety_action": "string", "safety_checker_sha256": "string",
+    "safety_concept_scores": "list[float64]", "safety_special_scores": "list[float64]",
 }
 """The fixed type of each field of `sdq.cli.common.item_record`, named as Hugging Face
 `datasets` names dtypes: one table for the parquet schema and the dataset card's features."""
@@ -269,7 +275,8 @@ def parquet_schema() -> Any:
     import pyarrow as pa
 
     arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
-             "list[string]": pa.list_(pa.string()),
+             "bool": pa.bool_(), "list[string]": pa.list_(pa.string()),
+             "list[float64]": pa.list_(pa.float64()),
              "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
     columns = [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                *((name, arrow[dtype]) for name, dtype in RECORD_TYPES.items()),
@@ -287,7 +294,9 @@ def card_features(fmt: str) -> list[dict[str, Any]] | None:
         return None
 
     def feature(name: str, dtype: str) -> dict[str, Any]:
-        return {"name": name, "list": "string"} if dtype == "list[string]" else {"name": name, "dtype": dtype}
+        if dtype.startswith("list["):
+            return {"name": name, "list": dtype.removeprefix("list[").removesuffix("]")}
+        return {"name": name, "dtype": dtype}
 
     return [feature("__key__", "string"), feature("__url__", "string"),
             {"name": "png", "dtype": "image"}, feature("txt", "string"),

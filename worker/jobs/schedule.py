@@ -41,7 +41,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,88}")
 DEFAULT_FIELDS = ("n", *DEFAULTS)
 """Options that fill a prompt file's missing fields; the others (model, batch_size, priority,
 tags) apply to the job."""
-OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags")
+OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags", "safety_checker",
+                "on_flag")
 _SEARCH_DAYS = 5 * 366
 """How far ahead `next_run` looks: far enough for "29 February, on a Monday"."""
 
@@ -224,7 +225,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
     Raises NotFound (no such schedule), PromptFileError (the stored file no longer passes,
     e.g. a model it names was removed) or ModelNotFound.
     """
-    from sdq.worker.jobs.submit import identify_model, submit
+    from sdq.worker.jobs.submit import identify_model, job_safety_checker, submit
 
     engine = open_database(settings.database_url)
     try:
@@ -243,7 +244,10 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
                       source_sha256=schedule.prompt_sha256,
                       defaults={**options, "base_seed": parsed.base_seed},
                       priority=options.get("priority", 0), tags=options.get("tags", []),
-                      schedule_id=schedule.id, run_day=day)
+                      schedule_id=schedule.id, run_day=day,
+                      safety_checker=job_safety_checker(options.get("safety_checker"),
+                                                        settings.safety_checker),
+                      on_flag=options.get("on_flag") or "keep")
             try:
                 submission = submit(settings, parsed.items, model=model, job=job,
                                     batch_size=options.get("batch_size"))

@@ -25,10 +25,10 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
-from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
+from sdq.sdmodel.params import HUB_REPO_ID, SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
-from sdq.worker.settings import Settings
+from sdq.worker.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
     from sdq.worker.runner import Batch, Runner, RunReport
@@ -65,6 +65,21 @@ def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIden
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
     return ModelIdentity(str(path), model_sha256(path, hash_cache), name)
+
+
+def job_safety_checker(given: str | None, default: str | None) -> str | None:
+    """The safety checker a job records: `given` (`off`: none), else the settings' `default`.
+    A local folder is recorded as its absolute path, which workers load it from; a hub id
+    as given. Raises ValueError for a value that is neither."""
+    ref = safety_checker_ref(given) if given is not None else default
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if HUB_REPO_ID.fullmatch(ref):
+        return ref
+    raise ValueError(f"{ref}: no such safety checker folder, nor a Hugging Face repo id")
 
 
 @dataclass(frozen=True)
