@@ -377,8 +377,8 @@ def phase_store(entry: dict, pipes: dict, args: argparse.Namespace, report: Repo
 
 def phase_safety(entry: dict, args: argparse.Namespace, report: Report) -> None:
     """The checker as the runner uses it, loaded from a diffusers folder of random weights onto
-    the device in each dtype: milliseconds per image for preprocessing (PIL, on the CPU) and
-    for the model, at several batch sizes, best of 3."""
+    the device in each dtype: milliseconds per image (512x512; --tiny: 64x64) for preprocessing
+    (PIL, on the CPU) and for the model, at several batch sizes, best of 3."""
     import torch
 
     from bench.bench_safety import PROJECTION, VIT_L14
@@ -396,7 +396,7 @@ def phase_safety(entry: dict, args: argparse.Namespace, report: Report) -> None:
             checker = load_safety_checker(tmp, device=args.device, dtype=DTYPES[dtype])
             for batch in args.safety_batches:
                 def run(batch: int = batch, checker: Any = checker) -> dict:
-                    images = [photo(512, 512, seed=i) for i in range(batch)]
+                    images = [photo(args.width, args.height, seed=i) for i in range(batch)]
                     pixels = preprocess(images, vision["image_size"])
                     checker.score(pixels)
                     prep = min(timed("cpu", lambda: preprocess(images, vision["image_size"]))[0]
