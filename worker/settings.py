@@ -67,6 +67,11 @@ class Settings:
     store_threads: int
     fast_path: str = "default"
     compile: bool = False
+    outage_timeout: int = 1800
+    """Seconds a worker waits out storage or the database being down before handing its
+    items back (never failing them)."""
+    reconcile_interval: int = 60
+    """Seconds between a worker's automatic reconciles (0: never)."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -110,6 +115,8 @@ class Settings:
             "store_threads": get("store_threads") or str(default_store_threads()),
             "fast_path": get("fast_path") or "default",
             "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
+            "outage_timeout": get("outage_timeout") or "1800",
+            "reconcile_interval": get("reconcile_interval") or "60",
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -120,7 +127,8 @@ class Settings:
                     where = variable if env.get(variable) else f"{path}: {field.name}"
                     raise SettingsError(
                         f"{where}: expected a whole number, got {raw[field.name]!r}") from None
-        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64)):
+        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64),
+                                ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
         return cls(**raw)  # type: ignore[arg-type]

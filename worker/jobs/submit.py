@@ -251,5 +251,5 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
         max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
         micro_batch=settings.batch_size, worker_name=worker_name,
         png_level=settings.png_level, store_threads=settings.store_threads,
-        fast=settings.fast_path_spec,
+        fast=settings.fast_path_spec, outage_s=settings.outage_timeout,
     )
