@@ -131,6 +131,10 @@ class Settings:
                                 ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
+        broker = raw["broker_url"]
+        if broker is not None and "://" not in str(broker):
+            raise SettingsError(f"SDQ_BROKER_URL: {broker!r} has no scheme; expected "
+                                "redis://HOST:PORT/DB (rediss:// for TLS)")
         return cls(**raw)  # type: ignore[arg-type]
 
 
