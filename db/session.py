@@ -19,7 +19,7 @@ from sdq.sdmodel.errors import InvalidInput, Unavailable
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0005"
 """The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -94,8 +94,25 @@ def _migrate(engine: Engine, action: str, revision: str) -> None:
 
     with engine.connect() as connection:
         connection.execution_options(sqlite_immediate=True)
-        with connection.begin():
-            getattr(command, action)(alembic_config(connection), revision)
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            # A table rebuild (revision 0005) drops the old table: with foreign keys enforced,
+            # dropping `jobs` would delete every item (ON DELETE CASCADE). SQLite only changes
+            # this setting outside a transaction; the keys are checked before committing.
+            _pragma(connection, "PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                getattr(command, action)(alembic_config(connection), revision)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise RuntimeError(f"{action} to {revision} would break foreign keys")
+        finally:
+            if sqlite:
+                _pragma(connection, "PRAGMA foreign_keys=ON")
+
+
+def _pragma(connection: Connection, statement: str) -> None:
+    """Run `statement` on the driver's connection directly, outside any transaction."""
+    connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
