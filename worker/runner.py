@@ -156,10 +156,9 @@ class Runner:
         on the first run, with the fast path `fast` (a `FastPath.parse` string).
         `store_threads`: None for one per core, up to 8."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
-        # lock up front (the role FOR UPDATE plays on PostgreSQL), so store threads recording
-        # at once queue on the busy timeout instead of failing on a stale snapshot.
-        self.sessions = sessionmaker(engine.execution_options(sqlite_immediate=True),
-                                     expire_on_commit=False)
+        # lock up front (engine_from_url's default, the role FOR UPDATE plays on PostgreSQL),
+        # so store threads recording at once queue on the busy timeout.
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
