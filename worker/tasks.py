@@ -2,6 +2,7 @@
 item ids, the runner re-reads the rows, and the message is acknowledged only when it returns."""
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any
 
@@ -59,6 +60,11 @@ def _remember_node_name(sender: str, **_: Any) -> None:
 def _start_heartbeat(**_: Any) -> None:
     """Each pool process reports itself, idle or busy, for `sdq workers`, and reconciles
     lost work every SDQ_RECONCILE_INTERVAL (threads; the pool process must not block here)."""
+    # docker and systemd send SIGTERM to the whole process group. The main process turns it
+    # into Celery's warm shutdown (it lets the running task finish, then stops the pool
+    # through its pipe); a pool process that took it too would die mid-batch
+    # (WorkerLostError), so the pool process ignores it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     name = _node.get("name", "sdq")
     Heartbeat(_SETTINGS, name, lambda: BatchTask.runner(name)).start()
     if _SETTINGS.reconcile_interval:
