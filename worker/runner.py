@@ -391,7 +391,8 @@ class Runner:
         with self.sessions.begin() as session:
             found = {row.id: row for row in session.execute(
                 select(Item.id, Item.status, Item.attempts, Item.image_key)
-                .where(Item.id.in_([w.id for w in chunk.items])).with_for_update())}
+                .where(Item.id.in_([w.id for w in chunk.items])).order_by(Item.id)
+                .with_for_update())}
             ours = {w.id for w in chunk.items if w.id in found
                     and (found[w.id].status, found[w.id].attempts) == (Status.RUNNING, w.attempt)}
             rows = [{"id": w.id, "status": Status.DONE, "image_key": key,

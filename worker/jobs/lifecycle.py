@@ -170,6 +170,12 @@ def cancel_job(settings: Settings, job_id: int) -> int:
         with Session(engine) as session, session.begin():
             job = _job(session, job_id)
             now = utcnow()
+            # Lock order of every writer: items in id order, then the job row (the runner's
+            # claim and record do the same before `_finish_jobs`). An UPDATE alone would lock
+            # items in the table's physical order, which a runner locking by id can cross.
+            session.execute(select(Item.id).where(
+                Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
+                .order_by(Item.id).with_for_update())
             count = session.execute(
                 update(Item).where(Item.job_id == job_id,
                                    Item.status.in_((Status.PENDING, Status.QUEUED)))
