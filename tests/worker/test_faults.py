@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-from datetime import timedelta
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+import pytest
 
-from sdq.db.base import utcnow
-from sdq.db.models import Item, Status
+from sdq.db.models import Status
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
 from sdq.worker.jobs.submit import identify_model, submit
 from sdq.worker.settings import Settings
-from tests.services import clear_queues
+from tests.faults import TcpProxy
 
 from .cluster import WorkerProcess, wait_for
 from .conftest import job_items, specs
@@ -29,26 +27,55 @@ from .test_distributed import assert_exactly_once, wait_until_done
 from .test_worker_loss import running_batch_of
 
 SWEEP = {"SDQ_RECONCILE_INTERVAL": "1"}
+CUT_S = 16.0
+"""Longer than the fixed retry budget workers had before the outage window (about 15 s)."""
 
 
-def test_lost_messages_and_expired_leases_are_reconciled_by_the_workers(
-        distributed: Settings, distributed_env: dict[str, str],
+@pytest.fixture
+def proxies(distributed_env: dict[str, str]) -> Iterator[dict[str, TcpProxy]]:
+    """The worker's PostgreSQL, Redis and S3 reached through proxies the test can cut; the
+    test's own calls go direct."""
+    upstreams = {"postgresql": ("127.0.0.1", 5432), "redis": ("127.0.0.1", 6379),
+                 "s3": ("127.0.0.1", int(distributed_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))}
+    cuts = {name: TcpProxy(address) for name, address in upstreams.items()}
+    try:
+        yield cuts
+    finally:
+        for proxy in cuts.values():
+            proxy.close()
+
+
+def test_each_service_cut_longer_than_the_old_retry_budget_loses_nothing(
+        distributed: Settings, distributed_env: dict[str, str], proxies: dict[str, TcpProxy],
         start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path) -> None:
-    """Redis lost the job's messages, and one item was left running by a worker that died:
-    a worker started afterwards finds both by itself."""
-    model = identify_model(tiny_checkpoint)
-    result = submit(distributed, specs(4, steps=1), model=model, batch_size=2)
-    clear_queues(distributed.broker_url or "", queue_name(model.sha256))
+    """PostgreSQL, Redis and S3 refused in turn, and S3 slowed, while a worker runs a job
+    (each cut after one more image is done): it waits each out and every item ends done
+    exactly once, with no attempt charged."""
+    distributed_env.update({
+        **SWEEP, "SDQ_DATABASE_URL": proxies["postgresql"].url(distributed_env["SDQ_DATABASE_URL"]),
+        "SDQ_BROKER_URL": proxies["redis"].url(distributed_env["SDQ_BROKER_URL"]),
+        "AWS_ENDPOINT_URL": proxies["s3"].url(distributed_env["AWS_ENDPOINT_URL"])})
+    worker = start_worker("cut")
+    worker.wait_ready()
     engine = open_database(distributed.database_url)
-    first = job_items(engine, result.job_id)[0]
-    with Session(engine) as session, session.begin():
-        session.execute(update(Item).where(Item.id == first.id).values(
-            status=Status.RUNNING, attempts=1, worker_host="dead@host",
-            lease_expires_at=utcnow() - timedelta(seconds=1)))
-    distributed_env.update(SWEEP)
-    start_worker("sweeper").wait_ready()
-    wait_until_done(distributed, result.job_id, timeout=120)
-    assert_exactly_once(distributed, result.job_id, 4)
+    result = submit(distributed, specs(10, steps=1), model=identify_model(tiny_checkpoint),
+                    batch_size=2, batches_per_message=1)
+
+    def more_done(than: int) -> int | None:
+        """How many are done, once more than `than` are (or all are)."""
+        done = sum(i.status == Status.DONE for i in job_items(engine, result.job_id))
+        return done if done > than or done == result.items else None
+
+    seen = 0
+    for service, mode in (("postgresql", "refuse"), ("redis", "refuse"), ("s3", "refuse"),
+                          ("s3", "slow")):
+        seen = wait_for("another image to be done", lambda: more_done(seen), every=0.1)
+        proxies[service].cut(mode, delay=0.3)
+        time.sleep(CUT_S if mode == "refuse" else 4)
+        proxies[service].restore()
+    wait_until_done(distributed, result.job_id, timeout=180)
+    assert_exactly_once(distributed, result.job_id, 10)
+    assert {i.attempts for i in job_items(engine, result.job_id)} == {1}
 
 
 def test_sigterm_to_the_process_group_lets_the_running_batch_finish(
