@@ -237,10 +237,10 @@ class Runner:
         else counts, with its reason, so a crash that repeats ends in "gave up after N
         attempts" instead of a loop. If the database is down too, the leases run out and the
         workers' reconcile takes the items."""
-        if not ids:
+        if not ids or error is None:  # a run that returns has finished or failed every item
             return
         values: dict[str, Any] = {}
-        if error is None or isinstance(error, (TransientError, KeyboardInterrupt, SystemExit)):
+        if isinstance(error, (TransientError, KeyboardInterrupt, SystemExit)):
             values["attempts"] = Item.attempts - 1
         else:
             values["last_error"] = f"{type(error).__name__}: {error}"[:2000]

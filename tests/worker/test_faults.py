@@ -10,16 +10,22 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
-from sdq.db.models import Status
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Status
 from sdq.db.session import open_database
+from sdq.worker.app import queue_name
 from sdq.worker.jobs.submit import identify_model, submit
 from sdq.worker.settings import Settings
 from tests.faults import TcpProxy
+from tests.services import clear_queues
 
 from .cluster import WorkerProcess, wait_for
 from .conftest import job_items, specs
@@ -45,21 +51,46 @@ def proxies(distributed_env: dict[str, str]) -> Iterator[dict[str, TcpProxy]]:
             proxy.close()
 
 
-def test_each_service_cut_longer_than_the_old_retry_budget_loses_nothing(
+def orphaned_job(settings: Settings, tiny_checkpoint: Path) -> int:
+    """A job whose messages Redis lost, with one item left running by a worker that died."""
+    model = identify_model(tiny_checkpoint)
+    result = submit(settings, specs(4, steps=1), model=model, batch_size=2)
+    clear_queues(settings.broker_url or "", queue_name(model.sha256))
+    engine = open_database(settings.database_url)
+    first = job_items(engine, result.job_id)[0]
+    with Session(engine) as session, session.begin():
+        session.execute(update(Item).where(Item.id == first.id).values(
+            status=Status.RUNNING, attempts=1, worker_host="dead@host",
+            lease_expires_at=utcnow() - timedelta(seconds=1)))
+    return result.job_id
+
+
+def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanly(
         distributed: Settings, distributed_env: dict[str, str], proxies: dict[str, TcpProxy],
         start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path) -> None:
-    """PostgreSQL, Redis and S3 refused in turn, and S3 slowed, while a worker runs a job
-    (each cut after one more image is done): it waits each out and every item ends done
-    exactly once, with no attempt charged."""
+    """One worker (one start, to keep the suite short), three scenarios in turn:
+
+    1. work lost before it started (messages gone from Redis, an expired lease) is found by
+       its own reconcile;
+    2. PostgreSQL, Redis and S3 refused in turn (each after one more image is done), and S3
+       slowed: each is waited out, every item done exactly once, no attempt charged;
+    3. SIGTERM to its whole process group, as docker and systemd send it: the running batch
+       finishes and is recorded, and it exits 0.
+    """
+    lost = orphaned_job(distributed, tiny_checkpoint)
     distributed_env.update({
         **SWEEP, "SDQ_DATABASE_URL": proxies["postgresql"].url(distributed_env["SDQ_DATABASE_URL"]),
         "SDQ_BROKER_URL": proxies["redis"].url(distributed_env["SDQ_BROKER_URL"]),
         "AWS_ENDPOINT_URL": proxies["s3"].url(distributed_env["AWS_ENDPOINT_URL"])})
-    worker = start_worker("cut")
+    worker = start_worker("faults")
     worker.wait_ready()
+    wait_until_done(distributed, lost, timeout=120)
+    assert_exactly_once(distributed, lost, 4)
+
     engine = open_database(distributed.database_url)
-    result = submit(distributed, specs(10, steps=1), model=identify_model(tiny_checkpoint),
-                    batch_size=2, batches_per_message=1)
+    model = identify_model(tiny_checkpoint)
+    result = submit(distributed, specs(10, steps=1), model=model, batch_size=2,
+                    batches_per_message=1)
 
     def more_done(than: int) -> int | None:
         """How many are done, once more than `than` are (or all are)."""
@@ -77,20 +108,12 @@ def test_each_service_cut_longer_than_the_old_retry_budget_loses_nothing(
     assert_exactly_once(distributed, result.job_id, 10)
     assert {i.attempts for i in job_items(engine, result.job_id)} == {1}
 
-
-def test_sigterm_to_the_process_group_lets_the_running_batch_finish(
-        distributed: Settings, start_worker: Callable[[str], WorkerProcess],
-        tiny_checkpoint: Path) -> None:
-    """What docker and systemd do: SIGTERM to every process of the worker at once."""
-    worker = start_worker("group")
-    worker.wait_ready()
-    result = submit(distributed, specs(4, steps=5), model=identify_model(tiny_checkpoint),
-                    batch_size=2, batches_per_message=1)
-    engine = open_database(distributed.database_url)
-    batch = wait_for("a batch to run", lambda: running_batch_of(engine, result.job_id, worker),
+    stopping = submit(distributed, specs(4, steps=5), model=model, batch_size=2,
+                      batches_per_message=1)
+    batch = wait_for("a batch to run", lambda: running_batch_of(engine, stopping.job_id, worker),
                      every=0.05)
     os.killpg(worker.process.pid, signal.SIGTERM)
     assert worker.process.wait(timeout=90) == 0
-    items = {i.id: i for i in job_items(engine, result.job_id)}
+    items = {i.id: i for i in job_items(engine, stopping.job_id)}
     assert {(items[i.id].status, items[i.id].attempts) for i in batch} == {(Status.DONE, 1)}
     assert "WorkerLostError" not in worker.log.read_text()
