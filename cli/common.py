@@ -52,13 +52,15 @@ def load_settings(*, need_broker: bool) -> Settings:
 
 
 @contextmanager
-def database_session(settings: Settings | None = None) -> Iterator[Session]:
+def database_session(settings: Settings | None = None, *, reads_only: bool = False
+                     ) -> Iterator[Session]:
     """A session on the configured database. A database that cannot be reached, or is at
-    another schema, is `Unavailable`, named in the message (password hidden)."""
+    another schema, is `Unavailable`, named in the message (password hidden). `reads_only`:
+    a long read (an export) that must not hold SQLite's write lock (`db.session.read_only`)."""
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from sdq.db.session import open_database
+    from sdq.db.session import open_database, read_only
 
     settings = settings or load_settings(need_broker=False)
     try:
@@ -68,7 +70,7 @@ def database_session(settings: Settings | None = None) -> Iterator[Session]:
     except SQLAlchemyError as exc:
         raise Unavailable(_described(settings.database_url, exc)) from None
     try:
-        with Session(engine) as session:
+        with Session(read_only(engine) if reads_only else engine) as session:
             yield session
     except SQLAlchemyError as exc:
         raise Unavailable(_described(settings.database_url, exc)) from None

@@ -64,7 +64,7 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
     except StorageError as exc:
         raise CommandFailed.of(exc, "-o/--output", code=BAD_INPUT) from None
     source = configured_storage(settings)
-    with database_session(settings) as session:
+    with database_session(settings, reads_only=True) as session:
         if job_id is not None:
             get_job(session, job_id)
         ids = select_item_ids(session, job_id=job_id, text=query, exclude_flagged=exclude_flagged)

@@ -70,6 +70,7 @@ def status(job_id: int, output: str | None) -> None:
             **{k: plain(v) for k, v in record.items()},
             "counts": {s.value: n for s, n in progress.counts.items()},
             "images_per_s": progress.images_per_s, "eta_s": progress.eta_s,
+            "stalled_s": progress.stalled_s,
             "failures": [{"error": e, "items": n, "first_item": i} for e, n, i in failures],
         }, indent=2))
         return
@@ -78,7 +79,10 @@ def status(job_id: int, output: str | None) -> None:
     click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
     rate = progress.images_per_s
     line = f"{rate:.2f} images/s" if rate else "no images finished yet"
-    if progress.remaining:
+    if progress.stalled_s is not None:
+        line += (f", none finished for {_duration(progress.stalled_s)}: stalled, time left "
+                 "unknown (`sdq workers` shows who is working)")
+    elif progress.remaining:
         eta = progress.eta_s
         line += ", time left unknown" if eta is None else f", about {_duration(eta)} left"
     click.echo("  " + line)

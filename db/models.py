@@ -118,6 +118,8 @@ class Job(Base):
         # At most one job per schedule and day: a scheduler that fires twice is refused.
         UniqueConstraint("schedule_id", "run_day"),
         CheckConstraint("(schedule_id IS NULL) = (run_day IS NULL)", name="schedule_run"),
+        # Ids land in provenance: SQLite must never give a purged job's id out again (0005).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -164,6 +166,7 @@ class Item(Base):
         # Creation time follows insertion order, which is what BRIN needs: a tiny index that
         # costs a submit nothing. (SQLite has no BRIN and builds a b-tree.)
         Index(None, "created_at", postgresql_using="brin"),
+        {"sqlite_autoincrement": True},  # as jobs: ids in provenance are never reused (0005)
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from sdq.sdmodel.errors import NotFound, Refused
 
+from .base import utcnow
 from .fulltext import match_prompt, parse_query
 from .models import Item, Job, Model, Status
 
@@ -148,6 +149,10 @@ def status_counts(session: Session, job_id: int) -> dict[Status, int]:
     return counts
 
 
+STALLED_S = 120.0
+"""No image for this long (or 20 images' worth at the job's rate) means stalled, not slow."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """How far a job is: counts per status, and the throughput of its finished images."""
@@ -155,6 +160,8 @@ class Progress:
     counts: dict[Status, int]
     started_at: datetime | None
     last_finished_at: datetime | None
+    now: datetime | None = None
+    """When it was read: a job whose last image finished long before is stalled, not late."""
 
     @property
     def remaining(self) -> int:
@@ -170,20 +177,33 @@ class Progress:
         return self.counts[Status.DONE] / elapsed if elapsed > 0 else None
 
     @property
+    def stalled_s(self) -> float | None:
+        """Seconds since the last image finished, when that is far longer than the rate so far
+        explains (20 images' worth, at least STALLED_S) and items remain: nothing is moving
+        (workers gone, a service down), so no time left can honestly be given."""
+        rate = self.images_per_s
+        if not self.remaining or not rate or self.now is None or self.last_finished_at is None:
+            return None
+        idle = (self.now - self.last_finished_at).total_seconds()
+        return idle if idle > max(STALLED_S, 20 / rate) else None
+
+    @property
     def eta_s(self) -> float | None:
-        """Seconds until the rest is done at the rate so far (0 when nothing remains)."""
+        """Seconds until the rest is done at the rate so far (0 when nothing remains); None
+        before any rate is known or while the job is stalled."""
         if not self.remaining:
             return 0.0
         rate = self.images_per_s
-        return self.remaining / rate if rate else None
+        return self.remaining / rate if rate and self.stalled_s is None else None
 
 
-def job_progress(session: Session, job_id: int) -> Progress:
-    """The job's status counts and the time span of its done items."""
+def job_progress(session: Session, job_id: int, now: datetime | None = None) -> Progress:
+    """The job's status counts and the time span of its done items, as of `now` (default:
+    the current time)."""
     span = select(func.min(Item.started_at), func.max(Item.finished_at)).where(
         Item.job_id == job_id, Item.status == Status.DONE)
     started, finished = session.execute(span).one()
-    return Progress(status_counts(session, job_id), started, finished)
+    return Progress(status_counts(session, job_id), started, finished, now or utcnow())
 
 
 def failure_reasons(session: Session, job_id: int, limit: int = 10) -> list[tuple[str, int, int]]:

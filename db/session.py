@@ -19,7 +19,7 @@ from sdq.sdmodel.errors import InvalidInput, Unavailable
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 """The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -73,10 +73,20 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    # IMMEDIATE takes the write lock up front: two processes migrating a fresh file then queue
-    # on the busy timeout instead of one failing when it finds its snapshot stale.
-    immediate = connection.get_execution_options().get("sqlite_immediate", False)
+    # Every transaction takes the write lock up front (IMMEDIATE) unless it is marked
+    # read-only (`read_only`). A deferred transaction that reads and then writes fails at
+    # once with "database is locked" when another process committed in between (its snapshot
+    # is stale; the busy timeout does not apply), which is how several embedded runs on one
+    # file used to kill each other. Immediate ones queue on the busy timeout instead; they
+    # are short, so the wait is too.
+    immediate = connection.get_execution_options().get("sqlite_immediate", True)
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def read_only(engine: Engine) -> Engine:
+    """`engine` for long reads (exports): on SQLite they take no write lock, so runs writing
+    meanwhile are not held up (WAL readers never block writers). Never write through it."""
+    return engine.execution_options(sqlite_immediate=False)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -93,9 +103,25 @@ def _migrate(engine: Engine, action: str, revision: str) -> None:
     from alembic import command
 
     with engine.connect() as connection:
-        connection.execution_options(sqlite_immediate=True)
-        with connection.begin():
-            getattr(command, action)(alembic_config(connection), revision)
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            # A table rebuild (revision 0005) drops the old table: with foreign keys enforced,
+            # dropping `jobs` would delete every item (ON DELETE CASCADE). SQLite only changes
+            # this setting outside a transaction; the keys are checked before committing.
+            _pragma(connection, "PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                getattr(command, action)(alembic_config(connection), revision)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise RuntimeError(f"{action} to {revision} would break foreign keys")
+        finally:
+            if sqlite:
+                _pragma(connection, "PRAGMA foreign_keys=ON")
+
+
+def _pragma(connection: Connection, statement: str) -> None:
+    """Run `statement` on the driver's connection directly, outside any transaction."""
+    connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

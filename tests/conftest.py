@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +23,7 @@ from sdq.sdmodel.checkpoint import PREFIXES  # noqa: E402
 from sdq.sdmodel.configs import UNetConfig, VAEConfig  # noqa: E402
 from sdq.sdmodel.unet import UNetModel  # noqa: E402
 from sdq.sdmodel.vae import AutoencoderKL  # noqa: E402
+from tests.services import claimed_redis_db  # noqa: E402
 
 pytest_plugins = ["tests.s3server"]
 
@@ -96,6 +98,13 @@ def full_size_networks_fp16(seed: int) -> tuple[UNetModel, AutoencoderKL, torch.
     for module in (unet, vae, text):
         module.load_state_dict(random_fp16(module, generator), assign=True, strict=False)
     return unet, vae, text
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[str]:
+    """A broker URL on a Redis database of this test run's own (see `claimed_redis_db`)."""
+    with claimed_redis_db() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,27 @@ from sdq.worker.app import level_lists
 POSTGRESQL_URL = os.environ.get(
     "SDQ_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+REDIS_URL = os.environ.get("SDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+OWNER_KEY = "sdq-test:owner"
+
+
+@contextmanager
+def claimed_redis_db(redis_url: str = REDIS_URL) -> Iterator[str]:
+    """A broker URL on a Redis database no other test run is using (claimed by a key that
+    expires), flushed afterwards: the only databases a test may flush are the ones it claimed."""
+    owner = uuid.uuid4().hex
+    for number in range(1, 16):
+        client = redis.Redis.from_url(f"{redis_url}/{number}")
+        if client.set(OWNER_KEY, owner, nx=True, ex=3600):
+            try:
+                yield f"{redis_url}/{number}"
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    raise RuntimeError("every Redis database 1-15 is claimed by another test run")
+
 
 @contextmanager
 def scratch_database(backend: str, folder: Path, postgresql_url: str = POSTGRESQL_URL) -> Iterator[Engine]:

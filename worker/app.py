@@ -12,6 +12,7 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING, Any, MutableMapping
 
+from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.params import short_hash
 from sdq.worker.settings import Settings
 
@@ -51,6 +52,23 @@ def level_lists(queue: str) -> list[str]:
 def queue_name(model_sha256: str) -> str:
     """One queue per model, named by its short hash: a worker only receives work it can run."""
     return f"{QUEUE_PREFIX}{short_hash(model_sha256)}"
+
+
+def check_broker(broker_url: str, timeout: float = 5.0) -> None:
+    """Connect to the broker and select its database, or raise Unavailable naming it (password
+    masked) and why: refused, unknown host, a database number Redis does not have. Submitting
+    checks this before recording anything, so a broker that is down never leaves a job behind."""
+    from kombu import Connection
+    from kombu.utils.url import sanitize_url
+
+    try:
+        with Connection(broker_url, connect_timeout=timeout) as connection:
+            connection.ensure_connection(max_retries=0, timeout=timeout)
+            connection.default_channel  # noqa: B018 - selects the database: /99 fails here
+    except Exception as exc:  # noqa: BLE001 - kombu raises the transport's own errors, of any type
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise Unavailable(f"cannot reach the broker at {sanitize_url(broker_url)}: {detail}; "
+                          "nothing was submitted") from None
 
 
 def create_app(settings: Settings) -> Celery:

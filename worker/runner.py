@@ -35,19 +35,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from itertools import groupby
+from itertools import count, groupby
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
-from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
 from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, short_hash
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.worker.images.provenance import (
@@ -75,14 +74,21 @@ QUEUED_CHUNKS = 2
 """Finished chunks held for storing at most: one being stored and one ready, so the store
 threads never wait on the GPU while storage keeps up, and memory stays flat when it does not."""
 BACKOFF_S = 0.5
-TRANSIENT = (StorageError, OperationalError)
-"""Failures worth retrying: storage and database hiccups. Anything else is permanent."""
+BACKOFF_CAP_S = 30.0
+"""Longest wait between two tries during an outage: a service back after a long cut is used
+within this long."""
+OUTAGE_S = 1800.0
+"""How long storage or the database may stay down before a runner hands its items back
+(`SDQ_OUTAGE_TIMEOUT`): long enough for a restart or a failover, never a reason to fail them."""
+TRANSIENT = (StorageError, OperationalError, DisconnectionError)
+"""Infrastructure failures, waited out: storage and database down or refusing. They never count
+as an attempt of an item. Anything else is the item's (or the model's) own failure."""
 FINISHED = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
 class TransientError(RuntimeError):
-    """Storage or database kept failing after the in-process retries; the unfinished items
-    were handed back (queued) so that a later delivery can take them."""
+    """Storage or database stayed down for the whole outage window; the unfinished items
+    were handed back (queued, the attempt not counted) so that a later delivery takes them."""
 
 
 @dataclass(frozen=True)
@@ -157,19 +163,20 @@ class Runner:
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
         worker_name: str | None = None, pipeline: Pipeline | None = None,
         png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None, fast: str | None = None,
+        outage_s: float = OUTAGE_S,
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
         on the first run, with the fast path `fast` (a `FastPath.parse` string).
         `store_threads`: None for one per core, up to 8."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
-        # lock up front (the role FOR UPDATE plays on PostgreSQL), so store threads recording
-        # at once queue on the busy timeout instead of failing on a stale snapshot.
-        self.sessions = sessionmaker(engine.execution_options(sqlite_immediate=True),
-                                     expire_on_commit=False)
+        # lock up front (engine_from_url's default, the role FOR UPDATE plays on PostgreSQL),
+        # so store threads recording at once queue on the busy timeout.
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
         self.max_attempts, self.lease_s, self.micro_batch = max_attempts, lease_s, micro_batch
+        self.outage_s = outage_s
         self.worker_name = worker_name or socket.gethostname()
         self.png_level = png_level
         self.store_threads = store_threads or default_store_threads()
@@ -205,7 +212,7 @@ class Runner:
         for ref in {w.safety_checker for w in work if w.safety_checker}:
             try:
                 self.safety_checker(ref)
-            except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any load failure, as for the model
                 failed[ref] = f"safety checker: {exc}"
         for ref, reason in failed.items():
             ids = [w.id for w in work if w.safety_checker == ref]
@@ -214,17 +221,26 @@ class Runner:
 
     def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None
             ) -> RunReport:
-        """Run every batch; raises TransientError (after handing items back) if storage or the
-        database stays down. A model that cannot be loaded fails the items, with the reason."""
+        """Run every batch. Every item ends done, failed with its reason, or handed back:
+
+        - a model that cannot be loaded, for any reason, fails the items (one attempt each);
+        - an error while generating fails the items it concerns (`_generate`), the rest go on;
+        - storage or the database down longer than the outage window raises TransientError,
+          and whatever is left (including what a crash leaves) is handed back in `finally`:
+          infrastructure failures and interruptions without counting the attempt, anything
+          else with its reason in `last_error`.
+        """
         report = RunReport()
         try:
             pipe = self.pipeline()
-        except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure is the model's, recorded
             ids, reason = [i for batch in batches for i in batch.item_ids], f"model: {exc}"
-            report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+            report.failed += self._retrying(
+                "failing items", lambda: self._fail(ids, reason, attempts=Item.attempts + 1))
             return report
         environment = environment_fingerprint(pipe.device, pipe.dtype)
         claimed: list[int] = []
+        error: BaseException | None = None
         try:
             # The queue drains (every chunk stored) before the leases stop being renewed.
             with _LeaseKeeper(self) as leases, \
@@ -246,14 +262,34 @@ class Runner:
                     report.done += future.result()
                 except TransientError as exc:
                     errors.append(exc)
-        except KeyboardInterrupt:
-            # Images already made were stored while the pool drained; the rest go back at once,
-            # with their attempt, so that `sdq resume` need not wait for the leases to run out.
-            self._release(claimed, attempts=Item.attempts - 1)
+            if errors:
+                raise errors[0]
+        except BaseException as exc:
+            error = exc
             raise
-        if errors:
-            raise errors[0]
+        finally:
+            self.current_batch = None
+            self._hand_back(claimed, error)
         return report
+
+    def _hand_back(self, ids: Sequence[int], error: BaseException | None) -> None:
+        """Queue again the claimed items this run leaves unfinished. Interruptions (Ctrl-C,
+        shutdown) and outages are not the item's fault: the attempt is given back. Anything
+        else counts, with its reason, so a crash that repeats ends in "gave up after N
+        attempts" instead of a loop. If the database is down too, the leases run out and the
+        workers' reconcile takes the items."""
+        if not ids or error is None:  # a run that returns has finished or failed every item
+            return
+        values: dict[str, Any] = {}
+        if isinstance(error, (TransientError, KeyboardInterrupt, SystemExit)):
+            values["attempts"] = Item.attempts - 1
+        else:
+            values["last_error"] = f"{type(error).__name__}: {error}"[:2000]
+        try:
+            self._release(ids, worker_host=self.worker_name, **values)
+        except TRANSIENT as exc:
+            log.warning("could not hand %d item(s) back, their leases will run out: %s",
+                        len(ids), exc)
 
     # -- claiming -----------------------------------------------------------------------
 
@@ -330,19 +366,24 @@ class Runner:
             start = time.perf_counter()
             try:
                 images = pipe.generate(requests, **items[0].shape.settings())
-            except torch.OutOfMemoryError:
+            except Exception as exc:  # noqa: BLE001 - isolated to the items it concerns below
+                oom = _out_of_memory(exc)
                 if len(items) == 1:
-                    raise
-                torch.cuda.empty_cache()
+                    ids, reason = [items[0].id], _generation_error(exc, oom, items[0].shape)
+                    report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+                    continue
+                # Split to find the items at fault; out of memory also lowers the size for
+                # what follows, as a worker that ran out once would run out again.
                 half = len(items) // 2
-                self.micro_batch = half
-                log.warning("CUDA out of memory at batch size %d; continuing at %d", len(items), half)
-                queue[:0] = [items[i:i + half] for i in range(0, len(items), half)]
+                if oom:
+                    torch.cuda.empty_cache()
+                    self.micro_batch = half
+                    log.warning("out of memory at batch size %d; continuing at %d", len(items), half)
+                else:
+                    log.warning("generating %d items failed (%s); trying them apart", len(items), exc)
+                queue[:0] = [items[:half], items[half:]] if not oom else \
+                    [items[i:i + half] for i in range(0, len(items), half)]
                 whole = False
-                continue
-            except ValueError as exc:
-                ids, reason = [w.id for w in items], str(exc)
-                report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
                 continue
             chunk_id = batch_id if whole else f"{batch_id}.{items[0].row_index}"
             yield Chunk(chunk_id, tuple(items), tuple(images), time.perf_counter() - start)
@@ -370,7 +411,8 @@ class Runner:
             recorded = self._retrying("storing images", lambda: self._record(chunk, pngs, verdicts))
         except TransientError as exc:
             ids, reason = [w.id for w in chunk.items], str(exc)
-            self._retrying("handing items back", lambda: self._release(ids, last_error=reason[:2000]))
+            self._retrying("handing items back", lambda: self._release(
+                ids, last_error=reason[:2000], attempts=Item.attempts - 1))
             raise
         with self._done_lock:
             self.images_done += recorded
@@ -414,7 +456,8 @@ class Runner:
         with self.sessions.begin() as session:
             found = {row.id: row for row in session.execute(
                 select(Item.id, Item.status, Item.attempts, Item.image_key)
-                .where(Item.id.in_([w.id for w in chunk.items])).with_for_update())}
+                .where(Item.id.in_([w.id for w in chunk.items])).order_by(Item.id)
+                .with_for_update())}
             ours = {w.id for w in chunk.items if w.id in found
                     and (found[w.id].status, found[w.id].attempts) == (Status.RUNNING, w.attempt)}
             rows = [{"id": w.id, "status": Status.DONE, "image_key": key,
@@ -446,36 +489,45 @@ class Runner:
 
     # -- state changes for failures -----------------------------------------------------
 
-    def _fail(self, ids: Sequence[int], reason: str) -> int:
-        """Permanent failure: the items will not succeed by retrying (bad model, bad input)."""
+    def _fail(self, ids: Sequence[int], reason: str, **values: Any) -> int:
+        """Permanent failure: the items will not succeed by retrying (bad model, bad input,
+        too big for this worker's memory); `values` are further columns to set."""
         log.error("failing %d item(s): %s", len(ids), reason)
         with self.sessions.begin() as session:
             stmt = (update(Item).where(Item.id.in_(ids), Item.status.not_in(FINISHED))
                     .values(status=Status.FAILED, last_error=reason[:2000], lease_expires_at=None,
-                            finished_at=utcnow()))
+                            finished_at=utcnow(), **values))
             count = session.execute(stmt).rowcount
             jobs = set(session.scalars(select(Item.job_id).where(Item.id.in_(ids)).distinct()))
             _finish_jobs(session, jobs)
         return count
 
-    def _release(self, ids: Sequence[int], **values: Any) -> None:
-        """Hand the items still running back to the queue, their lease dropped and `values` set."""
+    def _release(self, ids: Sequence[int], worker_host: str | None = None, **values: Any) -> None:
+        """Hand the items still running back to the queue, their lease dropped and `values` set
+        (only those `worker_host` holds, when given)."""
+        held = Item.worker_host == worker_host if worker_host else Item.id.is_not(None)
         with self.sessions.begin() as session:
-            session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING)
+            session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING, held)
                             .values(status=Status.QUEUED, lease_expires_at=None, **values))
 
     def _retrying(self, what: str, action: Callable[[], Any]) -> Any:
-        """`action`, retried with exponential backoff on transient failures, up to
-        `max_attempts` tries; then TransientError."""
-        for attempt in range(1, self.max_attempts + 1):
+        """`action`, retried on infrastructure failures with exponential backoff capped at
+        BACKOFF_CAP_S, for as long as the outage window (`outage_s`) lasts; then TransientError.
+        The window, not a number of tries, bounds it: a database restart or an S3 outage of
+        minutes is waited out, and no item is failed or charged an attempt for it."""
+        deadline = time.monotonic() + self.outage_s
+        for attempt in count(1):
             try:
                 return action()
             except TRANSIENT as exc:
-                if attempt == self.max_attempts:
-                    raise TransientError(f"{what} failed {attempt} times: {exc}") from exc
-                log.warning("%s failed (attempt %d of %d), retrying: %s", what, attempt,
-                            self.max_attempts, exc)
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                wait = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempt - 1))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransientError(f"{what} failed {attempt} times over "
+                                         f"{self.outage_s:.0f}s: {exc}") from exc
+                log.warning("%s failed (try %d, %.0fs of the outage window left), retrying: %s",
+                            what, attempt, left, exc)
+                time.sleep(min(wait, left))
         raise AssertionError("unreachable")
 
 
@@ -486,6 +538,18 @@ def _safety_columns(verdict: SafetyVerdict | None) -> dict[str, Any]:
                 "safety_action": None}
     return {"safety_flagged": verdict.flagged, "safety_scores": verdict.scores,
             "safety_checker_sha256": verdict.checker_sha256, "safety_action": verdict.action}
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's own error, or the CPU allocator's RuntimeError (which has no class of its own)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                           or "out of memory" in str(exc).lower()))
+
+
+def _generation_error(exc: BaseException, oom: bool, shape: BatchShape) -> str:
+    """The reason recorded for an item that failed alone: what happened, in the user's terms."""
+    if oom:
+        return f"out of memory generating one {shape.width}x{shape.height} image: {exc}"
+    return f"generation: {type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:

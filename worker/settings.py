@@ -85,6 +85,11 @@ class Settings:
     safety_checker: str | None = None
     """The safety checker jobs run unless they say otherwise: a folder or a hub id; None
     (unset, or `off`) for none."""
+    outage_timeout: int = 1800
+    """Seconds a worker waits out storage or the database being down before handing its
+    items back (never failing them)."""
+    reconcile_interval: int = 60
+    """Seconds between a worker's automatic reconciles (0: never)."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -134,6 +139,8 @@ class Settings:
             "fast_path": get("fast_path") or "default",
             "compile": get("compile") or "0",
             "safety_checker": safety_checker_ref(get("safety_checker")),
+            "outage_timeout": get("outage_timeout") or "1800",
+            "reconcile_interval": get("reconcile_interval") or "60",
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -147,9 +154,14 @@ class Settings:
             raise SettingsError(f"{where('compile')}: expected one of "
                                 f"{', '.join(sorted(_SWITCH))}, got {raw['compile']!r}")
         raw["compile"] = _SWITCH[switch]
-        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64)):
+        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64),
+                                ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
+        broker = raw["broker_url"]
+        if broker is not None and "://" not in str(broker):
+            raise SettingsError(f"SDQ_BROKER_URL: {broker!r} has no scheme; expected "
+                                "redis://HOST:PORT/DB (rediss:// for TLS)")
         return cls(**raw)  # type: ignore[arg-type]
 
 

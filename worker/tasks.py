@@ -2,16 +2,19 @@
 item ids, the runner re-reads the rows, and the message is acknowledged only when it returns."""
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any
 
 from celery import Task, signals
+from sqlalchemy.exc import OperationalError
 
 from sdq.db.session import open_database
 from sdq.worker.app import TASK_NAME, app
 from sdq.worker.heartbeat import Heartbeat
 from sdq.worker.jobs.submit import runner_from_settings
-from sdq.worker.runner import Batch, Runner, TransientError
+from sdq.worker.reconciler import Reconciler
+from sdq.worker.runner import LEASE_S, Batch, Runner, TransientError
 from sdq.worker.settings import Settings
 
 _SETTINGS = Settings.load()
@@ -36,7 +39,8 @@ class BatchTask(Task):
             return cls._runner
 
 
-@app.task(bind=True, base=BatchTask, name=TASK_NAME, autoretry_for=(TransientError,),
+@app.task(bind=True, base=BatchTask, name=TASK_NAME,
+          autoretry_for=(TransientError, OperationalError),
           retry_backoff=True, retry_backoff_max=60, max_retries=_SETTINGS.max_attempts)
 def run_batches(self: BatchTask, batches: list[dict[str, Any]]) -> None:
     """Run `batches` (each `{"id": ..., "items": [item ids]}`) on this worker's model."""
@@ -54,7 +58,14 @@ def _remember_node_name(sender: str, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _start_heartbeat(**_: Any) -> None:
-    """Each pool process reports itself, idle or busy, for `sdq workers` (a thread; the pool
-    process must not block here)."""
+    """Each pool process reports itself, idle or busy, for `sdq workers`, and reconciles
+    lost work every SDQ_RECONCILE_INTERVAL (threads; the pool process must not block here)."""
+    # docker and systemd send SIGTERM to the whole process group. The main process turns it
+    # into Celery's warm shutdown (it lets the running task finish, then stops the pool
+    # through its pipe); a pool process that took it too would die mid-batch
+    # (WorkerLostError), so the pool process ignores it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     name = _node.get("name", "sdq")
     Heartbeat(_SETTINGS, name, lambda: BatchTask.runner(name)).start()
+    if _SETTINGS.reconcile_interval:
+        Reconciler(_SETTINGS, grace_s=min(LEASE_S, _SETTINGS.visibility_timeout)).start()

@@ -35,10 +35,13 @@ def test_status_counts_rate_eta_and_failures(any_home: Home) -> None:
     lines = result.output.splitlines()
     assert lines[0] == f"Job {job.id} (unnamed): pending, 4/8 done"
     assert lines[1] == "  pending 1  done 4  failed 3"
-    # 4 images from the first start (t=0) to the last finish (t=4 s): 1/s, 1 left.
-    assert lines[2] == "  1.00 images/s, about 1s left"
+    # 4 images from the first start (t=0) to the last finish (t=4 s): 1/s, 1 left; but the
+    # last one finished long ago, so the job is stalled and no time left is claimed.
+    assert lines[2].startswith("  1.00 images/s, none finished for ")
+    assert lines[2].endswith(": stalled, time left unknown (`sdq workers` shows who is working)")
     report = json.loads(any_home.run("status", str(job.id), "--json").output)
-    assert report["counts"]["failed"] == 3 and report["eta_s"] == 1.0
+    assert report["counts"]["failed"] == 3 and report["eta_s"] is None
+    assert report["stalled_s"] > 3600
     assert report["failures"][0]["error"] == "CUDA out of memory"
     assert report["failures"][0]["items"] == 2
     assert lines[3].startswith("  failed x2 (first: item ") and lines[3].endswith(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
@@ -9,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.worker.images.storage import Storage, open_storage
+from sdq.worker.images.storage import LocalStorage, Storage, open_storage
+from sdq.worker.jobs.maintenance import JobBusy, purge_job
 
 from .conftest import Home
 
@@ -76,3 +78,35 @@ def test_purge_json_on_both_databases(any_home: Home) -> None:
     result = any_home.run("purge", str(job.id), "--yes", "--json")
     assert result.output == f'{{"job_id": {job.id}, "items": 2, "images": 1}}\n'
     assert counts(any_home, job.id) == (0, 0)
+
+
+class ClaimDuringDelete(LocalStorage):
+    """A store whose first delete lets a worker claim the job's queued items, as a worker
+    taking its next message in the middle of a purge would."""
+
+    def __init__(self, root: Path, home: Home, job_id: int) -> None:
+        super().__init__(root)
+        self.home, self.job_id, self.claimed = home, job_id, 0
+
+    def delete(self, key: str) -> None:
+        if not self.claimed:
+            with Session(self.home.engine) as session, session.begin():
+                self.claimed = session.execute(
+                    update(Item).where(Item.job_id == self.job_id, Item.status == Status.PENDING)
+                    .values(status=Status.RUNNING, lease_expires_at=utcnow() + timedelta(minutes=2))
+                ).rowcount or -1
+        super().delete(key)
+
+
+def test_a_worker_claiming_during_a_purge_never_keeps_done_rows_without_images(home: Home) -> None:
+    job = home.add_job(["a red fox", "a lighthouse", "a castle"], done=2)
+    storage = ClaimDuringDelete(home.path / "home" / "images", home, job.id)
+    try:
+        purge_job(home.engine, storage, job.id)
+    except JobBusy:
+        pass
+    with Session(home.engine) as session:
+        done = session.scalars(select(Item.image_key).where(
+            Item.job_id == job.id, Item.status == Status.DONE)).all()
+    assert [key for key in done if not storage.exists(key)] == []
+    assert storage.claimed == -1 and counts(home, job.id) == (0, 0)

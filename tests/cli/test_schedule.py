@@ -16,7 +16,6 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,12 +33,11 @@ from sdq.worker.jobs.schedule import (
 from sdq.worker.jobs.submit import identify_model
 from sdq.worker.settings import Settings
 from tests.cli.conftest import Home
-from tests.services import in_queue
+from tests.services import clear_queues, in_queue
 
 UTC = timezone.utc
 DAY1 = datetime(2031, 3, 4, tzinfo=UTC)
 """Fake days lie after the real time, so schedules added now (created_at) predate them."""
-REDIS_TEST_DB = 13
 
 
 @pytest.fixture
@@ -324,10 +322,10 @@ def test_the_beat_scheduler_follows_its_clock(home: Home, prompts: Path,
 
 
 def test_the_beat_scheduler_enqueues_on_the_broker(home: Home, prompts: Path,
-                                                   tiny_checkpoint: Path) -> None:
-    broker = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
-    client = redis.Redis.from_url(broker)
-    client.flushdb()
+                                                   tiny_checkpoint: Path, redis_db: str) -> None:
+    broker = redis_db
+    sha = identify_model(tiny_checkpoint).sha256
+    clear_queues(broker, queue_name(sha))
     try:
         assert add(home, prompts, tiny_checkpoint).exit_code == 0
         settings = Settings.load({**home.env, "SDQ_BROKER_URL": broker})
@@ -337,13 +335,11 @@ def test_the_beat_scheduler_enqueues_on_the_broker(home: Home, prompts: Path,
         [run] = beat.last_runs
         [job] = jobs_of(home)
         assert run.created and job.status == Status.QUEUED
-        sha = identify_model(tiny_checkpoint).sha256
         assert in_queue(broker, queue_name(sha)) == 1
         beat.tick()
         assert beat.last_runs == [] and in_queue(broker, queue_name(sha)) == 1
     finally:
-        client.flushdb()
-        client.close()
+        clear_queues(broker, queue_name(sha))
 
 
 def test_due_runs_skip_days_before_a_schedule_existed(home: Home, prompts: Path,

@@ -37,9 +37,12 @@ def test_progress_rate_and_eta(session: Session) -> None:
     set_items(session, job, [0, 1], status=Status.DONE, started_at=T0,
               finished_at=T0 + timedelta(seconds=4))
     set_items(session, job, [2], status=Status.RUNNING)
-    progress = job_progress(session, job.id)
+    progress = job_progress(session, job.id, now=T0 + timedelta(seconds=10))
     assert progress.counts[Status.DONE] == 2 and progress.remaining == 4
     assert progress.images_per_s == 0.5 and progress.eta_s == 8.0
+    # Nothing finished for 2 minutes at 0.5 images/s (40 s of 20 images' worth): stalled.
+    stalled = job_progress(session, job.id, now=T0 + timedelta(seconds=125))
+    assert (stalled.stalled_s, stalled.eta_s) == (121.0, None)
     set_items(session, job, [2, 3, 4, 5], status=Status.CANCELLED)
     assert job_progress(session, job.id).eta_s == 0.0
 

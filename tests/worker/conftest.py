@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import redis
 import torch
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -22,8 +21,6 @@ from tests.s3server import S3Server
 from tests.services import scratch_database
 
 from .cluster import WorkerProcess
-
-OWNER_KEY = "sdq-test:owner"
 
 
 def specs(count: int, *, steps: int = 2, size: int = 64, **fields: Any) -> list[dict[str, Any]]:
@@ -52,27 +49,8 @@ def embedded(embedded_env: dict[str, str]) -> Settings:
 
 # -- distributed mode: real Redis, PostgreSQL, S3 endpoint and worker processes -------------
 
-REDIS_URL = os.environ.get("SDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 VISIBILITY_TIMEOUT_S = 6
 """Short, so that a dead worker's message returns within the test's patience."""
-
-
-@pytest.fixture(scope="session")
-def redis_db() -> Iterator[str]:
-    """A broker URL on a Redis database no other test run is using (claimed by a key that
-    expires), flushed afterwards."""
-    owner = uuid.uuid4().hex
-    for number in range(1, 16):
-        client = redis.Redis.from_url(f"{REDIS_URL}/{number}")
-        if client.set(OWNER_KEY, owner, nx=True, ex=3600):
-            try:
-                yield f"{REDIS_URL}/{number}"
-            finally:
-                client.flushdb()
-                client.close()
-            return
-        client.close()
-    pytest.fail("every Redis database 1-15 is claimed by another test run")
 
 
 @pytest.fixture(scope="session")

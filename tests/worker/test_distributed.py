@@ -21,10 +21,10 @@ from sdq.worker.app import queue_name
 from sdq.worker.images.storage import open_storage
 from sdq.worker.jobs.submit import identify_model, submit
 from sdq.worker.settings import Settings
-from tests.services import clear_queues, in_queue, scratch_database
+from tests.services import OWNER_KEY, clear_queues, in_queue, scratch_database
 
 from .cluster import WorkerProcess, wait_for
-from .conftest import OWNER_KEY, job_items, specs
+from .conftest import job_items, specs
 
 
 def wait_until_done(settings: Settings, job_id: int, timeout: float = 120) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import and_, func, select, update
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Status
+from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
@@ -58,6 +59,43 @@ def reconcile(settings: Settings) -> Requeued:
             return _requeue(settings, engine, session, open_items, f"r{int(time.time())}")
     finally:
         engine.dispose()
+
+
+def sweep(settings: Settings, engine: Engine, *, grace_s: float,
+          waiting: Callable[[str], int]) -> Requeued:
+    """The reconcile every worker runs by itself (`worker.reconciler`), safe when several run
+    at once and cheap when nothing is wrong.
+
+    Running items whose lease expired go back to queued (one conditional UPDATE). Open items
+    (pending or queued) that have waited longer than `grace_s` since they were last enqueued
+    (or recorded) are re-enqueued, but only for models whose queue is empty (`waiting(sha256)`
+    messages): with messages still waiting, theirs may be among them, and a backlog is never
+    doubled. Each item is taken by a conditional UPDATE that stamps `queued_at` and returns
+    the ids it changed, so of several sweepers only one re-enqueues a given item, and not
+    again before another `grace_s`. A message sent twice is harmless: the runner skips what
+    is done or leased."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=grace_s)
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
+            .values(status=Status.QUEUED, lease_expires_at=None)
+            .execution_options(synchronize_session=False))
+    stale = and_(Item.status.in_((Status.PENDING, Status.QUEUED)),
+                 func.coalesce(Item.queued_at, Item.created_at) < cutoff)
+    with Session(engine) as session:
+        with session.begin():
+            models = [sha256 for sha256 in session.scalars(
+                select(Model.sha256).join(Item, Item.model_id == Model.id).where(stale).distinct())
+                if waiting(sha256) == 0]
+            taken = list(session.scalars(
+                update(Item).where(stale, Item.model_id.in_(
+                    select(Model.id).where(Model.sha256.in_(models))))
+                .values(queued_at=now).returning(Item.id)
+                .execution_options(synchronize_session=False))) if models else []
+        if not taken:
+            return Requeued(0, 0)
+        return _requeue(settings, engine, session, Item.id.in_(taken), f"s{int(time.time())}")
 
 
 def retry_job(settings: Settings, job_id: int) -> Requeued:
@@ -132,6 +170,12 @@ def cancel_job(settings: Settings, job_id: int) -> int:
         with Session(engine) as session, session.begin():
             job = _job(session, job_id)
             now = utcnow()
+            # Lock order of every writer: items in id order, then the job row (the runner's
+            # claim and record do the same before `_finish_jobs`). An UPDATE alone would lock
+            # items in the table's physical order, which a runner locking by id can cross.
+            session.execute(select(Item.id).where(
+                Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
+                .order_by(Item.id).with_for_update())
             count = session.execute(
                 update(Item).where(Item.job_id == job_id,
                                    Item.status.in_((Status.PENDING, Status.QUEUED)))

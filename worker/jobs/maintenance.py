@@ -1,10 +1,14 @@
 """Removing what a job left: its rows and its stored images.
 
-Order matters for failures and for workers still busy with the job: images go first, so a
-purge that storage interrupts leaves the rows and can simply be run again; then the rows, in
-one transaction that re-checks that no item is running; last, a second sweep of the job's key
-prefix removes an image a worker may have stored in between (once the rows are gone, a
-runner's record step finds nothing to record and stores nothing more).
+Rows first, then images. The rows go in one transaction that locks the job's items (in id
+order, as every writer of items does, then the job row) and re-checks under that lock that
+none is running: a worker claiming at the same moment either got there first (the purge is
+refused and nothing is deleted) or finds no rows to claim. Only then are the images deleted,
+the recorded ones and anything else under the job's key prefix, so a worker never ends up
+with done rows whose images are gone. A worker whose upload was in flight finds no row at its
+record step and deletes its own object. If storage fails after the rows are gone, the error
+names the objects left; they belong to no row, and since ids are never reused (migration
+0005) no later job can point at them.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from sqlalchemy.orm import Session
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.sdmodel.errors import NotFound, Refused
-from sdq.worker.images.storage import Storage
+from sdq.worker.images.storage import Storage, StorageError
 
 
 class JobBusy(Refused):
@@ -53,20 +57,23 @@ def job_contents(session: Session, job_id: int) -> JobContents:
 
 
 def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
-    """Delete the job's images, then its items and the job row. Raises NotFound (no such
-    job), JobBusy, or the storage's StorageError (nothing deleted from the database then)."""
-    with Session(engine) as session:
+    """Delete the job's items and the job row, then its images. Raises NotFound (no such
+    job), JobBusy (nothing deleted then), or the storage's StorageError naming what is left."""
+    with Session(engine) as session, session.begin():
         job_contents(session, job_id)
+        session.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)
+                        .with_for_update())
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         _refuse_if_running(session, job_id)
         keys = set(session.scalars(select(Item.image_key).where(
             Item.job_id == job_id, Item.image_key.is_not(None))))
-    deleted = _delete_objects(storage, keys | set(storage.list(_prefix(job_id))))
-    with Session(engine) as session, session.begin():
-        session.execute(select(Item.id).where(Item.job_id == job_id).with_for_update())
-        _refuse_if_running(session, job_id)
         items = session.execute(delete(Item).where(Item.job_id == job_id)).rowcount
         session.execute(delete(Job).where(Job.id == job_id))
-    deleted |= _delete_objects(storage, set(storage.list(_prefix(job_id))))
+    try:
+        deleted = _delete_objects(storage, keys | set(storage.list(_prefix(job_id))))
+    except StorageError as exc:
+        raise StorageError(f"job {job_id}'s rows are deleted, but not all of its images "
+                           f"(under {_prefix(job_id)}): {exc}") from exc
     return Purged(job_id, items, len(deleted))
 
 

@@ -24,9 +24,17 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
+from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
 from sdq.sdmodel.params import HUB_REPO_ID, SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
-from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
+from sdq.worker.app import (
+    PRIORITIES,
+    TASK_NAME,
+    broker_priority,
+    check_broker,
+    create_app,
+    queue_name,
+)
 from sdq.worker.images.storage import open_storage
 from sdq.worker.settings import Settings, safety_checker_ref
 
@@ -118,6 +126,8 @@ def submit(
     Raises ValueError (a bad spec or no items; nothing recorded) or
     `db.session.SchemaMismatch`.
     """
+    if settings.broker_url is not None:
+        check_broker(settings.broker_url)
     engine = open_database(settings.database_url)
     try:
         with Session(engine, expire_on_commit=False) as session:
@@ -136,13 +146,38 @@ def submit(
         batches = sum(len(b) for b in planned.values())
         if on_submitted:
             on_submitted(job.id, job.item_count, batches)
-        report = dispatch(settings, engine, planned, Item.job_id == job.id,
-                          batches_per_message=batches_per_message,
-                          model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+        try:
+            report = dispatch(settings, engine, planned, Item.job_id == job.id,
+                              batches_per_message=batches_per_message,
+                              model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+        except Exception as exc:
+            if settings.embedded or not _broker_error(exc):
+                raise
+            raise NotEnqueued(job.id, exc) from exc
         queues = () if settings.embedded else tuple(queue_name(sha256) for sha256 in planned)
         return Submission(job.id, job.item_count, batches, queues, report)
     finally:
         engine.dispose()
+
+
+class NotEnqueued(Unavailable):
+    """The job was recorded but the broker failed before its messages were all sent: the
+    message names the job and the command that finishes it, so that submitting again (a second
+    job) is never the only way out. Workers' periodic reconcile also picks it up."""
+
+    def __init__(self, job_id: int, cause: Exception) -> None:
+        detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        super().__init__(f"job {job_id} was recorded but not enqueued (broker: {detail}); "
+                         f"`sdq resume {job_id}` enqueues it once the broker is back "
+                         "(do not submit again: that would make a second job)")
+        self.job_id = job_id
+
+
+def _broker_error(exc: Exception) -> bool:
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    return isinstance(exc, (KombuError, RedisError, OSError))
 
 
 def _model_id(session: Session, model: ModelIdentity) -> int:
@@ -269,5 +304,5 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
         max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
         micro_batch=settings.batch_size, worker_name=worker_name,
         png_level=settings.png_level, store_threads=settings.store_threads,
-        fast=settings.fast_path_spec,
+        fast=settings.fast_path_spec, outage_s=settings.outage_timeout,
     )

@@ -1,0 +1,119 @@
+"""Fault injection on a real distributed run: services cut through a loopback TCP proxy
+(tests/faults.py), workers killed or stopped, work lost from Redis. Each scenario ends with
+every item done exactly once, or failed with its true reason, with no manual command.
+
+Outages here are short (a little over the old fixed retry budget of about 15 s, or the
+window set small); bench/bench_faults.py runs the full-length cuts (docs/queue.md)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Status
+from sdq.db.session import open_database
+from sdq.worker.app import queue_name
+from sdq.worker.jobs.submit import identify_model, submit
+from sdq.worker.settings import Settings
+from tests.faults import TcpProxy
+from tests.services import clear_queues
+
+from .cluster import WorkerProcess, wait_for
+from .conftest import job_items, specs
+from .test_distributed import assert_exactly_once, wait_until_done
+from .test_worker_loss import running_batch_of
+
+SWEEP = {"SDQ_RECONCILE_INTERVAL": "1"}
+CUT_S = 16.0
+"""Longer than the fixed retry budget workers had before the outage window (about 15 s)."""
+
+
+@pytest.fixture
+def proxies(distributed_env: dict[str, str]) -> Iterator[dict[str, TcpProxy]]:
+    """The worker's PostgreSQL, Redis and S3 reached through proxies the test can cut; the
+    test's own calls go direct."""
+    upstreams = {"postgresql": ("127.0.0.1", 5432), "redis": ("127.0.0.1", 6379),
+                 "s3": ("127.0.0.1", int(distributed_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))}
+    cuts = {name: TcpProxy(address) for name, address in upstreams.items()}
+    try:
+        yield cuts
+    finally:
+        for proxy in cuts.values():
+            proxy.close()
+
+
+def orphaned_job(settings: Settings, tiny_checkpoint: Path) -> int:
+    """A job whose messages Redis lost, with one item left running by a worker that died."""
+    model = identify_model(tiny_checkpoint)
+    result = submit(settings, specs(4, steps=1), model=model, batch_size=2)
+    clear_queues(settings.broker_url or "", queue_name(model.sha256))
+    engine = open_database(settings.database_url)
+    first = job_items(engine, result.job_id)[0]
+    with Session(engine) as session, session.begin():
+        session.execute(update(Item).where(Item.id == first.id).values(
+            status=Status.RUNNING, attempts=1, worker_host="dead@host",
+            lease_expires_at=utcnow() - timedelta(seconds=1)))
+    return result.job_id
+
+
+def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanly(
+        distributed: Settings, distributed_env: dict[str, str], proxies: dict[str, TcpProxy],
+        start_worker: Callable[[str], WorkerProcess], tiny_checkpoint: Path) -> None:
+    """One worker (one start, to keep the suite short), three scenarios in turn:
+
+    1. work lost before it started (messages gone from Redis, an expired lease) is found by
+       its own reconcile;
+    2. PostgreSQL, Redis and S3 refused in turn (each after one more image is done), and S3
+       slowed: each is waited out, every item done exactly once, no attempt charged;
+    3. SIGTERM to its whole process group, as docker and systemd send it: the running batch
+       finishes and is recorded, and it exits 0.
+    """
+    lost = orphaned_job(distributed, tiny_checkpoint)
+    distributed_env.update({
+        **SWEEP, "SDQ_DATABASE_URL": proxies["postgresql"].url(distributed_env["SDQ_DATABASE_URL"]),
+        "SDQ_BROKER_URL": proxies["redis"].url(distributed_env["SDQ_BROKER_URL"]),
+        "AWS_ENDPOINT_URL": proxies["s3"].url(distributed_env["AWS_ENDPOINT_URL"])})
+    worker = start_worker("faults")
+    worker.wait_ready()
+    wait_until_done(distributed, lost, timeout=120)
+    assert_exactly_once(distributed, lost, 4)
+
+    engine = open_database(distributed.database_url)
+    model = identify_model(tiny_checkpoint)
+    result = submit(distributed, specs(10, steps=1), model=model, batch_size=2,
+                    batches_per_message=1)
+
+    def more_done(than: int) -> int | None:
+        """How many are done, once more than `than` are (or all are)."""
+        done = sum(i.status == Status.DONE for i in job_items(engine, result.job_id))
+        return done if done > than or done == result.items else None
+
+    seen = 0
+    for service, mode in (("postgresql", "refuse"), ("redis", "refuse"), ("s3", "refuse"),
+                          ("s3", "slow")):
+        seen = wait_for("another image to be done", lambda: more_done(seen), every=0.1)
+        proxies[service].cut(mode, delay=0.3)
+        time.sleep(CUT_S if mode == "refuse" else 4)
+        proxies[service].restore()
+    wait_until_done(distributed, result.job_id, timeout=180)
+    assert_exactly_once(distributed, result.job_id, 10)
+    assert {i.attempts for i in job_items(engine, result.job_id)} == {1}
+
+    stopping = submit(distributed, specs(4, steps=5), model=model, batch_size=2,
+                      batches_per_message=1)
+    batch = wait_for("a batch to run", lambda: running_batch_of(engine, stopping.job_id, worker),
+                     every=0.05)
+    os.killpg(worker.process.pid, signal.SIGTERM)
+    assert worker.process.wait(timeout=90) == 0
+    items = {i.id: i for i in job_items(engine, stopping.job_id)}
+    assert {(items[i.id].status, items[i.id].attempts) for i in batch} == {(Status.DONE, 1)}
+    assert "WorkerLostError" not in worker.log.read_text()
