@@ -22,7 +22,8 @@ from .fulltext import match_prompt, parse_query
 from .models import Item, Job, Model, Status
 
 REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "width", "height"})
-OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None}
+OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None,
+                        "template": None, "template_values": None}
 """What a submitted item may carry, besides `row_index` (default: its position in the
 submission); every other column is the queue's to fill in."""
 
@@ -30,7 +31,8 @@ submission); every other column is the queue's to fill in."""
 _COPY_TYPES = {
     "job_id": "int4", "row_index": "int4", "prompt": "text", "negative_prompt": "text",
     "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
-    "width": "int4", "height": "int4", "model_id": "int4", "tags": "json",
+    "width": "int4", "height": "int4", "model_id": "int4", "tags": "json", "template": "text",
+    "template_values": "json",
     "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
 }
 _CHUNK = 10_000

@@ -21,6 +21,7 @@ are recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -43,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
-from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, short_hash
+from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.worker.images.provenance import (
     EncodedPng,
@@ -128,11 +129,28 @@ class Chunk:
                 for i in range(0, len(self.items), size)]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A stored image an item may reuse: the item that made it, and what its row records."""
+
+    item_id: int
+    image_key: str
+    image_sha256: str | None
+    watermark: str | None
+
+
 @dataclass
 class RunReport:
     done: int = 0
+    """Items finished as done, reused ones included."""
     failed: int = 0
     skipped: int = 0
+    reused: int = 0
+    """Done items whose image existed already: no model call."""
+
+    def add(self, other: "RunReport") -> None:
+        self.done, self.failed = self.done + other.done, self.failed + other.failed
+        self.skipped, self.reused = self.skipped + other.skipped, self.reused + other.reused
 
 
 class Runner:
@@ -153,6 +171,7 @@ class Runner:
         # at once queue on the busy timeout instead of failing on a stale snapshot.
         self.sessions = sessionmaker(engine.execution_options(sqlite_immediate=True),
                                      expire_on_commit=False)
+        self.reads = sessionmaker(engine)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
@@ -162,6 +181,8 @@ class Runner:
         self.store_threads = store_threads or default_store_threads()
         self.current_batch: str | None = None
         self.images_done = 0
+        """Images this runner generated and recorded (reused ones not counted)."""
+        self.images_reused = 0
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
         self.fast = fast
@@ -191,8 +212,12 @@ class Runner:
                     _StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
                 for batch in batches:
                     self.current_batch = batch.id
-                    work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
-                    report.skipped += len(batch.item_ids) - len(work)
+                    work, reused = self._retrying("claiming items", lambda: self._claim(batch, pipe))
+                    report.skipped += len(batch.item_ids) - len(work) - reused
+                    report.done, report.reused = report.done + reused, report.reused + reused
+                    self.images_reused += reused
+                    if on_recorded and reused:
+                        on_recorded(reused)
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
                     for chunk in self._generate(pipe, batch.id, work, report):
@@ -216,55 +241,104 @@ class Runner:
 
     # -- claiming -----------------------------------------------------------------------
 
-    def _claim(self, batch: Batch, model_sha256: str) -> list[Work]:
-        """Take the batch's free items; wait while another live lease holds some of them."""
+    def _claim(self, batch: Batch, pipe: Pipeline) -> tuple[list[Work], int]:
+        """Take the batch's free items (the work to generate), and finish those whose image
+        is stored already (how many); wait while another live lease holds some of them."""
+        sources = self._stored_images(batch, pipe)
         deadline = time.monotonic() + self.lease_s + 1
         while True:
             with self.sessions.begin() as session:
                 rows = session.execute(
-                    select(Item, Model.sha256).join(Model, Item.model_id == Model.id)
+                    select(Item, Model.sha256, Job.reuse).join(Model, Item.model_id == Model.id)
+                    .join(Job, Item.job_id == Job.id)
                     .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
                 ).all()
                 now = utcnow()
-                busy = {item.id for item, _ in rows if item.status == Status.RUNNING
+                busy = {item.id for item, _, _ in rows if item.status == Status.RUNNING
                         and item.lease_expires_at is not None and item.lease_expires_at > now}
                 if not busy or time.monotonic() > deadline:
-                    return self._take(session, batch, rows, busy, model_sha256)
+                    return self._take(session, batch, rows, busy, pipe, sources)
             time.sleep(min(1.0, self.lease_s / 4))
 
+    def _key(self, params: GenerationParams, pipe: Pipeline) -> str:
+        return cache_key(params, model_sha256=pipe.sha256, watermark=self.watermark,
+                         device=pipe.device, dtype=pipe.dtype)
+
+    def _stored_images(self, batch: Batch, pipe: Pipeline) -> dict[str, _Source]:
+        """The images already stored for the batch's unfinished items, by cache key: done
+        items with the key whose object is still in storage. Read without locks, and the
+        objects checked outside any transaction (a HEAD request can take a while); items of
+        jobs submitted with --no-reuse look nothing up."""
+        with self.reads() as session:
+            items = session.scalars(select(Item).join(Job, Item.job_id == Job.id).where(
+                Item.id.in_(batch.item_ids), Item.status.not_in(FINISHED), Job.reuse)).all()
+            keys = set()
+            for item in items:
+                with contextlib.suppress(ParamError):
+                    keys.add(self._key(item.params, pipe))
+            if not keys:
+                return {}
+            found = session.execute(
+                select(Item.cache_key, Item.id, Item.reused_from, Item.image_key,
+                       Item.image_sha256, Item.watermark)
+                .where(Item.cache_key.in_(keys), Item.status == Status.DONE,
+                       Item.image_key.is_not(None)).order_by(Item.id)).all()
+        sources: dict[str, _Source] = {}
+        present: dict[str, bool] = {}
+        for key, item_id, reused_from, stored, sha256, watermark in found:
+            if key in sources:
+                continue
+            if stored not in present:
+                present[stored] = self.storage.exists(stored)
+            if present[stored]:
+                sources[key] = _Source(reused_from or item_id, stored, sha256, watermark)
+        return sources
+
     def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
-              model_sha256: str) -> list[Work]:
+              pipe: Pipeline, sources: dict[str, _Source]) -> tuple[list[Work], int]:
         now = utcnow()
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
-        gave_up = set()
-        for item, sha256 in sorted(rows, key=lambda row: order[row[0].id]):
+        closing = set()
+        reused = 0
+        for item, sha256, reuse in sorted(rows, key=lambda row: order[row[0].id]):
             if item.status in FINISHED or item.id in busy:
                 continue
-            if sha256 != model_sha256:
+            if sha256 != pipe.sha256:
                 log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
-                            item.id, short_hash(sha256), short_hash(model_sha256))
+                            item.id, short_hash(sha256), short_hash(pipe.sha256))
                 continue
             if item.attempts >= self.max_attempts:
                 item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
                 item.last_error = (f"gave up after {item.attempts} attempts; last error: "
                                    f"{item.last_error or 'worker lost during the batch'}")
-                gave_up.add(item.job_id)
+                closing.add(item.job_id)
                 continue
             try:
                 params = item.params
             except ParamError as exc:  # recorded by something that skipped the checks
                 item.status, item.finished_at, item.last_error = Status.FAILED, now, str(exc)
                 item.lease_expires_at = None
-                gave_up.add(item.job_id)
+                closing.add(item.job_id)
+                continue
+            item.cache_key = self._key(params, pipe)
+            item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
+            item.device = pipe.device
+            if reuse and (source := sources.get(item.cache_key)) is not None:
+                item.status, item.reused_from, item.image_key = Status.DONE, source.item_id, \
+                    source.image_key
+                item.image_sha256, item.watermark = source.image_sha256, source.watermark
+                item.lease_expires_at, item.last_error = None, None
+                item.finished_at, item.duration_s = now, 0.0
+                closing.add(item.job_id)
+                reused += 1
                 continue
             item.status, item.attempts = Status.RUNNING, item.attempts + 1
             item.lease_expires_at = now + timedelta(seconds=self.lease_s)
-            item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
             work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts))
         session.flush()
-        _finish_jobs(session, gave_up)
-        return work
+        _finish_jobs(session, closing)
+        return work, reused
 
     # -- generating ---------------------------------------------------------------------
 

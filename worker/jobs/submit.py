@@ -208,9 +208,7 @@ def dispatch(
         report = RunReport()
         for sha256, batches in planned.items():
             runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
-            part = runner.run(batches, on_recorded)
-            report.done, report.failed = report.done + part.done, report.failed + part.failed
-            report.skipped += part.skipped
+            report.add(runner.run(batches, on_recorded))
         return report
     app = create_app(settings)
     # A connection of our own: the app's pool is kombu's process-wide one, which would keep a
