@@ -150,6 +150,8 @@ class Progress:
     counts: dict[Status, int]
     started_at: datetime | None
     last_finished_at: datetime | None
+    reused: int = 0
+    """Done items that reuse an image stored before (no model call): not in the rate."""
 
     @property
     def remaining(self) -> int:
@@ -157,12 +159,12 @@ class Progress:
 
     @property
     def images_per_s(self) -> float | None:
-        """Done images over the time from the first start to the last finish; None before two
-        points in time exist to divide by."""
+        """Generated images over the time from the first start to the last finish of those;
+        None before two points in time exist to divide by."""
         if self.started_at is None or self.last_finished_at is None:
             return None
         elapsed = (self.last_finished_at - self.started_at).total_seconds()
-        return self.counts[Status.DONE] / elapsed if elapsed > 0 else None
+        return (self.counts[Status.DONE] - self.reused) / elapsed if elapsed > 0 else None
 
     @property
     def eta_s(self) -> float | None:
@@ -174,11 +176,15 @@ class Progress:
 
 
 def job_progress(session: Session, job_id: int) -> Progress:
-    """The job's status counts and the time span of its done items."""
-    span = select(func.min(Item.started_at), func.max(Item.finished_at)).where(
+    """The job's status counts, how many of its done items reused an image, and the time
+    span of the ones generated."""
+    generated = Item.reused_from.is_(None)
+    span = select(func.min(Item.started_at).filter(generated),
+                  func.max(Item.finished_at).filter(generated),
+                  func.count().filter(Item.reused_from.is_not(None))).where(
         Item.job_id == job_id, Item.status == Status.DONE)
-    started, finished = session.execute(span).one()
-    return Progress(status_counts(session, job_id), started, finished)
+    started, finished, reused = session.execute(span).one()
+    return Progress(status_counts(session, job_id), started, finished, reused)
 
 
 def failure_reasons(session: Session, job_id: int, limit: int = 10) -> list[tuple[str, int, int]]:

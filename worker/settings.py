@@ -67,6 +67,8 @@ class Settings:
     store_threads: int
     fast_path: str = "default"
     compile: bool = False
+    wildcards: Path | None = None
+    """The folder of prompt templates' `__name__.txt` wildcard files (`--wildcards` overrides)."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -110,6 +112,7 @@ class Settings:
             "store_threads": get("store_threads") or str(default_store_threads()),
             "fast_path": get("fast_path") or "default",
             "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
+            "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:

@@ -264,7 +264,8 @@ def parquet_schema() -> Any:
         "tags": pa.list_(text), "attempts": integer, "error": text, "batch": text,
         "batch_position": integer, "image_key": text, "image_sha256": text, "watermark": text,
         "worker": text, "device": text, "created": time, "started": time, "finished": time,
-        "duration_s": real, "provenance": text,
+        "duration_s": real, "template": text, "template_values": text, "cache_key": text,
+        "reused_from": integer, "provenance": text,
     }
     features = {"info": {"features": {"image": {"_type": "Image"}}}}
     return pa.schema(list(columns.items()), metadata={"huggingface": json.dumps(features)})
@@ -298,6 +299,8 @@ class _Parquet(_Writer):
         key = item_key(item.id)
         values = {name: value.value if isinstance(value, Enum) else value
                   for name, value in record.items()}
+        if values.get("template_values") is not None:  # `datasets` has no map type: JSON text
+            values["template_values"] = _json(values["template_values"])
         return {**values, "key": key, "image": {"bytes": png, "path": f"{key}.png"},
                 "provenance": _json(record)}
 

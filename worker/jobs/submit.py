@@ -24,7 +24,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
+from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, cache_key, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
 from sdq.worker.settings import Settings
@@ -162,6 +162,32 @@ def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdent
                         "eta": shape.eta, "images": images, "batches": -(-images // batch_size),
                         "estimated_s": None if per_step is None else per_step * shape.steps * images})
     return planned
+
+
+def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
+                 settings: Settings) -> int:
+    """How many of `items` have their image stored already (done items with the cache key
+    they would get), for `--dry-run`: an estimate, made for the device and dtype the settings
+    give here (a worker's decide), without checking that the objects are still there."""
+    from sdq.sdmodel.pipeline import default_device, default_dtype
+
+    device = settings.device or default_device()
+    dtype = settings.dtype or default_dtype(device)
+    known = {m.id: m.sha256 for m in all_models(session)}
+    keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
+                             model_sha256=known.get(item.get("model_id"), model.sha256),
+                             device=device, dtype=dtype) for item in items)
+    found: set[str] = set()
+    ordered = list(keys)
+    for start in range(0, len(ordered), _LOOKUP_CHUNK):
+        found.update(session.scalars(select(Item.cache_key).distinct().where(
+            Item.cache_key.in_(ordered[start:start + _LOOKUP_CHUNK]),
+            Item.status == Status.DONE, Item.image_key.is_not(None))))
+    return sum(count for key, count in keys.items() if key in found)
+
+
+_LOOKUP_CHUNK = 500
+"""Keys per `IN (...)` lookup: well under SQLite's bound-parameter limit."""
 
 
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
