@@ -6,7 +6,6 @@ there changes in every command, and a value refused here is refused with params'
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,13 +141,13 @@ def template_options(command: F) -> F:
 
 def expansion_of(grid: Sequence[str], wildcards: Path | None, expand: str, draws: int,
                  expand_seed: int | None) -> Expansion:
-    """The options of `template_options` as an Expansion (a bad --grid is a usage error)."""
+    """The options of `template_options` as an Expansion (a bad --grid is a usage error); its
+    seed is None when --expand-seed is not given."""
     try:
         parsed = parse_grid(grid)
     except InvalidInput as exc:
         raise click.BadParameter(str(exc), param_hint="'--grid'") from None
-    seed = expand_seed if expand_seed is not None else random.SystemRandom().randrange(SEED_LIMIT)
-    return Expansion(mode=expand, draws=draws, seed=seed, grid=parsed,
+    return Expansion(mode=expand, draws=draws, seed=expand_seed, grid=parsed,
                      wildcards=Wildcards(wildcards))
 
 

@@ -104,7 +104,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
         defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
                             cfg=cfg, eta=eta, sampler=sampler, width=width, height=height)
     settings = load_settings(need_broker=False)
-    expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws, expand_seed)
+    expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
+                             expand_seed).drawn()
     source = str(file) if file is not None else "--prompt"
     with database_session(settings) as session:
         parsed = _parse(file, prompt, defaults, expansion, session)

@@ -24,7 +24,7 @@ import itertools
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -287,7 +287,8 @@ class Expansion:
 
     mode: str = "combinatorial"
     draws: int = 1
-    seed: int = 0
+    seed: int | None = 0
+    """None only before it is drawn: a job or schedule records the seed it expanded with."""
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     wildcards: Wildcards = field(default_factory=Wildcards)
 
@@ -297,6 +298,12 @@ class Expansion:
                                f"{', '.join(MODES)}")
         if self.draws < 1:
             raise InvalidInput(f"draws must be at least 1, got {self.draws}")
+
+    def drawn(self) -> "Expansion":
+        """This expansion with its seed drawn at random if it has none yet."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random.SystemRandom().randrange(2**32))
 
     def prompts(self, prompt: str, negative: str, rng: random.Random) -> list[tuple[str, str, dict[str, str]]]:
         """(prompt, negative prompt, values) for one row. The negative prompt's labels are
@@ -336,11 +343,12 @@ class Expansion:
                 "wildcards": self.wildcards.used()}
 
     @classmethod
-    def from_json(cls, record: Mapping[str, Any]) -> "Expansion":
+    def from_json(cls, record: Mapping[str, Any], folder: Path | None = None) -> "Expansion":
+        """A recorded expansion; wildcards it has no lines for are read from `folder`."""
         return cls(mode=record.get("mode", "combinatorial"), draws=record.get("draws", 1),
                    seed=record.get("seed", 0),
                    grid=tuple((name, tuple(values)) for name, values in record.get("grid", {}).items()),
-                   wildcards=Wildcards(lines=dict(record.get("wildcards", {}))))
+                   wildcards=Wildcards(folder, lines=dict(record.get("wildcards", {}))))
 
 
 def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
