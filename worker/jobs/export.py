@@ -37,10 +37,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Item, Status
+from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
 from sdq.sdmodel.errors import Refused
 from sdq.worker.images.storage import ObjectNotFound, Storage
@@ -63,9 +63,16 @@ class ExportReport:
     skipped: int
 
 
-def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None
-                    ) -> list[int]:
-    """The finished items with an image, of a job and/or matching a prompt search, by id."""
+def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None,
+                    schedule_id: int | None = None) -> list[int]:
+    """The finished items with an image, of a job and/or matching a prompt search, by id; or
+    those of every run of a schedule, one per image (a run that reused an image of an earlier
+    run adds its row, not a second copy: the first row of each image is exported)."""
+    if schedule_id is not None:
+        first = (select(func.min(Item.id)).join(Job, Item.job_id == Job.id)
+                 .where(Job.schedule_id == schedule_id, Item.status == Status.DONE,
+                        Item.image_key.is_not(None)).group_by(Item.image_key))
+        return sorted(session.scalars(first))
     if text is None:
         stmt = (select(Item.id).where(Item.status == Status.DONE, Item.image_key.is_not(None))
                 .order_by(Item.id))
@@ -93,7 +100,7 @@ def plan_shards(ids: Sequence[int], shard_size: int) -> list[list[int]]:
 def export_items(
     session: Session, source: Storage, dest: Storage, ids: Sequence[int], *, fmt: str,
     describe: Describe, shard_size: int = 1000, prefix: str = "shard", card: bool = False,
-    on_item: Callable[[int], None] | None = None,
+    origin: Sequence[str] = (), on_item: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write the items `ids` (images read from `source`) to `dest` in format `fmt`, skipping
     the shards a previous run of the same plan wrote; with `card`, a dataset card too.
@@ -121,7 +128,7 @@ def export_items(
             on_item(len(shard))
     writer.finish(session, dest, shards, describe)
     if card:
-        dest.put("README.md", dataset_card(session, shards, fmt).encode(),
+        dest.put("README.md", dataset_card(session, shards, fmt, origin).encode(),
                  content_type="text/markdown")
     return ExportReport(len(ids), len(shards), written, skipped)
 
