@@ -62,6 +62,8 @@ LEASE_S = 120
 """How long a claim lasts without renewal: the longest a redelivered batch whose worker died
 waits before taking the items over. Capped by the broker's visibility timeout, so a lost
 machine's items are free by the time its message comes back."""
+REUSE_CHUNK = 500
+"""Items looked up in the result cache at once: one read, one lookup and one write each."""
 QUEUED_CHUNKS = 2
 """Finished chunks held for storing at most: one being stored and one ready, so the store
 threads never wait on the GPU while storage keeps up, and memory stays flat when it does not."""
@@ -205,19 +207,23 @@ class Runner:
             report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
             return report
         environment = environment_fingerprint(pipe.device, pipe.dtype)
+        reused = self._retrying("reusing stored images", lambda: self._reuse_stored(batches, pipe))
+        report.done, report.reused = len(reused), len(reused)
+        self.images_reused += len(reused)
+        if on_recorded and reused:
+            on_recorded(len(reused))
         claimed: list[int] = []
         try:
             # The queue drains (every chunk stored) before the leases stop being renewed.
             with _LeaseKeeper(self) as leases, \
                     _StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
                 for batch in batches:
+                    left = [i for i in batch.item_ids if i not in reused]
+                    if not left:
+                        continue
                     self.current_batch = batch.id
-                    work, reused = self._retrying("claiming items", lambda: self._claim(batch, pipe))
-                    report.skipped += len(batch.item_ids) - len(work) - reused
-                    report.done, report.reused = report.done + reused, report.reused + reused
-                    self.images_reused += reused
-                    if on_recorded and reused:
-                        on_recorded(reused)
+                    work = self._retrying("claiming items", lambda: self._claim(batch, pipe))
+                    report.skipped += len(left) - len(work)
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
                     for chunk in self._generate(pipe, batch.id, work, report):
@@ -241,67 +247,28 @@ class Runner:
 
     # -- claiming -----------------------------------------------------------------------
 
-    def _claim(self, batch: Batch, pipe: Pipeline) -> tuple[list[Work], int]:
-        """Take the batch's free items (the work to generate), and finish those whose image
-        is stored already (how many); wait while another live lease holds some of them."""
-        sources = self._stored_images(batch, pipe)
+    def _claim(self, batch: Batch, pipe: Pipeline) -> list[Work]:
+        """Take the batch's free items; wait while another live lease holds some of them."""
         deadline = time.monotonic() + self.lease_s + 1
         while True:
             with self.sessions.begin() as session:
                 rows = session.execute(
-                    select(Item, Model.sha256, Job.reuse).join(Model, Item.model_id == Model.id)
-                    .join(Job, Item.job_id == Job.id)
+                    select(Item, Model.sha256).join(Model, Item.model_id == Model.id)
                     .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
                 ).all()
                 now = utcnow()
-                busy = {item.id for item, _, _ in rows if item.status == Status.RUNNING
-                        and item.lease_expires_at is not None and item.lease_expires_at > now}
+                busy = {item.id for item, _ in rows if _leased(item.status, item.lease_expires_at, now)}
                 if not busy or time.monotonic() > deadline:
-                    return self._take(session, batch, rows, busy, pipe, sources)
+                    return self._take(session, batch, rows, busy, pipe)
             time.sleep(min(1.0, self.lease_s / 4))
 
-    def _key(self, params: GenerationParams, pipe: Pipeline) -> str:
-        return cache_key(params, model_sha256=pipe.sha256, watermark=self.watermark,
-                         device=pipe.device, dtype=pipe.dtype)
-
-    def _stored_images(self, batch: Batch, pipe: Pipeline) -> dict[str, _Source]:
-        """The images already stored for the batch's unfinished items, by cache key: done
-        items with the key whose object is still in storage. Read without locks, and the
-        objects checked outside any transaction (a HEAD request can take a while); items of
-        jobs submitted with --no-reuse look nothing up."""
-        with self.reads() as session:
-            items = session.scalars(select(Item).join(Job, Item.job_id == Job.id).where(
-                Item.id.in_(batch.item_ids), Item.status.not_in(FINISHED), Job.reuse)).all()
-            keys = set()
-            for item in items:
-                with contextlib.suppress(ParamError):
-                    keys.add(self._key(item.params, pipe))
-            if not keys:
-                return {}
-            found = session.execute(
-                select(Item.cache_key, Item.id, Item.reused_from, Item.image_key,
-                       Item.image_sha256, Item.watermark)
-                .where(Item.cache_key.in_(keys), Item.status == Status.DONE,
-                       Item.image_key.is_not(None)).order_by(Item.id)).all()
-        sources: dict[str, _Source] = {}
-        present: dict[str, bool] = {}
-        for key, item_id, reused_from, stored, sha256, watermark in found:
-            if key in sources:
-                continue
-            if stored not in present:
-                present[stored] = self.storage.exists(stored)
-            if present[stored]:
-                sources[key] = _Source(reused_from or item_id, stored, sha256, watermark)
-        return sources
-
     def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
-              pipe: Pipeline, sources: dict[str, _Source]) -> tuple[list[Work], int]:
+              pipe: Pipeline) -> list[Work]:
         now = utcnow()
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
         closing = set()
-        reused = 0
-        for item, sha256, reuse in sorted(rows, key=lambda row: order[row[0].id]):
+        for item, sha256 in sorted(rows, key=lambda row: order[row[0].id]):
             if item.status in FINISHED or item.id in busy:
                 continue
             if sha256 != pipe.sha256:
@@ -321,24 +288,79 @@ class Runner:
                 item.lease_expires_at = None
                 closing.add(item.job_id)
                 continue
-            item.cache_key = self._key(params, pipe)
-            item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
-            item.device = pipe.device
-            if reuse and (source := sources.get(item.cache_key)) is not None:
-                item.status, item.reused_from, item.image_key = Status.DONE, source.item_id, \
-                    source.image_key
-                item.image_sha256, item.watermark = source.image_sha256, source.watermark
-                item.lease_expires_at, item.last_error = None, None
-                item.finished_at, item.duration_s = now, 0.0
-                closing.add(item.job_id)
-                reused += 1
-                continue
             item.status, item.attempts = Status.RUNNING, item.attempts + 1
             item.lease_expires_at = now + timedelta(seconds=self.lease_s)
+            item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
+            item.cache_key = self._key(params, pipe)
             work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts))
         session.flush()
         _finish_jobs(session, closing)
-        return work, reused
+        return work
+
+    # -- the result cache ---------------------------------------------------------------
+
+    def _key(self, params: GenerationParams, pipe: Pipeline) -> str:
+        return cache_key(params, model_sha256=pipe.sha256, watermark=self.watermark,
+                         device=pipe.device, dtype=pipe.dtype)
+
+    def _reuse_stored(self, batches: Sequence[Batch], pipe: Pipeline) -> set[int]:
+        """Finish, as reusing the stored image, every item of the batches whose image is
+        stored already (a done item with its cache key, whose object is still there); their
+        ids. Done before anything is generated, a chunk of items at a time, so that a job
+        that is all cached costs a few queries per thousand items and no model call."""
+        ids = [item_id for batch in batches for item_id in batch.item_ids]
+        reused: set[int] = set()
+        for start in range(0, len(ids), REUSE_CHUNK):
+            reused |= self._reuse_chunk(ids[start:start + REUSE_CHUNK], pipe)
+        return reused
+
+    def _reuse_chunk(self, ids: Sequence[int], pipe: Pipeline) -> set[int]:
+        with self.reads() as session:
+            items = session.execute(
+                select(Item).join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
+                .where(Item.id.in_(ids), Item.status.not_in(FINISHED), Job.reuse,
+                       Model.sha256 == pipe.sha256)).scalars().all()
+            keys: dict[int, str] = {}
+            for item in items:
+                with contextlib.suppress(ParamError):  # failed when a worker takes it
+                    keys[item.id] = self._key(item.params, pipe)
+            if not keys:
+                return set()
+            found = session.execute(
+                select(Item.cache_key, Item.id, Item.reused_from, Item.image_key,
+                       Item.image_sha256, Item.watermark)
+                .where(Item.cache_key.in_(set(keys.values())), Item.status == Status.DONE,
+                       Item.image_key.is_not(None)).order_by(Item.id)).all()
+        # Objects are checked outside any transaction: a HEAD request can take a while.
+        sources: dict[str, _Source] = {}
+        present: dict[str, bool] = {}
+        for key, item_id, reused_from, stored, sha256, watermark in found:
+            if key not in sources:
+                if stored not in present:
+                    present[stored] = self.storage.exists(stored)
+                if present[stored]:
+                    sources[key] = _Source(reused_from or item_id, stored, sha256, watermark)
+        hits = {item_id: key for item_id, key in keys.items() if key in sources}
+        if not hits:
+            return set()
+        with self.sessions.begin() as session:
+            now = utcnow()
+            rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at)
+                                   .where(Item.id.in_(list(hits))).with_for_update()).all()
+            free = [(item_id, job_id) for item_id, job_id, status, lease in rows
+                    if status not in FINISHED and not _leased(status, lease, now)]
+            if free:
+                session.execute(update(Item), [{
+                    "id": item_id, "status": Status.DONE, "cache_key": hits[item_id],
+                    "reused_from": sources[hits[item_id]].item_id,
+                    "image_key": sources[hits[item_id]].image_key,
+                    "image_sha256": sources[hits[item_id]].image_sha256,
+                    "watermark": sources[hits[item_id]].watermark, "device": pipe.device,
+                    "worker_host": self.worker_name, "started_at": now, "finished_at": now,
+                    "duration_s": 0.0, "lease_expires_at": None, "last_error": None,
+                } for item_id, _ in free])
+            _finish_jobs(session, {job_id for _, job_id in free})
+        return {item_id for item_id, _ in free}
 
     # -- generating ---------------------------------------------------------------------
 
@@ -484,6 +506,11 @@ class Runner:
                             self.max_attempts, exc)
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
+
+
+def _leased(status: Status, lease_expires_at: Any, now: Any) -> bool:
+    """Running under a lease that has not run out: its holder may be alive."""
+    return status == Status.RUNNING and lease_expires_at is not None and lease_expires_at > now
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:

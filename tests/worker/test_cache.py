@@ -13,6 +13,7 @@ from sdq.sdmodel.params import GenerationParams, cache_key
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.worker.images.provenance import ItemRecord, verify_png
 from sdq.worker.images.storage import open_storage
+from sdq.worker.jobs.maintenance import Purged, purge_job
 from sdq.worker.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Runner
 from sdq.worker.settings import Settings
@@ -62,8 +63,14 @@ def test_a_job_made_again_reuses_every_image(embedded: Settings, tiny_checkpoint
     assert sorted(storage.list()) == sorted(i.image_key for i in made)  # nothing new stored
     with Session(engine) as session:
         assert session.get(Job, job.id).status == Status.DONE
+    # Purging the job that made the images leaves them to the job that reuses them, whose
+    # rows still verify (the file names the item that made it); the last job takes them.
+    assert purge_job(engine, storage, first.job_id) == Purged(first.job_id, 3, 0, 3)
+    with Session(engine) as session:
         reused = session.get(Item, again[0].id)
         assert verify_png(storage.get(reused.image_key), ItemRecord.of(reused)).ok
+    assert purge_job(engine, storage, job.id) == Purged(job.id, 3, 3, 0)
+    assert list(storage.list()) == []
 
 
 def test_no_reuse_and_a_deleted_object_generate(embedded: Settings, tiny_checkpoint: Path) -> None:
