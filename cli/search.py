@@ -52,13 +52,16 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
               help="Created at or after this time (UTC), e.g. 2025-06-01 or '2025-06-01 14:00'.")
 @click.option("--until", type=_TIME, callback=_utc, help="Created before this time (UTC).")
 @click.option("--tag", help="Items with this tag, or whose job has it.")
+@click.option("--value", "values", multiple=True, metavar="LABEL=VALUE",
+              help="Items whose template chose VALUE for LABEL (v1, a wildcard's name, a grid "
+                   "field: animal=owl, cfg=7.5); repeatable.")
 @click.option("--before", metavar="ID", type=click.IntRange(1),
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
 def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           before: int | None, limit: int, output: str | None) -> None:
+           values: tuple[str, ...], before: int | None, limit: int, output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table
@@ -70,11 +73,15 @@ def search(text: str | None, seed: int | None, model: str | None, job_id: int | 
       sdq search --seed 1234 --model sd15 --json
       sdq search lighthouse --job 42 --status done --csv > lighthouses.csv
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
+      sdq search --value animal=owl --value cfg=7.5
     """
+    chosen = dict(value.split("=", 1) for value in values if "=" in value)
+    if len(chosen) != len(values):
+        raise click.BadParameter("expected LABEL=VALUE", param_hint="'--value'")
     with database_session() as session:
         page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
                             status=Status(status) if status else None, since=since, until=until,
-                            tag=tag, before=before, limit=limit)
+                            tag=tag, values=chosen, before=before, limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
          empty="no items match")

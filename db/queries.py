@@ -11,7 +11,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, cast, exists, func, insert, or_, select
+from sqlalchemy import ColumnElement, Select, Text, cast, exists, func, insert, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -59,6 +59,7 @@ def search_items(
     since: datetime | None = None,
     until: datetime | None = None,
     tag: str | None = None,
+    values: Mapping[str, str] | None = None,
     before: int | None = None,
     limit: int = 50,
 ) -> Page:
@@ -67,7 +68,8 @@ def search_items(
     `text` is a prompt search (words and "quoted phrases", all required; see `fulltext`);
     `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
     (exclusive) bound the creation time; `tag` matches the item's own tags or its job's (a
-    scan: tags are not indexed). Paging is by keyset (`before` an id), so a page costs the
+    scan: tags are not indexed); `values` are template choices the item was expanded with,
+    label to value (compared as text, so a grid's `cfg` is "7.5"; a scan too). Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit < 1:
@@ -94,6 +96,8 @@ def search_items(
     if tag is not None:
         tagged_jobs = select(Job.id).where(_has_tag(Job.tags, tag, dialect))
         stmt = stmt.where(or_(_has_tag(Item.tags, tag, dialect), Item.job_id.in_(tagged_jobs)))
+    for label, value in (values or {}).items():
+        stmt = stmt.where(_template_value(label, dialect) == value)
     if before is not None:
         stmt = stmt.where(key < before)
     if dialect == "postgresql" and query.has_multiword_phrase:
@@ -109,6 +113,14 @@ def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
         return cast(column, JSONB).has_key(tag)
     each = func.json_each(column).table_valued("value")
     return exists(select(each.c.value).where(each.c.value == tag))
+
+
+def _template_value(label: str, dialect: str) -> ColumnElement[Any]:
+    """The text of one template choice of an item (null when it has none by that label)."""
+    if dialect == "postgresql":
+        return cast(Item.template_values, JSONB)[label].astext
+    path = '$."' + label.replace('"', '""') + '"'
+    return cast(func.json_extract(Item.template_values, path), Text)
 
 
 def _newest_in_two_steps(
