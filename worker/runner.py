@@ -43,9 +43,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
-from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound
+from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
 from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
-from sdq.sdmodel.pipeline import Pipeline, load_pipeline
+from sdq.sdmodel.pipeline import Pipeline, default_device, default_dtype, load_pipeline
 from sdq.worker.images.provenance import (
     EncodedPng,
     Environment,
@@ -132,6 +132,15 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class _Identity:
+    """The model as the cache key sees it."""
+
+    sha256: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
 class _Source:
     """A stored image an item may reuse: the item that made it, and what its row records."""
 
@@ -200,18 +209,25 @@ class Runner:
         """Run every batch; raises TransientError (after handing items back) if storage or the
         database stays down. A model that cannot be loaded fails the items, with the reason."""
         report = RunReport()
-        try:
-            pipe = self.pipeline()
-        except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
-            ids, reason = [i for batch in batches for i in batch.item_ids], f"model: {exc}"
-            report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
-            return report
-        environment = environment_fingerprint(pipe.device, pipe.dtype)
-        reused = self._retrying("reusing stored images", lambda: self._reuse_stored(batches, pipe))
+        # The result cache first, without loading the model: a message whose images are
+        # all stored already costs no model load.
+        identity = self._identity()
+        reused = set() if identity is None else self._retrying(
+            "reusing stored images", lambda: self._reuse_stored(batches, identity))
         report.done, report.reused = len(reused), len(reused)
         self.images_reused += len(reused)
         if on_recorded and reused:
             on_recorded(len(reused))
+        ids = [i for batch in batches for i in batch.item_ids if i not in reused]
+        if not ids:
+            return report
+        try:
+            pipe = self.pipeline()
+        except (CheckpointError, ModelNotFound, ValueError, OSError) as exc:
+            reason = f"model: {exc}"
+            report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
+            return report
+        environment = environment_fingerprint(pipe.device, pipe.dtype)
         claimed: list[int] = []
         try:
             # The queue drains (every chunk stored) before the leases stop being renewed.
@@ -299,11 +315,25 @@ class Runner:
 
     # -- the result cache ---------------------------------------------------------------
 
-    def _key(self, params: GenerationParams, pipe: Pipeline) -> str:
-        return cache_key(params, model_sha256=pipe.sha256, watermark=self.watermark,
-                         device=pipe.device, dtype=pipe.dtype)
+    def _identity(self) -> _Identity | None:
+        """What the cache key needs of the model, without loading it: its sha256 (hashes
+        are cached), and the device and dtype it is (or will be) loaded on, as
+        `load_pipeline` chooses them. None when the model cannot be found (loading it then
+        fails the items with the reason)."""
+        if self._pipeline is not None:
+            return _Identity(self._pipeline.sha256, self._pipeline.device, self._pipeline.dtype)
+        try:
+            sha256 = model_sha256(resolve_model_ref(self.model_ref), self.hash_cache)
+        except (CheckpointError, ModelNotFound, ValueError, OSError):
+            return None
+        device = self.device or default_device()
+        return _Identity(sha256, device, self.dtype or default_dtype(device))
 
-    def _reuse_stored(self, batches: Sequence[Batch], pipe: Pipeline) -> set[int]:
+    def _key(self, params: GenerationParams, model: Pipeline | _Identity) -> str:
+        return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
+                         device=model.device, dtype=model.dtype)
+
+    def _reuse_stored(self, batches: Sequence[Batch], pipe: _Identity) -> set[int]:
         """Finish, as reusing the stored image, every item of the batches whose image is
         stored already (a done item with its cache key, whose object is still there); their
         ids. Done before anything is generated, a chunk of items at a time, so that a job
@@ -314,7 +344,7 @@ class Runner:
             reused |= self._reuse_chunk(ids[start:start + REUSE_CHUNK], pipe)
         return reused
 
-    def _reuse_chunk(self, ids: Sequence[int], pipe: Pipeline) -> set[int]:
+    def _reuse_chunk(self, ids: Sequence[int], pipe: _Identity) -> set[int]:
         with self.reads() as session:
             items = session.execute(
                 select(Item).join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
