@@ -13,6 +13,10 @@ step is guarded by the item's row, which makes redelivered or duplicated message
   image in a short transaction only if this claim (the same `attempts`) still holds the row;
   a claim lost meanwhile deletes its own object and records nothing (see `Runner._record`).
 
+Before any of that, and before the model is loaded, the result cache: an item whose cache key
+(`params.cache_key`) a done item has, with its object still stored, is finished at once as
+reusing that object (`reused_from`), with no model call (`Runner._reuse_stored`).
+
 While the model denoises one micro-batch, store threads encode, watermark, upload and record
 the previous ones, each chunk cut in parts so that all threads work on it. At most
 `QUEUED_CHUNKS` finished chunks wait or are being stored; the generator blocks beyond that, so
