@@ -8,15 +8,15 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from datasette.app import Datasette
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from sqlite_utils import Database
 from sqlite_utils.cli import cli as sqlite_utils_cli
 
-from sdq.db.queries import search_items
+from sdq.db.fulltext import match_prompt, parse_query
+from sdq.db.models import Item
 from sdq.db.session import downgrade, upgrade
 from tests.services import scratch_database
-
-from .helpers import add_job
 
 
 def sqlite_utils_search(path: Path, word: str) -> list[str]:
@@ -36,7 +36,26 @@ def datasette_search(path: Path, word: str) -> list[str]:
 
 
 def sdq_search(session: Session, word: str) -> list[str]:
-    return [item.prompt for item in search_items(session, text=word, limit=10).items]
+    """sdq's own prompt match, on the columns every revision has (the ORM's Item has the
+    newest revision's)."""
+    stmt, key = match_prompt(select(Item.prompt), "sqlite", parse_query(word))
+    return list(session.scalars(stmt.order_by(key.desc()).limit(10)))
+
+
+def add_job(session: Session, prompts: list[str]) -> None:
+    """A job and its items, with the columns of revision 0001 only (these tests run the
+    older revisions)."""
+    job = session.execute(text(
+        "INSERT INTO jobs (defaults, priority, tags, status, item_count, created_at) "
+        "VALUES ('{}', 0, '[]', 'pending', :n, CURRENT_TIMESTAMP) RETURNING id"),
+        {"n": len(prompts)}).scalar_one()
+    for row, prompt in enumerate(prompts):
+        session.execute(text(
+            "INSERT INTO items (job_id, row_index, prompt, negative_prompt, seed, sampler, "
+            "steps, cfg, eta, width, height, status, attempts, created_at) VALUES (:job, :row, "
+            ":prompt, '', :row, 'euler', 20, 7.5, 0, 512, 512, 'pending', 0, CURRENT_TIMESTAMP)"),
+            {"job": job, "row": row, "prompt": prompt})
+    session.commit()
 
 
 def test_sqlite_tools_search_the_index_kept_across_upgrade_and_downgrade(tmp_path: Path) -> None:
