@@ -191,7 +191,9 @@ def item_record(item: Item) -> dict[str, Any]:
         "image_key": item.image_key, "image_sha256": item.image_sha256,
         "watermark": item.watermark, "worker": item.worker_host, "device": item.device,
         "created": item.created_at, "started": item.started_at, "finished": item.finished_at,
-        "duration_s": item.duration_s,
+        "duration_s": item.duration_s, "template": item.template,
+        "template_values": item.template_values, "cache_key": item.cache_key,
+        "reused_from": item.reused_from,
         **safety_fields(item),
     }
 
@@ -253,9 +255,12 @@ def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
     text = f"Job {job_id}: {done}/{total} done" + "".join(
         f", {n} {s.value}" for s, n in progress.counts.items()
         if n and s in (Status.FAILED, Status.CANCELLED))
+    if progress.reused:
+        text += f" ({progress.reused} reused from stored images)"
     if progress.counts[Status.FAILED]:
         text += f" (`sdq status {job_id}` says why)"
-    return {"job_id": job_id, "counts": counts}, text, 0 if done == total else 1
+    return ({"job_id": job_id, "counts": counts, "reused": progress.reused}, text,
+            0 if done == total else 1)
 
 
 @contextmanager

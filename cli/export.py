@@ -17,11 +17,14 @@ from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.queries import get_job
 from sdq.worker.images.storage import StorageError, open_storage
 from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
+from sdq.worker.jobs.schedule import describe_schedule, find_schedule
 
 
 @click.command()
 @click.argument("job_id", metavar="[JOB]", type=int, required=False)
 @click.option("--query", metavar="TEXT", help="Items whose prompt matches TEXT (as `sdq search`).")
+@click.option("--schedule", "schedule_name", metavar="NAME",
+              help="Every run of the schedule NAME, as one dataset (each image once).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="webdataset (tar shards), parquet (needs the sdq[export] extra) or "
                    "imagefolder (images/ + metadata.jsonl).")
@@ -37,8 +40,9 @@ from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
               help="Also write a dataset card (README.md: settings and counts, as Hugging Face "
                    "hub datasets have); the shards then go under data/.")
 @output_options("json", dest="printed")
-def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_size: int,
-           prefix: str, exclude_flagged: bool, card: bool, printed: str | None) -> None:
+def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt: str,
+           dest: str, shard_size: int, prefix: str, exclude_flagged: bool, card: bool,
+           printed: str | None) -> None:
     """Export the finished images of JOB, or those matching --query (or both: the job's
     matching ones), with their prompts and provenance, as dataset shards.
 
@@ -53,9 +57,12 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
       sdq export 42 --format parquet --shard-size 5000 -o castles-parquet/
       sdq export 42 --format parquet --card -o castles-hub/
       sdq export 42 --format parquet --exclude-flagged -o castles-clean/
+      sdq export --schedule nightly --format parquet --card -o nightly-hub/
     """
-    if job_id is None and query is None:
-        raise click.UsageError("give a JOB or --query TEXT")
+    if schedule_name is not None and (job_id is not None or query is not None):
+        raise click.UsageError("--schedule exports every run of a schedule: no JOB or --query")
+    if job_id is None and query is None and schedule_name is None:
+        raise click.UsageError("give a JOB, --query TEXT or --schedule NAME")
     if not prefix or "/" in prefix:
         raise click.BadParameter("a file name prefix without '/'", param_hint="--prefix")
     settings = load_settings(need_broker=False)
@@ -67,13 +74,20 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
     with database_session(settings, reads_only=True) as session:
         if job_id is not None:
             get_job(session, job_id)
-        ids = select_item_ids(session, job_id=job_id, text=query, exclude_flagged=exclude_flagged)
+        origin: list[str] = []
+        if schedule_name is not None:
+            found = find_schedule(session, schedule_name)
+            ids = select_item_ids(session, schedule_id=found.id, exclude_flagged=exclude_flagged)
+            origin = describe_schedule(session, found)
+        else:
+            ids = select_item_ids(session, job_id=job_id, text=query,
+                                  exclude_flagged=exclude_flagged)
         if not ids:
             raise click.ClickException("no finished images to export")
         with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
             done = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
                                   shard_size=shard_size, prefix=prefix, card=card,
-                                  on_item=bar.update)
+                                  origin=origin, on_item=bar.update)
     report({"destination": dest, "format": fmt, "items": done.items, "shards": done.shards,
             "written": done.written, "skipped": done.skipped},
            f"{done.items} image(s) in {done.shards} shard(s) to {dest}: {done.written} "

@@ -69,16 +69,19 @@ def status(job_id: int, output: str | None) -> None:
         click.echo(json.dumps({
             **{k: plain(v) for k, v in record.items()},
             "counts": {s.value: n for s, n in progress.counts.items()},
-            "images_per_s": progress.images_per_s, "eta_s": progress.eta_s,
+            "reused": progress.reused, "images_per_s": progress.images_per_s, "eta_s": progress.eta_s,
             "stalled_s": progress.stalled_s,
             "failures": [{"error": e, "items": n, "first_item": i} for e, n, i in failures],
         }, indent=2))
         return
+    reused = f" ({progress.reused} reused from stored images)" if progress.reused else ""
     click.echo(f"Job {job_id} ({record['name'] or 'unnamed'}): {plain(job.status)}, "
-               f"{record['done']}/{record['items']} done")
+               f"{record['done']}/{record['items']} done{reused}")
     click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
     rate = progress.images_per_s
-    line = f"{rate:.2f} images/s" if rate else "no images finished yet"
+    line = f"{rate:.2f} images/s" if rate else (
+        "nothing generated: every image done was reused" if progress.reused
+        else "no images finished yet")
     if progress.stalled_s is not None:
         line += (f", none finished for {_duration(progress.stalled_s)}: stalled, time left "
                  "unknown (`sdq workers` shows who is working)")

@@ -63,7 +63,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Show a job's progress: items per status, images/s, time left, and why items "
                "failed."),
     "submit": ("sdq.cli.submit:submit",
-               "Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job."),
+               "Submit the prompts of FILE (CSV, JSON Lines or plain text), or one "
+               "--prompt, as one job."),
     "verify": ("sdq.cli.verify:verify",
                "Check an image's provenance chunks, pixels and watermark, and its database "
                "record."),

@@ -6,13 +6,15 @@ there changes in every command, and a value refused here is refused with params'
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from sdq.db.models import ON_FLAG
+from sdq.sdmodel.errors import InvalidInput
 from sdq.sdmodel.params import (
     CHECKS,
     DEFAULTS,
@@ -25,6 +27,7 @@ from sdq.sdmodel.params import (
     SIDE_MULTIPLE,
     ParamError,
 )
+from sdq.worker.jobs.templates import EXPANSION_LIMIT, GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,3 +134,44 @@ def as_option_errors() -> Iterator[None]:
         yield
     except ParamError as exc:
         raise click.BadParameter(exc.reason, param_hint=f"'{option_name(exc.field)}'") from None
+
+
+def template_options(command: F) -> F:
+    """Add the prompt template options: --grid, --wildcards, --expand, --draws and
+    --expand-seed, passed as `grid`, `wildcards`, `expand`, `draws` and `expand_seed`;
+    `expansion_of` makes them an `Expansion`."""
+    for option in reversed([
+        click.option("--grid", "grid", multiple=True, metavar="FIELD=V1,V2,...",
+                     help="Make every prompt with each of these values of a parameter "
+                          f"({', '.join(GRID_FIELDS)}); repeatable: every combination."),
+        click.option("--wildcards", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Folder of __name__ wildcard files (name.txt, one option per line) "
+                          "[default: $SDQ_WILDCARDS]."),
+        click.option("--expand", type=click.Choice(MODES), default="combinatorial",
+                     show_default=True,
+                     help="Templates: every combination, or --draws random ones per row."),
+        click.option("--draws", type=click.IntRange(1), default=1, show_default=True,
+                     help="With --expand random: prompts drawn per row."),
+        click.option("--expand-seed", type=SEED,
+                     help="With --expand random: the draws' seed [default: random, recorded "
+                          "with the job, so it expands the same way again]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def expansion_of(grid: Sequence[str], wildcards: Path | None, expand: str, draws: int,
+                 expand_seed: int | None) -> Expansion:
+    """The options of `template_options` as an Expansion (a bad --grid is a usage error); its
+    seed is None when --expand-seed is not given."""
+    try:
+        parsed = parse_grid(grid)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="'--grid'") from None
+    return Expansion(mode=expand, draws=draws, seed=expand_seed, grid=parsed,
+                     wildcards=Wildcards(wildcards))
+
+
+YES = click.option("--yes", "-y", is_flag=True,
+                   help=f"Submit even when the prompts expand to more than {EXPANSION_LIMIT:,} "
+                        "images.")

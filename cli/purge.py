@@ -40,5 +40,7 @@ def purge(job_id: int, yes: bool, output: str | None) -> None:
     if output == "json":
         click.echo(json.dumps(asdict(purged)))
     else:
+        kept = (f"; {purged.kept} image(s) kept, reused by other jobs' items" if purged.kept
+                else "")
         click.echo(f"Job {job_id} purged: {purged.items} item(s) and {purged.images} image(s) "
-                   "deleted")
+                   f"deleted{kept}")

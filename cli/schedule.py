@@ -13,13 +13,20 @@ import click
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options, safety_options
+from sdq.cli.options import (
+    as_option_errors,
+    expansion_of,
+    generation_options,
+    safety_options,
+    template_options,
+)
 from sdq.db.models import Schedule
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
 from sdq.worker.jobs.promptfile import PromptFileError
 from sdq.worker.jobs.schedule import (
     NAME_PATTERN,
+    SEED_POLICIES,
     Clock,
     Run,
     add_schedule,
@@ -74,8 +81,14 @@ def schedule() -> None:
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Checkpoint (.safetensors/.ckpt), diffusers folder or Hugging Face repo id "
                    "[default: $SDQ_MODEL of the scheduler].")
-@generation_options("Base seed; the same every day. Omitted: a new random base each run.",
+@generation_options("Base seed; the same every day (--seed-policy same or add).",
                     scope=" For rows without one.", fill_defaults=False)
+@click.option("--seed-policy", type=click.Choice(SEED_POLICIES),
+              help="same: the same seeds each night (the result cache makes a re-run free); "
+                   "fresh: a new random base seed each night (recorded); add: each night N new "
+                   "images of every prompt (N = its images per night) [default: same with "
+                   "--seed, else fresh].")
+@template_options
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
               help="Images per row without an `n` [default: 1].")
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
@@ -88,7 +101,8 @@ def schedule() -> None:
 def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,
         seed: int | None, sampler: str | None, steps: int | None, cfg: float | None,
         eta: float | None, width: int | None, height: int | None,
-        num_images: int | None, batch_size: int | None,
+        seed_policy: str | None, grid: tuple[str, ...], wildcards: Path | None, expand: str,
+        draws: int, expand_seed: int | None, num_images: int | None, batch_size: int | None,
         priority: int | None, tags: tuple[str, ...], safety_checker: str | None,
         on_flag: str | None, replace: bool, output: str | None) -> None:
     """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
@@ -120,7 +134,12 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
         "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
         "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
-        "tags": list(tags), "safety_checker": safety_checker, "on_flag": on_flag}
+        "tags": list(tags), "safety_checker": safety_checker, "on_flag": on_flag,
+        "seed_policy": seed_policy}
+    wildcards = wildcards or settings.wildcards
+    if grid or wildcards or expand != "combinatorial" or expand_seed is not None:
+        # Stored with the wildcard lines it reads: a run never reads the folder again.
+        options["expansion"] = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -129,7 +148,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         try:
             with as_option_errors():
                 added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
-                                     options=options, replace=replace)
+                                     options=options, replace=replace, wildcards=wildcards)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

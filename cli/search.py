@@ -57,13 +57,17 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
 @click.option("--flagged/--not-flagged", default=None,
               help="Only images the safety checker flagged, or checked and passed (images never "
                    "checked match neither).")
+@click.option("--value", "values", multiple=True, metavar="LABEL=VALUE",
+              help="Items whose template chose VALUE for LABEL (v1, a wildcard's name, a grid "
+                   "field: animal=owl, cfg=7.5); repeatable.")
 @click.option("--before", metavar="ID", type=click.IntRange(1),
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
 def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           flagged: bool | None, before: int | None, limit: int | None, output: str | None) -> None:
+           flagged: bool | None, values: tuple[str, ...], before: int | None, limit: int | None,
+           output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table
@@ -76,11 +80,15 @@ def search(text: str | None, seed: int | None, model: str | None, job_id: int | 
       sdq search lighthouse --job 42 --status done --csv > lighthouses.csv
       sdq search --job 42 --flagged --json
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
+      sdq search --value animal=owl --value cfg=7.5
     """
+    chosen = dict(value.split("=", 1) for value in values if "=" in value)
+    if len(chosen) != len(values):
+        raise click.BadParameter("expected LABEL=VALUE", param_hint="'--value'")
     with database_session() as session:
         page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
                             status=Status(status) if status else None, since=since, until=until,
-                            tag=tag, flagged=flagged, before=before, limit=limit)
+                            tag=tag, flagged=flagged, values=chosen, before=before, limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
          empty="no items match")

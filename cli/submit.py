@@ -18,13 +18,24 @@ from sdq.cli.common import (
     render_table,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options, safety_options
+from sdq.cli.options import (
+    YES,
+    as_option_errors,
+    expansion_of,
+    generation_options,
+    safety_options,
+    template_options,
+)
 from sdq.db.models import Job
 from sdq.db.queries import find_model
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, read_prompt_file
+from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE
+from sdq.worker.jobs.templates import Expansion, check_expansion_size
+
+SAMPLE = 5
+"""Expanded prompts `--dry-run` shows."""
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -33,7 +44,10 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                required=False)
+@click.option("--prompt", "-p", "prompt", metavar="TEMPLATE",
+              help="One prompt (or template) instead of a FILE.")
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Model of rows without a `model`: checkpoint, diffusers folder or Hugging "
                    "Face repo id [default: $SDQ_MODEL, else SD v1.5 from the HF cache].")
@@ -48,40 +62,56 @@ if TYPE_CHECKING:
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
 @click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
 @safety_options()
+@template_options
+@click.option("--no-reuse", is_flag=True,
+              help="Generate every image, even those stored already with the same parameters, "
+                   "model and device (the result cache).")
 @click.option("--dry-run", is_flag=True,
               help="Check the file and print the plan; record and run nothing.")
+@YES
 @click.option("--wait", is_flag=True,
               help="With a broker: follow the job's progress until it is done.")
 @output_options("json")
-def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | None,
-           sampler: str, steps: int, cfg: float, eta: float, width: int, height: int,
-           num_images: int,
-           batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
-           safety_checker: str | None, on_flag: str, dry_run: bool, wait: bool,
+def submit(file: Path | None, prompt: str | None, model_ref: str | None, negative_prompt: str,
+           seed: int | None, sampler: str, steps: int, cfg: float, eta: float, width: int,
+           height: int, num_images: int, batch_size: int | None, name: str | None,
+           priority: int, tags: tuple[str, ...], safety_checker: str | None, on_flag: str,
+           grid: tuple[str, ...], wildcards: Path | None, expand: str, draws: int,
+           expand_seed: int | None, no_reuse: bool, dry_run: bool, yes: bool, wait: bool,
            output: str | None) -> None:
-    """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
+    """Submit the prompts of FILE (CSV, JSON Lines or plain text), or one --prompt, as one job.
 
     The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
-    with exit status 2, and nothing is recorded. The options fill what rows leave out. With
-    no broker (SDQ_BROKER_URL unset) the job runs here with a progress bar; with one it is
-    enqueued for `sdq worker`s and the job id printed (`--wait` follows it). Exit status 1
-    if any image failed.
+    with exit status 2, and nothing is recorded. The options fill what rows leave out.
+    Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
+    wildcard files, nested; --grid makes each prompt with several parameter values. More
+    than 1,000 images need --yes. An image stored already with the same parameters, model
+    and device is reused, not generated again (--no-reuse generates it). With no broker
+    (SDQ_BROKER_URL unset) the job runs here with a progress bar; with one it is enqueued
+    for `sdq worker`s and the job id printed (`--wait` follows it). Exit status 1 if any
+    image failed.
 
     \b
     Examples:
       sdq submit prompts.csv --model v1-5-pruned-emaonly.safetensors --steps 25 -n 4
       sdq submit prompts.txt --seed 42 --dry-run
+      sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.worker.jobs.submit import identify_model, job_safety_checker, plan
+    from sdq.worker.jobs.submit import identify_model, job_safety_checker, plan, stored_count
 
+    if (file is None) == (prompt is None):
+        raise click.UsageError("give a FILE or --prompt TEMPLATE (one of them)")
     as_json = output == "json"
     with as_option_errors():
         defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
                             cfg=cfg, eta=eta, sampler=sampler, width=width, height=height)
     settings = load_settings(need_broker=False)
+    expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
+                             expand_seed).drawn()
+    source = str(file) if file is not None else "--prompt"
     with database_session(settings) as session:
-        parsed = _parse(file, defaults, session)
+        parsed = _parse(file, prompt, defaults, expansion, session)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     ref = model_ref or settings.model
@@ -97,13 +127,16 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     if dry_run:
         with database_session(settings) as session:
             groups = plan(session, parsed.items, model, size)
-        _print_plan(file, parsed, size, groups, as_json)
+            stored = 0 if no_reuse else stored_count(session, parsed.items, model, settings)
+        _print_plan(source, parsed, size, groups, stored, [n for n, _ in expansion.grid], as_json)
         return
-    job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
+    check_expansion_size(len(parsed.items), yes=yes)
+    job = Job(name=name or (file.name if file is not None else prompt[:200]),
+              source_name=source, source_sha256=parsed.sha256,
               defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
-                        "batch_size": size},
+                        "batch_size": size, "expansion": expansion.to_json()},
               priority=priority, tags=list(dict.fromkeys(tags)), safety_checker=checker,
-              on_flag=on_flag)
+              on_flag=on_flag, reuse=not no_reuse)
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
         record, text, status = outcome(result["job_id"], follow(settings, result["job_id"]))
@@ -115,18 +148,26 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
     sys.exit(status)
 
 
-def _parse(file: Path, defaults: Defaults, session: Session) -> PromptFile:
-    """The accepted file, or every problem on stderr and exit status 2."""
+def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
+           session: Session) -> PromptFile:
+    """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
+    exit status 2."""
     def resolve(name: str) -> int | None:
         found = find_model(session, name)
         return found.id if found else None
 
+    source = str(file) if file is not None else "--prompt"
     try:
-        return read_prompt_file(file, defaults, resolve_model=resolve)
+        if file is not None:
+            data, fmt = file.read_bytes(), None
+        else:
+            data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
+        return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=resolve,
+                                 expansion=expansion)
     except PromptFileError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
-        click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was submitted", err=True)
+        click.echo(f"{source}: {len(exc.problems)} problem(s); nothing was submitted", err=True)
         sys.exit(2)
     except OSError as exc:
         raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
@@ -165,29 +206,40 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
                        f"batch(es) enqueued on {', '.join(result.queues)}")
         return record, 0
     report = result.report
-    record |= {"done": report.done, "failed": report.failed}
+    record |= {"done": report.done, "failed": report.failed, "reused": report.reused}
     if not as_json:
         text = f"Job {result.job_id}: {report.done}/{result.items} done"
+        if report.reused:
+            text += f" ({report.reused} reused from stored images, no model call)"
         if report.failed:
             text += f", {report.failed} failed (`sdq status {result.job_id}` says why)"
         click.echo(text)
     return record, 1 if report.failed else 0
 
 
-def _print_plan(file: Path, parsed: PromptFile, size: int, plan: list[dict[str, Any]],
-                as_json: bool) -> None:
+def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str, Any]],
+                stored: int, grid: list[str], as_json: bool) -> None:
     estimates = [group["estimated_s"] for group in plan]
     total = None if None in estimates else sum(estimates)
+    sample = [item["prompt"] + "".join(f"  {name}={item[name]}" for name in grid)
+              for item in parsed.items[:SAMPLE]]
     if as_json:
-        click.echo(json.dumps({"file": str(file), "format": parsed.format, "rows": parsed.rows,
+        click.echo(json.dumps({"file": source, "format": parsed.format, "rows": parsed.rows,
                                "items": len(parsed.items), "batch_size": size,
                                "batches": sum(g["batches"] for g in plan),
                                "base_seed": parsed.base_seed, "groups": plan,
-                               "estimated_s": total}))
+                               "estimated_s": total, "already_generated": stored,
+                               "sample": sample}))
         return
-    click.echo(f"{file}: {parsed.rows} row(s), {len(parsed.items)} image(s), "
+    click.echo(f"{source}: {parsed.rows} row(s), {len(parsed.items):,} image(s), "
                f"{sum(g['batches'] for g in plan)} batch(es) of up to {size}, "
                f"base seed {parsed.base_seed}")
+    if len(parsed.items) > parsed.rows:
+        click.echo(f"first {len(sample)} of {len(parsed.items):,} expanded prompt(s):")
+        for text in sample:
+            click.echo(f"  {text}")
+    click.echo(f"{stored:,} of {len(parsed.items):,} already generated (reused, not generated "
+               "again; an estimate for this machine's device)")
     click.echo(render_table(plan, ["model", "sampler", "steps", "size", "images", "batches"]))
     if total is None:
         click.echo("estimated time: unknown (no finished images of the same model, sampler and "

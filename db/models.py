@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -140,6 +141,8 @@ class Job(Base):
     # what becomes of a flagged image: one of ON_FLAG (docs/db.md).
     safety_checker: Mapped[str | None] = mapped_column(Text)
     on_flag: Mapped[str] = mapped_column(String(8), default="keep", server_default="keep")
+    # False: submitted with --no-reuse, every item is generated even when its image exists.
+    reuse: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class Item(Base):
@@ -156,7 +159,11 @@ class Item(Base):
         UniqueConstraint("job_id", "row_index"),
         CheckConstraint(f"seed >= 0 AND seed < {SEED_LIMIT}", name="seed_range"),
         Index(None, "job_id", "status"),
-        Index(None, "image_key", unique=True, **_partial("image_key IS NOT NULL")),
+        # One generating row per object; rows reusing an image point at the same object.
+        Index(None, "image_key", unique=True,
+              **_partial("image_key IS NOT NULL AND reused_from IS NULL")),
+        Index(None, "cache_key", **_partial("cache_key IS NOT NULL")),
+        Index(None, "reused_from", **_partial("reused_from IS NOT NULL")),
         Index(None, "batch_id", **_partial("batch_id IS NOT NULL")),
         Index(None, "model_id", **_partial("model_id IS NOT NULL")),
         # The uncommon statuses, across jobs: "all failed items", and for the queue, "running
@@ -184,6 +191,14 @@ class Item(Base):
     # The model that made (or will make) the image; null until a worker has resolved it.
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     tags: Mapped[list[str] | None] = mapped_column(JSON)
+    # The prompt template the item was expanded from, and the values chosen (by label,
+    # grid parameters included); null for a plain prompt.
+    template: Mapped[str | None] = mapped_column(Text)
+    template_values: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # sha256 of everything that decides the pixels (`params.cache_key`), set when a worker
+    # takes the item; and the item whose stored image this one reuses (null: made here).
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    reused_from: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[Status] = _status_column()
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -11,7 +11,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, cast, exists, func, insert, or_, select
+from sqlalchemy import ColumnElement, Select, Text, cast, exists, func, insert, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -23,7 +23,8 @@ from .fulltext import match_prompt, parse_query
 from .models import Item, Job, Model, Status
 
 REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "width", "height"})
-OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None}
+OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None,
+                        "template": None, "template_values": None}
 """What a submitted item may carry, besides `row_index` (default: its position in the
 submission); every other column is the queue's to fill in."""
 
@@ -31,7 +32,8 @@ submission); every other column is the queue's to fill in."""
 _COPY_TYPES = {
     "job_id": "int4", "row_index": "int4", "prompt": "text", "negative_prompt": "text",
     "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
-    "width": "int4", "height": "int4", "model_id": "int4", "tags": "json",
+    "width": "int4", "height": "int4", "model_id": "int4", "tags": "json", "template": "text",
+    "template_values": "json",
     "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
 }
 _CHUNK = 10_000
@@ -59,6 +61,7 @@ def search_items(
     until: datetime | None = None,
     tag: str | None = None,
     flagged: bool | None = None,
+    values: Mapping[str, str] | None = None,
     before: int | None = None,
     limit: int | None = 50,
 ) -> Page:
@@ -69,7 +72,9 @@ def search_items(
     `model` is a model name or a prefix of its sha256; `since` (inclusive) and `until`
     (exclusive) bound the creation time; `tag` matches the item's own tags or its job's (a
     scan: tags are not indexed). `flagged` True or False keeps the items the safety checker
-    flagged, or checked and passed; items never checked match neither. Paging is by keyset (`before` an id), so a page costs the
+    flagged, or checked and passed; items never checked match neither. `values` are template
+    choices the item was expanded with, label to value (compared as text, so a grid's `cfg`
+    is "7.5"; a scan too). Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit is not None and limit < 1:
@@ -98,6 +103,8 @@ def search_items(
         stmt = stmt.where(or_(_has_tag(Item.tags, tag, dialect), Item.job_id.in_(tagged_jobs)))
     if flagged is not None:
         stmt = stmt.where(Item.safety_flagged.is_(flagged))
+    for label, value in (values or {}).items():
+        stmt = stmt.where(_template_value(label, dialect) == value)
     if before is not None:
         stmt = stmt.where(key < before)
     if limit is None:
@@ -115,6 +122,14 @@ def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
         return cast(column, JSONB).has_key(tag)
     each = func.json_each(column).table_valued("value")
     return exists(select(each.c.value).where(each.c.value == tag))
+
+
+def _template_value(label: str, dialect: str) -> ColumnElement[Any]:
+    """The text of one template choice of an item (null when it has none by that label)."""
+    if dialect == "postgresql":
+        return cast(Item.template_values, JSONB)[label].astext
+    path = '$."' + label.replace('"', '""') + '"'
+    return cast(func.json_extract(Item.template_values, path), Text)
 
 
 def _newest_in_two_steps(
@@ -162,6 +177,8 @@ class Progress:
     last_finished_at: datetime | None
     now: datetime | None = None
     """When it was read: a job whose last image finished long before is stalled, not late."""
+    reused: int = 0
+    """Done items that reuse an image stored before (no model call): not in the rate."""
 
     @property
     def remaining(self) -> int:
@@ -169,12 +186,12 @@ class Progress:
 
     @property
     def images_per_s(self) -> float | None:
-        """Done images over the time from the first start to the last finish; None before two
-        points in time exist to divide by."""
+        """Generated images over the time from the first start to the last finish of those;
+        None before two points in time exist to divide by."""
         if self.started_at is None or self.last_finished_at is None:
             return None
         elapsed = (self.last_finished_at - self.started_at).total_seconds()
-        return self.counts[Status.DONE] / elapsed if elapsed > 0 else None
+        return (self.counts[Status.DONE] - self.reused) / elapsed if elapsed > 0 else None
 
     @property
     def stalled_s(self) -> float | None:
@@ -198,12 +215,15 @@ class Progress:
 
 
 def job_progress(session: Session, job_id: int, now: datetime | None = None) -> Progress:
-    """The job's status counts and the time span of its done items, as of `now` (default:
-    the current time)."""
-    span = select(func.min(Item.started_at), func.max(Item.finished_at)).where(
+    """The job's status counts, how many of its done items reused an image, and the time
+    span of the ones generated, as of `now` (default: the current time)."""
+    generated = Item.reused_from.is_(None)
+    span = select(func.min(Item.started_at).filter(generated),
+                  func.max(Item.finished_at).filter(generated),
+                  func.count().filter(Item.reused_from.is_not(None))).where(
         Item.job_id == job_id, Item.status == Status.DONE)
-    started, finished = session.execute(span).one()
-    return Progress(status_counts(session, job_id), started, finished, now or utcnow())
+    started, finished, reused = session.execute(span).one()
+    return Progress(status_counts(session, job_id), started, finished, now or utcnow(), reused)
 
 
 def failure_reasons(session: Session, job_id: int, limit: int = 10) -> list[tuple[str, int, int]]:

@@ -19,7 +19,7 @@ from sdq.sdmodel.errors import InvalidInput, Unavailable
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 """The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0

@@ -13,6 +13,8 @@ error.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, fields
@@ -286,3 +288,14 @@ SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BatchShape))
 DEFAULTS = {f.name: f.default for f in fields(GenerationParams) if f.name != "prompt"}
 """The value of each parameter a request leaves out (seed 0 here; commands pick a random
 base seed instead when none is given)."""
+
+
+def cache_key(params: GenerationParams, *, model_sha256: str, watermark: str | None, device: str,
+              dtype: str) -> str:
+    """The sha256 naming the image these inputs make: the parameters, the model, the watermark
+    text and where it runs (the device's kind, `cuda` for `cuda:1`, and the dtype, since the
+    same seed gives other pixels in fp16 than in fp32). Two items with one key make the same
+    image, so the second may reuse the first's."""
+    record = {**params.to_dict(), "model_sha256": model_sha256, "watermark": watermark or "",
+              "device": device.split(":")[0], "dtype": dtype}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

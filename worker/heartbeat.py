@@ -47,7 +47,8 @@ class Heartbeat(threading.Thread):
             "name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES") or runner.device or "default",
             "model": Path(self.model).name, "batch": runner.current_batch,
-            "images_done": runner.images_done, "heartbeat": time.time(),
+            "images_done": runner.images_done, "images_reused": runner.images_reused,
+            "heartbeat": time.time(),
         }
 
     def run(self) -> None:

@@ -13,6 +13,10 @@ step is guarded by the item's row, which makes redelivered or duplicated message
   image in a short transaction only if this claim (the same `attempts`) still holds the row;
   a claim lost meanwhile deletes its own object and records nothing (see `Runner._record`).
 
+Before any of that, and before the model is loaded, the result cache: an item whose cache key
+(`params.cache_key`) a done item has, with its object still stored, is finished at once as
+reusing that object (`reused_from`), with no model call (`Runner._reuse_stored`).
+
 While the model denoises one micro-batch, store threads encode, watermark, upload and record
 the previous ones, each chunk cut in parts so that all threads work on it. At most
 `QUEUED_CHUNKS` finished chunks wait or are being stored; the generator blocks beyond that, so
@@ -26,6 +30,7 @@ cannot be loaded fails its items instead of running them unchecked.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -47,8 +52,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
-from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, short_hash
-from sdq.sdmodel.pipeline import Pipeline, load_pipeline
+from sdq.db.session import read_only
+from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
+from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
+from sdq.sdmodel.pipeline import Pipeline, default_device, default_dtype, load_pipeline
 from sdq.worker.images.provenance import (
     EncodedPng,
     Environment,
@@ -70,6 +77,8 @@ LEASE_S = 120
 """How long a claim lasts without renewal: the longest a redelivered batch whose worker died
 waits before taking the items over. Capped by the broker's visibility timeout, so a lost
 machine's items are free by the time its message comes back."""
+REUSE_CHUNK = 500
+"""Items looked up in the result cache at once: one read, one lookup and one write each."""
 QUEUED_CHUNKS = 2
 """Finished chunks held for storing at most: one being stored and one ready, so the store
 threads never wait on the GPU while storage keeps up, and memory stays flat when it does not."""
@@ -147,11 +156,37 @@ class Chunk:
                 for i in range(0, len(self.items), size)]
 
 
+@dataclass(frozen=True)
+class _Identity:
+    """The model as the cache key sees it."""
+
+    sha256: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A stored image an item may reuse: the item that made it, and what its row records."""
+
+    item_id: int
+    image_key: str
+    image_sha256: str | None
+    watermark: str | None
+
+
 @dataclass
 class RunReport:
     done: int = 0
+    """Items finished as done, reused ones included."""
     failed: int = 0
     skipped: int = 0
+    reused: int = 0
+    """Done items whose image existed already: no model call."""
+
+    def add(self, other: "RunReport") -> None:
+        self.done, self.failed = self.done + other.done, self.failed + other.failed
+        self.skipped, self.reused = self.skipped + other.skipped, self.reused + other.reused
 
 
 class Runner:
@@ -170,8 +205,10 @@ class Runner:
         `store_threads`: None for one per core, up to 8."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
         # lock up front (engine_from_url's default, the role FOR UPDATE plays on PostgreSQL),
-        # so store threads recording at once queue on the busy timeout.
+        # so store threads recording at once queue on the busy timeout; the cache lookups
+        # only read.
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.reads = sessionmaker(read_only(engine))
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.watermark, self.hash_cache = watermark, hash_cache
@@ -182,6 +219,8 @@ class Runner:
         self.store_threads = store_threads or default_store_threads()
         self.current_batch: str | None = None
         self.images_done = 0
+        """Images this runner generated and recorded (reused ones not counted)."""
+        self.images_reused = 0
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
         self.fast = fast
@@ -231,10 +270,22 @@ class Runner:
           else with its reason in `last_error`.
         """
         report = RunReport()
+        # The result cache first, without loading the model: a message whose images are
+        # all stored already costs no model load.
+        identity = self._identity()
+        reused = set() if identity is None else self._retrying(
+            "reusing stored images", lambda: self._reuse_stored(batches, identity))
+        report.done, report.reused = len(reused), len(reused)
+        self.images_reused += len(reused)
+        if on_recorded and reused:
+            on_recorded(len(reused))
+        ids = [i for batch in batches for i in batch.item_ids if i not in reused]
+        if not ids:
+            return report
         try:
             pipe = self.pipeline()
         except Exception as exc:  # noqa: BLE001 - any load failure is the model's, recorded
-            ids, reason = [i for batch in batches for i in batch.item_ids], f"model: {exc}"
+            reason = f"model: {exc}"
             report.failed += self._retrying(
                 "failing items", lambda: self._fail(ids, reason, attempts=Item.attempts + 1))
             return report
@@ -246,9 +297,12 @@ class Runner:
             with _LeaseKeeper(self) as leases, \
                     _StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
                 for batch in batches:
+                    left = [i for i in batch.item_ids if i not in reused]
+                    if not left:
+                        continue
                     self.current_batch = batch.id
-                    work = self._retrying("claiming items", lambda: self._claim(batch, pipe.sha256))
-                    report.skipped += len(batch.item_ids) - len(work)
+                    work = self._retrying("claiming items", lambda: self._claim(batch, pipe))
+                    report.skipped += len(left) - len(work)
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
                     work = self._with_checkers(work, report)
@@ -293,7 +347,7 @@ class Runner:
 
     # -- claiming -----------------------------------------------------------------------
 
-    def _claim(self, batch: Batch, model_sha256: str) -> list[Work]:
+    def _claim(self, batch: Batch, pipe: Pipeline) -> list[Work]:
         """Take the batch's free items; wait while another live lease holds some of them."""
         deadline = time.monotonic() + self.lease_s + 1
         while True:
@@ -304,46 +358,125 @@ class Runner:
                     .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
                 ).all()
                 now = utcnow()
-                busy = {item.id for item, *_ in rows if item.status == Status.RUNNING
-                        and item.lease_expires_at is not None and item.lease_expires_at > now}
+                busy = {item.id for item, *_ in rows if _leased(item.status, item.lease_expires_at, now)}
                 if not busy or time.monotonic() > deadline:
-                    return self._take(session, batch, rows, busy, model_sha256)
+                    return self._take(session, batch, rows, busy, pipe)
             time.sleep(min(1.0, self.lease_s / 4))
 
     def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
-              model_sha256: str) -> list[Work]:
+              pipe: Pipeline) -> list[Work]:
         now = utcnow()
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
-        gave_up = set()
+        closing = set()
         for item, sha256, checker, on_flag in sorted(rows, key=lambda row: order[row[0].id]):
             if item.status in FINISHED or item.id in busy:
                 continue
-            if sha256 != model_sha256:
+            if sha256 != pipe.sha256:
                 log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
-                            item.id, short_hash(sha256), short_hash(model_sha256))
+                            item.id, short_hash(sha256), short_hash(pipe.sha256))
                 continue
             if item.attempts >= self.max_attempts:
                 item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
                 item.last_error = (f"gave up after {item.attempts} attempts; last error: "
                                    f"{item.last_error or 'worker lost during the batch'}")
-                gave_up.add(item.job_id)
+                closing.add(item.job_id)
                 continue
             try:
                 params = item.params
             except ParamError as exc:  # recorded by something that skipped the checks
                 item.status, item.finished_at, item.last_error = Status.FAILED, now, str(exc)
                 item.lease_expires_at = None
-                gave_up.add(item.job_id)
+                closing.add(item.job_id)
                 continue
             item.status, item.attempts = Status.RUNNING, item.attempts + 1
             item.lease_expires_at = now + timedelta(seconds=self.lease_s)
             item.worker_host, item.started_at, item.batch_id = self.worker_name, now, batch.id
+            item.cache_key = self._key(params, pipe)
             work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts,
                              checker, on_flag))
         session.flush()
-        _finish_jobs(session, gave_up)
+        _finish_jobs(session, closing)
         return work
+
+    # -- the result cache ---------------------------------------------------------------
+
+    def _identity(self) -> _Identity | None:
+        """What the cache key needs of the model, without loading it: its sha256 (hashes
+        are cached), and the device and dtype it is (or will be) loaded on, as
+        `load_pipeline` chooses them. None when the model cannot be found (loading it then
+        fails the items with the reason)."""
+        if self._pipeline is not None:
+            return _Identity(self._pipeline.sha256, self._pipeline.device, self._pipeline.dtype)
+        try:
+            sha256 = model_sha256(resolve_model_ref(self.model_ref), self.hash_cache)
+        except (CheckpointError, ModelNotFound, ValueError, OSError):
+            return None
+        device = self.device or default_device()
+        return _Identity(sha256, device, self.dtype or default_dtype(device))
+
+    def _key(self, params: GenerationParams, model: Pipeline | _Identity) -> str:
+        return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
+                         device=model.device, dtype=model.dtype)
+
+    def _reuse_stored(self, batches: Sequence[Batch], pipe: _Identity) -> set[int]:
+        """Finish, as reusing the stored image, every item of the batches whose image is
+        stored already (a done item with its cache key, whose object is still there); their
+        ids. Done before anything is generated, a chunk of items at a time, so that a job
+        that is all cached costs a few queries per thousand items and no model call."""
+        ids = [item_id for batch in batches for item_id in batch.item_ids]
+        reused: set[int] = set()
+        for start in range(0, len(ids), REUSE_CHUNK):
+            reused |= self._reuse_chunk(ids[start:start + REUSE_CHUNK], pipe)
+        return reused
+
+    def _reuse_chunk(self, ids: Sequence[int], pipe: _Identity) -> set[int]:
+        with self.reads() as session:
+            items = session.execute(
+                select(Item).join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
+                .where(Item.id.in_(ids), Item.status.not_in(FINISHED), Job.reuse,
+                       Model.sha256 == pipe.sha256)).scalars().all()
+            keys: dict[int, str] = {}
+            for item in items:
+                with contextlib.suppress(ParamError):  # failed when a worker takes it
+                    keys[item.id] = self._key(item.params, pipe)
+            if not keys:
+                return set()
+            found = session.execute(
+                select(Item.cache_key, Item.id, Item.reused_from, Item.image_key,
+                       Item.image_sha256, Item.watermark)
+                .where(Item.cache_key.in_(set(keys.values())), Item.status == Status.DONE,
+                       Item.image_key.is_not(None)).order_by(Item.id)).all()
+        # Objects are checked outside any transaction: a HEAD request can take a while.
+        sources: dict[str, _Source] = {}
+        present: dict[str, bool] = {}
+        for key, item_id, reused_from, stored, sha256, watermark in found:
+            if key not in sources:
+                if stored not in present:
+                    present[stored] = self.storage.exists(stored)
+                if present[stored]:
+                    sources[key] = _Source(reused_from or item_id, stored, sha256, watermark)
+        hits = {item_id: key for item_id, key in keys.items() if key in sources}
+        if not hits:
+            return set()
+        with self.sessions.begin() as session:
+            now = utcnow()
+            rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at)
+                                   .where(Item.id.in_(list(hits))).with_for_update()).all()
+            free = [(item_id, job_id) for item_id, job_id, status, lease in rows
+                    if status not in FINISHED and not _leased(status, lease, now)]
+            if free:
+                session.execute(update(Item), [{
+                    "id": item_id, "status": Status.DONE, "cache_key": hits[item_id],
+                    "reused_from": sources[hits[item_id]].item_id,
+                    "image_key": sources[hits[item_id]].image_key,
+                    "image_sha256": sources[hits[item_id]].image_sha256,
+                    "watermark": sources[hits[item_id]].watermark, "device": pipe.device,
+                    "worker_host": self.worker_name, "started_at": now, "finished_at": now,
+                    "duration_s": 0.0, "lease_expires_at": None, "last_error": None,
+                } for item_id, _ in free])
+            _finish_jobs(session, {job_id for _, job_id in free})
+        return {item_id for item_id, _ in free}
 
     # -- generating ---------------------------------------------------------------------
 
@@ -538,6 +671,8 @@ def _safety_columns(verdict: SafetyVerdict | None) -> dict[str, Any]:
                 "safety_action": None}
     return {"safety_flagged": verdict.flagged, "safety_scores": verdict.scores,
             "safety_checker_sha256": verdict.checker_sha256, "safety_action": verdict.action}
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """CUDA's own error, or the CPU allocator's RuntimeError (which has no class of its own)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -550,6 +685,11 @@ def _generation_error(exc: BaseException, oom: bool, shape: BatchShape) -> str:
     if oom:
         return f"out of memory generating one {shape.width}x{shape.height} image: {exc}"
     return f"generation: {type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+
+
+def _leased(status: Status, lease_expires_at: Any, now: Any) -> bool:
+    """Running under a lease that has not run out: its holder may be alive."""
+    return status == Status.RUNNING and lease_expires_at is not None and lease_expires_at > now
 
 
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:

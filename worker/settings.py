@@ -90,6 +90,8 @@ class Settings:
     items back (never failing them)."""
     reconcile_interval: int = 60
     """Seconds between a worker's automatic reconciles (0: never)."""
+    wildcards: Path | None = None
+    """The folder of prompt templates' `__name__.txt` wildcard files (`--wildcards` overrides)."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -141,6 +143,7 @@ class Settings:
             "safety_checker": safety_checker_ref(get("safety_checker")),
             "outage_timeout": get("outage_timeout") or "1800",
             "reconcile_interval": get("reconcile_interval") or "60",
+            "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:

@@ -133,7 +133,7 @@ def test_parquet_without_pyarrow_names_the_extra(home: Home, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    ([], 2, "Error: give a JOB or --query TEXT"),
+    ([], 2, "Error: give a JOB, --query TEXT or --schedule NAME"),
     (["1"], 1, "Error: no finished images to export"),
     (["7"], 3, "Error: no job 7"),
 ])

@@ -88,7 +88,7 @@ def test_add_list_run_now_remove(home: Home, prompts: Path, tiny_checkpoint: Pat
     assert record["sha256"] == sha and record["enabled"] and record["last_job"] is None
     assert record["options"] == {"model": str(tiny_checkpoint.resolve()), "sampler": "euler",
                                  "steps": 1, "width": 64, "height": 64, "seed": 7,
-                                 "tags": ["nightly"]}
+                                 "tags": ["nightly"], "seed_policy": "same"}
     assert record["next_run"].endswith("T02:00:00+00:00")
     table = home.run("schedule", "list")
     assert "nightly" in table.output and sha[:12] in table.output and sha not in table.output

@@ -155,7 +155,8 @@ def test_watch_follows_a_job_to_its_end(home: Home) -> None:
     done = home.add_job(["a", "b"], done=2)
     result = home.run("watch", str(done.id), "--json")
     assert (result.exit_code, json.loads(result.stdout)) == (0, {"job_id": done.id,
-                                                                 "counts": {"done": 2}})
+                                                                 "counts": {"done": 2},
+                                                                 "reused": 0})
     failed = home.add_job(["a", "b"], done=1, failed={1: "boom"})
     result = home.run("watch", str(failed.id))
     assert result.exit_code == 1

@@ -8,15 +8,17 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from datasette.app import Datasette
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlite_utils import Database
 from sqlite_utils.cli import cli as sqlite_utils_cli
 
-from sdq.db.queries import search_items
+from sdq.db.fulltext import match_prompt, parse_query
+from sdq.db.models import Item
 from sdq.db.session import downgrade, upgrade
 from tests.services import scratch_database
 
-from .helpers import add_job
+from .helpers import add_job_as_of_0001
 
 
 def sqlite_utils_search(path: Path, word: str) -> list[str]:
@@ -36,7 +38,10 @@ def datasette_search(path: Path, word: str) -> list[str]:
 
 
 def sdq_search(session: Session, word: str) -> list[str]:
-    return [item.prompt for item in search_items(session, text=word, limit=10).items]
+    """sdq's own prompt match, on the columns every revision has (the ORM's Item has the
+    newest revision's)."""
+    stmt, key = match_prompt(select(Item.prompt), "sqlite", parse_query(word))
+    return list(session.scalars(stmt.order_by(key.desc()).limit(10)))
 
 
 def test_sqlite_tools_search_the_index_kept_across_upgrade_and_downgrade(tmp_path: Path) -> None:
@@ -44,12 +49,12 @@ def test_sqlite_tools_search_the_index_kept_across_upgrade_and_downgrade(tmp_pat
     with scratch_database("sqlite", tmp_path) as engine:
         upgrade(engine, "0002")
         with Session(engine) as session:
-            add_job(session, ["a red fox", "a lighthouse"])
+            add_job_as_of_0001(session, ["a red fox", "a lighthouse"])
         assert Database(path)["items"].detect_fts() is None  # the bug: 0001's quoting
 
         upgrade(engine, "0003")
         with Session(engine) as session:
-            add_job(session, ["a fox in the snow"])  # indexed by the recreated triggers
+            add_job_as_of_0001(session, ["a fox in the snow"])  # indexed by the recreated triggers
             assert sdq_search(session, "fox") == ["a fox in the snow", "a red fox"]
         assert Database(path)["items"].detect_fts() == "items_fts"
         assert sqlite_utils_search(path, "fox") == ["a red fox", "a fox in the snow"]
@@ -57,5 +62,5 @@ def test_sqlite_tools_search_the_index_kept_across_upgrade_and_downgrade(tmp_pat
 
         downgrade(engine, "0002")
         with Session(engine) as session:
-            add_job(session, ["a fox cub"])
+            add_job_as_of_0001(session, ["a fox cub"])
             assert sdq_search(session, "fox") == ["a fox cub", "a fox in the snow", "a red fox"]

@@ -115,3 +115,22 @@ def test_batch_items_in_position_order(session: Session) -> None:
                         .values(batch_id="b-1", batch_position=position))
     assert [item.row_index for item in batch_items(session, "b-1")] == [4, 1, 3]
     assert batch_items(session, "b-2") == []
+
+
+def test_by_template_values(session: Session) -> None:
+    """Submitted with the values (COPY on PostgreSQL, INSERT on SQLite), found by them."""
+    specs = [spec(f"a {color} fox", seed=n) | {"template": "a {red|blue} fox",
+                                          "template_values": {"v1": color, "cfg": cfg}}
+             for n, (color, cfg) in enumerate([("red", 5.0), ("blue", 5.0), ("blue", 7.5)])]
+    job = submit_job(session, Job(), specs + [spec("plain", seed=9)])
+    session.commit()
+
+    def found(**values: str) -> list[str]:
+        return [i.prompt for i in search_items(session, job_id=job.id, values=values).items]
+
+    assert found(v1="blue") == ["a blue fox", "a blue fox"]
+    assert found(v1="blue", cfg="7.5") == ["a blue fox"]
+    assert found(cfg="5.0") == ["a blue fox", "a red fox"]
+    assert found(v1="green") == []
+    assert session.get(Item, search_items(session, values={"cfg": "7.5"}).items[0].id
+                       ).template_values == {"v1": "blue", "cfg": 7.5}

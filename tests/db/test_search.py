@@ -101,7 +101,7 @@ def test_query_syntax_is_never_interpreted(
     session: Session, corpus: Job, query: str, expected: set[int]
 ) -> None:
     assert rows(session, query) == expected
-    assert "items" in inspect(session.get_bind()).get_table_names()
+    assert "items" in inspect(session.connection()).get_table_names()
 
 
 def test_long_queries_and_prompts(session: Session, corpus: Job) -> None:

@@ -446,8 +446,10 @@ class ItemRecord:
 
     @classmethod
     def of(cls, item: Any) -> "ItemRecord":
-        """The record of a database item (`db.models.Item`)."""
-        return cls(item_id=item.id, params=item.params,
+        """The record of a database item (`db.models.Item`). An item that reuses another's
+        image (`reused_from`) is recorded as that item: the file names the item that made it,
+        and the reusing row has the same parameters, model and watermark (the same cache key)."""
+        return cls(item_id=getattr(item, "reused_from", None) or item.id, params=item.params,
                    model_sha256=item.model.sha256 if item.model is not None else None,
                    image_sha256=item.image_sha256, watermark=item.watermark,
                    safety_flagged=item.safety_flagged)

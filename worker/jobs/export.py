@@ -37,10 +37,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Item, Status
+from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
 from sdq.sdmodel.errors import Refused
 from sdq.worker.images.storage import ObjectNotFound, Storage
@@ -64,9 +64,18 @@ class ExportReport:
 
 
 def select_item_ids(session: Session, *, job_id: int | None = None, text: str | None = None,
-                    exclude_flagged: bool = False) -> list[int]:
-    """The finished items with an image, of a job and/or matching a prompt search, by id;
-    with `exclude_flagged`, without those the safety checker flagged (unchecked ones stay)."""
+                    exclude_flagged: bool = False, schedule_id: int | None = None) -> list[int]:
+    """The finished items with an image, of a job and/or matching a prompt search, by id; or
+    those of every run of a schedule, one per image (a run that reused an image of an earlier
+    run adds its row, not a second copy: the first row of each image is exported). With
+    `exclude_flagged`, without those the safety checker flagged (unchecked ones stay)."""
+    if schedule_id is not None:
+        first = (select(func.min(Item.id)).join(Job, Item.job_id == Job.id)
+                 .where(Job.schedule_id == schedule_id, Item.status == Status.DONE,
+                        Item.image_key.is_not(None)).group_by(Item.image_key))
+        if exclude_flagged:
+            first = first.where(Item.safety_flagged.is_not(True))
+        return sorted(session.scalars(first))
     if text is None:
         stmt = (select(Item.id).where(Item.status == Status.DONE, Item.image_key.is_not(None))
                 .order_by(Item.id))
@@ -97,7 +106,7 @@ def plan_shards(ids: Sequence[int], shard_size: int) -> list[list[int]]:
 def export_items(
     session: Session, source: Storage, dest: Storage, ids: Sequence[int], *, fmt: str,
     describe: Describe, shard_size: int = 1000, prefix: str = "shard", card: bool = False,
-    on_item: Callable[[int], None] | None = None,
+    origin: Sequence[str] = (), on_item: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write the items `ids` (images read from `source`) to `dest` in format `fmt`, skipping
     the shards a previous run of the same plan wrote; with `card`, a dataset card too.
@@ -125,7 +134,7 @@ def export_items(
             on_item(len(shard))
     writer.finish(session, dest, shards, describe)
     if card:
-        dest.put("README.md", dataset_card(session, shards, fmt, card_features(fmt)).encode(),
+        dest.put("README.md", dataset_card(session, shards, fmt, card_features(fmt), origin).encode(),
                  content_type="text/markdown")
     return ExportReport(len(ids), len(shards), written, skipped)
 
@@ -258,7 +267,9 @@ RECORD_TYPES: dict[str, str] = {
     "batch": "string", "batch_position": "int64", "image_key": "string",
     "image_sha256": "string", "watermark": "string", "worker": "string", "device": "string",
     "created": "timestamp[us, tz=UTC]", "started": "timestamp[us, tz=UTC]",
-    "finished": "timestamp[us, tz=UTC]", "duration_s": "float64", "safety_flagged": "bool",
+    "finished": "timestamp[us, tz=UTC]", "duration_s": "float64", "template": "string",
+    "template_values": "string", "cache_key": "string", "reused_from": "int64",
+    "safety_flagged": "bool",
     "safety_action": "string", "safety_checker_sha256": "string",
     "safety_concept_scores": "list[float64]", "safety_special_scores": "list[float64]",
 }
@@ -331,6 +342,8 @@ class _Parquet(_Writer):
         key = item_key(item.id)
         values = {name: value.value if isinstance(value, Enum) else value
                   for name, value in record.items()}
+        if values.get("template_values") is not None:  # `datasets` has no map type: JSON text
+            values["template_values"] = _json(values["template_values"])
         return {**values, "key": key, "image": {"bytes": png, "path": f"{key}.png"},
                 "provenance": _json(record)}
 

@@ -9,12 +9,16 @@ with done rows whose images are gone. A worker whose upload was in flight finds 
 record step and deletes its own object. If storage fails after the rows are gone, the error
 names the objects left; they belong to no row, and since ids are never reused (migration
 0005) no later job can point at them.
+
+With the result cache, items of several jobs may point at one object (the job that made it
+and those that reused it): a purge deletes only the objects no item of another job points at
+(read under the same lock), so the last job to go takes the object with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -44,6 +48,8 @@ class Purged:
     items: int
     images: int
     """Objects deleted from storage (recorded images and any unrecorded leftovers)."""
+    kept: int = 0
+    """The job's images left in storage because items of other jobs point at them."""
 
 
 def job_contents(session: Session, job_id: int) -> JobContents:
@@ -67,14 +73,25 @@ def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
         _refuse_if_running(session, job_id)
         keys = set(session.scalars(select(Item.image_key).where(
             Item.job_id == job_id, Item.image_key.is_not(None))))
+        shared = _in_use_elsewhere(session, job_id)
         items = session.execute(delete(Item).where(Item.job_id == job_id)).rowcount
         session.execute(delete(Job).where(Job.id == job_id))
     try:
-        deleted = _delete_objects(storage, keys | set(storage.list(_prefix(job_id))))
+        deleted = _delete_objects(storage, (keys | set(storage.list(_prefix(job_id)))) - shared)
     except StorageError as exc:
         raise StorageError(f"job {job_id}'s rows are deleted, but not all of its images "
                            f"(under {_prefix(job_id)}): {exc}") from exc
-    return Purged(job_id, items, len(deleted))
+    return Purged(job_id, items, len(deleted), len(shared))
+
+
+def _in_use_elsewhere(session: Session, job_id: int) -> set[str]:
+    """The objects of the job's items that items of other jobs point at too: those reusing
+    an image made here, and the makers and other reusers of the images reused here."""
+    here = select(Item.id).where(Item.job_id == job_id)
+    makers = select(Item.reused_from).where(Item.job_id == job_id, Item.reused_from.is_not(None))
+    return set(session.scalars(select(Item.image_key).distinct().where(
+        Item.job_id != job_id, Item.image_key.is_not(None),
+        or_(Item.reused_from.in_(here), Item.id.in_(makers), Item.reused_from.in_(makers)))))
 
 
 def _prefix(job_id: int) -> str:

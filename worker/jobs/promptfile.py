@@ -18,7 +18,7 @@ import io
 import json
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from sdq.sdmodel.params import (
     close_match,
     whole,
 )
+from sdq.worker.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -115,9 +116,17 @@ def read_prompt_file(path: Path, defaults: Defaults, **options: Any) -> PromptFi
 def parse_prompt_file(
     data: bytes, source: str, defaults: Defaults, *, format: str | None = None,
     resolve_model: ModelResolver | None = None, tokenizer: CLIPTokenizer | None = None,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, expansion: Expansion | None = None, repeat: int = 0,
 ) -> PromptFile:
     """Validate a whole prompt file and expand it into one item spec per image.
+
+    Prompts and negative prompts are templates (`sdq.worker.jobs.templates`), expanded as
+    `expansion` says (default: combinatorially, no grid, no wildcard folder); each image of
+    a template records it and the values chosen. Images of one expanded prompt share their
+    seeds across the grid's cells, so a grid compares like with like. `repeat` (a schedule's
+    run number, for its "add" seed policy) moves every image's seed on by that many times
+    the images of its row, or of the file for rows without a seed: the same file then makes
+    new images of every prompt.
 
     `format` is one of FORMATS (default: from the file name's suffix, else JSON Lines when the
     first line is an object, else plain text). `resolve_model` turns a row's `model` into a
@@ -131,15 +140,15 @@ def parse_prompt_file(
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt file format {fmt!r}; known: {', '.join(FORMATS)}")
     readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
-    converter = _Converter(source, defaults, resolve_model, problems)
+    converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion())
     rows = [row for line, record in readers[fmt](text, source, problems)
             if (row := converter.row(line, record)) is not None]
     if not rows and not problems:
         problems.append(Problem(source, 1, "file", "no prompts"))
-    total = sum(row.n for row in rows)
+    total = sum(row.images for row in rows)
     base = defaults.seed if defaults.seed is not None else \
         (rng or random.SystemRandom()).randrange(max(1, SEED_LIMIT - total))
-    _check_seed_ranges(rows, base, defaults.seed is not None, source, problems)
+    _check_seed_ranges(rows, base, defaults.seed is not None, source, problems, repeat, total)
     if problems:
         # A line that is not UTF-8 shows only that: what else fails there follows from it.
         garbled = {p.line for p in problems if p.field == "encoding"}
@@ -148,15 +157,16 @@ def parse_prompt_file(
                                      key=lambda p: p.line))
     return PromptFile(
         source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
-        rows=len(rows), items=list(_expand(rows, base)),
+        rows=len(rows), items=list(_expand(rows, base + repeat * total, repeat)),
         warnings=_token_warnings(rows, source, tokenizer),
     )
 
 
 @dataclass
 class _Row:
-    """One validated row; `first_index` is the job-wide index of its first image, and
-    `params.seed` is meaningless unless `seed` (the row's own) is set."""
+    """One validated row; `first_index` is the job-wide seed index of its first image, and
+    `params.seed` is meaningless unless `seed` (the row's own) is set. `variants` are its
+    expanded (prompt, negative prompt, values), each made `n` times in every grid cell."""
 
     line: int
     first_index: int
@@ -165,6 +175,14 @@ class _Row:
     n: int
     model_id: int | None
     tags: list[str] | None
+    variants: list[tuple[str, str, dict[str, str]]]
+    cells: list[dict[str, Any]]
+    template: str | None
+
+    @property
+    def images(self) -> int:
+        """Images with seeds of their own: grid cells share them."""
+        return len(self.variants) * self.n
 
 
 def _decode(data: bytes, source: str, problems: list[Problem]) -> str:
@@ -309,8 +327,10 @@ class _Converter:
     """Turns raw records into rows, filling defaults and collecting every problem."""
 
     def __init__(self, source: str, defaults: Defaults, resolve_model: ModelResolver | None,
-                 problems: list[Problem]) -> None:
+                 problems: list[Problem], expansion: Expansion) -> None:
         self.source, self.defaults, self.problems = source, defaults, problems
+        self.expansion, self.cells = expansion, expansion.cells()
+        self.rng = random.Random(expansion.seed)
         self.resolve_model = resolve_model
         self.models: dict[str, int | str] = {}
         self.next_index = 0
@@ -338,17 +358,27 @@ class _Converter:
                 model_id = None
         first_index = self.next_index
         n = values.pop("n", self.defaults.n)
-        self.next_index += n
         if failed:
+            self.next_index += n
             return None
         seed, tags = values.pop("seed", None), values.pop("tags", None)
         try:
             params = GenerationParams(**{**self.defaults.params, **values, "seed": seed or 0})
+            for cell in self.cells:  # a grid value that does not go with the row (eta, euler)
+                replace(params, **cell)
         except ParamError as exc:  # fields that do not go together (eta with euler)
             self._problem(line, exc.field, exc.reason)
             return None
+        try:
+            variants = self.expansion.prompts(params.prompt, params.negative_prompt, self.rng)
+        except TemplateError as exc:
+            self._problem(line, exc.field, str(exc))
+            return None
+        self.next_index += len(variants) * n
+        templated = is_template(params.prompt) or is_template(params.negative_prompt)
         return _Row(line=line, first_index=first_index, params=params, seed=seed, n=n,
-                    model_id=model_id, tags=tags)
+                    model_id=model_id, tags=tags, variants=variants, cells=self.cells,
+                    template=params.prompt if templated else None)
 
     def _problem(self, line: int, name: str, reason: str) -> str:
         self.problems.append(Problem(self.source, line, name, reason))
@@ -367,27 +397,42 @@ class _Converter:
 
 
 def _check_seed_ranges(rows: list[_Row], base: int, base_given: bool, source: str,
-                       problems: list[Problem]) -> None:
+                       problems: list[Problem], repeat: int, total: int) -> None:
     """Every image's seed must stay below 2^32 (a random base is chosen so that it does)."""
     for row in rows:
-        if row.seed is not None and row.seed + row.n > SEED_LIMIT:
-            problems.append(Problem(source, row.line, "seed", f"seed {row.seed} with n={row.n} "
-                                    f"runs past {SEED_LIMIT - 1}"))
-        elif row.seed is None and base_given and base + row.first_index + row.n > SEED_LIMIT:
+        grid_seeds = [cell["seed"] for cell in row.cells if "seed" in cell]
+        if grid_seeds and max(grid_seeds) + row.n > SEED_LIMIT:
+            problems.append(Problem(source, row.line, "seed", f"--grid seed {max(grid_seeds)} "
+                                    f"with n={row.n} runs past {SEED_LIMIT - 1}"))
+        elif row.seed is not None and row.seed + (repeat + 1) * row.images > SEED_LIMIT:
+            prompts = f" and {len(row.variants)} prompts" if len(row.variants) > 1 else ""
+            problems.append(Problem(source, row.line, "seed", f"seed {row.seed} with n={row.n}"
+                                    f"{prompts} runs past {SEED_LIMIT - 1}"))
+        elif row.seed is None and base_given and \
+                base + repeat * total + row.first_index + row.images > SEED_LIMIT:
             problems.append(Problem(source, row.line, "seed", f"--seed {base} + image index "
-                                    f"{row.first_index + row.n - 1} runs past {SEED_LIMIT - 1}; "
-                                    "use a smaller --seed"))
+                                    f"{repeat * total + row.first_index + row.images - 1} runs "
+                                    f"past {SEED_LIMIT - 1}; use a smaller --seed"))
 
 
-def _expand(rows: list[_Row], base: int) -> Iterator[dict[str, Any]]:
+def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]]:
+    index = 0
     for row in rows:
         common: dict[str, Any] = {**row.params.to_dict(), "tags": row.tags}
         if row.model_id is not None:
             common["model_id"] = row.model_id
-        for k in range(row.n):
-            index = row.first_index + k
-            seed = (row.seed if row.seed is not None else base + row.first_index) + k
-            yield {**common, "row_index": index, "seed": seed}
+        first = row.seed + repeat * row.images if row.seed is not None else base + row.first_index
+        for number, (prompt, negative, values) in enumerate(row.variants):
+            for k in range(row.n):
+                for cell in row.cells:
+                    seed = cell["seed"] + k if "seed" in cell else first + number * row.n + k
+                    spec = {**common, "prompt": prompt, "negative_prompt": negative, **cell,
+                            "row_index": index, "seed": seed}
+                    if row.template is not None or cell:
+                        spec["template"] = row.template
+                        spec["template_values"] = {**values, **cell}
+                    yield spec
+                    index += 1
 
 
 def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | None
@@ -398,13 +443,15 @@ def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | No
     tokenizer = tokenizer or clip.load_tokenizer()
     dropped: dict[str, str | None] = {}
     warnings = []
+    seen: set[tuple[int, str, str]] = set()
     for row in rows:
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(row.params, name)
-            if text not in dropped:
-                dropped[text] = clip.dropped_text(tokenizer, text) if text else None
-            if dropped[text] is not None:
-                warnings.append(Problem(source, row.line, name, f"longer than "
-                                        f"{clip.CONTENT_LENGTH} CLIP tokens; dropped: "
-                                        f"{dropped[text]!r}"))
+        for variant in row.variants:
+            for text, name in zip(variant, ("prompt", "negative_prompt")):
+                if text not in dropped:
+                    dropped[text] = clip.dropped_text(tokenizer, text) if text else None
+                if dropped[text] is not None and (row.line, name, text) not in seen:
+                    seen.add((row.line, name, text))
+                    warnings.append(Problem(source, row.line, name, f"longer than "
+                                            f"{clip.CONTENT_LENGTH} CLIP tokens; dropped: "
+                                            f"{dropped[text]!r}"))
     return warnings

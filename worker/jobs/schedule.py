@@ -15,9 +15,11 @@ Every function takes the time as an argument: nothing here reads the clock.
 from __future__ import annotations
 
 import logging
+import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sqlalchemy import func, or_, select, update
@@ -25,13 +27,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Job, Schedule
+from sdq.db.models import Item, Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound, Refused
-from sdq.sdmodel.params import DEFAULTS
+from sdq.sdmodel.params import DEFAULTS, SEED_LIMIT
 from sdq.worker.jobs.cron import Cron, parse_cron
 from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
+from sdq.worker.jobs.templates import Expansion
 from sdq.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,12 @@ DEFAULT_FIELDS = ("n", *DEFAULTS)
 """Options that fill a prompt file's missing fields; the others (model, batch_size, priority,
 tags) apply to the job."""
 OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags", "safety_checker",
-                "on_flag")
+                "on_flag", "seed_policy", "expansion")
+SEED_POLICIES = ("same", "fresh", "add")
+"""How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
+free, and it adds what is new when the file grows), a fresh base seed each night (recorded
+with the job), or every image's seed moved on by the images of a night, so that each run adds
+new images of every prompt."""
 _SEARCH_DAYS = 5 * 366
 """How far ahead `next_run` looks: far enough for "29 February, on a Monday"."""
 
@@ -103,10 +111,12 @@ class Added:
 
 def add_schedule(session: Session, *, name: str, cron: str, source: str, data: bytes,
                  options: Mapping[str, Any], replace: bool = False,
-                 now: datetime | None = None) -> Added:
+                 now: datetime | None = None, wildcards: Path | None = None) -> Added:
     """Validate and store (in the session's transaction) a schedule of the prompt file `data`.
 
-    The file is parsed as `sdq submit` would (PromptFileError lists its problems). A name that
+    The file is parsed as `sdq submit` would (PromptFileError lists its problems), its
+    templates expanded as `options["expansion"]` says, wildcard files read from `wildcards`;
+    the lines read are stored, so that runs never read the folder. A name that
     exists is left as it is unless it is identical (a removed one is then re-enabled) or
     `replace` is given; otherwise ScheduleError says what differs.
     """
@@ -115,11 +125,15 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
                             "or '-', starting with a letter or digit")
     parse_cron(cron)
     options = {k: options[k] for k in OPTION_NAMES if options.get(k) not in (None, [], ())}
+    existing = session.scalar(select(Schedule).where(Schedule.name == name))
+    options = _seeded(options, existing.options if existing else {})
+    expansion = Expansion.from_json(options.get("expansion", {}), wildcards)
     parsed = parse_prompt_file(data, source, prompt_defaults(options),
-                               resolve_model=model_resolver(session))
+                               resolve_model=model_resolver(session), expansion=expansion)
+    if "expansion" in options:  # with the lines of the wildcard files it read
+        options["expansion"] = expansion.to_json()
     values = {"cron": cron, "prompt_file_name": source, "prompt_text": data.decode("utf-8"),
               "prompt_sha256": parsed.sha256, "options": options}
-    existing = session.scalar(select(Schedule).where(Schedule.name == name))
     if existing is None:
         schedule = Schedule(name=name, enabled=True, **values)
         if now is not None:
@@ -139,6 +153,28 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
     session.flush()
     return Added(existing, outcome, previous if previous != parsed.sha256 else None,
                  parsed.warnings)
+
+
+def _seeded(options: dict[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with the seed policy settled: `same` when a --seed is given, else `fresh`;
+    `same` and `add` without a --seed get a base seed drawn once (kept when the schedule is
+    added again), and a random expansion its draws' seed alike."""
+    policy = options.setdefault("seed_policy", "same" if "seed" in options else "fresh")
+    if policy not in SEED_POLICIES:
+        raise ScheduleError(f"unknown seed policy {policy!r}; choose from "
+                            f"{', '.join(SEED_POLICIES)}")
+    if policy == "fresh" and "seed" in options:
+        raise ScheduleError("--seed with --seed-policy fresh: a fresh policy draws a new base "
+                            "seed each run; use --seed-policy same or add to keep one")
+    draw = random.SystemRandom().randrange
+    if policy != "fresh" and "seed" not in options:
+        kept = before.get("seed") if before.get("seed_policy") == policy else None
+        options["seed"] = kept if kept is not None else draw(SEED_LIMIT // 2)
+    expansion = options.get("expansion")
+    if expansion is not None and expansion.get("seed") is None:
+        kept = (before.get("expansion") or {}).get("seed")
+        options["expansion"] = {**expansion, "seed": kept if kept is not None else draw(SEED_LIMIT)}
+    return options
 
 
 def _changes(schedule: Schedule, values: Mapping[str, Any]) -> list[str]:
@@ -192,6 +228,55 @@ def run_of(session: Session, schedule_id: int, day: date) -> int | None:
                                                Job.run_day == day))
 
 
+_POLICY_TEXT = {
+    "same": "the same seeds every run (a run repeats the images it already has at no cost, "
+            "through the result cache)",
+    "fresh": "a fresh random base seed every run (each run's is recorded with its job)",
+    "add": "every run moves each image's seed on by the images of a run, adding new images "
+           "of every prompt",
+}
+
+
+def describe_schedule(session: Session, schedule: Schedule) -> list[str]:
+    """How a schedule's images were made, as markdown lines for a dataset card: its cron,
+    prompt file (the template itself), seed policy, expansion, and runs."""
+    options = schedule.options
+    runs = session.execute(select(Job.run_day, Job.id).where(Job.schedule_id == schedule.id)
+                           .order_by(Job.run_day)).all()
+    reused = session.scalar(select(func.count()).select_from(Item).join(Job).where(
+        Job.schedule_id == schedule.id, Item.reused_from.is_not(None))) or 0
+    span = f"{len(runs)} run(s), {runs[0][0]} to {runs[-1][0]}" if runs else "no runs yet"
+    lines = [
+        f"Generated by the sdq schedule `{schedule.name}` (cron `{schedule.cron}`, UTC): "
+        f"{span} (jobs {', '.join(str(job) for _, job in runs) or 'none'}). Each image is "
+        "exported once, with the row of the run that made it; later runs' items that reused "
+        f"it ({reused}) are left out.", "",
+        f"Seed policy `{options.get('seed_policy', 'fresh')}`: "
+        f"{_POLICY_TEXT[options.get('seed_policy', 'fresh')]}.",
+    ]
+    expansion = options.get("expansion")
+    if expansion:
+        grid = "; ".join(f"{name} = {', '.join(map(str, values))}"
+                         for name, values in expansion.get("grid", {}).items())
+        lines += ["", f"Templates expanded {expansion.get('mode', 'combinatorial')}"
+                  + (f" ({expansion.get('draws', 1)} draw(s) per row)"
+                     if expansion.get("mode") == "random" else "")
+                  + (f"; grid: {grid}" if grid else "")
+                  + (f"; wildcards: {', '.join(sorted(expansion.get('wildcards', {})))}"
+                     if expansion.get("wildcards") else "") + "."]
+    lines += ["", f"Prompt file `{schedule.prompt_file_name}` (sha256 "
+              f"`{schedule.prompt_sha256}`):", "", "```", schedule.prompt_text.rstrip(), "```",
+              "", "Each image's `template` and `template_values` columns say which template "
+              "and which choices made it."]
+    return lines
+
+
+def runs_before(session: Session, schedule_id: int, day: date) -> int:
+    """How many runs the schedule made before `day`: the `add` policy's repeat number."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.schedule_id == schedule_id, Job.run_day < day)) or 0
+
+
 def due_runs(session: Session, now: datetime) -> list[tuple[Schedule, date]]:
     """The enabled schedules whose run time today (UTC) has come, that have not run today and
     existed at that time."""
@@ -234,15 +319,22 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
             if (existing := run_of(session, schedule.id, day)) is not None:
                 return Run(name, day, existing, created=False)
             options = dict(schedule.options)
+            policy = options.get("seed_policy", "fresh")
+            expansion = Expansion.from_json(options.get("expansion", {}))
+            if policy == "fresh":
+                expansion = replace(expansion, seed=random.SystemRandom().randrange(SEED_LIMIT))
+            repeat = runs_before(session, schedule.id, day) if policy == "add" else 0
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, prompt_defaults(options),
-                                       resolve_model=model_resolver(session))
+                                       resolve_model=model_resolver(session),
+                                       expansion=expansion, repeat=repeat)
         model = identify_model(options.get("model") or settings.model,
                                settings.home / "hashes.json")
         for attempt in range(attempts):
             job = Job(name=run_name(name, day), source_name=schedule.prompt_file_name,
                       source_sha256=schedule.prompt_sha256,
-                      defaults={**options, "base_seed": parsed.base_seed},
+                      defaults={**options, "base_seed": parsed.base_seed, "repeat": repeat,
+                                "expansion": expansion.to_json()},
                       priority=options.get("priority", 0), tags=options.get("tags", []),
                       schedule_id=schedule.id, run_day=day,
                       safety_checker=job_safety_checker(options.get("safety_checker"),

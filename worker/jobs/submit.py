@@ -26,7 +26,14 @@ from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
-from sdq.sdmodel.params import HUB_REPO_ID, SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
+from sdq.sdmodel.params import (
+    HUB_REPO_ID,
+    SHAPE_FIELDS,
+    BatchShape,
+    GenerationParams,
+    cache_key,
+    short_hash,
+)
 from sdq.worker.app import (
     PRIORITIES,
     TASK_NAME,
@@ -217,6 +224,32 @@ def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdent
     return planned
 
 
+def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
+                 settings: Settings) -> int:
+    """How many of `items` have their image stored already (done items with the cache key
+    they would get), for `--dry-run`: an estimate, made for the device and dtype the settings
+    give here (a worker's decide), without checking that the objects are still there."""
+    from sdq.sdmodel.pipeline import default_device, default_dtype
+
+    device = settings.device or default_device()
+    dtype = settings.dtype or default_dtype(device)
+    known = {m.id: m.sha256 for m in all_models(session)}
+    keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
+                             model_sha256=known.get(item.get("model_id"), model.sha256),
+                             device=device, dtype=dtype) for item in items)
+    found: set[str] = set()
+    ordered = list(keys)
+    for start in range(0, len(ordered), _LOOKUP_CHUNK):
+        found.update(session.scalars(select(Item.cache_key).distinct().where(
+            Item.cache_key.in_(ordered[start:start + _LOOKUP_CHUNK]),
+            Item.status == Status.DONE, Item.image_key.is_not(None))))
+    return sum(count for key, count in keys.items() if key in found)
+
+
+_LOOKUP_CHUNK = 500
+"""Keys per `IN (...)` lookup: well under SQLite's bound-parameter limit."""
+
+
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
     """The matching items, by model sha256, in batches of one `BatchShape` (sampler, steps,
@@ -261,9 +294,7 @@ def dispatch(
         report = RunReport()
         for sha256, batches in planned.items():
             runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
-            part = runner.run(batches, on_recorded)
-            report.done, report.failed = report.done + part.done, report.failed + part.failed
-            report.skipped += part.skipped
+            report.add(runner.run(batches, on_recorded))
         return report
     app = create_app(settings)
     # A connection of our own: the app's pool is kombu's process-wide one, which would keep a
