@@ -94,7 +94,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
         _print_plan(file, parsed, size, groups, as_json)
         return
     job = Job(name=name or file.name, source_name=str(file), source_sha256=parsed.sha256,
-              defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
+              defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": model.recorded_ref(ref),
                         "batch_size": size},
               priority=priority, tags=list(dict.fromkeys(tags)))
     result, status = _submit(settings, parsed, model, job, size, as_json)

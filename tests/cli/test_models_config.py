@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from sdq.cli.config import mask_url
+from tests.conftest import stand_in_checkpoint
 
 from .conftest import Home
 
 
 @pytest.fixture
 def weights(tmp_path: Path) -> Path:
-    """A stand-in checkpoint: the registry only hashes the file, it never loads it."""
-    path = tmp_path / "v1-5.safetensors"
-    path.write_bytes(b"not really weights")
-    return path
+    """A stand-in checkpoint: the registry only checks the header and hashes the file, it
+    never loads it."""
+    return stand_in_checkpoint(tmp_path / "v1-5.safetensors")
 
 
 def test_add_list_and_remove_a_model(any_home: Home, weights: Path) -> None:
@@ -40,7 +40,7 @@ def test_add_list_and_remove_a_model(any_home: Home, weights: Path) -> None:
 def test_model_registry_refusals(home: Home, weights: Path, tmp_path: Path) -> None:
     home.add_job(["a"])  # registers "tiny", used by one item
     other = tmp_path / "other.safetensors"
-    other.write_bytes(b"other")
+    stand_in_checkpoint(other, 1.0)
     home.run("models", "add", str(weights), "--name", "sd15")
     taken = home.run("models", "add", str(other), "--name", "sd15")
     assert taken.exit_code == 1 and "the name 'sd15' is taken by model" in taken.output

@@ -273,3 +273,16 @@ def test_resume_finishes_a_killed_embedded_run_without_redoing_anything(
         assert session.get(Job, 1).status == Status.DONE
     again = home.run("resume", "1")
     assert (again.exit_code, again.stdout) == (0, "nothing to resume. Job 1: 12/12 done\n")
+
+
+def test_a_relative_model_path_is_recorded_absolute(home: Home, tiny_checkpoint: Path,
+                                                    monkeypatch) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\n")
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    result = home.run("submit", str(prompts), "--model", tiny_checkpoint.name, *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    with Session(home.engine) as session:
+        job = session.get(Job, json.loads(result.stdout)["job_id"])
+        assert job.defaults["model"] == str(tiny_checkpoint)
+        assert session.scalar(select(Model.source_uri)) == str(tiny_checkpoint)

@@ -48,20 +48,29 @@ class ModelIdentity:
     sha256: str
     name: str
     architecture: str = "sd-v1"
+    local: bool = True
+    """A local file or folder (`ref` its absolute path), not a Hugging Face repo id."""
 
     @property
     def short_hash(self) -> str:
         return short_hash(self.sha256)
 
+    def recorded_ref(self, given: str) -> str:
+        """The reference a job records for `given`: a local model's absolute path, a repo id
+        as given."""
+        return self.ref if self.local else given
+
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
-    """Hash a model without loading it (cached by path, size and mtime); raises ModelNotFound."""
+    """Check a model cheaply and hash it without loading it (cached by path, size and mtime);
+    raises ModelNotFound, or CheckpointError for what is not a model. A local model's `ref` is
+    its absolute path, so the job can be reproduced, retried or resumed from any folder."""
     from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
 
     path = resolve_model_ref(ref)
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
-    return ModelIdentity(str(path), model_sha256(path, hash_cache), name)
+    return ModelIdentity(str(path), model_sha256(path, hash_cache), name, local=local)
 
 
 @dataclass(frozen=True)
