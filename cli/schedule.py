@@ -13,7 +13,7 @@ import click
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options
+from sdq.cli.options import TAG, as_option_errors, generation_options
 from sdq.db.models import Schedule
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
@@ -80,7 +80,7 @@ def schedule() -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
-@click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
+@click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for each run's job (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")
 def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,

@@ -18,7 +18,7 @@ from sdq.cli.common import (
     render_table,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options
+from sdq.cli.options import TAG, as_option_errors, generation_options
 from sdq.db.models import Job
 from sdq.db.queries import find_model
 from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 @click.option("--name", help="Job name [default: the file name].")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
-@click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
+@click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for the job; repeatable.")
 @click.option("--dry-run", is_flag=True,
               help="Check the file and print the plan; record and run nothing.")
 @click.option("--wait", is_flag=True,

@@ -161,3 +161,29 @@ def test_what_is_not_a_model_is_refused_before_anything_is_recorded(
         assert session.scalar(select(func.count()).select_from(Model)) == 1
         assert session.scalar(select(func.count()).select_from(Schedule)) == 0
     assert not (tmp_path / "out.png").exists()
+
+
+def test_values_no_database_stores_alike_are_refused_before_either_records(
+        any_home: Home, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    model = ["--model", str(tiny_checkpoint)]
+    nul = tmp_path / "nul.jsonl"
+    nul.write_text('{"prompt": "a fox"}\n{"prompt": "a\\u0000b", "tags": ["\\udc80"]}\n')
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a fox\n")
+    for args in (["submit", str(nul), *model], ["submit", str(nul), *model, "--dry-run"],
+                 ["schedule", "add", "n", "--cron", "0 2 * * *", str(nul), *model]):
+        result = any_home.run(*args)
+        assert result.exit_code == BAD_INPUT, (args, result.output)
+        assert f"{nul}:2: prompt: contains a NUL character (U+0000) at character 2" in result.stderr
+        assert f"{nul}:2: tags: contains a lone surrogate (U+DC80) at character 1" in result.stderr
+    recording = (["submit", str(plain)], ["schedule", "add", "n", "--cron", "0 2 * * *", str(plain)])
+    for option in (["--cfg", "nan"], ["--cfg", "1e308"], ["--eta", "inf"], ["--tag", "\udc80"],
+                   ["--negative-prompt", "x" * 10_001]):
+        commands = [*recording, *([["generate", "a fox"]] if option[0] != "--tag" else [])]
+        for command in commands:
+            result = any_home.run(*command, *model, *option)
+            assert result.exit_code == BAD_INPUT and "Invalid value for" in result.output, \
+                (command, option, result.output)
+    with Session(any_home.engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+        assert session.scalar(select(func.count()).select_from(Schedule)) == 0

@@ -27,10 +27,13 @@ from sdq.sdmodel.params import (
     CHECKS,
     DEFAULTS,
     MAX_IMAGES_PER_ROW,
+    MAX_TAG_CHARS,
     SEED_LIMIT,
     GenerationParams,
     ParamError,
+    check_tag,
     close_match,
+    text,
     whole,
 )
 
@@ -289,17 +292,24 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def _trimmed(check: Callable[[str], str]) -> Callable[[Any], str]:
+    """Whitespace-trimmed text that passes `check` (length, characters every database stores)."""
+    return lambda value: check(_text(value))
+
+
 def _tags(value: Any) -> list[str]:
     """Comma-separated text, or (JSON) a list of strings; blanks and repeats dropped."""
     parts = value.split(",") if isinstance(value, str) else value
     if not isinstance(parts, list) or not all(isinstance(tag, str) for tag in parts):
         raise ValueError("expected comma-separated text or a list of strings")
-    return list(dict.fromkeys(tag.strip() for tag in parts if tag.strip()))
+    return list(dict.fromkeys(check_tag(tag.strip()) for tag in parts if tag.strip()))
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    **CHECKS, "prompt": _text, "negative_prompt": _text, "n": whole("n", 1, MAX_IMAGES_PER_ROW),
-    "model": _text, "tags": _tags,
+    **CHECKS, "prompt": _trimmed(CHECKS["prompt"]),
+    "negative_prompt": _trimmed(CHECKS["negative_prompt"]),
+    "n": whole("n", 1, MAX_IMAGES_PER_ROW), "model": _trimmed(text("model", MAX_TAG_CHARS)),
+    "tags": _tags,
 }
 """Each field's cell or JSON value to its recorded value: the parameters' own checks, and
 whitespace-trimmed text."""
