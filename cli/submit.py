@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 @click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for the job; repeatable.")
 @click.option("--dry-run", is_flag=True,
               help="Check the file and print the plan; record and run nothing.")
+@click.option("--yes", "-y", is_flag=True,
+              help="Submit more images than SDQ_CONFIRM_ITEMS (default 10,000) without asking.")
 @click.option("--wait", is_flag=True,
               help="With a broker: follow the job's progress until it is done.")
 @output_options("json")
@@ -56,11 +58,12 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
            sampler: str, steps: int, cfg: float, eta: float, width: int, height: int,
            num_images: int,
            batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
-           dry_run: bool, wait: bool, output: str | None) -> None:
+           dry_run: bool, yes: bool, wait: bool, output: str | None) -> None:
     """Submit the prompts of FILE (CSV, JSON Lines or plain text) as one job.
 
     The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
-    with exit status 2, and nothing is recorded. The options fill what rows leave out. With
+    with exit status 2, and nothing is recorded. The options fill what rows leave out; more
+    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes. With
     no broker (SDQ_BROKER_URL unset) the job runs here with a progress bar; with one it is
     enqueued for `sdq worker`s and the job id printed (`--wait` follows it). Exit status 1
     if any image failed.
@@ -71,7 +74,7 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
       sdq submit prompts.txt --seed 42 --dry-run
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.worker.jobs.submit import identify_model, plan
+    from sdq.worker.jobs.submit import check_size, identify_model, plan
 
     as_json = output == "json"
     with as_option_errors():
@@ -82,6 +85,8 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
         parsed = _parse(file, defaults, session)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
+    if not dry_run:
+        check_size(len(parsed.items), settings.confirm_items, confirmed=yes)
     ref = model_ref or settings.model
     try:
         model = identify_model(ref, settings.home / "hashes.json")

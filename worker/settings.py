@@ -24,6 +24,9 @@ DEFAULT_PNG_LEVEL = 1
 """zlib level of stored PNGs. Level 1 writes a 512x512 image in about half the CPU time of
 the usual 6, for files about 8% larger (docs/storage.md has the measurements)."""
 MAX_STORE_THREADS = 8
+DEFAULT_CONFIRM_ITEMS = 10_000
+"""Submissions of more images than this need `--yes`: at a few seconds an image, ten thousand
+is a night of one GPU, and a typo (`-n 1000` for 100) should not cost a week."""
 
 
 def default_store_threads(cores: int | None = None) -> int:
@@ -67,6 +70,8 @@ class Settings:
     store_threads: int
     fast_path: str = "default"
     compile: bool = False
+    confirm_items: int = DEFAULT_CONFIRM_ITEMS
+    """`SDQ_CONFIRM_ITEMS`: above this many images, `sdq submit` asks for `--yes`."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -110,6 +115,7 @@ class Settings:
             "store_threads": get("store_threads") or str(default_store_threads()),
             "fast_path": get("fast_path") or "default",
             "compile": (get("compile") or "0").lower() in ("1", "true", "yes", "on"),
+            "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -120,7 +126,8 @@ class Settings:
                     where = variable if env.get(variable) else f"{path}: {field.name}"
                     raise SettingsError(
                         f"{where}: expected a whole number, got {raw[field.name]!r}") from None
-        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64)):
+        for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64),
+                                ("confirm_items", 1, 2**62)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
         return cls(**raw)  # type: ignore[arg-type]

@@ -286,3 +286,19 @@ def test_a_relative_model_path_is_recorded_absolute(home: Home, tiny_checkpoint:
         job = session.get(Job, json.loads(result.stdout)["job_id"])
         assert job.defaults["model"] == str(tiny_checkpoint)
         assert session.scalar(select(Model.source_uri)) == str(tiny_checkpoint)
+
+
+def test_more_images_than_the_setting_need_yes(home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\na fox\n")
+    home.env["SDQ_CONFIRM_ITEMS"] = "3"
+    args = ["submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL, "--steps", "1"]
+    refused = home.run(*args, "-n", "2")
+    assert refused.exit_code == 2
+    assert refused.stderr == ("Error: 4 images is more than 3 (SDQ_CONFIRM_ITEMS); "
+                              "pass --yes to submit them all\n")
+    assert _count(home, Job) == 0
+    assert home.run(*args, "-n", "2", "--dry-run").exit_code == 0
+    assert home.run(*args).exit_code == 0  # 2 images: no question
+    assert home.run(*args, "-n", "2", "-y").exit_code == 0
+    assert _count(home, Item) == 6

@@ -24,6 +24,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
+from sdq.sdmodel.errors import InvalidInput
 from sdq.sdmodel.params import SHAPE_FIELDS, BatchShape, GenerationParams, short_hash
 from sdq.worker.app import PRIORITIES, TASK_NAME, broker_priority, create_app, queue_name
 from sdq.worker.images.storage import open_storage
@@ -71,6 +72,15 @@ def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIden
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
     return ModelIdentity(str(path), model_sha256(path, hash_cache), name, local=local)
+
+
+def check_size(images: int, limit: int, *, confirmed: bool) -> None:
+    """Refuse a submission of more than `limit` images unless the user `confirmed` it (`--yes`):
+    a large total is more often a typo in `n` or a template than a plan. InvalidInput, so the
+    command exits 2 with nothing recorded."""
+    if images > limit and not confirmed:
+        raise InvalidInput(f"{images:,} images is more than {limit:,} (SDQ_CONFIRM_ITEMS); "
+                           "pass --yes to submit them all")
 
 
 @dataclass(frozen=True)
