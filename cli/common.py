@@ -24,7 +24,7 @@ from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import FIELDS
-from sdq.worker.settings import Settings
+from sdq.worker.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -92,10 +92,7 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def _described(url: str, exc: Exception) -> str:
-    from sqlalchemy.engine import make_url
-
-    shown = make_url(url).render_as_string(hide_password=True)
-    return f"{shown}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}"
+    return f"{mask_url(url)}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}"
 
 
 def output_options(*formats: str, dest: str = "output") -> Callable[[F], F]:

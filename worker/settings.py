@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import parse_qsl, urlencode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +41,60 @@ def default_store_threads(cores: int | None = None) -> int:
 class SettingsError(InvalidInput):
     """A setting that cannot be used; the message names where it came from: the variable,
     or the config file and its key."""
+
+
+_SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
+_DSN_SECRET = re.compile(r"(\b\w*(?:pass|secret|token)\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)",
+                         re.IGNORECASE)
+"""A secret in a libpq keyword/value connection string: `password=x` or `password='a b'`."""
+
+
+def _split_netloc(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, user info, the rest) of a URL with user info, split at the *last* `@`
+    before the path: an unencoded `@` in a password belongs to the password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, netloc_end)
+    if at < 0:
+        return None
+    return scheme + sep, rest[:at], rest[at:]
+
+
+def quote_userinfo(url: str) -> str:
+    """`url` with `@` in its user name or password percent-encoded, so that every client
+    (SQLAlchemy, kombu, redis-py) reads the host that was meant, and none of them puts the
+    password's tail in an error message as a host name."""
+    parts = _split_netloc(url)
+    if parts is None or "@" not in parts[1]:
+        return url
+    scheme, userinfo, rest = parts
+    return scheme + userinfo.replace("@", "%40") + rest
+
+
+def mask_url(url: str | None) -> str | None:
+    """`url` with its password and secret-looking parameters (query values, libpq
+    `password=...` words) replaced by `***`; the rest is left exactly as written
+    (`sqlite:////abs/path` keeps its slashes). The one masking function: settings shown,
+    doctor's findings and database errors all go through it."""
+    if not url:
+        return url
+    parts = _split_netloc(url)
+    if parts is not None and ":" in parts[1]:
+        scheme, userinfo, rest = parts
+        url = f"{scheme}{userinfo.split(':', 1)[0]}:***{rest}"
+    scheme, sep, rest = url.partition("://")
+    if sep and "?" in rest:
+        path, _, query = rest.partition("?")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_KEY.search(k) for k, _ in pairs):
+            masked = urlencode([(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs],
+                               safe="*")
+            url = f"{scheme}{sep}{path}?{masked}"
+    elif not sep:
+        url = _DSN_SECRET.sub(lambda m: m.group(1) + "***", url)
+    return url
 
 
 def _config_file(env: Mapping[str, str]) -> Path:
@@ -101,9 +157,9 @@ class Settings:
         home = Path(get("home") or _default_home(env)).expanduser()
         raw = {
             "home": home,
-            "database_url": get("database_url") or f"sqlite:///{home / 'sdq.db'}",
+            "database_url": quote_userinfo(get("database_url") or f"sqlite:///{home / 'sdq.db'}"),
             "storage_url": get("storage_url") or str(home / "images"),
-            "broker_url": get("broker_url"),
+            "broker_url": get("broker_url") and quote_userinfo(get("broker_url")),
             "model": get("model") or DEFAULT_MODEL,
             "device": get("device"),
             "dtype": get("dtype"),

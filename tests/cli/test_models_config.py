@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.cli.config import mask_url
+from sdq.worker.settings import mask_url
 from tests.conftest import stand_in_checkpoint
 
 from .conftest import Home
@@ -63,11 +63,27 @@ def test_model_registry_refusals(home: Home, weights: Path, tmp_path: Path) -> N
         ("postgresql://sdq@db/sdq?sslmode=require&password=hunter2",
          "postgresql://sdq@db/sdq?sslmode=require&password=***"),
         ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("postgresql://postgres:Leak@Leak@db:5432/sdq", "postgresql://postgres:***@db:5432/sdq"),
+        ("host=db user=sdq password=hunter2 dbname=sdq", "host=db user=sdq password=*** dbname=sdq"),
+        ("host=db password='a b\\' c' dbname=sdq", "host=db password=*** dbname=sdq"),
         ("/data/images", "/data/images"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_a_password_with_an_unencoded_at_never_leaks(home: Home) -> None:
+    """A password with `@` used to be cut at its first `@`, the rest taken for the host and
+    shown in every connection error; a libpq DSN was shown as written."""
+    home.env["SDQ_DATABASE_URL"] = "postgresql://postgres:Leak@Leak@127.0.0.1:1/sdq"
+    for args in (["doctor"], ["jobs"], ["db", "current"], ["config"], ["status", "1"]):
+        result = home.run(*args)
+        assert "Leak" not in result.output, (args, result.output)
+        assert "postgresql://postgres:***@127.0.0.1:1/sdq" in result.output, (args, result.output)
+    home.env["SDQ_DATABASE_URL"] = "host=db user=sdq password=hunter2 dbname=sdq"
+    shown = home.run("config")
+    assert "hunter2" not in shown.output and "password=***" in shown.output
 
 
 def test_config_shows_the_mode_and_masks_secrets(home: Home) -> None:
