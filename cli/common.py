@@ -144,6 +144,18 @@ def render_table(records: Sequence[Record], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula (OWASP's list)."""
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell safe to open in a spreadsheet: text starting like a formula (`=HYPERLINK(...)`,
+    `+cmd|...`, `@SUM(...)`) gets a leading `'`, which spreadsheets show as text; numbers and
+    JSON output are left exact. Every CSV sdq writes goes through this."""
+    text = shown(value) if isinstance(value, list) else plain(value)
+    return "'" + text if isinstance(text, str) and text.startswith(FORMULA_STARTS) else text
+
+
 def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
          *, empty: str = "nothing found") -> None:
     """Print records as a table (the given columns), JSON (every field) or CSV (every field)."""
@@ -153,11 +165,11 @@ def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
     elif output == "csv":
         buffer = io.StringIO()
         fields = list(records[0]) if records else list(columns)
-        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
+        # RFC 4180's CRLF rows: with them the writer also quotes a cell holding a lone CR.
+        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\r\n")
         writer.writeheader()
         for record in records:
-            writer.writerow({k: shown(v) if isinstance(v, list) else plain(v)
-                             for k, v in record.items()})
+            writer.writerow({k: csv_cell(v) for k, v in record.items()})
         click.echo(buffer.getvalue(), nl=False)
     elif records:
         click.echo(render_table(records, columns))

