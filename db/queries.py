@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from sdq.sdmodel.errors import NotFound, Refused
+from sdq.sdmodel.errors import InvalidInput, NotFound, Refused
 
 from .fulltext import match_prompt, parse_query
 from .models import Item, Job, Model, Status
@@ -73,6 +73,9 @@ def search_items(
     stmt: Select[Any] = select(Item)
     key: ColumnElement[int] = Item.id.expression
     query = parse_query(text or "")
+    if text and text.strip() and not query:
+        raise InvalidInput(f"nothing to search for in {text!r}: give a word, or a phrase in "
+                           "quotes")
     dialect = session.get_bind().dialect.name
     if query:
         stmt, key = match_prompt(stmt, dialect, query)

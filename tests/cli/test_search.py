@@ -155,3 +155,24 @@ def test_csv_cells_that_spreadsheets_would_run_are_neutralised_and_json_is_exact
     [job] = list(csv.DictReader(io.StringIO(home.run("jobs", "--csv").output)))
     assert job["name"] == "'=cmd()" and job["tags"] == "'@evil"
     assert json.loads(home.run("jobs", "--json").output)[0]["name"] == "=cmd()"
+
+
+def test_bare_words_dash_words_and_empty_queries_on_both_databases(any_home: Home) -> None:
+    any_home.add_job(["a red fox", "a red barn", "a cat -cat", "a castle <lora:add_detail:0.8>"])
+
+    def seeds(*args: str) -> list[int]:
+        result = any_home.run("search", *args, "--json")
+        assert result.exit_code == 0, result.output
+        return sorted(r["seed"] for r in json.loads(result.output))
+
+    assert seeds("red", "fox") == [100]          # every bare word must match
+    assert seeds("red") == [100, 101]
+    assert seeds("-cat") == [102]                # a word, not an option
+    assert seeds("--limit", "1", "-cat") == [102]
+    assert seeds("<lora:add_detail:0.8>") == [103]
+    assert seeds("add_detail") == [103]
+    empty = any_home.run("search", '"')
+    assert empty.exit_code == 2 and "nothing to search for in '\"'" in empty.output
+    typo = any_home.run("search", "fox", "--lmit", "3")
+    assert typo.exit_code == 2 and "no such option --lmit" in typo.output
+    assert seeds('"--lmit"') == []
