@@ -1,6 +1,7 @@
 """`sdq export`: finished images with prompts and provenance, as dataset shards."""
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -15,6 +16,9 @@ from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.queries import get_job
 from sdq.worker.images.storage import StorageError, open_storage
 from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
+
+_PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""Shard names are `PREFIX-000000.tar`: a visible file name in any folder or bucket."""
 
 
 @click.command()
@@ -50,8 +54,10 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
     """
     if job_id is None and query is None:
         raise click.UsageError("give a JOB or --query TEXT")
-    if not prefix or "/" in prefix:
-        raise click.BadParameter("a file name prefix without '/'", param_hint="--prefix")
+    if not _PREFIX.fullmatch(prefix):
+        raise click.BadParameter(f"{prefix!r}: the start of a file name, such as 'shard': "
+                                 "letters, digits, '.', '_' and '-', not starting with '.'",
+                                 param_hint="--prefix")
     settings = load_settings(need_broker=False)
     try:
         target = open_storage(dest, max_attempts=settings.max_attempts)

@@ -111,6 +111,9 @@ class LocalStorage(Storage):
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
+    def __str__(self) -> str:
+        return str(self.root)
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
@@ -201,6 +204,9 @@ class S3Storage(Storage):
     def __repr__(self) -> str:
         return f"S3Storage({self.bucket!r}, {self.prefix!r}, endpoint_url={self.endpoint!r})"
 
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -277,6 +283,18 @@ class S3Storage(Storage):
             for page in pages:
                 for entry in page.get("Contents", []):
                     yield entry["Key"][len(root):]
+
+
+def inside(dest: Storage, store: Storage) -> bool:
+    """Whether writing to `dest` writes among `store`'s objects: the same folder or one
+    under it, or the same bucket at or under its prefix (an empty prefix is the bucket)."""
+    if isinstance(dest, LocalStorage) and isinstance(store, LocalStorage):
+        return dest.root.resolve().is_relative_to(store.root.resolve())
+    if isinstance(dest, S3Storage) and isinstance(store, S3Storage):
+        same_bucket = (dest.bucket, dest.endpoint) == (store.bucket, store.endpoint)
+        return same_bucket and (not store.prefix or dest.prefix == store.prefix
+                                or dest.prefix.startswith(store.prefix + "/"))
+    return False
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5) -> Storage:
