@@ -214,7 +214,12 @@ class S3Storage(Storage):
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """Turn boto3's exceptions into one StorageError naming the bucket and endpoint."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as Unreachable
 
         where = f"bucket {self.bucket!r} at {self.endpoint}"
         try:
@@ -233,6 +238,9 @@ class S3Storage(Storage):
             raise StorageError(f"{doing} failed on S3 {where}: {code} {message}") from None
         except NoCredentialsError:
             raise StorageError(f"no AWS credentials for S3 {where}; {_CREDENTIALS}") from None
+        except Unreachable as exc:  # refused, timed out, no such host: never reached S3
+            raise StorageError(f"{doing}: the S3 endpoint {self.endpoint} is unreachable "
+                               f"({exc})") from None
         except BotoCoreError as exc:
             raise StorageError(f"{doing} failed on S3 {where}: {exc}") from None
 
@@ -240,9 +248,10 @@ class S3Storage(Storage):
         try:
             with self._errors("checking the bucket"):
                 self._client.head_bucket(Bucket=self.bucket)
-        except ObjectNotFound:  # HEAD has no error body: a bare 404 here means no bucket
-            raise StorageError(f"S3 bucket {self.bucket!r} at {self.endpoint} does not exist") \
-                from None
+        except ObjectNotFound:  # HEAD has no error body: a bare 404 is all there is to go on
+            raise StorageError(f"{self.endpoint} answered 404 for bucket {self.bucket!r}: the "
+                               "bucket does not exist, or the endpoint is not S3 (check "
+                               "AWS_ENDPOINT_URL)") from None
 
     def put(self, key: str, data: bytes, *, content_type: str = "image/png",
             metadata: Mapping[str, str] | None = None) -> None:
