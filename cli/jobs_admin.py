@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from sdq.cli.common import load_settings, output_options
 
+if TYPE_CHECKING:
+    from sdq.worker.jobs.lifecycle import Requeued
+
 
 def _report(output: str | None, record: dict[str, object], text: str) -> None:
     click.echo(json.dumps(record) if output == "json" else text)
+
+
+def _report_requeued(output: str | None, done: Requeued, job_id: int | None, what: str) -> None:
+    """Say what really happened: enqueued for the workers, or (embedded mode) run here, with
+    exit status 1 if any item failed again."""
+    record: dict[str, object] = {"job": job_id, "items": done.items, "batches": done.batches}
+    head = f"Job {job_id}: " if job_id is not None else ""
+    if done.report is None:
+        _report(output, record, f"{head}{done.items} {what} re-enqueued in {done.batches} "
+                                "batch(es)")
+        return
+    report = done.report
+    why = f" (`sdq status {job_id}` says why)" if report.failed and job_id is not None else ""
+    _report(output, {**record, "done": report.done, "failed": report.failed},
+            f"{head}{done.items} {what} run again here (no broker): {report.done} done, "
+            f"{report.failed} failed{why}")
+    if report.failed:
+        sys.exit(1)
 
 
 @click.command()
@@ -19,15 +41,17 @@ def _report(output: str | None, record: dict[str, object], text: str) -> None:
 def retry(job_id: int, output: str | None) -> None:
     """Re-enqueue the failed items of JOB_ID, each with a fresh set of attempts.
 
+    With no broker (embedded mode) they run again here instead; the exit status is then 1
+    if any of them failed again.
+
     \b
     Example:
       sdq retry 42
     """
     from sdq.worker.jobs.lifecycle import retry_job
 
-    done = retry_job(load_settings(need_broker=False), job_id)
-    _report(output, {"job": job_id, **asdict(done)},
-            f"Job {job_id}: {done.items} failed item(s) re-enqueued in {done.batches} batch(es)")
+    _report_requeued(output, retry_job(load_settings(need_broker=False), job_id), job_id,
+                     "failed item(s)")
 
 
 @click.command()
@@ -61,5 +85,4 @@ def reconcile(output: str | None) -> None:
     """
     from sdq.worker.jobs.lifecycle import reconcile as reconcile_items
 
-    done = reconcile_items(load_settings(need_broker=False))
-    _report(output, asdict(done), f"{done.items} item(s) re-enqueued in {done.batches} batch(es)")
+    _report_requeued(output, reconcile_items(load_settings(need_broker=False)), None, "item(s)")

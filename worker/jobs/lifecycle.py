@@ -31,6 +31,8 @@ class Requeued:
 
     items: int
     batches: int
+    report: RunReport | None = None
+    """Embedded mode: the items ran here, in-process, and this is what they did."""
 
 
 def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
@@ -38,9 +40,9 @@ def _requeue(settings: Settings, engine: Engine, session: Session, where: Column
     """Plan batches for the items matching `where`, commit, then dispatch them."""
     planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
     session.commit()
-    dispatch(settings, engine, planned, where)
+    report = dispatch(settings, engine, planned, where)
     batches = [b for group in planned.values() for b in group]
-    return Requeued(sum(len(b.item_ids) for b in batches), len(batches))
+    return Requeued(sum(len(b.item_ids) for b in batches), len(batches), report)
 
 
 def reconcile(settings: Settings) -> Requeued:
@@ -61,7 +63,8 @@ def reconcile(settings: Settings) -> Requeued:
 
 
 def retry_job(settings: Settings, job_id: int) -> Requeued:
-    """Give the job's failed items a fresh set of attempts and enqueue them again."""
+    """Give the job's failed items a fresh set of attempts and enqueue them again (in
+    embedded mode: run them again here; `Requeued.report` says how that went)."""
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
