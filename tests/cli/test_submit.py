@@ -222,6 +222,9 @@ def test_ctrl_c_hands_the_unfinished_items_back_for_an_immediate_resume(
     finished = [i for i in items if i.status == Status.DONE]
     assert 1 <= len(finished) < 12, "the run was not cut short in the middle"
     assert Status.RUNNING not in {i.status for i in items}  # nothing left under a lease
+    status = home.run("status", "1")
+    assert status.output.startswith("Job 1 (p.txt): pending, ")  # not `running` for ever
+    assert "`sdq resume 1` goes on" in status.output
     result = home.run("resume", "1", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)

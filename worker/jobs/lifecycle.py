@@ -18,7 +18,12 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound
-from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
+from sdq.worker.jobs.submit import (
+    DEFAULT_BATCH_SIZE,
+    dispatch,
+    handed_back_on_interrupt,
+    plan_batches,
+)
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -120,8 +125,10 @@ def resume_job(settings: Settings, job_id: int,
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()
         on_recorded = on_planned(total, total - open_count - leased) if on_planned else None
-        report = dispatch(settings, engine, planned, where, on_recorded=on_recorded) \
-            if planned else None
+        report = None
+        if planned:
+            with handed_back_on_interrupt(engine, job_id):
+                report = dispatch(settings, engine, planned, where, on_recorded=on_recorded)
         return Resumed(open_count, sum(len(group) for group in planned.values()), leased, report)
     finally:
         engine.dispose()

@@ -9,10 +9,11 @@ functions that hash or run a model, so commands can use the rest without loading
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
@@ -137,13 +138,28 @@ def submit(
         batches = sum(len(b) for b in planned.values())
         if on_submitted:
             on_submitted(job.id, job.item_count, batches)
-        report = dispatch(settings, engine, planned, Item.job_id == job.id,
-                          batches_per_message=batches_per_message,
-                          model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+        with handed_back_on_interrupt(engine, job.id):
+            report = dispatch(settings, engine, planned, Item.job_id == job.id,
+                              batches_per_message=batches_per_message,
+                              model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
         queues = () if settings.embedded else tuple(queue_name(sha256) for sha256 in planned)
         return Submission(job.id, job.item_count, batches, queues, report)
     finally:
         engine.dispose()
+
+
+@contextmanager
+def handed_back_on_interrupt(engine: Engine, job_id: int) -> Iterator[None]:
+    """Ctrl-C of an in-process run: the runner has handed the job's unfinished items back;
+    the job goes back to `pending` too, so that `sdq status` does not show it running when
+    nothing runs it (`sdq resume` takes it up)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with Session(engine) as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id, Job.status == Status.RUNNING)
+                            .values(status=Status.PENDING))
+        raise
 
 
 def _model_id(session: Session, model: ModelIdentity) -> int:
