@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.progress import Progress
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import FIELDS
@@ -207,21 +208,19 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progre
     with database_session(settings) as session:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
-        total = sum(progress.counts.values())
+        bar = Progress(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
         try:
-            with click.progressbar(length=total, label=f"job {job_id}", file=sys.stderr,
-                                   show_pos=True) as bar:
-                while True:
-                    bar.update(_finished(progress) - bar.pos)
-                    if not progress.remaining:
-                        break
-                    time.sleep(poll_s)
-                    session.rollback()  # a fresh snapshot, and no transaction held open
-                    progress = job_progress(session, job_id)
+            while progress.remaining:
+                time.sleep(poll_s)
+                session.rollback()  # a fresh snapshot, and no transaction held open
+                progress = job_progress(session, job_id)
+                bar.advance(_finished(progress) - bar.done)
         except KeyboardInterrupt:
             click.echo(f"\nStopped watching job {job_id}; it goes on (`sdq watch {job_id}`).",
                        err=True)
             sys.exit(1)
+        finally:
+            bar.close()
     return progress
 
 
@@ -240,19 +239,29 @@ def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
 
 
 @contextmanager
-def recorded_bar(label: str) -> Iterator[Callable[[int, int], Callable[[int], None]]]:
-    """A progress bar on stderr opened once the total is known: yields `start(total, done)`,
-    which opens it and returns the per-chunk `on_recorded(n)` callback."""
-    bars: list[Any] = []
-
-    def start(total: int, done: int = 0) -> Callable[[int], None]:
-        bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-        bars.append(bar.__enter__())
-        bar.update(done)
-        return bar.update
-
+def recorded_bar(label: str) -> Iterator[RecordedBar]:
+    """Progress on stderr (`cli.progress`) shown once the total is known: `start(total, done)`
+    shows it and returns it, to be called with each stored chunk's count (`on_recorded`);
+    `step` follows the denoising steps in between, before and after `start`."""
+    bar = RecordedBar(label)
     try:
-        yield start
+        yield bar
     finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
+        if bar.progress is not None:
+            bar.progress.close()
+
+
+class RecordedBar:
+    """The progress of an in-process run, shown from when its total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress: Progress | None = None
+
+    def __call__(self, total: int, done: int = 0) -> Progress:
+        self.progress = Progress(self.label, total, done)
+        return self.progress
+
+    def step(self, images: int, i: int, steps: int) -> None:
+        if self.progress is not None:
+            self.progress.step(images, i, steps)

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
+from sdq.cli.progress import duration, rate_text
 from sdq.db.models import Job, Status
 from sdq.db.queries import failure_reasons, get_job, job_progress, recent_jobs
 
@@ -34,12 +35,6 @@ def jobs(limit: int, output: str | None) -> None:
     with database_session() as session:
         records = [_job_record(job, counts) for job, counts in recent_jobs(session, limit)]
     emit(records, _COLUMNS, output, empty="no jobs yet; submit one with `sdq submit FILE`")
-
-
-def _duration(seconds: float) -> str:
-    minutes, s = divmod(round(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 @click.command()
@@ -72,10 +67,10 @@ def status(job_id: int, output: str | None) -> None:
                f"{record['done']}/{record['items']} done")
     click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
     rate = progress.images_per_s
-    line = f"{rate:.2f} images/s" if rate else "no images finished yet"
+    line = rate_text(rate)
     if progress.remaining:
         eta = progress.eta_s
-        line += ", time left unknown" if eta is None else f", about {_duration(eta)} left"
+        line += ", time left unknown" if eta is None else f", about {duration(eta)} left"
     click.echo("  " + line)
     if job.status == Status.PENDING and progress.remaining:
         click.echo(f"  nothing runs it now (an interrupted run?): `sdq resume {job_id}` "

@@ -148,7 +148,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
         try:
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
-                                  on_recorded=lambda n: on_recorded[0](n))
+                                  on_recorded=lambda n: on_recorded[0](n), on_step=start.step)
         except KeyboardInterrupt:
             if not submitted:
                 raise

@@ -172,10 +172,12 @@ class Runner:
                                            hash_cache=self.hash_cache, fast=self.fast)
         return self._pipeline
 
-    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None
-            ) -> RunReport:
+    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> RunReport:
         """Run every batch; raises TransientError (after handing items back) if storage or the
-        database stays down. A model that cannot be loaded fails the items, with the reason."""
+        database stays down. A model that cannot be loaded fails the items, with the reason.
+        `on_recorded(n)` after n images are stored; `on_step(images, i, steps)` as the images
+        denoised together reach step i, for progress between chunks."""
         report = RunReport()
         try:
             pipe = self.pipeline()
@@ -195,7 +197,7 @@ class Runner:
                     report.skipped += len(batch.item_ids) - len(work)
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
-                    for chunk in self._generate(pipe, batch.id, work, report):
+                    for chunk in self._generate(pipe, batch.id, work, report, on_step):
                         queue.put([partial(self._store, part, environment, on_recorded)
                                    for part in chunk.parts(self.store_threads)])
                 self.current_batch = None
@@ -268,8 +270,8 @@ class Runner:
 
     # -- generating ---------------------------------------------------------------------
 
-    def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport
-                  ) -> Iterator[Chunk]:
+    def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport,
+                  on_step: Callable[[int, int, int], None] | None = None) -> Iterator[Chunk]:
         """Denoise the claimed items in chunks of one shape and at most `micro_batch` items.
 
         On CUDA out-of-memory the chunk is halved, and so is `micro_batch` for what follows:
@@ -284,7 +286,8 @@ class Runner:
             requests = [w.params.request for w in items]
             start = time.perf_counter()
             try:
-                images = pipe.generate(requests, **items[0].shape.settings())
+                steps = None if on_step is None else partial(on_step, len(items))
+                images = pipe.generate(requests, **items[0].shape.settings(), on_step=steps)
             except torch.OutOfMemoryError:
                 if len(items) == 1:
                     raise

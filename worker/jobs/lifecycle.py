@@ -97,7 +97,8 @@ class Resumed:
 
 
 def resume_job(settings: Settings, job_id: int,
-               on_planned: Callable[[int, int], Callable[[int], None]] | None = None) -> Resumed:
+               on_planned: Callable[[int, int], Callable[[int], None]] | None = None,
+               on_step: Callable[[int, int, int], None] | None = None) -> Resumed:
     """Run again the job's items an interrupted run left: pending, queued, and running under
     an expired lease (their process is gone); items done, failed or cancelled stay as they
     are, so nothing is generated twice. In embedded mode they run here, through the same
@@ -128,7 +129,8 @@ def resume_job(settings: Settings, job_id: int,
         report = None
         if planned:
             with handed_back_on_interrupt(engine, job_id):
-                report = dispatch(settings, engine, planned, where, on_recorded=on_recorded)
+                report = dispatch(settings, engine, planned, where, on_recorded=on_recorded,
+                                  on_step=on_step)
         return Resumed(open_count, sum(len(group) for group in planned.values()), leased, report)
     finally:
         engine.dispose()

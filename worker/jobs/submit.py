@@ -108,11 +108,12 @@ def submit(
     batches_per_message: int = BATCHES_PER_MESSAGE,
     on_recorded: Callable[[int], None] | None = None,
     on_submitted: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
     queues, or, with no broker configured, run them here (`on_recorded(n)` after each stored
-    chunk). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
+    chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
     registered model) keeps it, and each model's batches go to that model's queue.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
     batch runs, so a caller can name the job even if the run is interrupted.
@@ -141,7 +142,8 @@ def submit(
         with handed_back_on_interrupt(engine, job.id):
             report = dispatch(settings, engine, planned, Item.job_id == job.id,
                               batches_per_message=batches_per_message,
-                              model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+                              model_refs={model.sha256: model.ref}, on_recorded=on_recorded,
+                              on_step=on_step)
         queues = () if settings.embedded else tuple(queue_name(sha256) for sha256 in planned)
         return Submission(job.id, job.item_count, batches, queues, report)
     finally:
@@ -229,6 +231,7 @@ def dispatch(
     where: ColumnElement[bool], *, batches_per_message: int = BATCHES_PER_MESSAGE,
     model_refs: Mapping[str, str] | None = None,
     on_recorded: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> RunReport | None:
     """Publish the batches to their models' queues at their priority (a message holds batches
     of one priority), then mark the pending items matching `where` (the predicate they were
@@ -243,7 +246,7 @@ def dispatch(
         report = RunReport()
         for sha256, batches in planned.items():
             runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
-            part = runner.run(batches, on_recorded)
+            part = runner.run(batches, on_recorded, on_step)
             report.done, report.failed = report.done + part.done, report.failed + part.failed
             report.skipped += part.skipped
         return report
