@@ -72,8 +72,8 @@ def status(job_id: int, output: str | None) -> None:
         eta = progress.eta_s
         line += ", time left unknown" if eta is None else f", about {duration(eta)} left"
     click.echo("  " + line)
+    for error, count, first in failures:
+        click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
     if job.status == Status.PENDING and progress.remaining:
         click.echo(f"  nothing runs it now (an interrupted run?): `sdq resume {job_id}` "
                    "goes on without redoing what is done")
-    for error, count, first in failures:
-        click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
