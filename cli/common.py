@@ -200,17 +200,21 @@ def _finished(progress: Progress) -> int:
     return sum(progress.counts[s] for s in (Status.DONE, Status.FAILED, Status.CANCELLED))
 
 
-def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progress:
+def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
+           queues: Sequence[str] = ()) -> Progress:
     """Show a progress bar (stderr) of the job until none of its items is left to run; returns
-    its last progress. Ctrl-C stops watching (the job goes on) with one line, exit status 1."""
+    its last progress. Ctrl-C stops watching (the job goes on) with one line, exit status 1.
+    While the job waits on `queues` that no live worker serves, it says so (and waits on)."""
     from sdq.db.queries import get_job, job_progress
 
     with database_session(settings) as session:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
         bar = Progress(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
+        unserved = _Unserved(settings, queues)
         try:
             while progress.remaining:
+                unserved.check()
                 time.sleep(poll_s)
                 session.rollback()  # a fresh snapshot, and no transaction held open
                 progress = job_progress(session, job_id)
@@ -222,6 +226,33 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progre
         finally:
             bar.close()
     return progress
+
+
+WORKER_CHECK_S = 10.0
+"""How often `submit --wait` looks for a live worker on the job's queues (in Redis)."""
+
+
+class _Unserved:
+    """Says, once each time it becomes true, that no live worker serves some of the queues."""
+
+    def __init__(self, settings: Settings, queues: Sequence[str]) -> None:
+        self.broker_url, self.queues = settings.broker_url, list(queues)
+        self.next_check, self.said = 0.0, False
+
+    def check(self) -> None:
+        if not (self.broker_url and self.queues) or time.monotonic() < self.next_check:
+            return
+        from sdq.worker.heartbeat import serving
+
+        self.next_check = time.monotonic() + WORKER_CHECK_S
+        try:
+            missing = [q for q in self.queues if q not in serving(self.broker_url, self.queues)]
+        except Exception:  # noqa: BLE001 - a hint must never stop the wait
+            return
+        if missing and not self.said:
+            click.echo(f"\nno live worker serves {', '.join(missing)}; waiting (start one "
+                       "with `sdq worker --model REF` for that model)", err=True)
+        self.said = bool(missing)
 
 
 def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:

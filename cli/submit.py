@@ -104,7 +104,8 @@ def submit(file: Path, model_ref: str | None, negative_prompt: str, seed: int | 
               priority=priority, tags=list(dict.fromkeys(tags)))
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
-        record, text, status = outcome(result["job_id"], follow(settings, result["job_id"]))
+        record, text, status = outcome(result["job_id"], follow(settings, result["job_id"],
+                                                                queues=result["queues"]))
         result["counts"] = record["counts"]
         if not as_json:
             click.echo(text)
