@@ -213,3 +213,12 @@ def test_a_prefix_that_is_no_file_name_is_a_usage_error(home: Home, tmp_path: Pa
                       "--prefix", prefix)
     assert result.exit_code == 2
     assert f"Invalid value for --prefix: {prefix!r}: the start of a file name" in result.output
+
+
+def test_a_piped_export_prints_progress_lines(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=5)
+    result = home.run("export", str(job.id), "--format", "webdataset", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("exporting: ")]
+    assert lines[0] == "exporting: 0/5 images (0%), 0s elapsed"
+    assert lines[-1].startswith("exporting: 5/5 images (100%), ")
