@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.cli.progress import Progress
+from sdq.cli.progress import ProgressLine
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import FIELDS
@@ -210,7 +210,7 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
     with database_session(settings) as session:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
-        bar = Progress(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
+        bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
         unserved = _Unserved(settings, queues)
         try:
             while progress.remaining:
@@ -287,10 +287,10 @@ class RecordedBar:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.progress: Progress | None = None
+        self.progress: ProgressLine | None = None
 
-    def __call__(self, total: int, done: int = 0) -> Progress:
-        self.progress = Progress(self.label, total, done)
+    def __call__(self, total: int, done: int = 0) -> ProgressLine:
+        self.progress = ProgressLine(self.label, total, done)
         return self.progress
 
     def step(self, images: int, i: int, steps: int) -> None:

@@ -12,7 +12,7 @@ from sdq.cli.common import (
     load_settings,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.cli.progress import Progress
+from sdq.cli.progress import ProgressLine
 from sdq.db.queries import get_job
 from sdq.worker.images.storage import StorageError, open_storage
 from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
@@ -70,7 +70,7 @@ def export(job_id: int | None, query: str | None, fmt: str, dest: str, shard_siz
         ids = select_item_ids(session, job_id=job_id, text=query)
         if not ids:
             raise click.ClickException("no finished images to export")
-        bar = Progress("exporting", len(ids))
+        bar = ProgressLine("exporting", len(ids))
         try:
             report = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
                                   shard_size=shard_size, prefix=prefix, card=card,

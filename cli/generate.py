@@ -11,7 +11,7 @@ import click
 from sdq.cli.common import load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options
-from sdq.cli.progress import Progress
+from sdq.cli.progress import ProgressLine
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import SEED_LIMIT, GenerationParams
 
@@ -84,7 +84,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     batches = [params[i:i + size] for i in range(0, num_images, size)]
     paths = output_paths(output, num_images)
     written = []
-    bar = Progress("generating", num_images)
+    bar = ProgressLine("generating", num_images)
     try:
         for batch in batches:
             def on_step(i: int, total: int, images: int = len(batch)) -> None:

@@ -38,7 +38,7 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class Progress:
+class ProgressLine:
     """Counts finished units (`advance`, also as the object's call) and, between them, the
     denoising steps of the units in hand (`step`); prints to `stream` (stderr)."""
 

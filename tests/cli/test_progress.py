@@ -6,7 +6,7 @@ import io
 import re
 from pathlib import Path
 
-from sdq.cli.progress import Progress, duration, rate_text
+from sdq.cli.progress import ProgressLine, duration, rate_text
 
 from .conftest import Home
 
@@ -29,7 +29,7 @@ def test_rates_under_one_per_second_read_as_seconds_per_image() -> None:
 
 def test_piped_progress_prints_whole_lines_every_tenth_and_every_few_seconds() -> None:
     out, clock = io.StringIO(), Clock()
-    bar = Progress("generating", 40, stream=out, clock=clock)
+    bar = ProgressLine("generating", 40, stream=out, clock=clock)
     clock.now = 3.0
     bar.step(8, 5, 25)     # 1 image's worth of 40: not yet a tenth, not yet 10 s
     clock.now = 12.0
