@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.progress import ProgressLine
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import FIELDS
-from sdq.worker.settings import Settings
+from sdq.worker.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -94,10 +95,7 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def _described(url: str, exc: Exception) -> str:
-    from sqlalchemy.engine import make_url
-
-    shown = make_url(url).render_as_string(hide_password=True)
-    return f"{shown}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}"
+    return f"{mask_url(url)}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}"
 
 
 def output_options(*formats: str, dest: str = "output") -> Callable[[F], F]:
@@ -158,6 +156,18 @@ def render_table(records: Sequence[Record], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula (OWASP's list)."""
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell safe to open in a spreadsheet: text starting like a formula (`=HYPERLINK(...)`,
+    `+cmd|...`, `@SUM(...)`) gets a leading `'`, which spreadsheets show as text; numbers and
+    JSON output are left exact. Every CSV sdq writes goes through this."""
+    text = shown(value) if isinstance(value, list) else plain(value)
+    return "'" + text if isinstance(text, str) and text.startswith(FORMULA_STARTS) else text
+
+
 def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
          *, empty: str = "nothing found") -> None:
     """Print records as a table (the given columns), JSON (every field) or CSV (every field)."""
@@ -167,11 +177,11 @@ def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
     elif output == "csv":
         buffer = io.StringIO()
         fields = list(records[0]) if records else list(columns)
-        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
+        # RFC 4180's CRLF rows: with them the writer also quotes a cell holding a lone CR.
+        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\r\n")
         writer.writeheader()
         for record in records:
-            writer.writerow({k: shown(v) if isinstance(v, list) else plain(v)
-                             for k, v in record.items()})
+            writer.writerow({k: csv_cell(v) for k, v in record.items()})
         click.echo(buffer.getvalue(), nl=False)
     elif records:
         click.echo(render_table(records, columns))
@@ -220,30 +230,59 @@ def _finished(progress: Progress) -> int:
     return sum(progress.counts[s] for s in (Status.DONE, Status.FAILED, Status.CANCELLED))
 
 
-def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S) -> Progress:
+def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
+           queues: Sequence[str] = ()) -> Progress:
     """Show a progress bar (stderr) of the job until none of its items is left to run; returns
-    its last progress. Ctrl-C stops watching (the job goes on) with one line, exit status 1."""
+    its last progress. Ctrl-C stops watching (the job goes on) with one line, exit status 1.
+    While the job waits on `queues` that no live worker serves, it says so (and waits on)."""
     from sdq.db.queries import get_job, job_progress
 
     with database_session(settings) as session:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
-        total = sum(progress.counts.values())
+        bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
+        unserved = _Unserved(settings, queues)
         try:
-            with click.progressbar(length=total, label=f"job {job_id}", file=sys.stderr,
-                                   show_pos=True) as bar:
-                while True:
-                    bar.update(_finished(progress) - bar.pos)
-                    if not progress.remaining:
-                        break
-                    time.sleep(poll_s)
-                    session.rollback()  # a fresh snapshot, and no transaction held open
-                    progress = job_progress(session, job_id)
+            while progress.remaining:
+                unserved.check()
+                time.sleep(poll_s)
+                session.rollback()  # a fresh snapshot, and no transaction held open
+                progress = job_progress(session, job_id)
+                bar.advance(_finished(progress) - bar.done)
         except KeyboardInterrupt:
             click.echo(f"\nStopped watching job {job_id}; it goes on (`sdq watch {job_id}`).",
                        err=True)
             sys.exit(1)
+        finally:
+            bar.close()
     return progress
+
+
+WORKER_CHECK_S = 10.0
+"""How often `submit --wait` looks for a live worker on the job's queues (in Redis)."""
+
+
+class _Unserved:
+    """Says, once each time it becomes true, that no live worker serves some of the queues."""
+
+    def __init__(self, settings: Settings, queues: Sequence[str]) -> None:
+        self.broker_url, self.queues = settings.broker_url, list(queues)
+        self.next_check, self.said = 0.0, False
+
+    def check(self) -> None:
+        if not (self.broker_url and self.queues) or time.monotonic() < self.next_check:
+            return
+        from sdq.worker.heartbeat import serving
+
+        self.next_check = time.monotonic() + WORKER_CHECK_S
+        try:
+            missing = [q for q in self.queues if q not in serving(self.broker_url, self.queues)]
+        except Exception:  # noqa: BLE001 - a hint must never stop the wait
+            return
+        if missing and not self.said:
+            click.echo(f"\nno live worker serves {', '.join(missing)}; waiting (start one "
+                       "with `sdq worker --model REF` for that model)", err=True)
+        self.said = bool(missing)
 
 
 def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
@@ -264,19 +303,29 @@ def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
 
 
 @contextmanager
-def recorded_bar(label: str) -> Iterator[Callable[[int, int], Callable[[int], None]]]:
-    """A progress bar on stderr opened once the total is known: yields `start(total, done)`,
-    which opens it and returns the per-chunk `on_recorded(n)` callback."""
-    bars: list[Any] = []
-
-    def start(total: int, done: int = 0) -> Callable[[int], None]:
-        bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-        bars.append(bar.__enter__())
-        bar.update(done)
-        return bar.update
-
+def recorded_bar(label: str) -> Iterator[RecordedBar]:
+    """Progress on stderr (`cli.progress`) shown once the total is known: `start(total, done)`
+    shows it and returns it, to be called with each stored chunk's count (`on_recorded`);
+    `step` follows the denoising steps in between, before and after `start`."""
+    bar = RecordedBar(label)
     try:
-        yield start
+        yield bar
     finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
+        if bar.progress is not None:
+            bar.progress.close()
+
+
+class RecordedBar:
+    """The progress of an in-process run, shown from when its total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress: ProgressLine | None = None
+
+    def __call__(self, total: int, done: int = 0) -> ProgressLine:
+        self.progress = ProgressLine(self.label, total, done)
+        return self.progress
+
+    def step(self, images: int, i: int, steps: int) -> None:
+        if self.progress is not None:
+            self.progress.step(images, i, steps)

@@ -3,36 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import click
 
 from sdq.cli.common import load_settings, output_options, plain
-from sdq.worker.settings import Settings, config_file
+from sdq.worker.settings import Settings, config_file, mask_url
 
-_SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
 _AWS_SHOWN = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
-
-
-def mask_url(url: str | None) -> str | None:
-    """`url` with its password and secret-looking query values replaced by `***`; the rest
-    is left exactly as written (`sqlite:////abs/path` must keep its slashes)."""
-    if not url or "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        url = url.replace(parts.netloc, f"{user.split(':', 1)[0]}:***@{host}", 1)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(_SECRET_KEY.search(k) for k, _ in pairs):
-        masked = urlencode([(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs],
-                           safe="*")
-        url = url.replace(parts.query, masked, 1)
-    return url
 
 
 def _settings_record(settings: Settings) -> dict[str, Any]:
@@ -125,7 +105,7 @@ def _check_database(settings: Settings) -> Finding:
     from sdq.db.session import current_revision, engine_from_url, head_revision
 
     url = make_url(settings.database_url)
-    shown = url.render_as_string(hide_password=True)
+    shown = mask_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and \
             not Path(url.database).expanduser().exists():
         return Finding("database", True, f"{shown} (created on first use)")

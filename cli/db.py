@@ -19,6 +19,7 @@ from sdq.db.session import (
     upgrade,
 )
 from sdq.sdmodel.errors import Unavailable
+from sdq.worker.settings import mask_url
 
 
 @contextmanager
@@ -30,7 +31,7 @@ def _database() -> Iterator[tuple[Engine, str]]:
         engine = engine_from_url(settings.database_url)
     except ValueError as exc:
         raise CommandFailed(f"SDQ_DATABASE_URL: {exc}", BAD_INPUT) from None
-    shown = engine.url.render_as_string(hide_password=True)
+    shown = mask_url(settings.database_url)
     try:
         yield engine, shown
     except SQLAlchemyError as exc:

@@ -1,7 +1,7 @@
 """`sdq export`: finished images with prompts and provenance, as dataset shards."""
 from __future__ import annotations
 
-import sys
+import re
 
 import click
 
@@ -14,10 +14,14 @@ from sdq.cli.common import (
     report,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.progress import ProgressLine
 from sdq.db.queries import get_job
 from sdq.worker.images.storage import StorageError, open_storage
 from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
 from sdq.worker.jobs.schedule import describe_schedule, find_schedule
+
+_PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""Shard names are `PREFIX-000000.tar`: a visible file name in any folder or bucket."""
 
 
 @click.command()
@@ -63,8 +67,10 @@ def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt
         raise click.UsageError("--schedule exports every run of a schedule: no JOB or --query")
     if job_id is None and query is None and schedule_name is None:
         raise click.UsageError("give a JOB, --query TEXT or --schedule NAME")
-    if not prefix or "/" in prefix:
-        raise click.BadParameter("a file name prefix without '/'", param_hint="--prefix")
+    if not _PREFIX.fullmatch(prefix):
+        raise click.BadParameter(f"{prefix!r}: the start of a file name, such as 'shard': "
+                                 "letters, digits, '.', '_' and '-', not starting with '.'",
+                                 param_hint="--prefix")
     settings = load_settings(need_broker=False)
     try:
         target = open_storage(dest, max_attempts=settings.max_attempts)
@@ -84,10 +90,13 @@ def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt
                                   exclude_flagged=exclude_flagged)
         if not ids:
             raise click.ClickException("no finished images to export")
-        with click.progressbar(length=len(ids), label="exporting", file=sys.stderr) as bar:
+        bar = ProgressLine("exporting", len(ids))
+        try:
             done = export_items(session, source, target, ids, fmt=fmt, describe=item_record,
-                                  shard_size=shard_size, prefix=prefix, card=card,
-                                  origin=origin, on_item=bar.update)
+                                shard_size=shard_size, prefix=prefix, card=card,
+                                origin=origin, on_item=bar.advance)
+        finally:
+            bar.close()
     report({"destination": dest, "format": fmt, "items": done.items, "shards": done.shards,
             "written": done.written, "skipped": done.skipped},
            f"{done.items} image(s) in {done.shards} shard(s) to {dest}: {done.written} "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import click
 from sdq.cli.common import load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options, safety_options
+from sdq.cli.progress import ProgressLine
 from sdq.sdmodel.files import write_atomically
 from sdq.sdmodel.params import SEED_LIMIT, GenerationParams
 
@@ -100,11 +100,11 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     batches = [params[i:i + size] for i in range(0, num_images, size)]
     paths = output_paths(output, num_images)
     written = []
-    with click.progressbar(length=len(batches) * steps, label=f"Generating {num_images} image(s)",
-                           file=sys.stderr) as bar:
-        for b, batch in enumerate(batches):
-            def on_step(i: int, total: int, b: int = b) -> None:
-                bar.update(b * steps + round(i * steps / total) - bar.pos)
+    bar = ProgressLine("generating", num_images)
+    try:
+        for batch in batches:
+            def on_step(i: int, total: int, images: int = len(batch)) -> None:
+                bar.step(images, i, total)
 
             try:
                 with warnings.catch_warnings():
@@ -131,6 +131,9 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                                  level=settings.png_level)
                 write_atomically(path, png.data)
                 entry.update(sha256=png.sha256, watermark=png.watermark)
+            bar.advance(len(batch))
+    finally:
+        bar.close()
     if printed == "json":
         click.echo(json.dumps({"model": pipe.name, "model_sha256": pipe.sha256, "images": written}, indent=2))
     else:

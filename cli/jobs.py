@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
+from sdq.cli.progress import duration, rate_text
 from sdq.db.models import Job, Status
 from sdq.db.queries import failure_reasons, flagged_counts, get_job, job_progress, recent_jobs
 
@@ -41,12 +42,6 @@ def jobs(limit: int | None, output: str | None) -> None:
     emit(records, _COLUMNS, output, empty="no jobs yet; submit one with `sdq submit FILE`")
 
 
-def _duration(seconds: float) -> str:
-    minutes, s = divmod(round(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 @click.command()
 @click.argument("job_id", metavar="JOB", type=int)
 @output_options("json")
@@ -79,15 +74,14 @@ def status(job_id: int, output: str | None) -> None:
                f"{record['done']}/{record['items']} done{reused}")
     click.echo("  " + "  ".join(f"{s.value} {n}" for s, n in progress.counts.items() if n))
     rate = progress.images_per_s
-    line = f"{rate:.2f} images/s" if rate else (
-        "nothing generated: every image done was reused" if progress.reused
-        else "no images finished yet")
+    line = rate_text(rate) if rate or not progress.reused else \
+        "nothing generated: every image done was reused"
     if progress.stalled_s is not None:
-        line += (f", none finished for {_duration(progress.stalled_s)}: stalled, time left "
+        line += (f", none finished for {duration(progress.stalled_s)}: stalled, time left "
                  "unknown (`sdq workers` shows who is working)")
     elif progress.remaining:
         eta = progress.eta_s
-        line += ", time left unknown" if eta is None else f", about {_duration(eta)} left"
+        line += ", time left unknown" if eta is None else f", about {duration(eta)} left"
     click.echo("  " + line)
     for error, count, first in failures:
         click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
@@ -95,3 +89,6 @@ def status(job_id: int, output: str | None) -> None:
         click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})")
     else:
         click.echo("  safety checker: none (images not checked)")
+    if job.status == Status.PENDING and progress.remaining:
+        click.echo(f"  nothing runs it now (an interrupted run?): `sdq resume {job_id}` "
+                   "goes on without redoing what is done")

@@ -1,11 +1,33 @@
 """`sdq retry`, `sdq cancel` and `sdq reconcile`: put work back in the queue, or take it out."""
 from __future__ import annotations
 
-from dataclasses import asdict
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from sdq.cli.common import load_settings, output_options, report
+
+if TYPE_CHECKING:
+    from sdq.worker.jobs.lifecycle import Requeued
+
+
+def _report_requeued(output: str | None, done: Requeued, job_id: int | None, what: str) -> None:
+    """Say what really happened: enqueued for the workers, or (embedded mode) run here, with
+    exit status 1 if any item failed again."""
+    record: dict[str, object] = {"job": job_id, "items": done.items, "batches": done.batches}
+    head = f"Job {job_id}: " if job_id is not None else ""
+    if done.report is None:
+        report(record, f"{head}{done.items} {what} re-enqueued in {done.batches} batch(es)",
+               output)
+        return
+    ran = done.report
+    why = f" (`sdq status {job_id}` says why)" if ran.failed and job_id is not None else ""
+    report({**record, "done": ran.done, "failed": ran.failed},
+           f"{head}{done.items} {what} run again here (no broker): {ran.done} done, "
+           f"{ran.failed} failed{why}", output)
+    if ran.failed:
+        sys.exit(1)
 
 
 @click.command()
@@ -14,15 +36,17 @@ from sdq.cli.common import load_settings, output_options, report
 def retry(job_id: int, output: str | None) -> None:
     """Re-enqueue the failed items of JOB_ID, each with a fresh set of attempts.
 
+    With no broker (embedded mode) they run again here instead; the exit status is then 1
+    if any of them failed again.
+
     \b
     Example:
       sdq retry 42
     """
     from sdq.worker.jobs.lifecycle import retry_job
 
-    done = retry_job(load_settings(need_broker=False), job_id)
-    report({"job": job_id, **asdict(done)},
-           f"Job {job_id}: {done.items} failed item(s) re-enqueued in {done.batches} batch(es)", output)
+    _report_requeued(output, retry_job(load_settings(need_broker=False), job_id), job_id,
+                     "failed item(s)")
 
 
 @click.command()
@@ -56,5 +80,4 @@ def reconcile(output: str | None) -> None:
     """
     from sdq.worker.jobs.lifecycle import reconcile as reconcile_items
 
-    done = reconcile_items(load_settings(need_broker=False))
-    report(asdict(done), f"{done.items} item(s) re-enqueued in {done.batches} batch(es)", output)
+    _report_requeued(output, reconcile_items(load_settings(need_broker=False)), None, "item(s)")

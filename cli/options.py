@@ -26,8 +26,9 @@ from sdq.sdmodel.params import (
     SEED_LIMIT,
     SIDE_MULTIPLE,
     ParamError,
+    check_tag,
 )
-from sdq.worker.jobs.templates import EXPANSION_LIMIT, GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
+from sdq.worker.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,12 +37,13 @@ class ParamType(click.ParamType):
     """A parameter checked by its `params.CHECKS` entry: the same values refused (NaN and
     infinities included), with the same reasons, as in prompt files."""
 
-    def __init__(self, field: str, name: str) -> None:
+    def __init__(self, field: str, name: str, check: Callable[[Any], Any] | None = None) -> None:
         self.field, self.name = field, name
+        self.check = check or CHECKS[field]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
-            return CHECKS[self.field](value)
+            return self.check(value)
         except ParamError as exc:
             self.fail(exc.reason, param, ctx)
 
@@ -66,7 +68,8 @@ def option_name(field: str) -> str:
 
 
 _OPTIONS: dict[str, tuple[tuple[str, ...], click.ParamType, str]] = {
-    "negative_prompt": ((), click.STRING, "What the image should not show."),
+    "negative_prompt": ((), ParamType("negative_prompt", "TEXT"),
+                        "What the image should not show."),
     "sampler": ((), SamplerType(),
                 "A1111 and diffusers spellings are taken too ('Euler a', 'euler_ancestral')."),
     "steps": ((), ParamType("steps", "INTEGER"), f"Denoising steps, 1-{MAX_STEPS}."),
@@ -81,6 +84,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], click.ParamType, str]] = {
                f"A multiple of {SIDE_MULTIPLE} up to {MAX_SIDE}."),
 }
 SEED = ParamType("seed", f"INTEGER 0-{SEED_LIMIT - 1}")
+TAG = ParamType("tag", "TEXT", check_tag)
+"""A --tag: the characters and length prompt files take in their `tags`."""
 
 
 def generation_options(seed_help: str, *, scope: str = "", fill_defaults: bool = True
@@ -173,5 +178,5 @@ def expansion_of(grid: Sequence[str], wildcards: Path | None, expand: str, draws
 
 
 YES = click.option("--yes", "-y", is_flag=True,
-                   help=f"Submit even when the prompts expand to more than {EXPANSION_LIMIT:,} "
-                        "images.")
+                   help="Submit more images than SDQ_CONFIRM_ITEMS (default 10,000) without "
+                        "asking.")

@@ -14,6 +14,7 @@ import click
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import (
+    TAG,
     as_option_errors,
     expansion_of,
     generation_options,
@@ -94,7 +95,7 @@ def schedule() -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
-@click.option("--tag", "tags", multiple=True, help="A tag for each run's job (repeatable).")
+@click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for each run's job (repeatable).")
 @safety_options(fill_defaults=False)
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")

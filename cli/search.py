@@ -24,6 +24,8 @@ from sdq.cli.common import (
 from sdq.cli.errors import CommandFailed
 from sdq.db.models import SEED_LIMIT, Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
+from sdq.sdmodel.params import ParamError
+from sdq.sdmodel.params import text as text_check
 from sdq.worker.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "safety", "prompt", "created"]
@@ -44,8 +46,22 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
             "safety": safety_label(record)}
 
 
-@click.command()
-@click.argument("text", required=False)
+def _query(words: tuple[str, ...]) -> str | None:
+    """The search text of the words given: bare words are all required, as in quotes, and a
+    word like `-cat` is text; `--word` is refused as a mistyped option unless quoted
+    (`'"--word"'`), so that a typo never silently becomes a search."""
+    for word in words:
+        if word.startswith("--") and len(word) > 2:
+            raise click.UsageError(f"no such option {word.split('=')[0]}; to search for it, "
+                                   f"quote it: sdq search '\"{word}\"'")
+    try:
+        return text_check("TEXT")(" ".join(words)) if words else None
+    except ParamError as exc:
+        raise click.BadParameter(exc.reason, param_hint="TEXT") from None
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("words", metavar="[TEXT]...", nargs=-1)
 @click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), help="Only this seed.")
 @click.option("--model", metavar="NAME|HASH", help="Only this model (name or hash prefix).")
 @click.option("--job", "job_id", type=int, help="Only this job.")
@@ -64,14 +80,16 @@ def _table_row(record: dict[str, Any]) -> dict[str, Any]:
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
-def search(text: str | None, seed: int | None, model: str | None, job_id: int | None,
+def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
            flagged: bool | None, values: tuple[str, ...], before: int | None, limit: int | None,
            output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
-    TEXT matches words anywhere in the prompt; "quoted phrases" match in order. The table
-    shortens prompts; --json and --csv give every recorded field.
+    TEXT matches words anywhere in the prompt, every one of them (`sdq search red fox`);
+    "quoted phrases" match in order. Punctuation separates words, on SQLite and PostgreSQL
+    alike (`<lora:add_detail:0.8>` is the phrase lora add detail 0 8). The table shortens
+    prompts; --json and --csv give every recorded field.
 
     \b
     Examples:
@@ -82,6 +100,7 @@ def search(text: str | None, seed: int | None, model: str | None, job_id: int | 
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
       sdq search --value animal=owl --value cfg=7.5
     """
+    text = _query(words)
     chosen = dict(value.split("=", 1) for value in values if "=" in value)
     if len(chosen) != len(values):
         raise click.BadParameter("expected LABEL=VALUE", param_hint="'--value'")

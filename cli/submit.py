@@ -19,6 +19,7 @@ from sdq.cli.common import (
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.options import (
+    TAG,
     YES,
     as_option_errors,
     expansion_of,
@@ -32,7 +33,7 @@ from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
 from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
 from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE
-from sdq.worker.jobs.templates import Expansion, check_expansion_size
+from sdq.worker.jobs.templates import Expansion
 
 SAMPLE = 5
 """Expanded prompts `--dry-run` shows."""
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 @click.option("--name", help="Job name [default: the file name].")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
-@click.option("--tag", "tags", multiple=True, help="A tag for the job; repeatable.")
+@click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for the job; repeatable.")
 @safety_options()
 @template_options
 @click.option("--no-reuse", is_flag=True,
@@ -85,11 +86,11 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     with exit status 2, and nothing is recorded. The options fill what rows leave out.
     Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
     wildcard files, nested; --grid makes each prompt with several parameter values. More
-    than 1,000 images need --yes. An image stored already with the same parameters, model
-    and device is reused, not generated again (--no-reuse generates it). With no broker
-    (SDQ_BROKER_URL unset) the job runs here with a progress bar; with one it is enqueued
-    for `sdq worker`s and the job id printed (`--wait` follows it). Exit status 1 if any
-    image failed.
+    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes. An image stored already with
+    the same parameters, model and device is reused, not generated again (--no-reuse
+    generates it). With no broker (SDQ_BROKER_URL unset) the job runs here with a progress
+    bar; with one it is enqueued for `sdq worker`s and the job id printed (`--wait` follows
+    it). Exit status 1 if any image failed.
 
     \b
     Examples:
@@ -98,7 +99,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
       sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.worker.jobs.submit import identify_model, job_safety_checker, plan, stored_count
+    from sdq.worker.jobs.submit import check_size, identify_model, job_safety_checker, plan, stored_count
 
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE or --prompt TEMPLATE (one of them)")
@@ -114,6 +115,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
         parsed = _parse(file, prompt, defaults, expansion, session)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
+    if not dry_run:
+        check_size(len(parsed.items), settings.confirm_items, confirmed=yes)
     ref = model_ref or settings.model
     try:
         model = identify_model(ref, settings.home / "hashes.json")
@@ -130,16 +133,17 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
             stored = 0 if no_reuse else stored_count(session, parsed.items, model, settings)
         _print_plan(source, parsed, size, groups, stored, [n for n, _ in expansion.grid], as_json)
         return
-    check_expansion_size(len(parsed.items), yes=yes)
     job = Job(name=name or (file.name if file is not None else prompt[:200]),
               source_name=source, source_sha256=parsed.sha256,
-              defaults={**defaults.to_json(), "base_seed": parsed.base_seed, "model": ref,
-                        "batch_size": size, "expansion": expansion.to_json()},
+              defaults={**defaults.to_json(), "base_seed": parsed.base_seed,
+                        "model": model.recorded_ref(ref), "batch_size": size,
+                        "expansion": expansion.to_json()},
               priority=priority, tags=list(dict.fromkeys(tags)), safety_checker=checker,
               on_flag=on_flag, reuse=not no_reuse)
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
-        record, text, status = outcome(result["job_id"], follow(settings, result["job_id"]))
+        record, text, status = outcome(result["job_id"], follow(settings, result["job_id"],
+                                                                queues=result["queues"]))
         result["counts"] = record["counts"]
         if not as_json:
             click.echo(text)
@@ -191,7 +195,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
         try:
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
-                                  on_recorded=lambda n: on_recorded[0](n))
+                                  on_recorded=lambda n: on_recorded[0](n), on_step=start.step)
         except KeyboardInterrupt:
             if not submitted:
                 raise

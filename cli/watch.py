@@ -59,7 +59,8 @@ def resume(job_id: int, output: str | None) -> None:
     with recorded_bar(f"job {job_id}") as start:
         try:
             resumed = resume_job(settings, job_id,
-                                 on_planned=lambda total, done: start(total, done))
+                                 on_planned=lambda total, done: start(total, done),
+                                 on_step=start.step)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; `sdq resume {job_id}` goes on from here")
     with database_session(settings) as session:

@@ -7,13 +7,18 @@ since neither can be declared portably; `is_fulltext_object` tells Alembic to le
 
 The user's text is never handed to either query language. It is split into terms: "quoted
 phrases" and bare words, all of which must match. A term with a letter or digit becomes a
-phrase of its tokens (PostgreSQL `phraseto_tsquery`, an FTS5 string), so `sci-fi` and
-`don't` behave the same on both engines; a term without any (an emoji, `%`, `--`) is dropped by
-both tokenizers, so it is matched as a plain substring instead.
+phrase of its tokens (PostgreSQL `phraseto_tsquery`, an FTS5 string); a term without any (an
+emoji, `%`, `--`) is dropped by both tokenizers, so it is matched as a plain substring instead.
+
+Both engines see the same words: SQLite's `unicode61` splits at every punctuation character,
+and PostgreSQL's column (migration 0004) and queries read the text with ASCII punctuation
+turned into spaces, so that its parser's tags, file names, hosts and decimals
+(`<lora:add_detail:0.8>`, `x/y.png`, `0.8`) become plain words there too.
 """
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +31,10 @@ PG_TSV_INDEX = "ix_items_prompt_tsv"
 SQLITE_FTS_TABLE = "items_fts"
 
 _TERM = re.compile(r'"([^"]*)"?|(\S+)')
+PUNCTUATION = string.punctuation
+"""ASCII punctuation: a word boundary on both engines (PostgreSQL's column, migration 0004,
+folds the same characters)."""
+_AS_SPACES = str.maketrans(PUNCTUATION, " " * len(PUNCTUATION))
 _pg_tsv: ColumnElement[Any] = literal_column(f"items.{PG_TSV_COLUMN}")
 _fts = table(SQLITE_FTS_TABLE, column("rowid"))
 
@@ -54,7 +63,12 @@ class TextQuery:
     @property
     def has_multiword_phrase(self) -> bool:
         """Whether some phrase has words that must be adjacent (which planners misjudge)."""
-        return any(len(phrase.split()) > 1 for phrase in self.phrases)
+        return any(len(words(phrase).split()) > 1 for phrase in self.phrases)
+
+
+def words(text: str) -> str:
+    """`text` with ASCII punctuation as spaces: the words both engines index."""
+    return text.translate(_AS_SPACES)
 
 
 def parse_query(text: str) -> TextQuery:
@@ -85,7 +99,7 @@ def match_prompt(
     if query.phrases and dialect == "postgresql":
         tsquery: ColumnElement[Any] | None = None
         for phrase in query.phrases:
-            part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), phrase)
+            part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), words(phrase))
             tsquery = part if tsquery is None else tsquery.op("&&")(part)
         stmt = stmt.where(_pg_tsv.op("@@")(tsquery))
     elif query.phrases:  # SQLite, the only other database sdq opens

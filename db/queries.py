@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from sdq.sdmodel.errors import NotFound, Refused
+from sdq.sdmodel.errors import InvalidInput, NotFound, Refused
 
 from .base import utcnow
 from .fulltext import match_prompt, parse_query
@@ -82,6 +82,9 @@ def search_items(
     stmt: Select[Any] = select(Item)
     key: ColumnElement[int] = Item.id.expression
     query = parse_query(text or "")
+    if text and text.strip() and not query:
+        raise InvalidInput(f"nothing to search for in {text!r}: give a word, or a phrase in "
+                           "quotes")
     dialect = session.get_bind().dialect.name
     if query:
         stmt, key = match_prompt(stmt, dialect, query)

@@ -15,11 +15,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from sdq.sdmodel.errors import InvalidInput, Unavailable
+from sdq.worker.settings import mask_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 """The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -167,7 +168,7 @@ def open_database(url: str | URL) -> Engine:
     if engine.dialect.name == "sqlite" and current in _known_revisions():
         upgrade(engine)
         return engine
-    shown = engine.url.render_as_string(hide_password=True)
+    shown = mask_url(engine.url.render_as_string(hide_password=False))
     engine.dispose()
     if current is not None and current not in _known_revisions():
         raise SchemaMismatch(

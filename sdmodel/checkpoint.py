@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .configs import unet_config_from_diffusers, vae_config_from_diffusers
 from .errors import InvalidInput, NotFound
 from .files import write_atomically
 from .params import HUB_REPO_ID
@@ -264,11 +267,102 @@ _REPO_FILES = [
 ]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""The single-file checkpoints `read_weights` reads: safetensors, or PyTorch's own format."""
+MAX_HEADER_BYTES = 100 * 2**20
+"""The largest safetensors header taken (the safetensors library's own limit); a real SD
+checkpoint's is about 100 kB."""
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+"""The first bytes of `torch.save` files: a zip archive, or (legacy) a pickle."""
+
+
+def read_config(part: Path) -> dict[str, Any]:
+    """A diffusers folder component's config.json, as a dict."""
+    file = part / "config.json"
+    if not file.is_file():
+        raise CheckpointError(part.parent, f"not a diffusers model folder: {part.name}/config.json missing")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(file, f"not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(file, f"expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """The header must be a safetensors header naming the three networks' weights."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(path, f"not a .safetensors file ({size} bytes, no valid header)")
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(path, "not a .safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "not a .safetensors file (its header is not a JSON object)")
+    missing = [prefix + "*" for prefix in PREFIXES.values()
+               if not any(key.startswith(prefix) for key in header)]
+    if missing:
+        raise CheckpointError(path, f"not an SD v1 checkpoint: no weights under {', '.join(missing)}")
+
+
+def _check_folder(folder: Path) -> None:
+    """A diffusers folder: each network's config is one sdq runs, and its weights are there."""
+    for part, stem, architecture in (
+        ("unet", "diffusion_pytorch_model", unet_config_from_diffusers),
+        ("vae", "diffusion_pytorch_model", vae_config_from_diffusers),
+        ("text_encoder", "model", None),
+    ):
+        config = read_config(folder / part)
+        if architecture is not None:
+            try:
+                architecture(config)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise CheckpointError(folder / part / "config.json", str(exc)) from None
+        folder_weights(folder / part, stem)
+
+
+def check_model(path: Path) -> None:
+    """Refuse what cannot be a model before anything hashes, records or loads it, reading no
+    more than a header or the folder's configs: a device (`/dev/zero` would hash forever), a
+    folder that is not a diffusers model (`/etc`), a file that is not a checkpoint."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        _check_folder(path)
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(path, "not a regular file or a folder")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise CheckpointError(path, f"not a checkpoint: expected a {', '.join(WEIGHT_SUFFIXES)} "
+                                    "file or a diffusers model folder")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            _check_safetensors(path, info.st_size)
+            return
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({info.st_size} bytes, "
+                                    "neither a zip archive nor a pickle)")
+
+
 def resolve_model_ref(ref: str | Path, files: Sequence[str] | None = None) -> Path:
-    """A local file or folder as given; a Hugging Face repo id from the HF cache (fetched into
-    it first when the network allows), only `files` of it (default: a model's)."""
+    """A local file or folder as its absolute path (`..` folded, links kept); a Hugging Face
+    repo id from the HF cache (fetched into it first when the network allows), only `files` of
+    it (default: a model's). A model (no `files`) must pass `check_model`."""
     path = Path(ref).expanduser()
     if path.exists():
+        path = Path(os.path.abspath(path))
+        if files is None:
+            check_model(path)
         return path
     text = str(ref)
     if not HUB_REPO_ID.fullmatch(text) or path.suffix in (".safetensors", ".ckpt"):
@@ -277,14 +371,16 @@ def resolve_model_ref(ref: str | Path, files: Sequence[str] | None = None) -> Pa
 
     patterns = list(files or _REPO_FILES)
     try:
-        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
+        path = Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
     except Exception:
-        pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:
-        raise ModelNotFound(
-            f"{text}: not in the Hugging Face cache and could not be downloaded "
-            f"({type(exc).__name__}). Pass a local checkpoint instead, e.g. "
-            "--model /path/to/v1-5-pruned-emaonly.safetensors, or a diffusers folder."
-        ) from None
+        try:
+            path = Path(snapshot_download(text, allow_patterns=patterns))
+        except Exception as exc:
+            raise ModelNotFound(
+                f"{text}: not in the Hugging Face cache and could not be downloaded "
+                f"({type(exc).__name__}). Pass a local checkpoint instead, e.g. "
+                "--model /path/to/v1-5-pruned-emaonly.safetensors, or a diffusers folder."
+            ) from None
+    if files is None:
+        check_model(path)
+    return path

@@ -39,6 +39,12 @@ million rows."""
 HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 """What a Hugging Face repo id looks like (`owner/name`): a reference that is not a local path
 and has this form is looked up on the hub."""
+MAX_PROMPT_CHARS = 10_000
+"""The longest prompt or negative prompt, in characters: CLIP reads 77 tokens (about 300
+characters), and tools that chain windows reach a few thousand; beyond this a line is a
+mistake (a pasted file), which would otherwise cost minutes and gigabytes to check and store."""
+MAX_TAG_CHARS = 200
+"""The longest tag, in characters."""
 SHORT_HASH_LEN = 10
 """Hex digits of a model's sha256 that users see and type, as AUTOMATIC1111's `Model hash`."""
 
@@ -183,10 +189,22 @@ def side(field: str) -> Callable[[Any], int]:
     return check
 
 
-def text(field: str) -> Callable[[Any], str]:
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""Characters no database takes the same way: PostgreSQL refuses NUL in text, SQLite keeps it;
+a lone surrogate (JSON's "\\ud800", a non-UTF-8 file name) is not Unicode text at all."""
+
+
+def text(field: str, max_chars: int = MAX_PROMPT_CHARS) -> Callable[[Any], str]:
+    """Text of at most `max_chars` characters that every database stores as it is."""
     def check(value: Any) -> str:
         if not isinstance(value, str):
             raise ParamError(field, f"expected text, got {type(value).__name__}")
+        if len(value) > max_chars:
+            raise ParamError(field, f"longer than {max_chars:,} characters ({len(value):,})")
+        if (found := _UNSTORABLE.search(value)) is not None:
+            what = "a NUL character" if found.group() == "\x00" else "a lone surrogate"
+            raise ParamError(field, f"contains {what} (U+{ord(found.group()):04X}) "
+                                    f"at character {found.start() + 1}")
         return value
     return check
 
@@ -199,6 +217,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 """Each parameter's check: the value as recorded (a canonical sampler name, a float cfg), or
 ParamError. Prompt files run these on their cells, the dataclasses on their fields."""
+check_tag = text("tag", MAX_TAG_CHARS)
+"""A job's or row's tag (prompt files, --tag)."""
 
 
 def _check_fields(obj: Any) -> None:

@@ -8,7 +8,6 @@ batch because its noise comes only from its own CPU generator.
 """
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +26,7 @@ from .checkpoint import (
     folder_weights,
     load_weights,
     model_sha256,
+    read_config,
     read_weights,
     resolve_model_ref,
     split_ldm,
@@ -233,16 +233,6 @@ def _load_single_file(path: Path) -> tuple[UNetModel, AutoencoderKL, torch.nn.Mo
     return unet, vae, text, clip.load_tokenizer()
 
 
-def _read_config(part: Path) -> dict:
-    file = part / "config.json"
-    if not file.is_file():
-        raise CheckpointError(part.parent, f"not a diffusers model folder: {part.name}/config.json missing")
-    try:
-        return json.loads(file.read_text())
-    except ValueError as exc:
-        raise CheckpointError(file, f"not valid JSON: {exc}") from None
-
-
 def _folder_part(
     part: Path, stem: str, architecture: Callable[[dict], object],
     load: Callable[[object, dict[str, Tensor], Path], torch.nn.Module],
@@ -250,7 +240,7 @@ def _folder_part(
     """One component of a diffusers folder, built as its config.json says, then given the
     weights, which must fit exactly; a misfit is reported against the config that promised it."""
     config_file = part / "config.json"
-    settings = _read_config(part)
+    settings = read_config(part)
     try:
         config = architecture(settings)
     except (ValueError, TypeError, KeyError) as exc:

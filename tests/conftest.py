@@ -100,6 +100,14 @@ def full_size_networks_fp16(seed: int) -> tuple[UNetModel, AutoencoderKL, torch.
     return unet, vae, text
 
 
+def stand_in_checkpoint(path: Path, marker: float = 0.0) -> Path:
+    """A file that passes sdq's cheap model check (a safetensors header naming the three
+    networks) but holds no usable weights: for what only hashes or records a model, and for
+    failures at load time. `marker` makes files of different content."""
+    save_file({prefix + "w": torch.full((1,), marker) for prefix in PREFIXES.values()}, str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[str]:
     """A broker URL on a Redis database of this test run's own (see `claimed_redis_db`)."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, MutableMapping
 
 from sdq.sdmodel.errors import Unavailable
 from sdq.sdmodel.params import short_hash
-from sdq.worker.settings import Settings
+from sdq.worker.settings import Settings, mask_url, quote_userinfo
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -109,16 +109,14 @@ def celery_cli_settings(environ: MutableMapping[str, str]) -> Settings:
     while sdq's tasks and heartbeats read SDQ_BROKER_URL: two URLs would split a worker between
     two brokers. A URL given to celery alone becomes SDQ_BROKER_URL for this process and its
     pool processes; two different URLs are refused in one line."""
-    from kombu.utils.url import sanitize_url
-
     settings = Settings.load(environ)
     given = environ.get("CELERY_BROKER_URL")
-    if not given or given == settings.broker_url:
+    if not given or quote_userinfo(given) == settings.broker_url:
         return settings
     if settings.broker_url is not None:
         raise SystemExit(
-            f"sdq: the broker given to celery (-b or CELERY_BROKER_URL: {sanitize_url(given)}) is "
-            f"not SDQ_BROKER_URL ({sanitize_url(settings.broker_url)}); give one of them, or the "
+            f"sdq: the broker given to celery (-b or CELERY_BROKER_URL: {mask_url(given)}) is "
+            f"not SDQ_BROKER_URL ({mask_url(settings.broker_url)}); give one of them, or the "
             f"same URL to both")
     environ["SDQ_BROKER_URL"] = given
     return Settings.load(environ)

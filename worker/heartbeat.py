@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from sdq.worker.settings import Settings
 
@@ -39,25 +39,44 @@ class Heartbeat(threading.Thread):
         assert settings.broker_url, "heartbeats need a broker"
         self.client = _redis(settings.broker_url)
         self.name, self.runner_of, self.model = name, runner, settings.model
+        self.hash_cache = settings.home / "hashes.json"
         self.key = f"{KEY_PREFIX}{name}:{os.getpid()}"
+        self.queue: str | None = None
 
     def record(self) -> dict[str, Any]:
         runner = self.runner_of()
         return {
             "name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES") or runner.device or "default",
-            "model": Path(self.model).name, "batch": runner.current_batch,
+            "model": Path(self.model).name, "queue": self.queue, "batch": runner.current_batch,
             "images_done": runner.images_done, "images_reused": runner.images_reused,
             "heartbeat": time.time(),
         }
 
+    def _queue(self) -> str | None:
+        """The queue this worker serves, from its model's hash (cached by `sdq worker`)."""
+        from sdq.worker.app import queue_name
+        from sdq.worker.jobs.submit import identify_model
+
+        try:
+            return queue_name(identify_model(self.model, self.hash_cache).sha256)
+        except Exception as exc:  # noqa: BLE001 - monitoring must never stop the worker
+            log.warning("heartbeat cannot name its queue: %s", exc)
+            return None
+
     def run(self) -> None:
+        self.queue = self._queue()
         while True:
             try:
                 self.client.set(self.key, json.dumps(self.record()), ex=int(3 * INTERVAL_S) + 1)
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop the worker
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(INTERVAL_S)
+
+
+def serving(broker_url: str, queues: Iterable[str]) -> set[str]:
+    """Which of `queues` some live worker serves (by its heartbeat)."""
+    return {r.get("queue") for r in live_workers(broker_url)} & set(queues)
 
 
 def live_workers(broker_url: str) -> list[dict[str, Any]]:

@@ -258,9 +258,11 @@ class Runner:
             report.failed += self._retrying("failing items", lambda: self._fail(ids, reason))
         return [w for w in work if w.safety_checker not in failed]
 
-    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None
-            ) -> RunReport:
-        """Run every batch. Every item ends done, failed with its reason, or handed back:
+    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> RunReport:
+        """Run every batch. `on_recorded(n)` after n images are stored; `on_step(images, i,
+        steps)` as the images denoised together reach step i, for progress between chunks.
+        Every item ends done, failed with its reason, or handed back:
 
         - a model that cannot be loaded, for any reason, fails the items (one attempt each);
         - an error while generating fails the items it concerns (`_generate`), the rest go on;
@@ -306,7 +308,7 @@ class Runner:
                     claimed.extend(w.id for w in work)
                     leases.hold(w.id for w in work)
                     work = self._with_checkers(work, report)
-                    for chunk in self._generate(pipe, batch.id, work, report):
+                    for chunk in self._generate(pipe, batch.id, work, report, on_step):
                         queue.put([partial(self._store, part, environment, on_recorded)
                                    for part in chunk.parts(self.store_threads)])
                 self.current_batch = None
@@ -480,8 +482,8 @@ class Runner:
 
     # -- generating ---------------------------------------------------------------------
 
-    def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport
-                  ) -> Iterator[Chunk]:
+    def _generate(self, pipe: Pipeline, batch_id: str, work: list[Work], report: RunReport,
+                  on_step: Callable[[int, int, int], None] | None = None) -> Iterator[Chunk]:
         """Denoise the claimed items in chunks of one shape and at most `micro_batch` items
         (unset: what the device holds at that size, `Pipeline.default_batch_size`).
 
@@ -498,7 +500,8 @@ class Runner:
             requests = [w.params.request for w in items]
             start = time.perf_counter()
             try:
-                images = pipe.generate(requests, **items[0].shape.settings())
+                steps = None if on_step is None else partial(on_step, len(items))
+                images = pipe.generate(requests, **items[0].shape.settings(), on_step=steps)
             except Exception as exc:  # noqa: BLE001 - isolated to the items it concerns below
                 oom = _out_of_memory(exc)
                 if len(items) == 1:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import parse_qsl, urlencode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +26,9 @@ DEFAULT_PNG_LEVEL = 1
 """zlib level of stored PNGs. Level 1 writes a 512x512 image in about half the CPU time of
 the usual 6, for files about 8% larger (docs/storage.md has the measurements)."""
 MAX_STORE_THREADS = 8
+DEFAULT_CONFIRM_ITEMS = 10_000
+"""Submissions of more images than this need `--yes`: at a few seconds an image, ten thousand
+is a night of one GPU, and a typo (`-n 1000` for 100) should not cost a week."""
 
 
 def default_store_threads(cores: int | None = None) -> int:
@@ -44,6 +49,60 @@ def safety_checker_ref(value: str | None) -> str | None:
 class SettingsError(InvalidInput):
     """A setting that cannot be used; the message names where it came from: the variable,
     or the config file and its key."""
+
+
+_SECRET_KEY = re.compile(r"pass|secret|token|key|signature|credential", re.IGNORECASE)
+_DSN_SECRET = re.compile(r"(\b\w*(?:pass|secret|token)\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)",
+                         re.IGNORECASE)
+"""A secret in a libpq keyword/value connection string: `password=x` or `password='a b'`."""
+
+
+def _split_netloc(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, user info, the rest) of a URL with user info, split at the *last* `@`
+    before the path: an unencoded `@` in a password belongs to the password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, netloc_end)
+    if at < 0:
+        return None
+    return scheme + sep, rest[:at], rest[at:]
+
+
+def quote_userinfo(url: str) -> str:
+    """`url` with `@` in its user name or password percent-encoded, so that every client
+    (SQLAlchemy, kombu, redis-py) reads the host that was meant, and none of them puts the
+    password's tail in an error message as a host name."""
+    parts = _split_netloc(url)
+    if parts is None or "@" not in parts[1]:
+        return url
+    scheme, userinfo, rest = parts
+    return scheme + userinfo.replace("@", "%40") + rest
+
+
+def mask_url(url: str | None) -> str | None:
+    """`url` with its password and secret-looking parameters (query values, libpq
+    `password=...` words) replaced by `***`; the rest is left exactly as written
+    (`sqlite:////abs/path` keeps its slashes). The one masking function: settings shown,
+    doctor's findings and database errors all go through it."""
+    if not url:
+        return url
+    parts = _split_netloc(url)
+    if parts is not None and ":" in parts[1]:
+        scheme, userinfo, rest = parts
+        url = f"{scheme}{userinfo.split(':', 1)[0]}:***{rest}"
+    scheme, sep, rest = url.partition("://")
+    if sep and "?" in rest:
+        path, _, query = rest.partition("?")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_KEY.search(k) for k, _ in pairs):
+            masked = urlencode([(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs],
+                               safe="*")
+            url = f"{scheme}{sep}{path}?{masked}"
+    elif not sep:
+        url = _DSN_SECRET.sub(lambda m: m.group(1) + "***", url)
+    return url
 
 
 _SWITCH = {"1": True, "true": True, "yes": True, "on": True,
@@ -92,6 +151,8 @@ class Settings:
     """Seconds between a worker's automatic reconciles (0: never)."""
     wildcards: Path | None = None
     """The folder of prompt templates' `__name__.txt` wildcard files (`--wildcards` overrides)."""
+    confirm_items: int = DEFAULT_CONFIRM_ITEMS
+    """`SDQ_CONFIRM_ITEMS`: above this many images, `sdq submit` asks for `--yes`."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -126,9 +187,9 @@ class Settings:
         home = Path(get("home") or _default_home(env)).expanduser()
         raw = {
             "home": home,
-            "database_url": get("database_url") or f"sqlite:///{home / 'sdq.db'}",
+            "database_url": quote_userinfo(get("database_url") or f"sqlite:///{home / 'sdq.db'}"),
             "storage_url": get("storage_url") or str(home / "images"),
-            "broker_url": get("broker_url"),
+            "broker_url": get("broker_url") and quote_userinfo(get("broker_url")),
             "model": get("model") or DEFAULT_MODEL,
             "device": get("device"),
             "dtype": get("dtype"),
@@ -144,6 +205,7 @@ class Settings:
             "outage_timeout": get("outage_timeout") or "1800",
             "reconcile_interval": get("reconcile_interval") or "60",
             "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
+            "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -158,7 +220,8 @@ class Settings:
                                 f"{', '.join(sorted(_SWITCH))}, got {raw['compile']!r}")
         raw["compile"] = _SWITCH[switch]
         for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64),
-                                ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7)):
+                                ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7),
+                                ("confirm_items", 1, 2**62)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
         broker = raw["broker_url"]

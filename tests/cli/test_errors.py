@@ -2,10 +2,14 @@
 line naming the file and the key, for every command (see the table in docs/cli.md)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from sdq.db.models import Job, Model, Schedule
 from tests.cli.conftest import Home
 
 BAD_INPUT, NOT_FOUND, UNAVAILABLE = 2, 3, 4
@@ -118,3 +122,68 @@ def test_an_unreachable_database_is_unavailable_in_every_command(home: Home, tmp
         line = one_line_error(result.stderr)
         assert (result.exit_code, "127.0.0.1" in line, "hunter2" in line) == \
             (UNAVAILABLE, True, False), (args, result.output)
+
+
+def not_models(tmp_path: Path) -> dict[str, str]:
+    """What users pass as --model by mistake, or to probe: each must be refused unhashed."""
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"{}")
+    header_only = tmp_path / "not-sd.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    header_only.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    (tmp_path / "empty").mkdir()
+    table = tmp_path / "table.csv"
+    table.write_text("a,b\n")
+    return {"fake": str(fake), "not-sd": str(header_only), "empty": str(tmp_path / "empty"),
+            "csv": str(table), "device": "/dev/zero", "etc": "/etc", "passwd": "/etc/passwd",
+            "up": str(Path(os.path.relpath("/etc", Path.cwd())))}
+
+
+def test_what_is_not_a_model_is_refused_before_anything_is_recorded(
+        home: Home, tmp_path: Path, prompts: Path) -> None:
+    job = home.add_job(["a red fox"], done=1)
+    for label, model in not_models(tmp_path).items():
+        commands = [
+            ["submit", str(prompts), "--model", model], ["submit", str(prompts), "--model", model,
+                                                         "--dry-run"],
+            ["generate", "a fox", "--model", model, "-o", str(tmp_path / "out.png")],
+            ["schedule", "add", "n", "--cron", "0 2 * * *", str(prompts), "--model", model],
+            ["models", "add", model, "--name", "x"],
+            ["reproduce", "1", "--model", model],
+        ]
+        for args in commands:
+            result = home.run(*args)
+            line = one_line_error(result.stderr)
+            assert result.exit_code == BAD_INPUT, (label, args, result.output)
+            assert "not a" in line or "no weights under" in line, (label, args, line)
+    with Session(home.engine) as session:
+        assert [j.id for j in session.scalars(select(Job))] == [job.id]
+        assert session.scalar(select(func.count()).select_from(Model)) == 1
+        assert session.scalar(select(func.count()).select_from(Schedule)) == 0
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_values_no_database_stores_alike_are_refused_before_either_records(
+        any_home: Home, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    model = ["--model", str(tiny_checkpoint)]
+    nul = tmp_path / "nul.jsonl"
+    nul.write_text('{"prompt": "a fox"}\n{"prompt": "a\\u0000b", "tags": ["\\udc80"]}\n')
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a fox\n")
+    for args in (["submit", str(nul), *model], ["submit", str(nul), *model, "--dry-run"],
+                 ["schedule", "add", "n", "--cron", "0 2 * * *", str(nul), *model]):
+        result = any_home.run(*args)
+        assert result.exit_code == BAD_INPUT, (args, result.output)
+        assert f"{nul}:2: prompt: contains a NUL character (U+0000) at character 2" in result.stderr
+        assert f"{nul}:2: tags: contains a lone surrogate (U+DC80) at character 1" in result.stderr
+    recording = (["submit", str(plain)], ["schedule", "add", "n", "--cron", "0 2 * * *", str(plain)])
+    for option in (["--cfg", "nan"], ["--cfg", "1e308"], ["--eta", "inf"], ["--tag", "\udc80"],
+                   ["--negative-prompt", "x" * 10_001]):
+        commands = [*recording, *([["generate", "a fox"]] if option[0] != "--tag" else [])]
+        for command in commands:
+            result = any_home.run(*command, *model, *option)
+            assert result.exit_code == BAD_INPUT and "Invalid value for" in result.output, \
+                (command, option, result.output)
+    with Session(any_home.engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+        assert session.scalar(select(func.count()).select_from(Schedule)) == 0

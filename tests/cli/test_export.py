@@ -175,3 +175,50 @@ def test_an_export_of_an_earlier_sdq_resumes_and_hides_its_manifest(home: Home,
         ".shard-manifest.json", "shard-000000.parquet", "shard-000001.parquet",
         "shard-000002.parquet"]
     assert pq.read_table(out).num_rows == 5
+
+
+def test_an_export_into_the_live_image_store_is_refused(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=2)
+    store = home.path / "home" / "images"
+    before = sorted(source(home).list())
+    for dest in (store, store / str(job.id), store / "x" / ".." / "y"):
+        result = home.run("export", str(job.id), "--format", "webdataset", "-o", str(dest))
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[-1] == (
+            f"Error: {dest} is inside the image store {store}: shards there would sit among "
+            "the live images; export somewhere else")
+    assert sorted(source(home).list()) == before
+    ok = home.run("export", str(job.id), "--format", "webdataset", "-o", str(home.path / "out"))
+    assert ok.exit_code == 0, ok.output
+
+
+def test_an_export_into_the_live_bucket_prefix_is_refused(
+        home: Home, bucket: str, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_server").endpoint)
+    home.env["SDQ_STORAGE_URL"] = f"s3://{bucket}/live"
+    job = home.add_job(PROMPTS, done=2)
+    for dest in (f"s3://{bucket}/live", f"s3://{bucket}/live/{job.id}"):
+        result = home.run("export", str(job.id), "--format", "webdataset", "-o", dest)
+        assert result.exit_code == 2 and "is inside the image store" in result.output, result.output
+    assert home.run("export", str(job.id), "--format", "webdataset",
+                    "-o", f"s3://{bucket}/livery").exit_code == 0
+
+
+@pytest.mark.parametrize("prefix", ["..", ".hidden", "a/b", ""])
+def test_a_prefix_that_is_no_file_name_is_a_usage_error(home: Home, tmp_path: Path,
+                                                        prefix: str) -> None:
+    job = home.add_job(PROMPTS, done=1)
+    result = home.run("export", str(job.id), "--format", "webdataset", "-o", str(tmp_path / "o"),
+                      "--prefix", prefix)
+    assert result.exit_code == 2
+    assert f"Invalid value for --prefix: {prefix!r}: the start of a file name" in result.output
+
+
+def test_a_piped_export_prints_progress_lines(home: Home, tmp_path: Path) -> None:
+    job = home.add_job(PROMPTS, done=5)
+    result = home.run("export", str(job.id), "--format", "webdataset", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("exporting: ")]
+    assert lines[0] == "exporting: 0/5 images (0%), 0s elapsed"
+    assert lines[-1].startswith("exporting: 5/5 images (100%), ")

@@ -63,3 +63,16 @@ def test_an_unreachable_database_is_one_line_without_the_password(home: Home) ->
     assert result.exit_code == 4 and "hunter2" not in result.output
     assert result.output.startswith("Error: postgresql://sdq:***@127.0.0.1:1/sdq: connection")
     assert len(result.output.splitlines()) == 1
+
+
+def test_retry_without_a_broker_says_it_ran_here_and_fails_when_they_fail_again(home: Home
+                                                                                 ) -> None:
+    job = home.add_job(["a red fox", "a boat"], done=1, failed={1: "boom"})  # /m/tiny is gone
+    result = home.run("retry", str(job.id))
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1] == (
+        f"Job {job.id}: 1 failed item(s) run again here (no broker): 0 done, 1 failed "
+        f"(`sdq status {job.id}` says why)")
+    assert "re-enqueued" not in result.output
+    record = json.loads(home.run("retry", str(job.id), "--json").stdout)
+    assert record == {"job": job.id, "items": 1, "batches": 1, "done": 0, "failed": 1}

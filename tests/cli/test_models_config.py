@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from sdq.cli.config import mask_url
+from sdq.worker.settings import mask_url
+from tests.conftest import stand_in_checkpoint
 
 from .conftest import Home
 
 
 @pytest.fixture
 def weights(tmp_path: Path) -> Path:
-    """A stand-in checkpoint: the registry only hashes the file, it never loads it."""
-    path = tmp_path / "v1-5.safetensors"
-    path.write_bytes(b"not really weights")
-    return path
+    """A stand-in checkpoint: the registry only checks the header and hashes the file, it
+    never loads it."""
+    return stand_in_checkpoint(tmp_path / "v1-5.safetensors")
 
 
 def test_add_list_and_remove_a_model(any_home: Home, weights: Path) -> None:
@@ -43,7 +43,7 @@ def test_add_list_and_remove_a_model(any_home: Home, weights: Path) -> None:
 def test_model_registry_refusals(home: Home, weights: Path, tmp_path: Path) -> None:
     home.add_job(["a"])  # registers "tiny", used by one item
     other = tmp_path / "other.safetensors"
-    other.write_bytes(b"other")
+    stand_in_checkpoint(other, 1.0)
     home.run("models", "add", str(weights), "--name", "sd15")
     taken = home.run("models", "add", str(other), "--name", "sd15")
     assert taken.exit_code == 1 and "the name 'sd15' is taken by model" in taken.output
@@ -66,11 +66,27 @@ def test_model_registry_refusals(home: Home, weights: Path, tmp_path: Path) -> N
         ("postgresql://sdq@db/sdq?sslmode=require&password=hunter2",
          "postgresql://sdq@db/sdq?sslmode=require&password=***"),
         ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("postgresql://postgres:Leak@Leak@db:5432/sdq", "postgresql://postgres:***@db:5432/sdq"),
+        ("host=db user=sdq password=hunter2 dbname=sdq", "host=db user=sdq password=*** dbname=sdq"),
+        ("host=db password='a b\\' c' dbname=sdq", "host=db password=*** dbname=sdq"),
         ("/data/images", "/data/images"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_a_password_with_an_unencoded_at_never_leaks(home: Home) -> None:
+    """A password with `@` used to be cut at its first `@`, the rest taken for the host and
+    shown in every connection error; a libpq DSN was shown as written."""
+    home.env["SDQ_DATABASE_URL"] = "postgresql://postgres:Leak@Leak@127.0.0.1:1/sdq"
+    for args in (["doctor"], ["jobs"], ["db", "current"], ["config"], ["status", "1"]):
+        result = home.run(*args)
+        assert "Leak" not in result.output, (args, result.output)
+        assert "postgresql://postgres:***@127.0.0.1:1/sdq" in result.output, (args, result.output)
+    home.env["SDQ_DATABASE_URL"] = "host=db user=sdq password=hunter2 dbname=sdq"
+    shown = home.run("config")
+    assert "hunter2" not in shown.output and "password=***" in shown.output
 
 
 def test_config_shows_the_mode_and_masks_secrets(home: Home) -> None:

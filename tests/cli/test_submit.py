@@ -223,6 +223,9 @@ def test_ctrl_c_hands_the_unfinished_items_back_for_an_immediate_resume(
     finished = [i for i in items if i.status == Status.DONE]
     assert 1 <= len(finished) < 12, "the run was not cut short in the middle"
     assert Status.RUNNING not in {i.status for i in items}  # nothing left under a lease
+    status = home.run("status", "1")
+    assert status.output.startswith("Job 1 (p.txt): pending, ")  # not `running` for ever
+    assert "`sdq resume 1` goes on" in status.output
     result = home.run("resume", "1", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -274,3 +277,32 @@ def test_resume_finishes_a_killed_embedded_run_without_redoing_anything(
         assert session.get(Job, 1).status == Status.DONE
     again = home.run("resume", "1")
     assert (again.exit_code, again.stdout) == (0, "nothing to resume. Job 1: 12/12 done\n")
+
+
+def test_a_relative_model_path_is_recorded_absolute(home: Home, tiny_checkpoint: Path,
+                                                    monkeypatch) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\n")
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    result = home.run("submit", str(prompts), "--model", tiny_checkpoint.name, *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    with Session(home.engine) as session:
+        job = session.get(Job, json.loads(result.stdout)["job_id"])
+        assert job.defaults["model"] == str(tiny_checkpoint)
+        assert session.scalar(select(Model.source_uri)) == str(tiny_checkpoint)
+
+
+def test_more_images_than_the_setting_need_yes(home: Home, tiny_checkpoint: Path) -> None:
+    prompts = home.path / "p.txt"
+    prompts.write_text("a boat\na fox\n")
+    home.env["SDQ_CONFIRM_ITEMS"] = "3"
+    args = ["submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL, "--steps", "1"]
+    refused = home.run(*args, "-n", "2")
+    assert refused.exit_code == 2
+    assert refused.stderr == ("Error: 4 images is more than 3 (SDQ_CONFIRM_ITEMS); "
+                              "check it with --dry-run, then pass --yes to submit them all\n")
+    assert _count(home, Job) == 0
+    assert home.run(*args, "-n", "2", "--dry-run").exit_code == 0
+    assert home.run(*args).exit_code == 0  # 2 images: no question
+    assert home.run(*args, "-n", "2", "-y").exit_code == 0
+    assert _count(home, Item) == 6

@@ -19,9 +19,11 @@ def jobs(home: Home) -> int:
 
 def test_a_large_expansion_needs_yes(home: Home, tiny_checkpoint: Path) -> None:
     template = "a {" + "|".join(f"c{n}" for n in range(101)) + "} {x|y|z|w|v|u|t|s|r|q}"
+    home.env["SDQ_CONFIRM_ITEMS"] = "1000"
     result = home.run("submit", "-p", template, "--model", str(tiny_checkpoint))
-    assert result.exit_code == 1, result.output
-    assert "expands to 1,010 images, more than 1,000" in result.output and "--yes" in result.output
+    assert result.exit_code == 2, result.output
+    assert "1,010 images is more than 1,000 (SDQ_CONFIRM_ITEMS); check it with --dry-run" in \
+        result.output and "--yes" in result.output
     dry = home.run("submit", "-p", template, "--model", str(tiny_checkpoint), "--grid",
                    "steps=1,2", "--dry-run")
     assert dry.exit_code == 0, dry.output

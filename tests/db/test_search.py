@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from sdq.db.fulltext import TextQuery, parse_query
 from sdq.db.models import Job
 from sdq.db.queries import search_items
+from sdq.sdmodel.errors import InvalidInput
 
 from .helpers import add_job
 
@@ -25,6 +26,8 @@ PROMPTS = [
     LONG,                                           # 9
     "猫 sitting on a mat",                          # 10
     "under_score and 50% off",                      # 11
+    "a castle <lora:add_detail:0.8>, masterpiece",  # 12
+    "see x/y/z.png or write me@example.com",        # 13
 ]
 
 
@@ -61,6 +64,17 @@ def rows(session: Session, query: str) -> set[int]:
         ('"quiet zebra grazing"', {9}),
         ("painterly", {9}),
         ("unicorn", set()),
+        ("<lora:add_detail:0.8>", {12}),     # PostgreSQL's parser took it for an XML tag
+        ("add_detail", {12}),
+        ("lora", {12}),
+        ("0.8", {12}),
+        ("detail:0.8>", {12}),
+        ("x/y/z.png", {13}),                 # ... and this for one file token
+        ("z.png", {13}),
+        ("y", {13}),
+        ("me@example.com", {13}),
+        ("example", {13}),
+        ("1.5", set()),
     ],
 )
 def test_words_and_phrases(session: Session, corpus: Job, query: str, expected: set[int]) -> None:
@@ -72,7 +86,7 @@ def test_words_and_phrases(session: Session, corpus: Job, query: str, expected: 
     [
         ("🐉", {5}),                          # no letters: matched as a substring
         ("%", {3, 11}),                      # LIKE's wildcards are escaped...
-        ("_", {3, 11}),
+        ("_", {3, 11, 12}),
         ("%%", set()),                       # ...so they only match themselves
         ("*", {8}),
         ("🐉 fire", {5}),
@@ -94,7 +108,6 @@ def test_terms_without_letters_match_as_substrings(
         ("dragon*", {0, 1, 8}),              # not a prefix query
         ("NEAR(dragon sea)", set()),
         ("'; DROP TABLE items; --", set()),
-        ('"', set(range(len(PROMPTS)))),  # nothing to search for: no filter
     ],
 )
 def test_query_syntax_is_never_interpreted(
@@ -102,6 +115,13 @@ def test_query_syntax_is_never_interpreted(
 ) -> None:
     assert rows(session, query) == expected
     assert "items" in inspect(session.connection()).get_table_names()
+
+
+@pytest.mark.parametrize("query", ['"', '""', '" "'])
+def test_a_query_with_nothing_to_search_for_is_refused_not_everything(
+        session: Session, corpus: Job, query: str) -> None:
+    with pytest.raises(InvalidInput, match="nothing to search for"):
+        rows(session, query)
 
 
 def test_long_queries_and_prompts(session: Session, corpus: Job) -> None:
@@ -124,4 +144,5 @@ def test_parse_query() -> None:
     assert parse_query('  "" ') == TextQuery()
     assert not parse_query("")
     assert parse_query('"red dragon" sea').has_multiword_phrase
-    assert not parse_query("red dragon sci-fi").has_multiword_phrase
+    assert not parse_query("red dragon").has_multiword_phrase
+    assert parse_query("sci-fi").has_multiword_phrase  # two words that must be adjacent

@@ -70,6 +70,7 @@ def test_two_workers_share_one_job(distributed: Settings, distributed_env: dict[
     listed = CliRunner().invoke(cli, ["workers", "--json"], env=distributed_env)
     assert listed.exit_code == 0, listed.output
     assert {w.name for w in workers} <= {r["name"].split("@")[0] for r in json.loads(listed.output)}
+    assert {r["queue"] for r in json.loads(listed.output)} == {result.queue}  # for submit --wait
     assert in_queue(distributed.broker_url or "", result.queue or "") == 0
 
 
@@ -202,3 +203,30 @@ def test_a_priority_outside_0_to_9_is_refused_before_anything_is_recorded(
         submit(distributed, specs(1), model=identify_model(tiny_checkpoint), job=Job(priority=10))
     with Session(engine) as session:
         assert session.query(Job).count() == jobs_before
+
+
+def test_wait_says_when_no_live_worker_serves_the_queue_and_waits_on(
+        distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a boat\n")
+    queue = queue_name(identify_model(tiny_checkpoint).sha256)
+    sdq = Path(sys.executable).parent / "sdq"
+    process = subprocess.Popen(
+        [str(sdq), "submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
+         "--height", "64", "--steps", "1", "--wait"],
+        env=distributed_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        deadline, seen = time.monotonic() + 300, ""
+        while "no live worker" not in seen and time.monotonic() < deadline:
+            seen += process.stderr.readline()
+        assert f"no live worker serves {queue}; waiting" in seen, seen
+        time.sleep(2)
+        assert process.poll() is None  # still waiting
+    finally:
+        process.kill()
+        process.wait(timeout=60)

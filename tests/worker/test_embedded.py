@@ -18,6 +18,7 @@ from sdq.worker.images.storage import open_storage
 from sdq.worker.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Batch, Runner
 from sdq.worker.settings import Settings
+from tests.conftest import stand_in_checkpoint
 from tests.s3server import FlakyProxy, S3Server
 
 from .conftest import job_items, specs
@@ -82,7 +83,7 @@ def test_a_batch_delivered_again_is_skipped(embedded: Settings, tiny_checkpoint:
 
 def test_a_broken_model_fails_the_items_with_the_reason(embedded: Settings, tmp_path: Path) -> None:
     broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    stand_in_checkpoint(broken)  # passes the header check, fails to load
     result = submit(embedded, specs(2), model=identify_model(broken))
     assert result.report is not None and result.report.failed == 2
     items = job_items(open_database(embedded.database_url), result.job_id)

@@ -375,6 +375,8 @@ def _open_png(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as exc:  # a few kB that would decode to gigabytes
+        raise MetadataError(f"refused to decode: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise MetadataError(f"not a readable image: {exc}") from None
     if image.format != "PNG":

@@ -111,6 +111,9 @@ class LocalStorage(Storage):
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
+    def __str__(self) -> str:
+        return str(self.root)
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
@@ -201,6 +204,9 @@ class S3Storage(Storage):
     def __repr__(self) -> str:
         return f"S3Storage({self.bucket!r}, {self.prefix!r}, endpoint_url={self.endpoint!r})"
 
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -208,7 +214,12 @@ class S3Storage(Storage):
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """Turn boto3's exceptions into one StorageError naming the bucket and endpoint."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as Unreachable
 
         where = f"bucket {self.bucket!r} at {self.endpoint}"
         try:
@@ -227,6 +238,9 @@ class S3Storage(Storage):
             raise StorageError(f"{doing} failed on S3 {where}: {code} {message}") from None
         except NoCredentialsError:
             raise StorageError(f"no AWS credentials for S3 {where}; {_CREDENTIALS}") from None
+        except Unreachable as exc:  # refused, timed out, no such host: never reached S3
+            raise StorageError(f"{doing}: the S3 endpoint {self.endpoint} is unreachable "
+                               f"({exc})") from None
         except BotoCoreError as exc:
             raise StorageError(f"{doing} failed on S3 {where}: {exc}") from None
 
@@ -234,9 +248,10 @@ class S3Storage(Storage):
         try:
             with self._errors("checking the bucket"):
                 self._client.head_bucket(Bucket=self.bucket)
-        except ObjectNotFound:  # HEAD has no error body: a bare 404 here means no bucket
-            raise StorageError(f"S3 bucket {self.bucket!r} at {self.endpoint} does not exist") \
-                from None
+        except ObjectNotFound:  # HEAD has no error body: a bare 404 is all there is to go on
+            raise StorageError(f"{self.endpoint} answered 404 for bucket {self.bucket!r}: the "
+                               "bucket does not exist, or the endpoint is not S3 (check "
+                               "AWS_ENDPOINT_URL)") from None
 
     def put(self, key: str, data: bytes, *, content_type: str = "image/png",
             metadata: Mapping[str, str] | None = None) -> None:
@@ -277,6 +292,18 @@ class S3Storage(Storage):
             for page in pages:
                 for entry in page.get("Contents", []):
                     yield entry["Key"][len(root):]
+
+
+def inside(dest: Storage, store: Storage) -> bool:
+    """Whether writing to `dest` writes among `store`'s objects: the same folder or one
+    under it, or the same bucket at or under its prefix (an empty prefix is the bucket)."""
+    if isinstance(dest, LocalStorage) and isinstance(store, LocalStorage):
+        return dest.root.resolve().is_relative_to(store.root.resolve())
+    if isinstance(dest, S3Storage) and isinstance(store, S3Storage):
+        same_bucket = (dest.bucket, dest.endpoint) == (store.bucket, store.endpoint)
+        return same_bucket and (not store.prefix or dest.prefix == store.prefix
+                                or dest.prefix.startswith(store.prefix + "/"))
+    return False
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5) -> Storage:

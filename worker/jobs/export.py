@@ -42,8 +42,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
-from sdq.sdmodel.errors import Refused
-from sdq.worker.images.storage import ObjectNotFound, Storage
+from sdq.sdmodel.errors import InvalidInput, Refused
+from sdq.worker.images.storage import ObjectNotFound, Storage, inside
 from sdq.worker.jobs.card import dataset_card
 
 FORMATS = ("webdataset", "parquet", "imagefolder")
@@ -115,6 +115,9 @@ def export_items(
     or the storage's StorageError."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if inside(dest, source):
+        raise InvalidInput(f"{dest} is inside the image store {source}: shards there would sit "
+                           "among the live images; export somewhere else")
     shards = plan_shards(ids, shard_size)
     folder = "data/" if card else ""
     writer = _WRITERS[fmt](folder)

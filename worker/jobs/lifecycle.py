@@ -19,7 +19,12 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
 from sdq.sdmodel.errors import NotFound
-from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE, dispatch, plan_batches
+from sdq.worker.jobs.submit import (
+    DEFAULT_BATCH_SIZE,
+    dispatch,
+    handed_back_on_interrupt,
+    plan_batches,
+)
 from sdq.worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,6 +37,8 @@ class Requeued:
 
     items: int
     batches: int
+    report: RunReport | None = None
+    """Embedded mode: the items ran here, in-process, and this is what they did."""
 
 
 def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
@@ -39,9 +46,9 @@ def _requeue(settings: Settings, engine: Engine, session: Session, where: Column
     """Plan batches for the items matching `where`, commit, then dispatch them."""
     planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
     session.commit()
-    dispatch(settings, engine, planned, where)
+    report = dispatch(settings, engine, planned, where)
     batches = [b for group in planned.values() for b in group]
-    return Requeued(sum(len(b.item_ids) for b in batches), len(batches))
+    return Requeued(sum(len(b.item_ids) for b in batches), len(batches), report)
 
 
 def reconcile(settings: Settings) -> Requeued:
@@ -99,7 +106,8 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
 
 
 def retry_job(settings: Settings, job_id: int) -> Requeued:
-    """Give the job's failed items a fresh set of attempts and enqueue them again."""
+    """Give the job's failed items a fresh set of attempts and enqueue them again (in
+    embedded mode: run them again here; `Requeued.report` says how that went)."""
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
@@ -127,7 +135,8 @@ class Resumed:
 
 
 def resume_job(settings: Settings, job_id: int,
-               on_planned: Callable[[int, int], Callable[[int], None]] | None = None) -> Resumed:
+               on_planned: Callable[[int, int], Callable[[int], None]] | None = None,
+               on_step: Callable[[int, int, int], None] | None = None) -> Resumed:
     """Run again the job's items an interrupted run left: pending, queued, and running under
     an expired lease (their process is gone); items done, failed or cancelled stay as they
     are, so nothing is generated twice. In embedded mode they run here, through the same
@@ -155,8 +164,11 @@ def resume_job(settings: Settings, job_id: int,
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()
         on_recorded = on_planned(total, total - open_count - leased) if on_planned else None
-        report = dispatch(settings, engine, planned, where, on_recorded=on_recorded) \
-            if planned else None
+        report = None
+        if planned:
+            with handed_back_on_interrupt(engine, job_id):
+                report = dispatch(settings, engine, planned, where, on_recorded=on_recorded,
+                                  on_step=on_step)
         return Resumed(open_count, sum(len(group) for group in planned.values()), leased, report)
     finally:
         engine.dispose()

@@ -27,10 +27,13 @@ from sdq.sdmodel.params import (
     CHECKS,
     DEFAULTS,
     MAX_IMAGES_PER_ROW,
+    MAX_TAG_CHARS,
     SEED_LIMIT,
     GenerationParams,
     ParamError,
+    check_tag,
     close_match,
+    text,
     whole,
 )
 from sdq.worker.jobs.templates import Expansion, TemplateError, is_template
@@ -307,17 +310,24 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def _trimmed(check: Callable[[str], str]) -> Callable[[Any], str]:
+    """Whitespace-trimmed text that passes `check` (length, characters every database stores)."""
+    return lambda value: check(_text(value))
+
+
 def _tags(value: Any) -> list[str]:
     """Comma-separated text, or (JSON) a list of strings; blanks and repeats dropped."""
     parts = value.split(",") if isinstance(value, str) else value
     if not isinstance(parts, list) or not all(isinstance(tag, str) for tag in parts):
         raise ValueError("expected comma-separated text or a list of strings")
-    return list(dict.fromkeys(tag.strip() for tag in parts if tag.strip()))
+    return list(dict.fromkeys(check_tag(tag.strip()) for tag in parts if tag.strip()))
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    **CHECKS, "prompt": _text, "negative_prompt": _text, "n": whole("n", 1, MAX_IMAGES_PER_ROW),
-    "model": _text, "tags": _tags,
+    **CHECKS, "prompt": _trimmed(CHECKS["prompt"]),
+    "negative_prompt": _trimmed(CHECKS["negative_prompt"]),
+    "n": whole("n", 1, MAX_IMAGES_PER_ROW), "model": _trimmed(text("model", MAX_TAG_CHARS)),
+    "tags": _tags,
 }
 """Each field's cell or JSON value to its recorded value: the parameters' own checks, and
 whitespace-trimmed text."""
@@ -446,9 +456,9 @@ def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | No
     seen: set[tuple[int, str, str]] = set()
     for row in rows:
         for variant in row.variants:
-            for text, name in zip(variant, ("prompt", "negative_prompt")):
-                if text not in dropped:
-                    dropped[text] = clip.dropped_text(tokenizer, text) if text else None
+            for prompt_text, name in zip(variant, ("prompt", "negative_prompt")):
+                if prompt_text not in dropped:
+                    dropped[prompt_text] = clip.dropped_text(tokenizer, prompt_text) if prompt_text else None
                 if dropped[text] is not None and (row.line, name, text) not in seen:
                     seen.add((row.line, name, text))
                     warnings.append(Problem(source, row.line, name, f"longer than "

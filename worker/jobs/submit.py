@@ -9,10 +9,11 @@ functions that hash or run a model, so commands can use the rest without loading
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
@@ -24,7 +25,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.errors import Unavailable
+from sdq.sdmodel.errors import InvalidInput, Unavailable
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
 from sdq.sdmodel.params import (
     HUB_REPO_ID,
@@ -66,20 +67,38 @@ class ModelIdentity:
     sha256: str
     name: str
     architecture: str = "sd-v1"
+    local: bool = True
+    """A local file or folder (`ref` its absolute path), not a Hugging Face repo id."""
 
     @property
     def short_hash(self) -> str:
         return short_hash(self.sha256)
 
+    def recorded_ref(self, given: str) -> str:
+        """The reference a job records for `given`: a local model's absolute path, a repo id
+        as given."""
+        return self.ref if self.local else given
+
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
-    """Hash a model without loading it (cached by path, size and mtime); raises ModelNotFound."""
+    """Check a model cheaply and hash it without loading it (cached by path, size and mtime);
+    raises ModelNotFound, or CheckpointError for what is not a model. A local model's `ref` is
+    its absolute path, so the job can be reproduced, retried or resumed from any folder."""
     from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
 
     path = resolve_model_ref(ref)
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
-    return ModelIdentity(str(path), model_sha256(path, hash_cache), name)
+    return ModelIdentity(str(path), model_sha256(path, hash_cache), name, local=local)
+
+
+def check_size(images: int, limit: int, *, confirmed: bool) -> None:
+    """Refuse a submission of more than `limit` images unless the user `confirmed` it (`--yes`):
+    a large total is more often a typo in `n` or a template than a plan. InvalidInput, so the
+    command exits 2 with nothing recorded."""
+    if images > limit and not confirmed:
+        raise InvalidInput(f"{images:,} images is more than {limit:,} (SDQ_CONFIRM_ITEMS); "
+                           "check it with --dry-run, then pass --yes to submit them all")
 
 
 def job_safety_checker(given: str | None, default: str | None) -> str | None:
@@ -121,11 +140,12 @@ def submit(
     batches_per_message: int = BATCHES_PER_MESSAGE,
     on_recorded: Callable[[int], None] | None = None,
     on_submitted: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
     queues, or, with no broker configured, run them here (`on_recorded(n)` after each stored
-    chunk). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
+    chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
     registered model) keeps it, and each model's batches go to that model's queue.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
     batch runs, so a caller can name the job even if the run is interrupted.
@@ -154,9 +174,11 @@ def submit(
         if on_submitted:
             on_submitted(job.id, job.item_count, batches)
         try:
-            report = dispatch(settings, engine, planned, Item.job_id == job.id,
-                              batches_per_message=batches_per_message,
-                              model_refs={model.sha256: model.ref}, on_recorded=on_recorded)
+            with handed_back_on_interrupt(engine, job.id):
+                report = dispatch(settings, engine, planned, Item.job_id == job.id,
+                                  batches_per_message=batches_per_message,
+                                  model_refs={model.sha256: model.ref}, on_recorded=on_recorded,
+                                  on_step=on_step)
         except Exception as exc:
             if settings.embedded or not _broker_error(exc):
                 raise
@@ -185,6 +207,18 @@ def _broker_error(exc: Exception) -> bool:
     from redis.exceptions import RedisError
 
     return isinstance(exc, (KombuError, RedisError, OSError))
+@contextmanager
+def handed_back_on_interrupt(engine: Engine, job_id: int) -> Iterator[None]:
+    """Ctrl-C of an in-process run: the runner has handed the job's unfinished items back;
+    the job goes back to `pending` too, so that `sdq status` does not show it running when
+    nothing runs it (`sdq resume` takes it up)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with Session(engine) as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id, Job.status == Status.RUNNING)
+                            .values(status=Status.PENDING))
+        raise
 
 
 def _model_id(session: Session, model: ModelIdentity) -> int:
@@ -280,6 +314,7 @@ def dispatch(
     where: ColumnElement[bool], *, batches_per_message: int = BATCHES_PER_MESSAGE,
     model_refs: Mapping[str, str] | None = None,
     on_recorded: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> RunReport | None:
     """Publish the batches to their models' queues at their priority (a message holds batches
     of one priority), then mark the pending items matching `where` (the predicate they were
@@ -294,7 +329,7 @@ def dispatch(
         report = RunReport()
         for sha256, batches in planned.items():
             runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
-            report.add(runner.run(batches, on_recorded))
+            report.add(runner.run(batches, on_recorded, on_step))
         return report
     app = create_app(settings)
     # A connection of our own: the app's pool is kombu's process-wide one, which would keep a

@@ -28,13 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
-from sdq.sdmodel.errors import InvalidInput, Refused
+from sdq.sdmodel.errors import InvalidInput
 from sdq.sdmodel.params import CHECKS, FIELDS, ParamError, close_match
 
 MODES = ("combinatorial", "random")
-EXPANSION_LIMIT = 1000
-"""Images one submission may expand into without `--yes`: a typo in a template (one more
-wildcard) multiplies the count, and the check shows it before anything is recorded."""
 MAX_DEPTH = 10
 """Wildcards within wildcards, at most: deeper is a file that names itself."""
 GRID_FIELDS = tuple(name for name in FIELDS if name not in ("prompt", "negative_prompt"))
@@ -372,10 +369,3 @@ def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
             raise InvalidInput(f"--grid {spec!r}: {exc.reason}") from None
         grid[name] = tuple(dict.fromkeys(values))
     return tuple(grid.items())
-
-
-def check_expansion_size(images: int, *, limit: int = EXPANSION_LIMIT, yes: bool = False) -> None:
-    """Refuse a submission of more than `limit` images unless the user said `--yes`."""
-    if images > limit and not yes:
-        raise Refused(f"this expands to {images:,} images, more than {limit:,}; check it with "
-                      "--dry-run, then pass --yes to submit it")

@@ -183,3 +183,37 @@ def test_retries_are_bounded(bucket: str, aws_env: S3Server) -> None:
         with pytest.raises(StorageError, match=f"bucket '{bucket}' at {proxy.endpoint}"):
             store.put("1/2.png", b"image")
         assert proxy.requests == 2
+
+
+def test_an_unreachable_or_foreign_endpoint_is_not_called_a_missing_bucket(aws_env: S3Server
+                                                                            ) -> None:
+    import http.server
+    import socket
+    import threading
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(StorageError) as caught:
+        open_storage("s3://bucket/x", endpoint_url=closed, max_attempts=1).check()
+    assert f"the S3 endpoint {closed} is unreachable" in str(caught.value)
+    assert "does not exist" not in str(caught.value)
+
+    class NotS3(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(StorageError) as caught:
+            open_storage("s3://bucket/x", endpoint_url=web, max_attempts=1).check()
+        assert "or the endpoint is not S3 (check AWS_ENDPOINT_URL)" in str(caught.value)
+    finally:
+        server.shutdown()
+        server.server_close()

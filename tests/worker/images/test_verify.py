@@ -231,3 +231,22 @@ def test_a_cropped_image_cannot_still_carry_its_mark(home: Home, png: bytes) -> 
     assert result.exit_code == 1
     assert "cannot carry 'StableDiffusionV1'" in lines(result, "watermark")[0]
     assert lines(result, "size")[0].split()[0] == "MISMATCH"
+
+
+def test_a_decompression_bomb_is_one_line_and_exit_2(home: Home) -> None:
+    """A PNG of a few hundred bytes whose header promises 40 000 x 40 000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 40_001 * 4)) + chunk(b"IEND", b""))
+    result = home.run(write(home, bomb, "bomb.png"))
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "refused to decode" in line
+    assert "decompression bomb" in line and "unexpected" not in line

@@ -164,6 +164,18 @@ def test_bad_csv_input_is_refused_with_its_line_and_reason(text: str, expected: 
         ('{"prompt": "x", "cfg": "7,5"}\n', ["p.jsonl:1: cfg: expected a number, got '7,5'"]),
         ('{"prompt": "x", "tags": [1]}\n',
          ["p.jsonl:1: tags: expected comma-separated text or a list of strings"]),
+        ('{"prompt": "a\\u0000b"}\n',
+         ["p.jsonl:1: prompt: contains a NUL character (U+0000) at character 2"]),
+        ('{"prompt": "x", "negative_prompt": "\\ud800"}\n',
+         ["p.jsonl:1: negative_prompt: contains a lone surrogate (U+D800) at character 1"]),
+        ('{"prompt": "x", "tags": ["ok", "a\\udfffb"]}\n',
+         ["p.jsonl:1: tags: contains a lone surrogate (U+DFFF) at character 2"]),
+        ('{"prompt": "x", "model": "m\\u0000"}\n',
+         ["p.jsonl:1: model: contains a NUL character (U+0000) at character 2"]),
+        ('{"prompt": "x", "cfg": 1e308}\n', ["p.jsonl:1: cfg: must be between 0 and 100, got 1e+308"]),
+        ('{"prompt": "x", "eta": Infinity}\n', ["p.jsonl:1: eta: expected a number, got inf"]),
+        ('{"prompt": "' + "x" * 10_001 + '"}\n',
+         ["p.jsonl:1: prompt: longer than 10,000 characters (10,001)"]),
     ],
 )
 def test_bad_jsonl_input_is_refused_with_its_line_and_reason(text: str, expected: list[str]) -> None:
@@ -249,3 +261,10 @@ def test_items_are_accepted_by_submit_job(tmp_path: Path) -> None:
         assert [(r.prompt, r.seed, r.tags) for r in rows] == [("a", 1, ["t"]), ("a", 2, ["t"]),
                                                               ("b", 9, None)]
     engine.dispose()
+
+
+def test_nul_in_csv_and_text_files_is_refused_with_its_line() -> None:
+    assert errors("prompt\nok\na\0b\n") == [
+        "p.csv:3: prompt: contains a NUL character (U+0000) at character 2"]
+    assert errors("ok\nfine\n\0\n", "p.txt") == [
+        "p.txt:3: prompt: contains a NUL character (U+0000) at character 1"]

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sdq.sdmodel.errors import InvalidInput, Refused
+from sdq.sdmodel.errors import InvalidInput
 from sdq.worker.jobs.promptfile import Defaults, PromptFileError, parse_prompt_file
 from sdq.worker.jobs.templates import (
     Expansion,
     Wildcards,
-    check_expansion_size,
     count,
     parse,
     parse_grid,
@@ -136,10 +135,3 @@ def test_prompt_file_template_errors_are_file_line(wildcards: Wildcards) -> None
         "p.csv:3: prompt: column 3: '{' is never closed",
         f"p.csv:4: negative_prompt: column 1: unknown wildcard __nope__: no "
         f"{wildcards.folder}/nope.txt"]
-
-
-def test_large_expansions_need_yes() -> None:
-    check_expansion_size(1000)
-    check_expansion_size(5000, yes=True)
-    with pytest.raises(Refused, match="expands to 1,001 images, more than 1,000; .* --yes"):
-        check_expansion_size(1001)
