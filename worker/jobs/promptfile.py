@@ -458,10 +458,11 @@ def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | No
         for variant in row.variants:
             for prompt_text, name in zip(variant, ("prompt", "negative_prompt")):
                 if prompt_text not in dropped:
-                    dropped[prompt_text] = clip.dropped_text(tokenizer, prompt_text) if prompt_text else None
-                if dropped[text] is not None and (row.line, name, text) not in seen:
-                    seen.add((row.line, name, text))
+                    dropped[prompt_text] = (clip.dropped_text(tokenizer, prompt_text)
+                                            if prompt_text else None)
+                if dropped[prompt_text] is not None and (row.line, name, prompt_text) not in seen:
+                    seen.add((row.line, name, prompt_text))
                     warnings.append(Problem(source, row.line, name, f"longer than "
                                             f"{clip.CONTENT_LENGTH} CLIP tokens; dropped: "
-                                            f"{dropped[text]!r}"))
+                                            f"{dropped[prompt_text]!r}"))
     return warnings
