@@ -22,12 +22,14 @@ from sdq.sdmodel.params import (
     MAX_ETA,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_TAG_CHARS,
     SAMPLERS,
     SEED_LIMIT,
     SIDE_MULTIPLE,
     ParamError,
     check_tag,
 )
+from sdq.sdmodel.params import text as text_check
 from sdq.worker.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +88,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], click.ParamType, str]] = {
 SEED = ParamType("seed", f"INTEGER 0-{SEED_LIMIT - 1}")
 TAG = ParamType("tag", "TEXT", check_tag)
 """A --tag: the characters and length prompt files take in their `tags`."""
+NAME = ParamType("name", "TEXT", text_check("name", MAX_TAG_CHARS))
+"""A job's --name: what both databases store (no NUL, no lone surrogate), 200 characters."""
 
 
 def generation_options(seed_help: str, *, scope: str = "", fill_defaults: bool = True

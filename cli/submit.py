@@ -19,6 +19,7 @@ from sdq.cli.common import (
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.options import (
+    NAME,
     TAG,
     YES,
     as_option_errors,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
               default=1, show_default=True, help="Images per row without an `n`.")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
-@click.option("--name", help="Job name [default: the file name].")
+@click.option("--name", type=NAME, help="Job name [default: the file name].")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
 @click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for the job; repeatable.")

@@ -178,8 +178,9 @@ def test_values_no_database_stores_alike_are_refused_before_either_records(
         assert f"{nul}:2: tags: contains a lone surrogate (U+DC80) at character 1" in result.stderr
     recording = (["submit", str(plain)], ["schedule", "add", "n", "--cron", "0 2 * * *", str(plain)])
     for option in (["--cfg", "nan"], ["--cfg", "1e308"], ["--eta", "inf"], ["--tag", "\udc80"],
-                   ["--negative-prompt", "x" * 10_001]):
-        commands = [*recording, *([["generate", "a fox"]] if option[0] != "--tag" else [])]
+                   ["--negative-prompt", "x" * 10_001], ["--name", "a\x00b"]):
+        commands = ([["submit", str(plain)]] if option[0] == "--name" else
+                    [*recording, *([["generate", "a fox"]] if option[0] != "--tag" else [])])
         for command in commands:
             result = any_home.run(*command, *model, *option)
             assert result.exit_code == BAD_INPUT and "Invalid value for" in result.output, \
