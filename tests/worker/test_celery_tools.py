@@ -89,7 +89,7 @@ def test_celery_b_and_another_sdq_broker_url_are_refused_in_one_line(
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
         "sdq: the broker given to celery (-b or CELERY_BROKER_URL: redis://127.0.0.1:6379/4) is not "
-        "SDQ_BROKER_URL (redis://:**@127.0.0.1:6379/3); give one of them, or the same URL to both"]
+        "SDQ_BROKER_URL (redis://:***@127.0.0.1:6379/3); give one of them, or the same URL to both"]
 
 
 def free_port() -> int:
