@@ -29,7 +29,7 @@ from sdq.sdmodel.params import (
     ParamError,
     check_tag,
 )
-from sdq.sdmodel.params import text as text_check
+from sdq.sdmodel.params import text as text_check  # `text` names option help below
 from sdq.worker.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
