@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.params import GenerationParams, cache_key
-from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
-from sdq.worker.images.storage import image_key, open_storage
-from sdq.worker.jobs.submit import identify_model, stored_count, submit
-from sdq.worker.settings import Settings
+from sdq.core.params import GenerationParams, cache_key
+from sdq.images.provenance import Provenance, encode_png, environment_fingerprint
+from sdq.images.storage import image_key, open_storage
+from sdq.jobs.submit import identify_model, stored_count, submit
+from sdq.core.settings import Settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 
 

@@ -28,9 +28,9 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import upgrade
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 from tests.faults import TcpProxy
 from tests.s3server import start_s3_server

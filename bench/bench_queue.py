@@ -40,8 +40,8 @@ from sdq.db.models import Item, Status
 from sdq.db.session import engine_from_url, upgrade
 from sdq.sdmodel.pipeline import Request, load_pipeline
 from sdq.worker.app import level_lists
-from sdq.worker.jobs.submit import ModelIdentity, identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.jobs.submit import ModelIdentity, identify_model, submit
+from sdq.core.settings import Settings
 from tests.conftest import full_size_networks_fp16, ldm_checkpoint
 from tests.services import scratch_database
 

@@ -20,7 +20,7 @@ import torch
 from bench.timing import best_ms
 from sdq.sdmodel.safety import load_safety_checker, preprocess
 from tests.conftest import save_safety_checker
-from tests.worker.images.samples import photo
+from tests.images.samples import photo
 
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                patch_size=14, image_size=224, hidden_act="quick_gelu")

@@ -36,12 +36,12 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Model
 from sdq.db.queries import submit_job
 from sdq.db.session import open_database
-from sdq.worker.images import watermark as wm
-from sdq.worker.images.provenance import encode_png, environment_fingerprint
-from sdq.worker.images.storage import LocalStorage
-from sdq.worker.jobs.submit import plan_batches
+from sdq.images import watermark as wm
+from sdq.images.provenance import encode_png, environment_fingerprint
+from sdq.images.storage import LocalStorage
+from sdq.jobs.submit import plan_batches
 from sdq.worker.runner import Runner
-from tests.worker.images.samples import photo, provenance
+from tests.images.samples import photo, provenance
 
 MARK = "StableDiffusionV1"
 SHA256 = "0" * 64

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from bench.timing import best_ms
-from sdq.worker.images import watermark as wm
-from tests.worker.images.samples import photo
+from sdq.images import watermark as wm
+from tests.images.samples import photo
 
 TEXT = "StableDiffusionV1"
 

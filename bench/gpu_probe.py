@@ -289,8 +289,8 @@ def _runner_parts(folder: Path, threads: int | None):
     Settings, through the environment as a worker reads them (store settings included when
     this checkout has them: SDQ_STORE_THREADS, SDQ_PNG_LEVEL)."""
     from sdq.db.session import open_database
-    from sdq.worker.images.storage import open_storage
-    from sdq.worker.settings import Settings
+    from sdq.images.storage import open_storage
+    from sdq.core.settings import Settings
 
     env = {"SDQ_HOME": str(folder), "SDQ_CONFIG": str(folder / "none.toml")}
     if threads is not None:
@@ -386,7 +386,7 @@ def phase_safety(entry: dict, args: argparse.Namespace, report: Report) -> None:
     from sdq.sdmodel.pipeline import DTYPES
     from sdq.sdmodel.safety import load_safety_checker, preprocess
     from tests.conftest import TINY_CHECKERS, save_safety_checker
-    from tests.worker.images.samples import photo
+    from tests.images.samples import photo
 
     vision, projection = TINY_CHECKERS["vit-l14-scaled"] if args.tiny else (VIT_L14, PROJECTION)
     rows = entry.setdefault("rows", [])

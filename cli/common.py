@@ -22,17 +22,17 @@ import click
 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.progress import ProgressLine
-from sdq.sdmodel.errors import Unavailable
+from sdq.core.errors import Unavailable
 from sdq.sdmodel.files import write_atomically
-from sdq.sdmodel.params import FIELDS
-from sdq.worker.settings import Settings, mask_url
+from sdq.core.params import FIELDS
+from sdq.core.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from sdq.db.models import Item
     from sdq.db.queries import Progress
-    from sdq.worker.images.storage import Storage
+    from sdq.images.storage import Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 Record = Mapping[str, Any]
@@ -81,7 +81,7 @@ def database_session(settings: Settings | None = None, *, reads_only: bool = Fal
 
 def configured_storage(settings: Settings) -> Storage:
     """The image store of the settings (StorageError, one line, when it cannot be used)."""
-    from sdq.worker.images.storage import open_storage
+    from sdq.images.storage import open_storage
 
     return open_storage(settings.storage_url, max_attempts=settings.max_attempts)
 

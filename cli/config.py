@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from sdq.cli.common import load_settings, output_options, plain
-from sdq.worker.settings import Settings, config_file, mask_url
+from sdq.core.settings import Settings, config_file, mask_url
 
 _AWS_SHOWN = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
@@ -143,7 +143,7 @@ def _check_broker(settings: Settings) -> Finding:
 
 
 def _check_storage(settings: Settings) -> Finding:
-    from sdq.worker.images.storage import StorageError, open_storage
+    from sdq.images.storage import StorageError, open_storage
 
     try:
         open_storage(settings.storage_url, max_attempts=1).check()

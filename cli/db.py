@@ -18,8 +18,8 @@ from sdq.db.session import (
     head_revision,
     upgrade,
 )
-from sdq.sdmodel.errors import Unavailable
-from sdq.worker.settings import mask_url
+from sdq.core.errors import Unavailable
+from sdq.core.settings import mask_url
 
 
 @contextmanager

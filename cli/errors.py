@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sdq.sdmodel.errors import InvalidInput, NotFound, Refused, Unavailable
+from sdq.core.errors import InvalidInput, NotFound, Refused, Unavailable
 
 OK = 0
 FAILED = 1

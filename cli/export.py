@@ -16,9 +16,9 @@ from sdq.cli.common import (
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.progress import ProgressLine
 from sdq.db.queries import get_job
-from sdq.worker.images.storage import StorageError, open_storage
-from sdq.worker.jobs.export import FORMATS, export_items, select_item_ids
-from sdq.worker.jobs.schedule import describe_schedule, find_schedule
+from sdq.images.storage import StorageError, open_storage
+from sdq.jobs.export import FORMATS, export_items, select_item_ids
+from sdq.jobs.schedule import describe_schedule, find_schedule
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 """Shard names are `PREFIX-000000.tar`: a visible file name in any folder or bucket."""

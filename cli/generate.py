@@ -13,7 +13,7 @@ from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.cli.progress import ProgressLine
 from sdq.sdmodel.files import write_atomically
-from sdq.sdmodel.params import SEED_LIMIT, GenerationParams
+from sdq.core.params import SEED_LIMIT, GenerationParams
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -59,9 +59,9 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     from sdq.sdmodel import clip
     from sdq.sdmodel.pipeline import DTYPES, load_pipeline
     from sdq.sdmodel.safety import load_safety_checker
-    from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
-    from sdq.worker.images.safety import judge, stored_image
-    from sdq.worker.jobs.submit import job_safety_checker
+    from sdq.images.provenance import Provenance, encode_png, environment_fingerprint
+    from sdq.images.safety import judge, stored_image
+    from sdq.jobs.submit import job_safety_checker
 
     base_seed = random.randrange(SEED_LIMIT) if seed is None else seed
     if base_seed + num_images > SEED_LIMIT:

@@ -9,7 +9,7 @@ import click
 from sdq.cli.common import load_settings, output_options, report
 
 if TYPE_CHECKING:
-    from sdq.worker.jobs.lifecycle import Requeued
+    from sdq.jobs.lifecycle import Requeued
 
 
 def _report_requeued(output: str | None, done: Requeued, job_id: int | None, what: str) -> None:
@@ -43,7 +43,7 @@ def retry(job_id: int, output: str | None) -> None:
     Example:
       sdq retry 42
     """
-    from sdq.worker.jobs.lifecycle import retry_job
+    from sdq.jobs.lifecycle import retry_job
 
     _report_requeued(output, retry_job(load_settings(need_broker=False), job_id), job_id,
                      "failed item(s)")
@@ -59,7 +59,7 @@ def cancel(job_id: int, output: str | None) -> None:
     Example:
       sdq cancel 42
     """
-    from sdq.worker.jobs.lifecycle import cancel_job
+    from sdq.jobs.lifecycle import cancel_job
 
     count = cancel_job(load_settings(need_broker=False), job_id)
     report({"job": job_id, "cancelled": count}, f"Job {job_id}: {count} item(s) cancelled", output)
@@ -78,6 +78,6 @@ def reconcile(output: str | None) -> None:
     Example (after Redis restarted without persistence):
       sdq reconcile
     """
-    from sdq.worker.jobs.lifecycle import reconcile as reconcile_items
+    from sdq.jobs.lifecycle import reconcile as reconcile_items
 
     _report_requeued(output, reconcile_items(load_settings(need_broker=False)), None, "item(s)")

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import click
 
 from sdq.db.models import ON_FLAG
-from sdq.sdmodel.errors import InvalidInput
-from sdq.sdmodel.params import (
+from sdq.core.errors import InvalidInput
+from sdq.core.params import (
     CHECKS,
     DEFAULTS,
     MAX_CFG,
@@ -29,8 +29,8 @@ from sdq.sdmodel.params import (
     ParamError,
     check_tag,
 )
-from sdq.sdmodel.params import text as text_check  # `text` names option help below
-from sdq.worker.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
+from sdq.core.params import text as text_check  # `text` names option help below
+from sdq.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -25,7 +25,7 @@ def purge(job_id: int, yes: bool, output: str | None) -> None:
       sdq purge 42
       sdq purge 42 --yes --json
     """
-    from sdq.worker.jobs.maintenance import job_contents, purge_job
+    from sdq.jobs.maintenance import job_contents, purge_job
 
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:

@@ -11,7 +11,7 @@ from sdq.cli.common import configured_storage, database_session, load_settings, 
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.models import Status
 from sdq.db.queries import get_item
-from sdq.sdmodel.params import short_hash
+from sdq.core.params import short_hash
 
 
 @click.command()
@@ -44,7 +44,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
       sdq reproduce 1234 --model ~/models/v1-5-pruned-emaonly.safetensors --device cuda
     """
     from sdq.sdmodel.pipeline import load_pipeline
-    from sdq.worker.jobs.reproduce import compare, composition, regenerate
+    from sdq.jobs.reproduce import compare, composition, regenerate
 
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:

@@ -22,10 +22,10 @@ from sdq.cli.options import (
     template_options,
 )
 from sdq.db.models import Schedule
-from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
+from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import PromptFileError
-from sdq.worker.jobs.schedule import (
+from sdq.jobs.promptfile import PromptFileError
+from sdq.jobs.schedule import (
     NAME_PATTERN,
     SEED_POLICIES,
     Clock,
@@ -38,7 +38,7 @@ from sdq.worker.jobs.schedule import (
     schedules_with_last_run,
     utc_clock,
 )
-from sdq.worker.settings import SAFETY_OFF
+from sdq.core.settings import SAFETY_OFF
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
 
@@ -116,7 +116,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     Example:
       sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4 --tag nightly
     """
-    from sdq.worker.jobs.submit import identify_model, job_safety_checker
+    from sdq.jobs.submit import identify_model, job_safety_checker
 
     settings = load_settings(need_broker=False)
     if model_ref is not None:

@@ -24,9 +24,9 @@ from sdq.cli.common import (
 from sdq.cli.errors import CommandFailed
 from sdq.db.models import SEED_LIMIT, Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
-from sdq.sdmodel.params import ParamError
-from sdq.sdmodel.params import text as text_check
-from sdq.worker.images.storage import StorageError
+from sdq.core.params import ParamError
+from sdq.core.params import text as text_check
+from sdq.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "safety", "prompt", "created"]
 _EXCERPT = 60
@@ -125,7 +125,7 @@ def show(item_id: int, output: str | None) -> None:
       sdq show 1234
       sdq show 1234 --json
     """
-    from sdq.worker.images.provenance import MetadataError, read_png_metadata
+    from sdq.images.provenance import MetadataError, read_png_metadata
 
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:

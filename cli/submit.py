@@ -30,11 +30,11 @@ from sdq.cli.options import (
 )
 from sdq.db.models import Job
 from sdq.db.queries import find_model
-from sdq.sdmodel.params import MAX_IMAGES_PER_ROW
+from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.worker.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
-from sdq.worker.jobs.submit import DEFAULT_BATCH_SIZE
-from sdq.worker.jobs.templates import Expansion
+from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
+from sdq.jobs.submit import DEFAULT_BATCH_SIZE
+from sdq.jobs.templates import Expansion
 
 SAMPLE = 5
 """Expanded prompts `--dry-run` shows."""
@@ -42,7 +42,7 @@ SAMPLE = 5
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sdq.worker.jobs.submit import ModelIdentity
+    from sdq.jobs.submit import ModelIdentity
 
 
 @click.command()
@@ -100,7 +100,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
       sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.worker.jobs.submit import check_size, identify_model, job_safety_checker, plan, stored_count
+    from sdq.jobs.submit import check_size, identify_model, job_safety_checker, plan, stored_count
 
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE or --prompt TEMPLATE (one of them)")
@@ -181,7 +181,7 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
 def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, size: int,
             as_json: bool) -> tuple[dict[str, Any], int]:
     """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
-    from sdq.worker.jobs.submit import submit as submit_items
+    from sdq.jobs.submit import submit as submit_items
 
     submitted: list[int] = []
     with recorded_bar("generating") as start:

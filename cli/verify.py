@@ -13,15 +13,15 @@ from sdq.cli.common import configured_storage, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
-from sdq.sdmodel.errors import NotFound, Unavailable
-from sdq.worker.images.provenance import (
+from sdq.core.errors import NotFound, Unavailable
+from sdq.images.provenance import (
     Check,
     ItemRecord,
     Verification,
     read_png_metadata,
     verify_png,
 )
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 _LABELS = {True: "ok", False: "MISMATCH", None: "-"}
 _STATUS = {True: "ok", False: "mismatch", None: "skipped"}

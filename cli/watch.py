@@ -53,7 +53,7 @@ def resume(job_id: int, output: str | None) -> None:
       sdq resume 42
     """
     from sdq.db.queries import job_progress
-    from sdq.worker.jobs.lifecycle import resume_job
+    from sdq.jobs.lifecycle import resume_job
 
     settings = load_settings(need_broker=False)
     with recorded_bar(f"job {job_id}") as start:

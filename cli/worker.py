@@ -13,7 +13,7 @@ import click
 
 from sdq.cli.common import configured_storage, database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.sdmodel.errors import Unavailable
+from sdq.core.errors import Unavailable
 
 
 def _queue_option(args: tuple[str, ...]) -> str | None:
@@ -56,7 +56,7 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
 
     from sdq.worker.app import create_app, queue_name
     from sdq.worker.broker_keys import upgrade_broker_keys
-    from sdq.worker.jobs.submit import identify_model
+    from sdq.jobs.submit import identify_model
 
     settings = load_settings(need_broker=True)
     with database_session(settings):

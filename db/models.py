@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from sdq.sdmodel.params import SEED_LIMIT, GenerationParams, short_hash
+from sdq.core.params import SEED_LIMIT, GenerationParams, short_hash
 
 from .base import Base, BigId, UTCDateTime, utcnow
 

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from sdq.sdmodel.errors import InvalidInput, NotFound, Refused
+from sdq.core.errors import InvalidInput, NotFound, Refused
 
 from .base import utcnow
 from .fulltext import match_prompt, parse_query

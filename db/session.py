@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from sdq.sdmodel.errors import InvalidInput, Unavailable
-from sdq.worker.settings import mask_url
+from sdq.core.errors import InvalidInput, Unavailable
+from sdq.core.settings import mask_url
 
 if TYPE_CHECKING:
     from alembic.config import Config

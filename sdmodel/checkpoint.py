@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .configs import unet_config_from_diffusers, vae_config_from_diffusers
-from .errors import InvalidInput, NotFound
+from sdq.core.errors import InvalidInput, NotFound
 from .files import write_atomically
-from .params import HUB_REPO_ID
+from sdq.core.params import HUB_REPO_ID
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (

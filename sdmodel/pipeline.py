@@ -41,7 +41,7 @@ from .configs import (
     vae_config_from_state_dict,
 )
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
-from .params import BatchShape, Request, short_hash
+from sdq.core.params import BatchShape, Request, short_hash
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import schedule
-from .params import SAMPLERS
+from sdq.core.params import SAMPLERS
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[], Tensor]

@@ -12,9 +12,9 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING, Any, MutableMapping
 
-from sdq.sdmodel.errors import Unavailable
-from sdq.sdmodel.params import short_hash
-from sdq.worker.settings import Settings, mask_url, quote_userinfo
+from sdq.core.errors import Unavailable
+from sdq.core.params import short_hash
+from sdq.core.settings import Settings, mask_url, quote_userinfo
 
 if TYPE_CHECKING:
     from celery import Celery

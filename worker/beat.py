@@ -11,8 +11,8 @@ from typing import Any
 from celery.beat import Scheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from sdq.worker.jobs.schedule import Clock, Run, run_due, seconds_to_next_run, utc_clock
-from sdq.worker.settings import Settings
+from sdq.jobs.schedule import Clock, Run, run_due, seconds_to_next_run, utc_clock
+from sdq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

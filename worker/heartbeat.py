@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
     from sdq.worker.runner import Runner
@@ -56,7 +56,7 @@ class Heartbeat(threading.Thread):
     def _queue(self) -> str | None:
         """The queue this worker serves, from its model's hash (cached by `sdq worker`)."""
         from sdq.worker.app import queue_name
-        from sdq.worker.jobs.submit import identify_model
+        from sdq.jobs.submit import identify_model
 
         try:
             return queue_name(identify_model(self.model, self.hash_cache).sha256)

@@ -11,7 +11,7 @@ import logging
 import threading
 
 from sdq.worker.app import level_lists, queue_name
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Reconciler(threading.Thread):
 
     def run(self) -> None:
         from sdq.db.session import open_database
-        from sdq.worker.jobs.lifecycle import sweep
+        from sdq.jobs.lifecycle import sweep
 
         engine = None
         while not self.stopped.wait(self.settings.reconcile_interval):

@@ -54,9 +54,9 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import read_only
 from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
-from sdq.sdmodel.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
+from sdq.core.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
 from sdq.sdmodel.pipeline import Pipeline, default_device, default_dtype, load_pipeline
-from sdq.worker.images.provenance import (
+from sdq.images.provenance import (
     EncodedPng,
     Environment,
     Provenance,
@@ -64,9 +64,9 @@ from sdq.worker.images.provenance import (
     encode_png,
     environment_fingerprint,
 )
-from sdq.worker.images.safety import judge, stored_image
-from sdq.worker.images.storage import Storage, StorageError, image_key
-from sdq.worker.settings import DEFAULT_PNG_LEVEL, default_store_threads
+from sdq.images.safety import judge, stored_image
+from sdq.images.storage import Storage, StorageError, image_key
+from sdq.core.settings import DEFAULT_PNG_LEVEL, default_store_threads
 
 if TYPE_CHECKING:
     from sdq.sdmodel.safety import SafetyChecker

@@ -12,10 +12,10 @@ from sqlalchemy.exc import OperationalError
 from sdq.db.session import open_database
 from sdq.worker.app import TASK_NAME, app
 from sdq.worker.heartbeat import Heartbeat
-from sdq.worker.jobs.submit import runner_from_settings
+from sdq.jobs.submit import runner_from_settings
 from sdq.worker.reconciler import Reconciler
 from sdq.worker.runner import LEASE_S, Batch, Runner, TransientError
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 _SETTINGS = Settings.load()
 

@@ -21,8 +21,8 @@ from sdq.cli.main import cli
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database, upgrade
-from sdq.worker.images.provenance import Provenance, encode_png, environment_fingerprint
-from sdq.worker.images.storage import image_key, open_storage
+from sdq.images.provenance import Provenance, encode_png, environment_fingerprint
+from sdq.images.storage import image_key, open_storage
 from tests.services import scratch_database
 
 MODEL_SHA = "ab" * 32

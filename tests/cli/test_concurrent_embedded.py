@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
-from sdq.worker.images.storage import open_storage
+from sdq.images.storage import open_storage
 
 from .conftest import Home
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
-from sdq.worker.images.storage import open_storage
+from sdq.images.storage import open_storage
 
 from .conftest import MODEL_SHA, Home
 

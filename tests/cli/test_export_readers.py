@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from sdq.cli.common import item_record
 from sdq.db.models import Item
-from sdq.worker.jobs.export import parquet_schema
+from sdq.jobs.export import parquet_schema
 
 from .conftest import Home
 

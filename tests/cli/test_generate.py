@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sdq.cli.main import cli
-from sdq.worker.images.provenance import read_png_metadata
-from sdq.worker.images.watermark import detect_watermark
+from sdq.images.provenance import read_png_metadata
+from sdq.images.watermark import detect_watermark
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.worker.settings import mask_url
+from sdq.core.settings import mask_url
 from tests.conftest import stand_in_checkpoint
 
 from .conftest import Home

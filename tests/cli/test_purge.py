@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.worker.images.storage import LocalStorage, Storage, open_storage
-from sdq.worker.jobs.maintenance import JobBusy, purge_job
+from sdq.images.storage import LocalStorage, Storage, open_storage
+from sdq.jobs.maintenance import JobBusy, purge_job
 
 from .conftest import Home
 

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from sdq.db.models import Item
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.worker.conftest import job_items, specs
 
 from .conftest import Home

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job
 from sdq.sdmodel.checkpoint import CheckpointError
 from sdq.sdmodel.safety import load_safety_checker
-from sdq.worker.images.provenance import read_png_metadata, verify_png
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import job_safety_checker
-from sdq.worker.settings import Settings
+from sdq.images.provenance import read_png_metadata, verify_png
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import job_safety_checker
+from sdq.core.settings import Settings
 
 from .conftest import Home
 

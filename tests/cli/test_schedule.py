@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Schedule, Status
 from sdq.worker.app import create_app, queue_name
 from sdq.worker.beat import DatabaseScheduler
-from sdq.worker.jobs.schedule import (
+from sdq.jobs.schedule import (
     Run,
     due_runs,
     first_run_on,
@@ -30,8 +30,8 @@ from sdq.worker.jobs.schedule import (
     parse_cron,
     run_schedule,
 )
-from sdq.worker.jobs.submit import identify_model
-from sdq.worker.settings import Settings
+from sdq.jobs.submit import identify_model
+from sdq.core.settings import Settings
 from tests.cli.conftest import Home
 from tests.services import clear_queues, in_queue
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.worker.images.provenance import read_png_metadata
+from sdq.images.provenance import read_png_metadata
 
 from .conftest import MODEL_SHA, Home
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdq.cli.sheet import contact_sheet
-from sdq.worker.images.provenance import read_png_metadata
+from sdq.images.provenance import read_png_metadata
 
 from .conftest import Home
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from sdq.cli.main import SdqGroup, cli
 from sdq.db.models import Item, Job, Model, Status
-from sdq.worker.images.storage import open_storage
+from sdq.images.storage import open_storage
 
 from .conftest import Home
 

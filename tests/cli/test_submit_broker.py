@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
 from sdq.worker.app import queue_name
-from sdq.worker.jobs.submit import NotEnqueued, identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.jobs.submit import NotEnqueued, identify_model, submit
+from sdq.core.settings import Settings
 from tests.faults import TcpProxy
 from tests.services import REDIS_URL, clear_queues, in_queue
 

@@ -13,8 +13,8 @@ from sqlite_utils import Database
 from sdq.db.models import Item, Job
 from sdq.db.queries import search_items
 from sdq.db.session import downgrade, upgrade
-from sdq.worker.images.storage import LocalStorage
-from sdq.worker.jobs.maintenance import purge_job
+from sdq.images.storage import LocalStorage
+from sdq.jobs.maintenance import purge_job
 from tests.services import scratch_database
 
 from .helpers import add_job, add_job_as_of_0001

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from sdq.db.fulltext import TextQuery, parse_query
 from sdq.db.models import Job
 from sdq.db.queries import search_items
-from sdq.sdmodel.errors import InvalidInput
+from sdq.core.errors import InvalidInput
 
 from .helpers import add_job
 

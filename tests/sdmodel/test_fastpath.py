@@ -112,7 +112,7 @@ def test_auto_batch_size():
 
 
 def test_settings_reach_the_pipeline(tiny_checkpoint, tmp_path):
-    from sdq.worker.settings import Settings
+    from sdq.core.settings import Settings
 
     env = {"SDQ_FAST_PATH": "off,+channels_last", "SDQ_COMPILE": "true", "SDQ_CONFIG": str(tmp_path / "none.toml")}
     spec = Settings.load(env).fast_path_spec

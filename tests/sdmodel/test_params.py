@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sdq.sdmodel.params import (
+from sdq.core.params import (
     MAX_SIDE,
     SAMPLERS,
     SEED_LIMIT,
@@ -22,7 +22,7 @@ from sdq.sdmodel.params import (
 
 
 def test_importing_params_does_not_import_torch() -> None:
-    code = ("import sys, sdq.sdmodel.params, sdq.sdmodel.files; "
+    code = ("import sys, sdq.core.params, sdq.sdmodel.files; "
             "print(sorted(m for m in ('torch', 'transformers', 'celery') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.session import upgrade
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 from tests.s3server import S3Server
 from tests.services import scratch_database
 

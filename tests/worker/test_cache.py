@@ -9,14 +9,14 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.params import GenerationParams, cache_key
+from sdq.core.params import GenerationParams, cache_key
 from sdq.sdmodel.pipeline import load_pipeline
-from sdq.worker.images.provenance import ItemRecord, verify_png
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.maintenance import Purged, purge_job
-from sdq.worker.jobs.submit import identify_model, plan_batches, submit
+from sdq.images.provenance import ItemRecord, verify_png
+from sdq.images.storage import open_storage
+from sdq.jobs.maintenance import Purged, purge_job
+from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Runner
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 from .cluster import WorkerProcess, wait_for
 from .conftest import job_items, specs

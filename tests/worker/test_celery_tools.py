@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 
 from sdq.worker.app import queue_name
-from sdq.worker.jobs.submit import identify_model
+from sdq.jobs.submit import identify_model
 
 from .cluster import WorkerProcess, wait_for
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sdq.cli.main import cli
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 from .cluster import WorkerProcess, wait_for
 

@@ -18,9 +18,9 @@ from sdq.cli.main import cli
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
 from sdq.worker.app import queue_name
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.services import OWNER_KEY, clear_queues, in_queue, scratch_database
 
 from .cluster import WorkerProcess, wait_for

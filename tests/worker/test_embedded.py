@@ -13,11 +13,11 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
-from sdq.worker.images.provenance import read_png_metadata
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import identify_model, plan_batches, submit
+from sdq.images.provenance import read_png_metadata
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Batch, Runner
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 from tests.conftest import stand_in_checkpoint
 from tests.s3server import FlakyProxy, S3Server
 

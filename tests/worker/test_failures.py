@@ -14,10 +14,10 @@ from sdq.db.models import Item, Job, Status
 from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
-from sdq.worker.images.storage import LocalStorage
-from sdq.worker.jobs.submit import identify_model, plan_batches, submit
+from sdq.images.storage import LocalStorage
+from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Batch, Runner
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 
 from .conftest import job_items, specs

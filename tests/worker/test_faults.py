@@ -22,9 +22,9 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Status
 from sdq.db.session import open_database
 from sdq.worker.app import queue_name
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.faults import TcpProxy
 from tests.services import clear_queues
 

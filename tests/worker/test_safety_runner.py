@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, joinedload
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
 from sdq.sdmodel.checkpoint import model_sha256
-from sdq.worker.images.provenance import ItemRecord, read_png_metadata, verify_png
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.images.provenance import ItemRecord, read_png_metadata, verify_png
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.conftest import TINY_CHECKERS, flag_images, save_safety_checker
 
 from .cluster import WorkerProcess

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.worker.settings import Settings, SettingsError
+from sdq.core.settings import Settings, SettingsError
 
 
 def test_the_default_home_follows_xdg_data_home(tmp_path: Path) -> None:

@@ -22,10 +22,10 @@ from sdq.db.models import Item, Job, Status
 from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
-from sdq.worker.images.storage import LocalStorage, Storage, open_storage
-from sdq.worker.jobs.submit import identify_model, plan_batches, runner_from_settings, submit
+from sdq.images.storage import LocalStorage, Storage, open_storage
+from sdq.jobs.submit import identify_model, plan_batches, runner_from_settings, submit
 from sdq.worker.runner import QUEUED_CHUNKS, Batch, Runner, TransientError
-from sdq.worker.settings import Settings, default_store_threads
+from sdq.core.settings import Settings, default_store_threads
 from tests.s3server import FlakyProxy, S3Server
 
 from .conftest import job_items, specs

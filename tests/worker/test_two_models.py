@@ -15,11 +15,11 @@ from sdq.db.models import Model, Status
 from sdq.db.queries import register_model
 from sdq.db.session import open_database
 from sdq.worker.app import queue_name
-from sdq.worker.images.provenance import read_png_metadata
-from sdq.worker.images.storage import open_storage
-from sdq.worker.jobs.lifecycle import cancel_job
-from sdq.worker.jobs.submit import ModelIdentity, identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.images.provenance import read_png_metadata
+from sdq.images.storage import open_storage
+from sdq.jobs.lifecycle import cancel_job
+from sdq.jobs.submit import ModelIdentity, identify_model, submit
+from sdq.core.settings import Settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 from tests.services import clear_queues, in_queue
 

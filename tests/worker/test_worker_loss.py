@@ -11,8 +11,8 @@ import pytest
 
 from sdq.db.models import Item, Status
 from sdq.db.session import open_database
-from sdq.worker.jobs.submit import identify_model, submit
-from sdq.worker.settings import Settings
+from sdq.jobs.submit import identify_model, submit
+from sdq.core.settings import Settings
 from tests.services import in_queue
 
 from .cluster import WorkerProcess, wait_for

@@ -9,7 +9,7 @@ import pytest
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 from PIL import Image
 
-from sdq.worker.images import watermark as wm
+from sdq.images import watermark as wm
 
 from .samples import photo
 

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from sdq.sdmodel.errors import InvalidInput
+from sdq.core.errors import InvalidInput
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PNG_LEVEL = 1

@@ -30,12 +30,12 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
-from sdq.sdmodel.errors import NotFound, Refused
-from sdq.sdmodel.params import DEFAULTS, SEED_LIMIT
-from sdq.worker.jobs.cron import Cron, parse_cron
-from sdq.worker.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
-from sdq.worker.jobs.templates import Expansion
-from sdq.worker.settings import Settings
+from sdq.core.errors import NotFound, Refused
+from sdq.core.params import DEFAULTS, SEED_LIMIT
+from sdq.jobs.cron import Cron, parse_cron
+from sdq.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
+from sdq.jobs.templates import Expansion
+from sdq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
     Raises NotFound (no such schedule), PromptFileError (the stored file no longer passes,
     e.g. a model it names was removed) or ModelNotFound.
     """
-    from sdq.worker.jobs.submit import identify_model, job_safety_checker, submit
+    from sdq.jobs.submit import identify_model, job_safety_checker, submit
 
     engine = open_database(settings.database_url)
     try:

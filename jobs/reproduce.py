@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
-from sdq.sdmodel.errors import Refused
+from sdq.core.errors import Refused
 from sdq.sdmodel.pipeline import Pipeline
-from sdq.worker.images import watermark as wm
-from sdq.worker.images.provenance import WatermarkStatus, read_png_metadata
+from sdq.images import watermark as wm
+from sdq.images.provenance import WatermarkStatus, read_png_metadata
 
 
 class ReproduceError(Refused):

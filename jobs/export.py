@@ -12,7 +12,7 @@ Formats, each readable with one call by the usual loaders (tests/cli/test_export
   Hugging Face imagefolder convention; a shard is here a group of images.
 
 With a dataset card (`card=True`) the layout is a Hugging Face hub dataset's: `README.md`
-(see `sdq.worker.jobs.card`) at the top, the files above under `data/`, since folder readers
+(see `sdq.jobs.card`) at the top, the files above under `data/`, since folder readers
 such as `pyarrow.parquet.read_table(folder)` would try to read the card as data.
 
 The key is the item id, zero-padded, so names sort in id order. Shard membership is decided
@@ -42,9 +42,9 @@ from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
-from sdq.sdmodel.errors import InvalidInput, Refused
-from sdq.worker.images.storage import ObjectNotFound, Storage, inside
-from sdq.worker.jobs.card import dataset_card
+from sdq.core.errors import InvalidInput, Refused
+from sdq.images.storage import ObjectNotFound, Storage, inside
+from sdq.jobs.card import dataset_card
 
 FORMATS = ("webdataset", "parquet", "imagefolder")
 Describe = Callable[[Item], Mapping[str, Any]]

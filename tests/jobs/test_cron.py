@@ -7,7 +7,7 @@ import re
 import pytest
 from celery.schedules import ParseException, crontab
 
-from sdq.worker.jobs.cron import parse_cron
+from sdq.jobs.cron import parse_cron
 
 ACCEPTED = [
     "0 2 * * *", "*/15 * * * *", "15,45 4,9 * * mon-fri", "0 0 29 2 *", "5 4 * * sun",

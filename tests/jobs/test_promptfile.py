@@ -9,7 +9,7 @@ import pytest
 
 from sdq.db.models import SEED_LIMIT
 from sdq.sdmodel.clip import load_tokenizer
-from sdq.worker.jobs.promptfile import (
+from sdq.jobs.promptfile import (
     Defaults,
     PromptFileError,
     parse_prompt_file,

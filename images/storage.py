@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from sdq.sdmodel.errors import Unavailable
+from sdq.core.errors import Unavailable
 from sdq.sdmodel.files import TEMP_PREFIX, atomic_writer
 
 # A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp

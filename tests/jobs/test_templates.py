@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sdq.sdmodel.errors import InvalidInput
-from sdq.worker.jobs.promptfile import Defaults, PromptFileError, parse_prompt_file
-from sdq.worker.jobs.templates import (
+from sdq.core.errors import InvalidInput
+from sdq.jobs.promptfile import Defaults, PromptFileError, parse_prompt_file
+from sdq.jobs.templates import (
     Expansion,
     Wildcards,
     count,

@@ -18,14 +18,14 @@ from sqlalchemy.sql.elements import ColumnElement
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
-from sdq.sdmodel.errors import NotFound
-from sdq.worker.jobs.submit import (
+from sdq.core.errors import NotFound
+from sdq.jobs.submit import (
     DEFAULT_BATCH_SIZE,
     dispatch,
     handed_back_on_interrupt,
     plan_batches,
 )
-from sdq.worker.settings import Settings
+from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
     from sdq.worker.runner import RunReport

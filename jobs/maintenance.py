@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.sdmodel.errors import NotFound, Refused
-from sdq.worker.images.storage import Storage, StorageError
+from sdq.core.errors import NotFound, Refused
+from sdq.images.storage import Storage, StorageError
 
 
 class JobBusy(Refused):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from sd_parsers import ParserManager
 
-from sdq.worker.images import watermark as wm
-from sdq.worker.images.provenance import (
+from sdq.images import watermark as wm
+from sdq.images.provenance import (
     MetadataError,
     WatermarkStatus,
     encode_png,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdq.worker.images.storage import (
+from sdq.images.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,

@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image
 
-from sdq.sdmodel.params import FIELDS, GenerationParams
-from sdq.worker.images.provenance import Environment, Provenance
+from sdq.core.params import FIELDS, GenerationParams
+from sdq.images.provenance import Environment, Provenance
 
 MODEL_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
 ENVIRONMENT = Environment(sdq="0.1.0", torch="2.13.0", transformers="5.24.0", device="cuda:0",

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from sdq.cli.main import cli
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
-from sdq.worker.images.provenance import encode_png
-from sdq.worker.images.storage import LocalStorage, image_key
+from sdq.images.provenance import encode_png
+from sdq.images.storage import LocalStorage, image_key
 
 from .samples import MODEL_SHA256, photo, provenance
 

@@ -25,9 +25,9 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
-from sdq.sdmodel.errors import InvalidInput, Unavailable
+from sdq.core.errors import InvalidInput, Unavailable
 from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
-from sdq.sdmodel.params import (
+from sdq.core.params import (
     HUB_REPO_ID,
     SHAPE_FIELDS,
     BatchShape,
@@ -43,8 +43,8 @@ from sdq.worker.app import (
     create_app,
     queue_name,
 )
-from sdq.worker.images.storage import open_storage
-from sdq.worker.settings import Settings, safety_checker_ref
+from sdq.images.storage import open_storage
+from sdq.core.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
     from sdq.worker.runner import Batch, Runner, RunReport

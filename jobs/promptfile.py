@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdq.sdmodel.errors import InvalidInput
-from sdq.sdmodel.params import (
+from sdq.core.errors import InvalidInput
+from sdq.core.params import (
     CHECKS,
     DEFAULTS,
     MAX_IMAGES_PER_ROW,
@@ -36,7 +36,7 @@ from sdq.sdmodel.params import (
     text,
     whole,
 )
-from sdq.worker.jobs.templates import Expansion, TemplateError, is_template
+from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -123,7 +123,7 @@ def parse_prompt_file(
 ) -> PromptFile:
     """Validate a whole prompt file and expand it into one item spec per image.
 
-    Prompts and negative prompts are templates (`sdq.worker.jobs.templates`), expanded as
+    Prompts and negative prompts are templates (`sdq.jobs.templates`), expanded as
     `expansion` says (default: combinatorially, no grid, no wildcard folder); each image of
     a template records it and the values chosen. Images of one expanded prompt share their
     seeds across the grid's cells, so a grid compares like with like. `repeat` (a schedule's

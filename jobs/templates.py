@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
-from sdq.sdmodel.errors import InvalidInput
-from sdq.sdmodel.params import CHECKS, FIELDS, ParamError, close_match
+from sdq.core.errors import InvalidInput
+from sdq.core.params import CHECKS, FIELDS, ParamError, close_match
 
 MODES = ("combinatorial", "random")
 MAX_DEPTH = 10

@@ -23,15 +23,15 @@ from typing import Any, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
-from sdq.sdmodel.errors import InvalidInput
-from sdq.sdmodel.params import (
+from sdq.core.errors import InvalidInput
+from sdq.core.params import (
     SAMPLERS,
     SHORT_HASH_LEN,
     GenerationParams,
     sampler_from_a1111,
     short_hash,
 )
-from sdq.worker.settings import DEFAULT_PNG_LEVEL
+from sdq.core.settings import DEFAULT_PNG_LEVEL
 
 from . import watermark as wm
 

@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session
 from sdq.cli.main import cli
 from sdq.db.models import Job
 from sdq.db.session import open_database
-from sdq.worker.jobs.schedule import add_schedule, run_schedule
-from sdq.worker.jobs.templates import Expansion, parse_grid
-from sdq.worker.settings import Settings
+from sdq.jobs.schedule import add_schedule, run_schedule
+from sdq.jobs.templates import Expansion, parse_grid
+from sdq.core.settings import Settings
 
-from ..conftest import job_items
+from .conftest import job_items
 
 DAYS = (date(2026, 12, 1), date(2026, 12, 2))
 FILE = b'{"prompt": "a {red|blue} boat"}\n'
