@@ -28,7 +28,7 @@ from sdq.jobs.submit import (
 from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
-    from sdq.worker.runner import RunReport
+    from sdq.core.batch import RunReport
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,10 @@ from sdq.worker.app import (
     create_app,
     queue_name,
 )
-from sdq.images.storage import open_storage
 from sdq.core.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
-    from sdq.worker.runner import Batch, Runner, RunReport
+    from sdq.core.batch import Batch, RunReport
 
 DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
 """Items planned (and claimed) together by default: as many as the largest batch a worker
@@ -290,7 +289,7 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
     size, eta) and one job priority, at most `batch_size` items each; highest priority first,
     then in submission order. Guidance, prompts and seeds may differ within a batch: each
     image has its own generator, so batching never changes it."""
-    from sdq.worker.runner import Batch
+    from sdq.core.batch import Batch
 
     rows = session.execute(
         select(Item.id, Model.sha256, Job.priority, *(getattr(Item, f) for f in SHAPE_FIELDS))
@@ -322,7 +321,8 @@ def dispatch(
     after the other, each loaded from `model_refs[sha256]`, else from where its model row says
     it came from, else the settings' model."""
     if settings.embedded:
-        from sdq.worker.runner import RunReport
+        from sdq.core.batch import RunReport
+        from sdq.worker.factory import runner_from_settings
 
         refs = _model_sources(engine, planned)
         refs.update(model_refs or {})
@@ -356,19 +356,3 @@ def _model_sources(engine: Engine, planned: Mapping[str, Sequence[Batch]]) -> di
         rows = session.execute(select(Model.sha256, Model.source_uri)
                                .where(Model.sha256.in_(list(planned))))
         return {sha256: source for sha256, source in rows if source}
-
-
-def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
-                         worker_name: str | None = None) -> Runner:
-    """A runner configured from settings, as both modes build it."""
-    from sdq.worker.runner import LEASE_S, Runner
-
-    return Runner(
-        engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
-        model_ref=model_ref, device=settings.device, dtype=settings.dtype,
-        watermark=settings.watermark, hash_cache=settings.home / "hashes.json",
-        max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
-        micro_batch=settings.batch_size, worker_name=worker_name,
-        png_level=settings.png_level, store_threads=settings.store_threads,
-        fast=settings.fast_path_spec, outage_s=settings.outage_timeout,
-    )

@@ -32,24 +32,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from itertools import count, groupby
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from sdq.core.batch import Batch, RunReport
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import read_only
@@ -67,126 +63,17 @@ from sdq.images.provenance import (
 from sdq.images.safety import judge, stored_image
 from sdq.images.storage import Storage, StorageError, image_key
 from sdq.core.settings import DEFAULT_PNG_LEVEL, default_store_threads
+from sdq.worker.cache import REUSE_CHUNK, Identity, Source
+from sdq.worker.claims import LEASE_S, LeaseKeeper, Work, leased
+from sdq.worker.outage import BACKOFF_CAP_S, BACKOFF_S, OUTAGE_S, TRANSIENT, TransientError
+from sdq.worker.store_queue import QUEUED_CHUNKS, Chunk, StoreQueue
 
 if TYPE_CHECKING:
     from sdq.sdmodel.safety import SafetyChecker
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 120
-"""How long a claim lasts without renewal: the longest a redelivered batch whose worker died
-waits before taking the items over. Capped by the broker's visibility timeout, so a lost
-machine's items are free by the time its message comes back."""
-REUSE_CHUNK = 500
-"""Items looked up in the result cache at once: one read, one lookup and one write each."""
-QUEUED_CHUNKS = 2
-"""Finished chunks held for storing at most: one being stored and one ready, so the store
-threads never wait on the GPU while storage keeps up, and memory stays flat when it does not."""
-BACKOFF_S = 0.5
-BACKOFF_CAP_S = 30.0
-"""Longest wait between two tries during an outage: a service back after a long cut is used
-within this long."""
-OUTAGE_S = 1800.0
-"""How long storage or the database may stay down before a runner hands its items back
-(`SDQ_OUTAGE_TIMEOUT`): long enough for a restart or a failover, never a reason to fail them."""
-TRANSIENT = (StorageError, OperationalError, DisconnectionError)
-"""Infrastructure failures, waited out: storage and database down or refusing. They never count
-as an attempt of an item. Anything else is the item's (or the model's) own failure."""
 FINISHED = (Status.DONE, Status.FAILED, Status.CANCELLED)
-
-
-class TransientError(RuntimeError):
-    """Storage or database stayed down for the whole outage window; the unfinished items
-    were handed back (queued, the attempt not counted) so that a later delivery takes them."""
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Items meant to be denoised together; `id` is recorded with each item that runs in it."""
-
-    id: str
-    item_ids: tuple[int, ...]
-    priority: int = 0
-    """Its job's; it decides where the message waits, so the message does not carry it."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "items": list(self.item_ids)}
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "Batch":
-        return cls(str(record["id"]), tuple(int(i) for i in record["items"]))
-
-
-@dataclass(frozen=True)
-class Work:
-    """A claimed item as plain data, so threads never share ORM objects."""
-
-    id: int
-    job_id: int
-    row_index: int
-    params: GenerationParams
-    attempt: int
-    safety_checker: str | None = None
-    """The job's checker (a folder or hub id), None for no check."""
-    on_flag: str = "keep"
-
-    @property
-    def shape(self) -> BatchShape:
-        """What items must share to be denoised in one batch."""
-        return self.params.shape
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Items actually denoised together, with the id and positions they are recorded under."""
-
-    batch_id: str
-    items: tuple[Work, ...]
-    images: tuple[Image.Image, ...]
-    seconds: float
-    first: int = 0
-    """Batch position of the first item: a part of a chunk keeps its items' positions."""
-
-    def parts(self, count: int) -> list["Chunk"]:
-        """The chunk cut into at most `count` runs of consecutive items, to be stored in
-        parallel; each part carries its share of the denoising time."""
-        size = math.ceil(len(self.items) / count)
-        return [Chunk(self.batch_id, self.items[i:i + size], self.images[i:i + size],
-                      self.seconds * len(self.items[i:i + size]) / len(self.items), self.first + i)
-                for i in range(0, len(self.items), size)]
-
-
-@dataclass(frozen=True)
-class _Identity:
-    """The model as the cache key sees it."""
-
-    sha256: str
-    device: str
-    dtype: str
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A stored image an item may reuse: the item that made it, and what its row records."""
-
-    item_id: int
-    image_key: str
-    image_sha256: str | None
-    watermark: str | None
-
-
-@dataclass
-class RunReport:
-    done: int = 0
-    """Items finished as done, reused ones included."""
-    failed: int = 0
-    skipped: int = 0
-    reused: int = 0
-    """Done items whose image existed already: no model call."""
-
-    def add(self, other: "RunReport") -> None:
-        self.done, self.failed = self.done + other.done, self.failed + other.failed
-        self.skipped, self.reused = self.skipped + other.skipped, self.reused + other.reused
 
 
 class Runner:
@@ -296,8 +183,8 @@ class Runner:
         error: BaseException | None = None
         try:
             # The queue drains (every chunk stored) before the leases stop being renewed.
-            with _LeaseKeeper(self) as leases, \
-                    _StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
+            with LeaseKeeper(self) as leases, \
+                    StoreQueue(self.store_threads, QUEUED_CHUNKS) as queue:
                 for batch in batches:
                     left = [i for i in batch.item_ids if i not in reused]
                     if not left:
@@ -360,7 +247,7 @@ class Runner:
                     .where(Item.id.in_(batch.item_ids)).order_by(Item.id).with_for_update(of=Item)
                 ).all()
                 now = utcnow()
-                busy = {item.id for item, *_ in rows if _leased(item.status, item.lease_expires_at, now)}
+                busy = {item.id for item, *_ in rows if leased(item.status, item.lease_expires_at, now)}
                 if not busy or time.monotonic() > deadline:
                     return self._take(session, batch, rows, busy, pipe)
             time.sleep(min(1.0, self.lease_s / 4))
@@ -403,25 +290,25 @@ class Runner:
 
     # -- the result cache ---------------------------------------------------------------
 
-    def _identity(self) -> _Identity | None:
+    def _identity(self) -> Identity | None:
         """What the cache key needs of the model, without loading it: its sha256 (hashes
         are cached), and the device and dtype it is (or will be) loaded on, as
         `load_pipeline` chooses them. None when the model cannot be found (loading it then
         fails the items with the reason)."""
         if self._pipeline is not None:
-            return _Identity(self._pipeline.sha256, self._pipeline.device, self._pipeline.dtype)
+            return Identity(self._pipeline.sha256, self._pipeline.device, self._pipeline.dtype)
         try:
             sha256 = model_sha256(resolve_model_ref(self.model_ref), self.hash_cache)
         except (CheckpointError, ModelNotFound, ValueError, OSError):
             return None
         device = self.device or default_device()
-        return _Identity(sha256, device, self.dtype or default_dtype(device))
+        return Identity(sha256, device, self.dtype or default_dtype(device))
 
-    def _key(self, params: GenerationParams, model: Pipeline | _Identity) -> str:
+    def _key(self, params: GenerationParams, model: Pipeline | Identity) -> str:
         return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
                          device=model.device, dtype=model.dtype)
 
-    def _reuse_stored(self, batches: Sequence[Batch], pipe: _Identity) -> set[int]:
+    def _reuse_stored(self, batches: Sequence[Batch], pipe: Identity) -> set[int]:
         """Finish, as reusing the stored image, every item of the batches whose image is
         stored already (a done item with its cache key, whose object is still there); their
         ids. Done before anything is generated, a chunk of items at a time, so that a job
@@ -432,7 +319,7 @@ class Runner:
             reused |= self._reuse_chunk(ids[start:start + REUSE_CHUNK], pipe)
         return reused
 
-    def _reuse_chunk(self, ids: Sequence[int], pipe: _Identity) -> set[int]:
+    def _reuse_chunk(self, ids: Sequence[int], pipe: Identity) -> set[int]:
         with self.reads() as session:
             items = session.execute(
                 select(Item).join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
@@ -450,14 +337,14 @@ class Runner:
                 .where(Item.cache_key.in_(set(keys.values())), Item.status == Status.DONE,
                        Item.image_key.is_not(None)).order_by(Item.id)).all()
         # Objects are checked outside any transaction: a HEAD request can take a while.
-        sources: dict[str, _Source] = {}
+        sources: dict[str, Source] = {}
         present: dict[str, bool] = {}
         for key, item_id, reused_from, stored, sha256, watermark in found:
             if key not in sources:
                 if stored not in present:
                     present[stored] = self.storage.exists(stored)
                 if present[stored]:
-                    sources[key] = _Source(reused_from or item_id, stored, sha256, watermark)
+                    sources[key] = Source(reused_from or item_id, stored, sha256, watermark)
         hits = {item_id: key for item_id, key in keys.items() if key in sources}
         if not hits:
             return set()
@@ -466,7 +353,7 @@ class Runner:
             rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at)
                                    .where(Item.id.in_(list(hits))).with_for_update()).all()
             free = [(item_id, job_id) for item_id, job_id, status, lease in rows
-                    if status not in FINISHED and not _leased(status, lease, now)]
+                    if status not in FINISHED and not leased(status, lease, now)]
             if free:
                 session.execute(update(Item), [{
                     "id": item_id, "status": Status.DONE, "cache_key": hits[item_id],
@@ -690,11 +577,6 @@ def _generation_error(exc: BaseException, oom: bool, shape: BatchShape) -> str:
     return f"generation: {type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
 
 
-def _leased(status: Status, lease_expires_at: Any, now: Any) -> bool:
-    """Running under a lease that has not run out: its holder may be alive."""
-    return status == Status.RUNNING and lease_expires_at is not None and lease_expires_at > now
-
-
 def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
     """Close the jobs none of whose items is still to run: done, or failed if any item failed.
 
@@ -715,71 +597,3 @@ def _finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
                         .values(status=Status.FAILED if failed else Status.DONE, finished_at=now))
 
 
-class _StoreQueue:
-    """Store threads fed with finished chunks, at most `bound` chunks at a time: `put` blocks
-    the generator while that many are waiting or being stored, so a slow store holds back the
-    GPU instead of piling decoded images up in memory."""
-
-    def __init__(self, threads: int, bound: int) -> None:
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdq-store")
-        self.slots = threading.Semaphore(bound)
-        self.futures: list[Future[int]] = []
-
-    def put(self, parts: Sequence[Callable[[], int]]) -> None:
-        """Store one chunk as `parts` run on the threads; its slot frees when the last ends."""
-        self.slots.acquire()
-        left = len(parts)
-        lock = threading.Lock()
-
-        def part_done(_: Future[int]) -> None:
-            nonlocal left
-            with lock:
-                left -= 1
-                if left == 0:
-                    self.slots.release()
-
-        for part in parts:
-            future = self.pool.submit(part)
-            future.add_done_callback(part_done)
-            self.futures.append(future)
-
-    def __enter__(self) -> "_StoreQueue":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True)
-
-
-class _LeaseKeeper(threading.Thread):
-    """Renews the leases of the items a runner holds, every third of the lease."""
-
-    def __init__(self, runner: Runner) -> None:
-        super().__init__(name="sdq-lease", daemon=True)
-        self.runner = runner
-        self.ids: set[int] = set()
-        self.stopped = threading.Event()
-
-    def hold(self, ids: Iterable[int]) -> None:
-        self.ids.update(ids)
-
-    def __enter__(self) -> "_LeaseKeeper":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.join(timeout=30)
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.runner.lease_s / 3):
-            ids = list(self.ids)
-            if not ids:
-                continue
-            try:
-                with self.runner.sessions.begin() as session:
-                    session.execute(
-                        update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING,
-                                           Item.worker_host == self.runner.worker_name)
-                        .values(lease_expires_at=utcnow() + timedelta(seconds=self.runner.lease_s)))
-            except OperationalError as exc:  # the next renewal may get through; the lease has slack
-                log.warning("lease renewal failed: %s", exc)

@@ -9,13 +9,16 @@ from typing import Any
 from celery import Task, signals
 from sqlalchemy.exc import OperationalError
 
+from sdq.core.batch import Batch
+from sdq.core.settings import Settings
 from sdq.db.session import open_database
 from sdq.worker.app import TASK_NAME, app
+from sdq.worker.claims import LEASE_S
+from sdq.worker.factory import runner_from_settings
 from sdq.worker.heartbeat import Heartbeat
-from sdq.jobs.submit import runner_from_settings
+from sdq.worker.outage import TransientError
 from sdq.worker.reconciler import Reconciler
-from sdq.worker.runner import LEASE_S, Batch, Runner, TransientError
-from sdq.core.settings import Settings
+from sdq.worker.runner import Runner
 
 _SETTINGS = Settings.load()
 

@@ -16,7 +16,8 @@ from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, plan_batches, submit
-from sdq.worker.runner import Batch, Runner
+from sdq.core.batch import Batch
+from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
 from tests.conftest import stand_in_checkpoint
 from tests.s3server import FlakyProxy, S3Server

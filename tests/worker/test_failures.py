@@ -16,7 +16,8 @@ from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.storage import LocalStorage
 from sdq.jobs.submit import identify_model, plan_batches, submit
-from sdq.worker.runner import Batch, Runner
+from sdq.core.batch import Batch
+from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 

@@ -23,8 +23,12 @@ from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.storage import LocalStorage, Storage, open_storage
-from sdq.jobs.submit import identify_model, plan_batches, runner_from_settings, submit
-from sdq.worker.runner import QUEUED_CHUNKS, Batch, Runner, TransientError
+from sdq.core.batch import Batch
+from sdq.jobs.submit import identify_model, plan_batches, submit
+from sdq.worker.factory import runner_from_settings
+from sdq.worker.outage import TransientError
+from sdq.worker.runner import Runner
+from sdq.worker.store_queue import QUEUED_CHUNKS
 from sdq.core.settings import Settings, default_store_threads
 from tests.s3server import FlakyProxy, S3Server
 
