@@ -23,7 +23,7 @@ from sdq.cli.options import (
 )
 from sdq.db.models import Schedule
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.worker.app import PRIORITIES
+from sdq.jobs.broker import PRIORITIES
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
     NAME_PATTERN,
@@ -281,7 +281,7 @@ def scheduler(once: bool, max_interval: int, start: datetime | None) -> None:
     """
     from celery.beat import Service
 
-    from sdq.worker.app import create_app
+    from sdq.jobs.broker import create_app
     from sdq.worker.beat import DatabaseScheduler
 
     settings = load_settings(need_broker=False)

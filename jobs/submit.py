@@ -35,7 +35,7 @@ from sdq.core.params import (
     cache_key,
     short_hash,
 )
-from sdq.worker.app import (
+from sdq.jobs.broker import (
     PRIORITIES,
     TASK_NAME,
     broker_priority,

@@ -12,7 +12,8 @@ from sqlalchemy.exc import OperationalError
 from sdq.core.batch import Batch
 from sdq.core.settings import Settings
 from sdq.db.session import open_database
-from sdq.worker.app import TASK_NAME, app
+from sdq.jobs.broker import TASK_NAME
+from sdq.worker.app import app
 from sdq.worker.claims import LEASE_S
 from sdq.worker.factory import runner_from_settings
 from sdq.worker.heartbeat import Heartbeat

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Schedule, Status
-from sdq.worker.app import create_app, queue_name
+from sdq.jobs.broker import create_app, queue_name
 from sdq.worker.beat import DatabaseScheduler
 from sdq.jobs.schedule import (
     Run,

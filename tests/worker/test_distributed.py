@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sdq.cli.main import cli
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings

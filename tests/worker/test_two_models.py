@@ -14,7 +14,7 @@ from sdq.cli.main import cli
 from sdq.db.models import Model, Status
 from sdq.db.queries import register_model
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import open_storage
 from sdq.jobs.lifecycle import cancel_job
