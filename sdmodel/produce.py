@@ -57,8 +57,9 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
             on_step: Callable[[int, int, int], None] | None = None,
             on_smaller: Callable[[int], None] | None = None,
             isolate: bool = False) -> Iterator[Produced]:
-    """Denoise `params` in batches of one shape (grouped in shape order) and at most
-    `batch_size` requests (None: what the device holds at that size). `on_step(images, i,
+    """Denoise `params` in batches of one shape (shapes in their sort order, requests of one
+    shape in the order given) and at most `batch_size` requests (None: what the device holds
+    at that size). `on_step(images, i,
     steps)` as a batch of `images` reaches step i; `on_smaller(size)` when running out of
     memory lowers the batch size."""
     order = sorted(range(len(params)), key=lambda i: params[i].shape)
