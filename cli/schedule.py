@@ -226,9 +226,11 @@ def run_now(name: str, output: str | None) -> None:
     Example:
       sdq schedule run-now nightly
     """
+    from sdq.worker.factory import runner_from_settings
+
     settings = load_settings(need_broker=False)
     try:
-        run = run_schedule(settings, name, utc_clock().date())
+        run = run_schedule(settings, name, utc_clock().date(), make_runner=runner_from_settings)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=FAILED) from None
     if output == "json":

@@ -1,10 +1,11 @@
 """The message contract between whoever plans work and whoever runs it: the batches a message
-carries, and what a run of them did. Plain data, so the job services and the worker share it
-without either importing the other."""
+carries, what a run of them did, and what a runner offers. Plain data, so the job services and
+the worker share it without either importing the other."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,13 @@ class RunReport:
     def add(self, other: "RunReport") -> None:
         self.done, self.failed = self.done + other.done, self.failed + other.failed
         self.skipped, self.reused = self.skipped + other.skipped, self.reused + other.reused
+
+
+class BatchRunner(Protocol):
+    """What runs batches here, in-process (the worker's `Runner`): job services are handed one
+    for embedded mode instead of importing the worker."""
+
+    def run(self, batches: Sequence[Batch], on_recorded: Callable[[int], None] | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> RunReport:
+        """Run every batch to its end: each item done, failed, or handed back."""
+        ...

@@ -46,7 +46,7 @@ from sdq.jobs.broker import (
 from sdq.core.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
-    from sdq.core.batch import Batch, RunReport
+    from sdq.core.batch import Batch, BatchRunner, RunReport
 
 DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
 """Items planned (and claimed) together by default: as many as the largest batch a worker
@@ -56,6 +56,18 @@ GPU), so the submitter need not know the workers' hardware."""
 BATCHES_PER_MESSAGE = 2
 """Batches one message carries: enough for uploads of one to overlap denoising of the next,
 few enough that a lost worker's message is redone cheaply."""
+
+RunnerFactory = Callable[[Settings, Engine, str], "BatchRunner"]
+"""Builds the runner of an in-process run from the settings, the database and a model
+reference: the worker's `runner_from_settings`, handed in by the command (or the worker) that
+calls, so that job services never import the worker."""
+
+
+def check_runner(settings: Settings, make_runner: RunnerFactory | None) -> None:
+    """With no broker the batches run here, which needs a runner: a caller's mistake, told
+    before anything is recorded."""
+    if settings.embedded and make_runner is None:
+        raise TypeError("no broker is configured, so the batches run in-process: pass make_runner")
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,7 @@ def submit(
     on_recorded: Callable[[int], None] | None = None,
     on_submitted: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    make_runner: RunnerFactory | None = None,
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
@@ -147,11 +160,13 @@ def submit(
     chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
     registered model) keeps it, and each model's batches go to that model's queue.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
-    batch runs, so a caller can name the job even if the run is interrupted.
+    batch runs, so a caller can name the job even if the run is interrupted. `make_runner`
+    builds the in-process runner; it is needed in embedded mode only.
 
     Raises ValueError (a bad spec or no items; nothing recorded) or
     `db.session.SchemaMismatch`.
     """
+    check_runner(settings, make_runner)
     if settings.broker_url is not None:
         check_broker(settings.broker_url)
     engine = open_database(settings.database_url)
@@ -177,7 +192,7 @@ def submit(
                 report = dispatch(settings, engine, planned, Item.job_id == job.id,
                                   batches_per_message=batches_per_message,
                                   model_refs={model.sha256: model.ref}, on_recorded=on_recorded,
-                                  on_step=on_step)
+                                  on_step=on_step, make_runner=make_runner)
         except Exception as exc:
             if settings.embedded or not _broker_error(exc):
                 raise
@@ -314,21 +329,24 @@ def dispatch(
     model_refs: Mapping[str, str] | None = None,
     on_recorded: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    make_runner: RunnerFactory | None = None,
 ) -> RunReport | None:
     """Publish the batches to their models' queues at their priority (a message holds batches
     of one priority), then mark the pending items matching `where` (the predicate they were
-    planned with) queued, in one statement; in embedded mode run them here instead, one model
-    after the other, each loaded from `model_refs[sha256]`, else from where its model row says
-    it came from, else the settings' model."""
+    planned with) queued, in one statement; in embedded mode run them here instead, on
+    runners from `make_runner`, one model after the other, each loaded from
+    `model_refs[sha256]`, else from where its model row says it came from, else the settings'
+    model."""
     if settings.embedded:
         from sdq.core.batch import RunReport
-        from sdq.worker.factory import runner_from_settings
 
+        check_runner(settings, make_runner)
+        assert make_runner is not None
         refs = _model_sources(engine, planned)
         refs.update(model_refs or {})
         report = RunReport()
         for sha256, batches in planned.items():
-            runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
+            runner = make_runner(settings, engine, refs.get(sha256) or settings.model)
             report.add(runner.run(batches, on_recorded, on_step))
         return report
     app = create_app(settings)

@@ -19,6 +19,7 @@ from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.core.batch import Batch
 from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 
 from .conftest import job_items, specs
@@ -64,7 +65,8 @@ def test_a_model_that_fails_to_load_fails_its_items_with_the_reason(
     weights[key] = weights[key].to(torch.int8)
     broken = tmp_path / "int8-conv-in.safetensors"
     save_file(weights, str(broken))
-    result = submit(embedded, specs(3, steps=1), model=identify_model(broken), batch_size=2)
+    result = submit(embedded, specs(3, steps=1), model=identify_model(broken), batch_size=2,
+                    make_runner=runner_from_settings)
     assert result.report is not None and result.report.failed == 3
     items = job_items(open_database(embedded.database_url), result.job_id)
     assert {(i.status, i.attempts) for i in items} == {(Status.FAILED, 1)}

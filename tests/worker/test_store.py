@@ -80,7 +80,8 @@ def test_the_png_level_setting_changes_the_stored_file_not_its_pixels(
     for level in ("0", "9"):
         settings = Settings.load({**embedded_env, "SDQ_PNG_LEVEL": level,
                                   "SDQ_HOME": f"{embedded_env['SDQ_HOME']}-{level}"})
-        result = submit(settings, specs(1), model=identify_model(tiny_checkpoint))
+        result = submit(settings, specs(1), model=identify_model(tiny_checkpoint),
+                        make_runner=runner_from_settings)
         [item] = job_items(open_database(settings.database_url), result.job_id)
         stored[level] = open_storage(settings.storage_url).get(item.image_key)
     assert len(stored["0"]) > 64 * 64 * 3 > len(stored["9"])
