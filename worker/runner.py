@@ -256,8 +256,8 @@ class Runner:
                           watermark=self.watermark, level=self.png_level)
             recorded = retrying("storing images", lambda: record(
                 self.sessions, self.storage, chunk, pngs, verdicts, device=pipe.device), self.outage_s)
-        except TransientError as exc:
-            retrying("handing items back", lambda: self.claims.hand_back(ids, exc), self.outage_s)
+        except TransientError as outage:
+            retrying("handing items back", partial(self.claims.hand_back, ids, outage), self.outage_s)
             raise
         except BaseException as exc:
             log.error("storing %d image(s) failed: %s: %s", len(ids), type(exc).__name__, exc)
