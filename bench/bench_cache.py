@@ -31,6 +31,7 @@ from sdq.images.provenance import Provenance, encode_png, environment_fingerprin
 from sdq.images.storage import image_key, open_storage
 from sdq.jobs.submit import identify_model, stored_count, submit
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 
 
@@ -91,7 +92,7 @@ def main() -> None:
             estimate = stored_count(session, items, model, settings)
             dry_run = time.perf_counter() - start
         start = time.perf_counter()
-        result = submit(settings, items, model=model)
+        result = submit(settings, items, model=model, make_runner=runner_from_settings)
         resubmit = time.perf_counter() - start
         report = result.report
         assert report is not None and report.reused == report.done == args.items, report

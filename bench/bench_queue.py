@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from sdq.db.models import Item, Status
 from sdq.db.session import engine_from_url, upgrade
 from sdq.sdmodel.pipeline import Request, load_pipeline
-from sdq.worker.app import level_lists
+from sdq.jobs.broker import level_lists
 from sdq.jobs.submit import ModelIdentity, identify_model, submit
 from sdq.core.settings import Settings
 from tests.conftest import full_size_networks_fp16, ldm_checkpoint

@@ -308,7 +308,7 @@ def _queue_items(engine, pipe, count: int, args: argparse.Namespace, batch: int)
 
     from sdq.db.models import Item, Job, Model
     from sdq.db.queries import submit_job
-    from sdq.worker.runner import Batch
+    from sdq.core.batch import Batch
 
     specs = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": 1000 + i, "sampler": "ddim",
               "steps": args.steps, "cfg": GUIDANCE, "width": args.width, "height": args.height}

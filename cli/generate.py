@@ -5,6 +5,7 @@ import json
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,12 +57,13 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
       sdq generate "a photograph of an astronaut riding a horse" \\
           --model v1-5-pruned-emaonly.safetensors --seed 42 -n 4 -o astronaut.png
     """
+    from sdq.images.provenance import Provenance, environment_fingerprint
+    from sdq.images.safety import encode_judged, judge
+    from sdq.jobs.submit import job_safety_checker
     from sdq.sdmodel import clip
     from sdq.sdmodel.pipeline import DTYPES, load_pipeline
+    from sdq.sdmodel.produce import produce
     from sdq.sdmodel.safety import load_safety_checker
-    from sdq.images.provenance import Provenance, encode_png, environment_fingerprint
-    from sdq.images.safety import judge, stored_image
-    from sdq.jobs.submit import job_safety_checker
 
     base_seed = random.randrange(SEED_LIMIT) if seed is None else seed
     if base_seed + num_images > SEED_LIMIT:
@@ -96,42 +98,33 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                        f"dropped: {dropped!r}", err=True)
     environment = environment_fingerprint(pipe.device, pipe.dtype)
     watermark = None if no_watermark else settings.watermark
-    shape = params[0].shape
-    batches = [params[i:i + size] for i in range(0, num_images, size)]
     paths = output_paths(output, num_images)
-    written = []
+    written: list[dict[str, Any]] = []
     bar = ProgressLine("generating", num_images)
     try:
-        for batch in batches:
-            def on_step(i: int, total: int, images: int = len(batch)) -> None:
-                bar.step(images, i, total)
-
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", clip.PromptTruncated)
-                    images = pipe.generate([p.request for p in batch], **shape.settings(),
-                                           on_step=on_step)
-            except ValueError as exc:
-                raise CommandFailed.of(exc, code=FAILED) from None
-            verdicts = judge(checker, images, [on_flag] * len(images)) if checker else [None] * len(images)
-            for position, (image_params, image, verdict) in enumerate(zip(batch, images, verdicts)):
-                path = paths[len(written)]
-                entry = {"path": str(path), "seed": image_params.seed, "sha256": None,
-                         "watermark": None, "safety": verdict.to_json() if verdict else None}
-                written.append(entry)
-                stored = stored_image(image, verdict)
-                if stored is None:
-                    entry["path"] = None
-                    continue
-                provenance = Provenance(
-                    params=image_params, model_sha256=pipe.sha256, model_name=pipe.name,
-                    environment=environment, batch_position=position, safety=verdict,
-                )
-                png = encode_png(stored, provenance, watermark=watermark if stored is image else None,
-                                 level=settings.png_level)
-                write_atomically(path, png.data)
-                entry.update(sha256=png.sha256, watermark=png.watermark)
-            bar.advance(len(batch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", clip.PromptTruncated)
+            for produced in produce(pipe, params, batch_size=size, on_step=bar.step):
+                images = produced.images
+                verdicts = judge(checker, images, [on_flag] * len(images)) if checker \
+                    else [None] * len(images)
+                for position, (i, image, verdict) in enumerate(zip(produced.indices, images, verdicts)):
+                    entry: dict[str, Any] = {"path": str(paths[i]), "seed": params[i].seed,
+                                             "sha256": None, "watermark": None,
+                                             "safety": verdict.to_json() if verdict else None}
+                    written.append(entry)
+                    png = encode_judged(image, verdict, Provenance(
+                        params=params[i], model_sha256=pipe.sha256, model_name=pipe.name,
+                        environment=environment, batch_position=position, safety=verdict,
+                    ), watermark=watermark, level=settings.png_level)
+                    if png is None:
+                        entry["path"] = None
+                        continue
+                    write_atomically(paths[i], png.data)
+                    entry.update(sha256=png.sha256, watermark=png.watermark)
+                bar.advance(len(images))
+    except ValueError as exc:
+        raise CommandFailed.of(exc, code=FAILED) from None
     finally:
         bar.close()
     if printed == "json":

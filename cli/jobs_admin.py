@@ -44,9 +44,10 @@ def retry(job_id: int, output: str | None) -> None:
       sdq retry 42
     """
     from sdq.jobs.lifecycle import retry_job
+    from sdq.worker.factory import runner_from_settings
 
-    _report_requeued(output, retry_job(load_settings(need_broker=False), job_id), job_id,
-                     "failed item(s)")
+    _report_requeued(output, retry_job(load_settings(need_broker=False), job_id,
+                                       runner_from_settings), job_id, "failed item(s)")
 
 
 @click.command()
@@ -79,5 +80,7 @@ def reconcile(output: str | None) -> None:
       sdq reconcile
     """
     from sdq.jobs.lifecycle import reconcile as reconcile_items
+    from sdq.worker.factory import runner_from_settings
 
-    _report_requeued(output, reconcile_items(load_settings(need_broker=False)), None, "item(s)")
+    _report_requeued(output, reconcile_items(load_settings(need_broker=False), runner_from_settings),
+                     None, "item(s)")

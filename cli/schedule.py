@@ -23,7 +23,7 @@ from sdq.cli.options import (
 )
 from sdq.db.models import Schedule
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.worker.app import PRIORITIES
+from sdq.jobs.broker import PRIORITIES
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
     NAME_PATTERN,
@@ -226,9 +226,11 @@ def run_now(name: str, output: str | None) -> None:
     Example:
       sdq schedule run-now nightly
     """
+    from sdq.worker.factory import runner_from_settings
+
     settings = load_settings(need_broker=False)
     try:
-        run = run_schedule(settings, name, utc_clock().date())
+        run = run_schedule(settings, name, utc_clock().date(), make_runner=runner_from_settings)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=FAILED) from None
     if output == "json":
@@ -281,7 +283,7 @@ def scheduler(once: bool, max_interval: int, start: datetime | None) -> None:
     """
     from celery.beat import Service
 
-    from sdq.worker.app import create_app
+    from sdq.jobs.broker import create_app
     from sdq.worker.beat import DatabaseScheduler
 
     settings = load_settings(need_broker=False)

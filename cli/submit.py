@@ -31,7 +31,7 @@ from sdq.cli.options import (
 from sdq.db.models import Job
 from sdq.db.queries import find_model
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.worker.app import PRIORITIES
+from sdq.jobs.broker import PRIORITIES
 from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
 from sdq.jobs.submit import DEFAULT_BATCH_SIZE
 from sdq.jobs.templates import Expansion
@@ -182,6 +182,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
             as_json: bool) -> tuple[dict[str, Any], int]:
     """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
     from sdq.jobs.submit import submit as submit_items
+    from sdq.worker.factory import runner_from_settings
 
     submitted: list[int] = []
     with recorded_bar("generating") as start:
@@ -196,7 +197,8 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
         try:
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
-                                  on_recorded=lambda n: on_recorded[0](n), on_step=start.step)
+                                  on_recorded=lambda n: on_recorded[0](n), on_step=start.step,
+                                  make_runner=runner_from_settings)
         except KeyboardInterrupt:
             if not submitted:
                 raise

@@ -54,13 +54,14 @@ def resume(job_id: int, output: str | None) -> None:
     """
     from sdq.db.queries import job_progress
     from sdq.jobs.lifecycle import resume_job
+    from sdq.worker.factory import runner_from_settings
 
     settings = load_settings(need_broker=False)
     with recorded_bar(f"job {job_id}") as start:
         try:
             resumed = resume_job(settings, job_id,
                                  on_planned=lambda total, done: start(total, done),
-                                 on_step=start.step)
+                                 on_step=start.step, make_runner=runner_from_settings)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; `sdq resume {job_id}` goes on from here")
     with database_session(settings) as session:

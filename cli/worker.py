@@ -54,7 +54,7 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     """
     from kombu.exceptions import OperationalError
 
-    from sdq.worker.app import create_app, queue_name
+    from sdq.jobs.broker import create_app, queue_name
     from sdq.worker.broker_keys import upgrade_broker_keys
     from sdq.jobs.submit import identify_model
 

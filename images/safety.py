@@ -1,4 +1,5 @@
-"""What the safety checker's verdict does to an image, the same in the runner and `sdq generate`.
+"""What the safety checker's verdict does to an image and its PNG, the same in the runner and
+`sdq generate`.
 
 The checker (`sdmodel.safety`) only scores. A job's `on_flag` decides the rest: a flagged image
 is kept as generated, replaced by a black image of the same size, or dropped (no image stored);
@@ -14,7 +15,7 @@ from PIL import Image
 
 from sdq.db.models import SAFETY_ACTIONS
 
-from .provenance import SafetyVerdict
+from .provenance import EncodedPng, Provenance, SafetyVerdict, encode_png
 
 if TYPE_CHECKING:
     from sdq.sdmodel.safety import SafetyChecker
@@ -33,3 +34,15 @@ def stored_image(image: Image.Image, verdict: SafetyVerdict | None) -> Image.Ima
     if verdict is None or verdict.action == "kept":
         return image
     return Image.new("RGB", image.size) if verdict.action == "blacked" else None
+
+
+def encode_judged(image: Image.Image, verdict: SafetyVerdict | None, provenance: Provenance, *,
+                  watermark: str | None, level: int) -> EncodedPng | None:
+    """The PNG stored for a generated image after its verdict: as generated, with the
+    watermark; black, without it (a black image is not what the model made); or None
+    (dropped)."""
+    stored = stored_image(image, verdict)
+    if stored is None:
+        return None
+    return encode_png(stored, provenance, watermark=watermark if stored is image else None,
+                      level=level)

@@ -21,6 +21,8 @@ from sdq.db.session import open_database
 from sdq.core.errors import NotFound
 from sdq.jobs.submit import (
     DEFAULT_BATCH_SIZE,
+    RunnerFactory,
+    check_runner,
     dispatch,
     handed_back_on_interrupt,
     plan_batches,
@@ -28,7 +30,7 @@ from sdq.jobs.submit import (
 from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
-    from sdq.worker.runner import RunReport
+    from sdq.core.batch import RunReport
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,21 @@ class Requeued:
 
 
 def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
-             prefix: str) -> Requeued:
+             prefix: str, make_runner: RunnerFactory | None = None) -> Requeued:
     """Plan batches for the items matching `where`, commit, then dispatch them."""
     planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
     session.commit()
-    report = dispatch(settings, engine, planned, where)
+    report = dispatch(settings, engine, planned, where, make_runner=make_runner)
     batches = [b for group in planned.values() for b in group]
     return Requeued(sum(len(b.item_ids) for b in batches), len(batches), report)
 
 
-def reconcile(settings: Settings) -> Requeued:
+def reconcile(settings: Settings, make_runner: RunnerFactory | None = None) -> Requeued:
     """Re-enqueue every item that should be in the queue: pending (never enqueued), queued
     (its message may be gone with a flushed Redis) and running under an expired lease (its
-    worker is gone). Items of finished or cancelled jobs are left alone."""
+    worker is gone). Items of finished or cancelled jobs are left alone. With no broker they
+    run here, on a runner from `make_runner`."""
+    check_runner(settings, make_runner)
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
@@ -63,7 +67,8 @@ def reconcile(settings: Settings) -> Requeued:
                 update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
                 .values(status=Status.QUEUED, lease_expires_at=None))
             open_items = Item.status.in_((Status.PENDING, Status.QUEUED))
-            return _requeue(settings, engine, session, open_items, f"r{int(time.time())}")
+            return _requeue(settings, engine, session, open_items, f"r{int(time.time())}",
+                            make_runner)
     finally:
         engine.dispose()
 
@@ -105,9 +110,11 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
         return _requeue(settings, engine, session, Item.id.in_(taken), f"s{int(time.time())}")
 
 
-def retry_job(settings: Settings, job_id: int) -> Requeued:
+def retry_job(settings: Settings, job_id: int, make_runner: RunnerFactory | None = None) -> Requeued:
     """Give the job's failed items a fresh set of attempts and enqueue them again (in
-    embedded mode: run them again here; `Requeued.report` says how that went)."""
+    embedded mode: run them again here, on a runner from `make_runner`; `Requeued.report`
+    says how that went)."""
+    check_runner(settings, make_runner)
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
@@ -117,7 +124,8 @@ def retry_job(settings: Settings, job_id: int) -> Requeued:
                 .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None))
             job.status, job.finished_at = Status.QUEUED, None
             where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
-            return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}")
+            return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}",
+                            make_runner)
     finally:
         engine.dispose()
 
@@ -136,12 +144,14 @@ class Resumed:
 
 def resume_job(settings: Settings, job_id: int,
                on_planned: Callable[[int, int], Callable[[int], None]] | None = None,
-               on_step: Callable[[int, int, int], None] | None = None) -> Resumed:
+               on_step: Callable[[int, int, int], None] | None = None,
+               make_runner: RunnerFactory | None = None) -> Resumed:
     """Run again the job's items an interrupted run left: pending, queued, and running under
     an expired lease (their process is gone); items done, failed or cancelled stay as they
     are, so nothing is generated twice. In embedded mode they run here, through the same
-    runner as a submit (`on_planned(total, finished)` is called first and returns the
-    `on_recorded` callback); with a broker they are enqueued."""
+    runner as a submit, from `make_runner` (`on_planned(total, finished)` is called first and
+    returns the `on_recorded` callback); with a broker they are enqueued."""
+    check_runner(settings, make_runner)
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
@@ -168,7 +178,7 @@ def resume_job(settings: Settings, job_id: int,
         if planned:
             with handed_back_on_interrupt(engine, job_id):
                 report = dispatch(settings, engine, planned, where, on_recorded=on_recorded,
-                                  on_step=on_step)
+                                  on_step=on_step, make_runner=make_runner)
         return Resumed(open_count, sum(len(group) for group in planned.values()), leased, report)
     finally:
         engine.dispose()

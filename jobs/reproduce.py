@@ -29,6 +29,7 @@ from sdq.db.models import Item
 from sdq.db.queries import batch_items
 from sdq.core.errors import Refused
 from sdq.sdmodel.pipeline import Pipeline
+from sdq.sdmodel.produce import produce
 from sdq.images import watermark as wm
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
 
@@ -69,9 +70,13 @@ def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
 
 
 def regenerate(pipe: Pipeline, items: Sequence[Item]) -> list[Image.Image]:
-    """The unmarked images of `items`, denoised as one batch in the given order."""
+    """The unmarked images of `items`, denoised as one batch in the given order (split in
+    halves only if the device runs out of memory: `produce`)."""
     params = [item.params for item in items]
-    return pipe.generate([p.request for p in params], **params[0].shape.settings())
+    images: list[Image.Image] = []
+    for produced in produce(pipe, params, batch_size=len(params)):
+        images.extend(produced.images)
+    return images
 
 
 def compare(stored_png: bytes, regenerated: Image.Image) -> Comparison:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
@@ -36,6 +36,9 @@ from sdq.jobs.cron import Cron, parse_cron
 from sdq.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 from sdq.jobs.templates import Expansion
 from sdq.core.settings import Settings
+
+if TYPE_CHECKING:
+    from sdq.jobs.submit import RunnerFactory
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +305,10 @@ class Run:
     items: int = 0
 
 
-def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3) -> Run:
-    """Create (and, with no broker, run here) the schedule's job for `day`, unless it exists.
+def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
+                 make_runner: RunnerFactory | None = None) -> Run:
+    """Create (and, with no broker, run here on a runner from `make_runner`) the schedule's
+    job for `day`, unless it exists.
 
     The job and its items are recorded by `submit` in one transaction; the database refuses a
     second job for the same (schedule, day), in which case the existing one is returned.
@@ -342,7 +347,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
                       on_flag=options.get("on_flag") or "keep")
             try:
                 submission = submit(settings, parsed.items, model=model, job=job,
-                                    batch_size=options.get("batch_size"))
+                                    batch_size=options.get("batch_size"), make_runner=make_runner)
             except (IntegrityError, OperationalError):
                 # Another scheduler got there first (the unique pair refused this job), or,
                 # on SQLite, its write made this transaction's snapshot stale: look again. A
@@ -370,8 +375,9 @@ def _mark_ran(engine: Engine, schedule_id: int, day: date) -> None:
         ).values(last_run_day=day))
 
 
-def run_due(settings: Settings, now: datetime) -> list[Run]:
-    """Run every schedule due at `now`; one failing schedule is logged and retried next time."""
+def run_due(settings: Settings, now: datetime, make_runner: RunnerFactory | None = None) -> list[Run]:
+    """Run every schedule due at `now` (with no broker, here, on runners from `make_runner`);
+    one failing schedule is logged and retried next time."""
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
@@ -381,7 +387,7 @@ def run_due(settings: Settings, now: datetime) -> list[Run]:
     runs = []
     for name, day in due:
         try:
-            run = run_schedule(settings, name, day)
+            run = run_schedule(settings, name, day, make_runner=make_runner)
         except Exception:
             log.exception("schedule %s: the run of %s failed", name, day)
             continue

@@ -35,7 +35,7 @@ from sdq.core.params import (
     cache_key,
     short_hash,
 )
-from sdq.worker.app import (
+from sdq.jobs.broker import (
     PRIORITIES,
     TASK_NAME,
     broker_priority,
@@ -43,11 +43,10 @@ from sdq.worker.app import (
     create_app,
     queue_name,
 )
-from sdq.images.storage import open_storage
 from sdq.core.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
-    from sdq.worker.runner import Batch, Runner, RunReport
+    from sdq.core.batch import Batch, BatchRunner, RunReport
 
 DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
 """Items planned (and claimed) together by default: as many as the largest batch a worker
@@ -57,6 +56,18 @@ GPU), so the submitter need not know the workers' hardware."""
 BATCHES_PER_MESSAGE = 2
 """Batches one message carries: enough for uploads of one to overlap denoising of the next,
 few enough that a lost worker's message is redone cheaply."""
+
+RunnerFactory = Callable[[Settings, Engine, str], "BatchRunner"]
+"""Builds the runner of an in-process run from the settings, the database and a model
+reference: the worker's `runner_from_settings`, handed in by the command (or the worker) that
+calls, so that job services never import the worker."""
+
+
+def check_runner(settings: Settings, make_runner: RunnerFactory | None) -> None:
+    """With no broker the batches run here, which needs a runner: a caller's mistake, told
+    before anything is recorded."""
+    if settings.embedded and make_runner is None:
+        raise TypeError("no broker is configured, so the batches run in-process: pass make_runner")
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ def submit(
     on_recorded: Callable[[int], None] | None = None,
     on_submitted: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    make_runner: RunnerFactory | None = None,
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
@@ -148,11 +160,13 @@ def submit(
     chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
     registered model) keeps it, and each model's batches go to that model's queue.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
-    batch runs, so a caller can name the job even if the run is interrupted.
+    batch runs, so a caller can name the job even if the run is interrupted. `make_runner`
+    builds the in-process runner; it is needed in embedded mode only.
 
     Raises ValueError (a bad spec or no items; nothing recorded) or
     `db.session.SchemaMismatch`.
     """
+    check_runner(settings, make_runner)
     if settings.broker_url is not None:
         check_broker(settings.broker_url)
     engine = open_database(settings.database_url)
@@ -178,7 +192,7 @@ def submit(
                 report = dispatch(settings, engine, planned, Item.job_id == job.id,
                                   batches_per_message=batches_per_message,
                                   model_refs={model.sha256: model.ref}, on_recorded=on_recorded,
-                                  on_step=on_step)
+                                  on_step=on_step, make_runner=make_runner)
         except Exception as exc:
             if settings.embedded or not _broker_error(exc):
                 raise
@@ -290,7 +304,7 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
     size, eta) and one job priority, at most `batch_size` items each; highest priority first,
     then in submission order. Guidance, prompts and seeds may differ within a batch: each
     image has its own generator, so batching never changes it."""
-    from sdq.worker.runner import Batch
+    from sdq.core.batch import Batch
 
     rows = session.execute(
         select(Item.id, Model.sha256, Job.priority, *(getattr(Item, f) for f in SHAPE_FIELDS))
@@ -315,20 +329,24 @@ def dispatch(
     model_refs: Mapping[str, str] | None = None,
     on_recorded: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    make_runner: RunnerFactory | None = None,
 ) -> RunReport | None:
     """Publish the batches to their models' queues at their priority (a message holds batches
     of one priority), then mark the pending items matching `where` (the predicate they were
-    planned with) queued, in one statement; in embedded mode run them here instead, one model
-    after the other, each loaded from `model_refs[sha256]`, else from where its model row says
-    it came from, else the settings' model."""
+    planned with) queued, in one statement; in embedded mode run them here instead, on
+    runners from `make_runner`, one model after the other, each loaded from
+    `model_refs[sha256]`, else from where its model row says it came from, else the settings'
+    model."""
     if settings.embedded:
-        from sdq.worker.runner import RunReport
+        from sdq.core.batch import RunReport
 
+        check_runner(settings, make_runner)
+        assert make_runner is not None
         refs = _model_sources(engine, planned)
         refs.update(model_refs or {})
         report = RunReport()
         for sha256, batches in planned.items():
-            runner = runner_from_settings(settings, engine, refs.get(sha256) or settings.model)
+            runner = make_runner(settings, engine, refs.get(sha256) or settings.model)
             report.add(runner.run(batches, on_recorded, on_step))
         return report
     app = create_app(settings)
@@ -356,19 +374,3 @@ def _model_sources(engine: Engine, planned: Mapping[str, Sequence[Batch]]) -> di
         rows = session.execute(select(Model.sha256, Model.source_uri)
                                .where(Model.sha256.in_(list(planned))))
         return {sha256: source for sha256, source in rows if source}
-
-
-def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
-                         worker_name: str | None = None) -> Runner:
-    """A runner configured from settings, as both modes build it."""
-    from sdq.worker.runner import LEASE_S, Runner
-
-    return Runner(
-        engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
-        model_ref=model_ref, device=settings.device, dtype=settings.dtype,
-        watermark=settings.watermark, hash_cache=settings.home / "hashes.json",
-        max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
-        micro_batch=settings.batch_size, worker_name=worker_name,
-        png_level=settings.png_level, store_threads=settings.store_threads,
-        fast=settings.fast_path_spec, outage_s=settings.outage_timeout,
-    )

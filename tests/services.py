@@ -17,7 +17,7 @@ import redis
 from sqlalchemy.engine import Engine, make_url
 
 from sdq.db.session import engine_from_url
-from sdq.worker.app import level_lists
+from sdq.jobs.broker import level_lists
 
 POSTGRESQL_URL = os.environ.get(
     "SDQ_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"

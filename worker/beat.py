@@ -11,8 +11,9 @@ from typing import Any
 from celery.beat import Scheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from sdq.jobs.schedule import Clock, Run, run_due, seconds_to_next_run, utc_clock
 from sdq.core.settings import Settings
+from sdq.jobs.schedule import Clock, Run, run_due, seconds_to_next_run, utc_clock
+from sdq.worker.factory import runner_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class DatabaseScheduler(Scheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
-            self.last_runs = run_due(self.settings, self.clock())
+            self.last_runs = run_due(self.settings, self.clock(), runner_from_settings)
             wait = seconds_to_next_run(self.settings, self.clock())
         except SQLAlchemyError as exc:
             # The database restarting is no reason to stop: look again at the next tick.

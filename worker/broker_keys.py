@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kombu.transport.redis import Channel
 
-from sdq.worker.app import QUEUE_PREFIX
+from sdq.jobs.broker import QUEUE_PREFIX
 
 LEGACY_SEP = ":"
 

@@ -55,7 +55,7 @@ class Heartbeat(threading.Thread):
 
     def _queue(self) -> str | None:
         """The queue this worker serves, from its model's hash (cached by `sdq worker`)."""
-        from sdq.worker.app import queue_name
+        from sdq.jobs.broker import queue_name
         from sdq.jobs.submit import identify_model
 
         try:

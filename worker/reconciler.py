@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from sdq.worker.app import level_lists, queue_name
+from sdq.jobs.broker import level_lists, queue_name
 from sdq.core.settings import Settings
 
 log = logging.getLogger(__name__)

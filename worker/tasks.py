@@ -1,23 +1,38 @@
 """The one Celery task: run the batches a message carries. Thin on purpose: the payload is
-item ids, the runner re-reads the rows, and the message is acknowledged only when it returns."""
+item ids, and the runner re-reads the rows.
+
+The message is acknowledged when the run returns, once every chunk is denoised and queued for
+storing; the store threads finish it while the next message denoises, holding the items'
+leases until their rows are written. A pool process that stops (warm shutdown) stores what it
+holds first. Should it die instead, the leases run out and the workers' reconcile takes the
+items again."""
 from __future__ import annotations
 
 import signal
 import threading
+from functools import cache
 from typing import Any
 
 from celery import Task, signals
 from sqlalchemy.exc import OperationalError
 
-from sdq.db.session import open_database
-from sdq.worker.app import TASK_NAME, app
-from sdq.worker.heartbeat import Heartbeat
-from sdq.jobs.submit import runner_from_settings
-from sdq.worker.reconciler import Reconciler
-from sdq.worker.runner import LEASE_S, Batch, Runner, TransientError
+from sdq.core.batch import Batch
 from sdq.core.settings import Settings
+from sdq.db.session import open_database
+from sdq.jobs.broker import TASK_NAME
+from sdq.worker.app import app
+from sdq.worker.claims import LEASE_S
+from sdq.worker.factory import runner_from_settings
+from sdq.worker.heartbeat import Heartbeat
+from sdq.worker.outage import TransientError
+from sdq.worker.reconciler import Reconciler
+from sdq.worker.runner import Runner
 
-_SETTINGS = Settings.load()
+
+@cache
+def settings() -> Settings:
+    """The worker process's settings, read when first needed, never at import."""
+    return Settings.load()
 
 
 class BatchTask(Task):
@@ -30,21 +45,35 @@ class BatchTask(Task):
     _runner: Runner | None = None
     _lock = threading.Lock()  # the heartbeat thread asks for the runner too
 
+    @property  # type: ignore[override]
+    def max_retries(self) -> int:
+        """Deliveries of a message that outlasted the outage window, SDQ_MAX_ATTEMPTS: read
+        from the settings when Celery asks, not when the module is imported."""
+        return settings().max_attempts
+
     @classmethod
     def runner(cls, worker_name: str) -> Runner:
         with cls._lock:
             if cls._runner is None:
-                engine = open_database(_SETTINGS.database_url)
-                cls._runner = runner_from_settings(_SETTINGS, engine, _SETTINGS.model, worker_name)
+                engine = open_database(settings().database_url)
+                cls._runner = runner_from_settings(settings(), engine, settings().model, worker_name)
             return cls._runner
+
+    @classmethod
+    def drain(cls) -> None:
+        """Store what this process's runner still holds (it is shutting down)."""
+        with cls._lock:
+            runner = cls._runner
+        if runner is not None:
+            runner.drain()
 
 
 @app.task(bind=True, base=BatchTask, name=TASK_NAME,
           autoretry_for=(TransientError, OperationalError),
-          retry_backoff=True, retry_backoff_max=60, max_retries=_SETTINGS.max_attempts)
+          retry_backoff=True, retry_backoff_max=60)
 def run_batches(self: BatchTask, batches: list[dict[str, Any]]) -> None:
     """Run `batches` (each `{"id": ..., "items": [item ids]}`) on this worker's model."""
-    self.runner(self.request.hostname).run([Batch.from_json(b) for b in batches])
+    self.runner(self.request.hostname).run([Batch.from_json(b) for b in batches], wait=False)
 
 
 _node: dict[str, str] = {}
@@ -66,6 +95,15 @@ def _start_heartbeat(**_: Any) -> None:
     # (WorkerLostError), so the pool process ignores it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     name = _node.get("name", "sdq")
-    Heartbeat(_SETTINGS, name, lambda: BatchTask.runner(name)).start()
-    if _SETTINGS.reconcile_interval:
-        Reconciler(_SETTINGS, grace_s=min(LEASE_S, _SETTINGS.visibility_timeout)).start()
+    Heartbeat(settings(), name, lambda: BatchTask.runner(name)).start()
+    if settings().reconcile_interval:
+        Reconciler(settings(), grace_s=min(LEASE_S, settings().visibility_timeout)).start()
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _store_what_is_held(**_: Any) -> None:
+    """A stopping worker (a pool process, or the main process of a solo pool) first stores
+    the images its last runs queued: warm shutdown finishes the running batch, and the batch
+    ends when its rows are written."""
+    BatchTask.drain()

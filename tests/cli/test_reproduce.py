@@ -7,6 +7,7 @@ from pathlib import Path
 from sdq.db.models import Item
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.worker.conftest import job_items, specs
 
 from .conftest import Home
@@ -16,7 +17,7 @@ def run_job(home: Home, checkpoint: Path, count: int, *, size: int = 64) -> list
     """`count` different items (prompts, seeds, guidance) made in one batch on the CPU."""
     home.env["SDQ_DEVICE"] = "cpu"
     result = submit(Settings.load(home.env), specs(count, size=size),
-                    model=identify_model(checkpoint), batch_size=count)
+                    model=identify_model(checkpoint), batch_size=count, make_runner=runner_from_settings)
     items = job_items(home.engine, result.job_id)
     assert {i.batch_id for i in items} != {None} and len({i.batch_id for i in items}) == 1
     return items

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Schedule, Status
-from sdq.worker.app import create_app, queue_name
+from sdq.jobs.broker import create_app, queue_name
 from sdq.worker.beat import DatabaseScheduler
 from sdq.jobs.schedule import (
     Run,
@@ -32,6 +32,7 @@ from sdq.jobs.schedule import (
 )
 from sdq.jobs.submit import identify_model
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.cli.conftest import Home
 from tests.services import clear_queues, in_queue
 
@@ -292,7 +293,7 @@ def test_racing_runs_of_one_day_make_one_job(any_home: Home, prompts: Path,
 
     def race(_: int) -> Run:
         start.wait()
-        return run_schedule(settings, "nightly", DAY1.date())
+        return run_schedule(settings, "nightly", DAY1.date(), make_runner=runner_from_settings)
 
     with ThreadPoolExecutor(3) as pool:
         runs = list(pool.map(race, range(3)))

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Status
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.jobs.submit import NotEnqueued, identify_model, submit
 from sdq.core.settings import Settings
 from tests.faults import TcpProxy

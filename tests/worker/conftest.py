@@ -14,9 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Item
-from sdq.db.session import upgrade
+from sdq.core.batch import Batch
 from sdq.core.settings import Settings
+from sdq.db.models import Item, Job
+from sdq.db.queries import register_model, submit_job
+from sdq.db.session import upgrade
+from sdq.jobs.submit import plan_batches
 from tests.s3server import S3Server
 from tests.services import scratch_database
 
@@ -28,6 +31,19 @@ def specs(count: int, *, steps: int = 2, size: int = 64, **fields: Any) -> list[
     return [{"prompt": f"a red boat number {n}", "seed": 1000 + n, "sampler": "euler",
              "steps": steps, "cfg": 7.5 if n % 2 else 5.0, "width": size, "height": size, **fields}
             for n in range(count)]
+
+
+def queued_job(engine: Engine, sha256: str, items: list[dict[str, Any]], batch_size: int, *,
+               job: Job | None = None, prefix: str = "q") -> tuple[int, list[Batch]]:
+    """A job of `items` for the model `sha256`, recorded and planned into batches of
+    `batch_size`, not yet run: what a runner receives."""
+    with Session(engine) as session:
+        model = register_model(session, sha256=sha256, name=f"m{sha256[:8]}", source_uri="")
+        session.flush()
+        recorded = submit_job(session, job or Job(), [{**s, "model_id": model.id} for s in items])
+        session.commit()
+        return recorded.id, plan_batches(session, Item.job_id == recorded.id, batch_size,
+                                         prefix=prefix)[sha256]
 
 
 def job_items(engine: Engine, job_id: int) -> list[Item]:

@@ -37,7 +37,7 @@ def test_importing_the_module_reads_no_settings(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("max_attempts = \n")
     env = {"SDQ_HOME": str(tmp_path), "SDQ_CONFIG": str(config)}
-    imported = python("from sdq.worker.app import PRIORITIES, queue_name; "
+    imported = python("from sdq.jobs.broker import PRIORITIES, queue_name; "
                       "import sys; print('celery' in sys.modules)", env)
     assert (imported.returncode, imported.stdout.strip()) == (0, "False"), imported.stderr
     built = python("import sdq.worker.app as m; m.app", env)

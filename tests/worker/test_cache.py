@@ -17,6 +17,7 @@ from sdq.jobs.maintenance import Purged, purge_job
 from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 
 from .cluster import WorkerProcess, wait_for
 from .conftest import job_items, specs
@@ -42,7 +43,7 @@ def test_the_key_covers_what_decides_the_pixels() -> None:
 def test_a_job_made_again_reuses_every_image(embedded: Settings, tiny_checkpoint: Path) -> None:
     """Runs the second job with a runner of its own, to read what it generated."""
     model = identify_model(tiny_checkpoint)
-    first = submit(embedded, specs(3, steps=1), model=model)
+    first = submit(embedded, specs(3, steps=1), model=model, make_runner=runner_from_settings)
     engine = open_database(embedded.database_url)
     storage = open_storage(embedded.storage_url)
     with Session(engine) as session:
@@ -75,15 +76,16 @@ def test_a_job_made_again_reuses_every_image(embedded: Settings, tiny_checkpoint
 
 def test_no_reuse_and_a_deleted_object_generate(embedded: Settings, tiny_checkpoint: Path) -> None:
     model = identify_model(tiny_checkpoint)
-    first = submit(embedded, specs(3, steps=1), model=model)
-    forced = submit(embedded, specs(3, steps=1), model=model, job=Job(reuse=False))
+    first = submit(embedded, specs(3, steps=1), model=model, make_runner=runner_from_settings)
+    forced = submit(embedded, specs(3, steps=1), model=model, job=Job(reuse=False),
+                    make_runner=runner_from_settings)
     assert forced.report is not None and (forced.report.done, forced.report.reused) == (3, 0)
     engine = open_database(embedded.database_url)
     storage = open_storage(embedded.storage_url)
     # Both jobs' objects of item 0 gone: the third job makes that one again, reuses the rest.
     for job_id in (first.job_id, forced.job_id):
         storage.delete(job_items(engine, job_id)[0].image_key)
-    third = submit(embedded, specs(3, steps=1), model=model)
+    third = submit(embedded, specs(3, steps=1), model=model, make_runner=runner_from_settings)
     assert third.report is not None and (third.report.done, third.report.reused) == (3, 2)
     remade, *reused = job_items(engine, third.job_id)
     assert remade.reused_from is None and storage.exists(remade.image_key)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from celery import Celery
 
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.jobs.submit import identify_model
 
 from .cluster import WorkerProcess, wait_for

@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 from sdq.cli.main import cli
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.services import OWNER_KEY, clear_queues, in_queue, scratch_database
 
 from .cluster import WorkerProcess, wait_for
@@ -106,7 +107,7 @@ def test_embedded_and_distributed_make_identical_pixels(
         tiny_checkpoint: Path) -> None:
     worker = start_worker("pixels")
     model = identify_model(tiny_checkpoint)
-    local = submit(embedded, specs(4), model=model, batch_size=2)
+    local = submit(embedded, specs(4), model=model, batch_size=2, make_runner=runner_from_settings)
     worker.wait_ready()
     remote = submit(distributed, specs(4), model=model, batch_size=2)
     wait_until_done(distributed, remote.job_id)

@@ -16,8 +16,10 @@ from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, plan_batches, submit
-from sdq.worker.runner import Batch, Runner
+from sdq.core.batch import Batch
+from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import stand_in_checkpoint
 from tests.s3server import FlakyProxy, S3Server
 
@@ -27,7 +29,7 @@ from .conftest import job_items, specs
 def test_submit_runs_every_item_and_records_it(embedded: Settings, tiny_checkpoint: Path) -> None:
     recorded: list[int] = []
     result = submit(embedded, specs(5), model=identify_model(tiny_checkpoint), batch_size=2,
-                    on_recorded=recorded.append)
+                    on_recorded=recorded.append, make_runner=runner_from_settings)
     assert (result.items, result.batches, result.queue) == (5, 3, None)
     assert result.report is not None and result.report.done == sum(recorded) == 5
     engine = open_database(embedded.database_url)
@@ -49,7 +51,8 @@ def test_a_planned_batch_is_denoised_in_micro_batches_the_device_holds(
         embedded: Settings, tiny_checkpoint: Path) -> None:
     """The submitter plans batches of 32 whatever the hardware; a CPU worker denoises them 8
     at a time (`Pipeline.default_batch_size`), each micro-batch its own chunk."""
-    result = submit(embedded, specs(10, steps=1), model=identify_model(tiny_checkpoint))
+    result = submit(embedded, specs(10, steps=1), model=identify_model(tiny_checkpoint),
+                    make_runner=runner_from_settings)
     assert (result.items, result.batches) == (10, 1)
     items = job_items(open_database(embedded.database_url), result.job_id)
     chunks: dict[str, list[int]] = {}
@@ -62,16 +65,17 @@ def test_a_planned_batch_is_denoised_in_micro_batches_the_device_holds(
 def test_a_bad_or_empty_submission_records_nothing(embedded: Settings, tiny_checkpoint: Path) -> None:
     model = identify_model(tiny_checkpoint)
     with pytest.raises(ValueError, match="nothing to submit"):
-        submit(embedded, [], model=model)
+        submit(embedded, [], model=model, make_runner=runner_from_settings)
     with pytest.raises(ValueError, match=r"item 1: missing field\(s\) \['seed'\]"):
         submit(embedded, [specs(1)[0], {k: v for k, v in specs(1)[0].items() if k != "seed"}],
-               model=model)
+               model=model, make_runner=runner_from_settings)
     with Session(open_database(embedded.database_url)) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
 
 
 def test_a_batch_delivered_again_is_skipped(embedded: Settings, tiny_checkpoint: Path) -> None:
-    result = submit(embedded, specs(3), model=identify_model(tiny_checkpoint))
+    result = submit(embedded, specs(3), model=identify_model(tiny_checkpoint),
+                    make_runner=runner_from_settings)
     engine = open_database(embedded.database_url)
     before = {i.id: (i.image_sha256, i.finished_at) for i in job_items(engine, result.job_id)}
     runner = Runner(engine=engine, storage=open_storage(embedded.storage_url),
@@ -84,7 +88,7 @@ def test_a_batch_delivered_again_is_skipped(embedded: Settings, tiny_checkpoint:
 def test_a_broken_model_fails_the_items_with_the_reason(embedded: Settings, tmp_path: Path) -> None:
     broken = tmp_path / "broken.safetensors"
     stand_in_checkpoint(broken)  # passes the header check, fails to load
-    result = submit(embedded, specs(2), model=identify_model(broken))
+    result = submit(embedded, specs(2), model=identify_model(broken), make_runner=runner_from_settings)
     assert result.report is not None and result.report.failed == 2
     items = job_items(open_database(embedded.database_url), result.job_id)
     assert {i.status for i in items} == {Status.FAILED}
@@ -141,7 +145,8 @@ def test_a_transient_storage_failure_is_retried(
             monkeypatch.setenv(name, value)
         settings = Settings.load({**embedded_env, "SDQ_STORAGE_URL": f"s3://{bucket}/img",
                                   "SDQ_MAX_ATTEMPTS": "2"})
-        result = submit(settings, specs(1, steps=1), model=identify_model(tiny_checkpoint))
+        result = submit(settings, specs(1, steps=1), model=identify_model(tiny_checkpoint),
+                        make_runner=runner_from_settings)
         assert proxy.requests == 3
     [item] = job_items(open_database(settings.database_url), result.job_id)
     assert (item.status, item.attempts) == (Status.DONE, 1)

@@ -7,20 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Item, Job, Status
-from sdq.db.queries import register_model, submit_job
+from sdq.db.models import Job, Status
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.storage import LocalStorage
-from sdq.jobs.submit import identify_model, plan_batches, submit
-from sdq.worker.runner import Batch, Runner
+from sdq.jobs.submit import identify_model, submit
+from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 
-from .conftest import job_items, specs
+from .conftest import job_items, queued_job, specs
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +44,6 @@ class SmallMemory(Pipeline):
         return super().generate(requests, **settings)
 
 
-def queued_job(engine: Engine, pipe: Pipeline, items: list[dict]) -> tuple[int, list[Batch]]:
-    with Session(engine) as session:
-        model = register_model(session, sha256=pipe.sha256, name="tiny", source_uri="")
-        session.flush()
-        job = submit_job(session, Job(), [{**s, "model_id": model.id} for s in items])
-        session.commit()
-        return job.id, plan_batches(session, Item.job_id == job.id, 2, prefix="f")[pipe.sha256]
-
-
 def test_a_model_that_fails_to_load_fails_its_items_with_the_reason(
         embedded: Settings, tmp_path: Path) -> None:
     """A wrong-dtype weight makes `load_state_dict` raise RuntimeError: the items fail, one
@@ -63,7 +53,8 @@ def test_a_model_that_fails_to_load_fails_its_items_with_the_reason(
     weights[key] = weights[key].to(torch.int8)
     broken = tmp_path / "int8-conv-in.safetensors"
     save_file(weights, str(broken))
-    result = submit(embedded, specs(3, steps=1), model=identify_model(broken), batch_size=2)
+    result = submit(embedded, specs(3, steps=1), model=identify_model(broken), batch_size=2,
+                    make_runner=runner_from_settings)
     assert result.report is not None and result.report.failed == 3
     items = job_items(open_database(embedded.database_url), result.job_id)
     assert {(i.status, i.attempts) for i in items} == {(Status.FAILED, 1)}
@@ -77,8 +68,8 @@ def test_an_item_too_big_for_memory_fails_alone_and_the_rest_of_the_message_goes
         embedded: Settings, tiny_pipeline: Pipeline) -> None:
     engine = open_database(embedded.database_url)
     small = specs(4, steps=1)
-    job_id, batches = queued_job(engine, tiny_pipeline, [*small[:2], {**small[2], "width": 128,
-                                                                       "height": 128}, small[3]])
+    big = {**small[2], "width": 128, "height": 128}
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, [*small[:2], big, small[3]], 2)
     assert len(batches) == 3  # the big item's batch sits between two batches of small ones
     runner = Runner(engine=engine, storage=LocalStorage(Path(embedded.storage_url)), model_ref="",
                     pipeline=SmallMemory(tiny_pipeline))
@@ -98,7 +89,7 @@ def test_an_error_in_a_batch_fails_only_the_item_that_caused_it(
     engine = open_database(embedded.database_url)
     items = specs(3, steps=1)
     items[1]["prompt"] = "poison apple"
-    job_id, batches = queued_job(engine, tiny_pipeline, items)
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, items, 2)
     runner = Runner(engine=engine, storage=LocalStorage(Path(embedded.storage_url)), model_ref="",
                     pipeline=SmallMemory(tiny_pipeline))
     assert (runner.run(batches).done, runner.micro_batch) == (2, None)
@@ -117,7 +108,7 @@ class BrokenDisk(LocalStorage):
 def test_an_unexpected_error_hands_back_every_claimed_item_with_the_reason(
         embedded: Settings, tiny_pipeline: Pipeline) -> None:
     engine = open_database(embedded.database_url)
-    job_id, batches = queued_job(engine, tiny_pipeline, specs(3, steps=1))
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(3, steps=1), 2)
     runner = Runner(engine=engine, storage=BrokenDisk(Path(embedded.storage_url)), model_ref="",
                     pipeline=tiny_pipeline)
     with pytest.raises(MemoryError):

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Status
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings

@@ -16,6 +16,7 @@ from sdq.db.session import open_database
 from sdq.jobs.schedule import add_schedule, run_schedule
 from sdq.jobs.templates import Expansion, parse_grid
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 
 from .conftest import job_items
 
@@ -32,7 +33,7 @@ def two_nights(settings: Settings, model: Path, policy: str) -> list[list]:
         add_schedule(session, name="boats", cron="0 2 * * *", source="boats.jsonl", data=FILE,
                      options=options)
         session.commit()
-    runs = [run_schedule(settings, "boats", day) for day in DAYS]
+    runs = [run_schedule(settings, "boats", day, make_runner=runner_from_settings) for day in DAYS]
     assert [run.items for run in runs] == [4, 4]
     return [job_items(engine, run.job_id) for run in runs]
 

@@ -19,6 +19,7 @@ from sdq.images.provenance import ItemRecord, read_png_metadata, verify_png
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import TINY_CHECKERS, flag_images, save_safety_checker
 
 from .cluster import WorkerProcess
@@ -38,7 +39,7 @@ def items_with_models(settings: Settings, job_id: int) -> list[Item]:
 
 def run_job(settings: Settings, checkpoint: Path, **job_fields: object) -> int:
     result = submit(settings, specs(COUNT), model=identify_model(checkpoint), batch_size=COUNT,
-                    job=Job(**job_fields))
+                    job=Job(**job_fields), make_runner=runner_from_settings)
     return result.job_id
 
 

@@ -19,32 +19,23 @@ from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.db.queries import register_model, submit_job
 from sdq.db.session import open_database
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.images.storage import LocalStorage, Storage, open_storage
-from sdq.jobs.submit import identify_model, plan_batches, runner_from_settings, submit
-from sdq.worker.runner import QUEUED_CHUNKS, Batch, Runner, TransientError
+from sdq.jobs.submit import identify_model, submit
+from sdq.worker.factory import runner_from_settings
+from sdq.worker.outage import TransientError
+from sdq.worker.runner import Runner
+from sdq.worker.store_queue import QUEUED_CHUNKS
 from sdq.core.settings import Settings, default_store_threads
 from tests.s3server import FlakyProxy, S3Server
 
-from .conftest import job_items, specs
+from .conftest import job_items, queued_job, specs
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tiny_checkpoint: Path) -> Pipeline:
     return load_pipeline(tiny_checkpoint, device="cpu")
-
-
-def queued_job(engine: Engine, pipe: Pipeline, count: int) -> tuple[int, list[Batch]]:
-    """A job of `count` small items for `pipe`'s model, planned into batches, not yet run."""
-    with Session(engine) as session:
-        model = register_model(session, sha256=pipe.sha256, name="tiny", source_uri="")
-        session.flush()
-        job = submit_job(session, Job(), [{**s, "model_id": model.id}
-                                          for s in specs(count, steps=1)])
-        session.commit()
-        return job.id, plan_batches(session, Item.job_id == job.id, 8, prefix="s")[pipe.sha256]
 
 
 def assert_exactly_once(engine: Engine, storage: Storage, job_id: int, attempts: int) -> None:
@@ -76,7 +67,8 @@ def test_the_png_level_setting_changes_the_stored_file_not_its_pixels(
     for level in ("0", "9"):
         settings = Settings.load({**embedded_env, "SDQ_PNG_LEVEL": level,
                                   "SDQ_HOME": f"{embedded_env['SDQ_HOME']}-{level}"})
-        result = submit(settings, specs(1), model=identify_model(tiny_checkpoint))
+        result = submit(settings, specs(1), model=identify_model(tiny_checkpoint),
+                        make_runner=runner_from_settings)
         [item] = job_items(open_database(settings.database_url), result.job_id)
         stored[level] = open_storage(settings.storage_url).get(item.image_key)
     assert len(stored["0"]) > 64 * 64 * 3 > len(stored["9"])
@@ -102,7 +94,7 @@ class MeetingStorage(LocalStorage):
 
 def test_one_chunk_is_stored_by_every_store_thread(embedded: Settings, tiny_pipeline: Pipeline) -> None:
     engine = open_database(embedded.database_url)
-    job_id, batches = queued_job(engine, tiny_pipeline, 6)
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(6, steps=1), 8)
     storage = MeetingStorage(Path(embedded.storage_url), threads=3)
     runner = Runner(engine=engine, storage=storage, model_ref="", pipeline=tiny_pipeline,
                     store_threads=3)
@@ -117,7 +109,7 @@ def test_parts_recorded_at_once_on_postgresql_close_their_job(
     transaction must not miss the other's items when it decides whether the job is over."""
     engine = open_database(pg_url)
     for _ in range(3):
-        job_id, batches = queued_job(engine, tiny_pipeline, 2)
+        job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(2, steps=1), 8)
         runner = Runner(engine=engine, storage=MeetingStorage(tmp_path, threads=2), model_ref="",
                         pipeline=tiny_pipeline, store_threads=2)
         assert runner.run(batches).done == 2
@@ -171,7 +163,7 @@ def test_a_slow_store_holds_the_generator_back(embedded: Settings, tiny_pipeline
     """Chunks of one image: at most QUEUED_CHUNKS wait or are being stored, plus the one just
     made; the storage waits until the runner is at that limit, so the limit is also reached."""
     engine = open_database(embedded.database_url)
-    job_id, batches = queued_job(engine, tiny_pipeline, 8)
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(8, steps=1), 8)
     storage = BackedUpStorage(Path(embedded.storage_url), behind=QUEUED_CHUNKS + 1, total=8)
     runner = Runner(engine=engine, storage=storage, model_ref="", micro_batch=1, store_threads=1,
                     pipeline=ReportingPipeline(tiny_pipeline, storage))
@@ -200,7 +192,7 @@ class TakenOverStorage(LocalStorage):
 def test_an_upload_whose_claim_was_lost_leaves_the_winner_alone(
         embedded: Settings, tiny_pipeline: Pipeline) -> None:
     engine = open_database(embedded.database_url)
-    job_id, batches = queued_job(engine, tiny_pipeline, 1)
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(1, steps=1), 8)
     root = Path(embedded.storage_url)
 
     def take_over() -> None:
@@ -227,7 +219,7 @@ def test_uploads_that_keep_failing_hand_the_items_back_and_a_rerun_stores_them_o
     bucket = f"sdq-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=bucket)
     engine = open_database(embedded.database_url)
-    job_id, batches = queued_job(engine, tiny_pipeline, 1)
+    job_id, batches = queued_job(engine, tiny_pipeline.sha256, specs(1, steps=1), 8)
     with FlakyProxy(s3_server.endpoint, failures=4, mode="503") as proxy:
         aws: Mapping[str, str] = {
             "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": s3_server.access_key,

@@ -14,12 +14,13 @@ from sdq.cli.main import cli
 from sdq.db.models import Model, Status
 from sdq.db.queries import register_model
 from sdq.db.session import open_database
-from sdq.worker.app import queue_name
+from sdq.jobs.broker import queue_name
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import open_storage
 from sdq.jobs.lifecycle import cancel_job
 from sdq.jobs.submit import ModelIdentity, identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.factory import runner_from_settings
 from tests.conftest import build_tiny_networks, ldm_checkpoint
 from tests.services import clear_queues, in_queue
 
@@ -49,7 +50,8 @@ def test_embedded_runs_each_item_on_its_own_model(embedded: Settings, tiny_check
                                                   other_checkpoint: Path) -> None:
     default, other = identify_model(tiny_checkpoint), identify_model(other_checkpoint)
     other_id = _register(embedded, other, "other")
-    result = submit(embedded, _mixed(default, other_id), model=default, batch_size=8)
+    result = submit(embedded, _mixed(default, other_id), model=default, batch_size=8,
+                    make_runner=runner_from_settings)
     assert result.report is not None and (result.report.done, result.report.failed) == (3, 0)
     assert (result.batches, result.queues) == (2, ())
     engine = open_database(embedded.database_url)

@@ -1,0 +1,187 @@
+"""State transitions as functions: each rule that moves items (and, through them, jobs) from
+one state to another is written here once, with the row locks it needs.
+
+The caller owns the session and its short transaction; these functions read and write rows in
+it and never commit. Lock order, as every writer keeps it: items in id order, then job rows in
+id order (`finish_jobs`), so no two transactions wait on each other in a cycle.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.orm import Session
+
+from sdq.core.states import FINISHED, OPEN_ITEM
+
+from .base import utcnow
+from .models import Item, Job, Model, Status
+
+_FINISHED = sorted(FINISHED)
+_OPEN_ITEM = sorted(OPEN_ITEM)
+ERROR_CHARS = 2000
+"""The longest `last_error` kept: a whole traceback's worth of message, no more."""
+
+# -- items ------------------------------------------------------------------------------------
+
+
+def leased(status: Status, lease_expires_at: datetime | None, now: datetime) -> bool:
+    """Running under a lease that has not run out: its holder may be alive."""
+    return status == Status.RUNNING and lease_expires_at is not None and lease_expires_at > now
+
+
+def lock_for_claim(session: Session, ids: Collection[int]) -> list[Row[Any]]:
+    """The items `ids`, locked in id order, each with its model's sha256 and its job's safety
+    checker and `on_flag`: what a claim decides on."""
+    return list(session.execute(
+        select(Item, Model.sha256, Job.safety_checker, Job.on_flag)
+        .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
+        .where(Item.id.in_(ids)).order_by(Item.id).with_for_update(of=Item)))
+
+
+def claim_item(item: Item, *, worker_host: str, batch_id: str, lease_s: float, cache_key: str,
+               now: datetime) -> None:
+    """Queued (or an expired lease) -> running under this claim: a lease, one more attempt."""
+    item.status, item.attempts = Status.RUNNING, item.attempts + 1
+    item.lease_expires_at = now + timedelta(seconds=lease_s)
+    item.worker_host, item.started_at, item.batch_id = worker_host, now, batch_id
+    item.cache_key = cache_key
+
+
+def fail_item(item: Item, reason: str, now: datetime) -> None:
+    """-> failed at claim time: its attempts are used up, or its row does not hold valid
+    parameters."""
+    item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
+    item.last_error = reason
+
+
+def give_up_item(item: Item, now: datetime) -> None:
+    """-> failed: claimed `max_attempts` times already, each ending without a result."""
+    fail_item(item, f"gave up after {item.attempts} attempts; last error: "
+                    f"{item.last_error or 'worker lost during the batch'}", now)
+
+
+def renew_leases(session: Session, ids: Collection[int], *, worker_host: str,
+                 lease_s: float) -> set[int]:
+    """Push back the leases of the items `worker_host` still runs; the ids it still runs."""
+    return set(session.scalars(
+        update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING,
+                           Item.worker_host == worker_host)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .returning(Item.id).execution_options(synchronize_session=False)))
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A stored image an item takes over: the item that made it, and what its row records."""
+
+    item_id: int
+    image_key: str
+    image_sha256: str | None
+    watermark: str | None
+
+
+def record_reused(session: Session, reuses: Mapping[int, tuple[str, Reuse]], *,
+                  worker_host: str, device: str) -> set[int]:
+    """Items -> done as reusing a stored image (`reuses`: item id -> its cache key and the
+    image), for those still free: not finished, not under a live lease. Their ids."""
+    now = utcnow()
+    rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at)
+                           .where(Item.id.in_(list(reuses))).order_by(Item.id)
+                           .with_for_update()).all()
+    free = [(item_id, job_id) for item_id, job_id, status, lease in rows
+            if status not in FINISHED and not leased(status, lease, now)]
+    if free:
+        session.execute(update(Item), [{
+            "id": item_id, "status": Status.DONE, "cache_key": reuses[item_id][0],
+            "reused_from": reuses[item_id][1].item_id,
+            "image_key": reuses[item_id][1].image_key,
+            "image_sha256": reuses[item_id][1].image_sha256,
+            "watermark": reuses[item_id][1].watermark, "device": device,
+            "worker_host": worker_host, "started_at": now, "finished_at": now,
+            "duration_s": 0.0, "lease_expires_at": None, "last_error": None,
+        } for item_id, _ in free])
+    finish_jobs(session, {job_id for _, job_id in free})
+    return {item_id for item_id, _ in free}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What `record_done` found: the items it marked done, and the image key every row it
+    found records (a claim that lost its item must not delete the object another claim
+    recorded)."""
+
+    ids: set[int]
+    image_keys: dict[int, str | None]
+
+
+def record_done(session: Session, rows: Sequence[Mapping[str, Any]],
+                attempts: Mapping[int, int], job_ids: Iterable[int]) -> Recorded:
+    """Running -> done, for the items this claim still holds: running, with the attempt it
+    claimed (`attempts`: item id -> attempt). `rows` carry each item's `id` and the columns
+    of its result (image, timings, safety); anything else is left as it is."""
+    found = {row.id: row for row in session.execute(
+        select(Item.id, Item.status, Item.attempts, Item.image_key)
+        .where(Item.id.in_(list(attempts))).order_by(Item.id).with_for_update())}
+    ours = {item_id for item_id, attempt in attempts.items()
+            if item_id in found and (found[item_id].status, found[item_id].attempts)
+            == (Status.RUNNING, attempt)}
+    now = utcnow()
+    done = [{**row, "status": Status.DONE, "lease_expires_at": None, "last_error": None,
+             "finished_at": now} for row in rows if row["id"] in ours]
+    if done:
+        session.execute(update(Item), done)
+    finish_jobs(session, job_ids)
+    return Recorded(ours, {item_id: row.image_key for item_id, row in found.items()})
+
+
+def fail_items(session: Session, ids: Collection[int], reason: str, *,
+               count_attempt: bool = False) -> int:
+    """Unfinished items -> failed with `reason` (the attempt counted when `count_attempt`:
+    they were never claimed, e.g. their model did not load); how many. Their jobs close if
+    nothing else is left to run."""
+    values: dict[str, Any] = {"attempts": Item.attempts + 1} if count_attempt else {}
+    count = session.execute(
+        update(Item).where(Item.id.in_(ids), Item.status.not_in(_FINISHED))
+        .values(status=Status.FAILED, last_error=reason[:ERROR_CHARS], lease_expires_at=None,
+                finished_at=utcnow(), **values)).rowcount
+    finish_jobs(session, set(session.scalars(
+        select(Item.job_id).where(Item.id.in_(ids)).distinct())))
+    return count
+
+
+def release_items(session: Session, ids: Collection[int], *, worker_host: str | None = None,
+                  give_back_attempt: bool = False, last_error: str | None = None) -> None:
+    """Running -> queued, the lease dropped (only the items `worker_host` holds, when given):
+    handed back for a later delivery. `give_back_attempt` when the run ended through no fault
+    of the item (an outage, an interruption); `last_error` says why, when given."""
+    values: dict[str, Any] = {}
+    if give_back_attempt:
+        values["attempts"] = Item.attempts - 1
+    if last_error is not None:
+        values["last_error"] = last_error[:ERROR_CHARS]
+    held = Item.worker_host == worker_host if worker_host else Item.id.is_not(None)
+    session.execute(update(Item).where(Item.id.in_(ids), Item.status == Status.RUNNING, held)
+                    .values(status=Status.QUEUED, lease_expires_at=None, **values))
+
+
+def finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
+    """Close the jobs none of whose items is still to run: done, or failed if any item failed.
+
+    The job row is locked first. Transactions that finish a job's last items at the same time
+    (the parts of one chunk, on parallel store threads) then take turns here, and the last one
+    sees the others' items done; unlocked, each could see the other's still running, and the
+    job would never close. Sorted, so two transactions never lock jobs in opposite orders."""
+    now = utcnow()
+    for job_id in sorted(job_ids):
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        open_items = select(Item.id).where(Item.job_id == job_id, Item.status.in_(_OPEN_ITEM))
+        if session.scalar(open_items.limit(1)) is not None:
+            continue
+        failed = session.scalar(select(Item.id).where(
+            Item.job_id == job_id, Item.status == Status.FAILED).limit(1))
+        session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(_FINISHED))
+                        .values(status=Status.FAILED if failed else Status.DONE, finished_at=now))
