@@ -22,8 +22,8 @@ from sdq.cli.options import (
     template_options,
 )
 from sdq.db.models import Schedule
+from sdq.core.jobspec import PRIORITIES
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.worker.app import PRIORITIES
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
     NAME_PATTERN,

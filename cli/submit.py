@@ -30,10 +30,9 @@ from sdq.cli.options import (
 )
 from sdq.db.models import Job
 from sdq.db.queries import find_model
+from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.worker.app import PRIORITIES
 from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
-from sdq.jobs.submit import DEFAULT_BATCH_SIZE
 from sdq.jobs.templates import Expansion
 
 SAMPLE = 5

@@ -33,6 +33,9 @@ MAX_STEPS = 999
 MAX_CFG = 100.0
 MAX_ETA = 1.0
 """eta = 1 is DDPM-like; beyond it DDIM's noise term has no meaning."""
+MAX_BATCH = 32
+"""The most images a worker denoises at once when it sizes its batches itself: beyond this a
+GPU's throughput no longer rises, results only come later (an H200 holds 32 at 512x512)."""
 MAX_IMAGES_PER_ROW = 10_000
 """A cap on a prompt file row's `n` that catches a typo (n=1000000) before it becomes a
 million rows."""

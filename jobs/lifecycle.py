@@ -19,8 +19,8 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
 from sdq.core.errors import NotFound
+from sdq.core.jobspec import DEFAULT_BATCH_SIZE
 from sdq.jobs.submit import (
-    DEFAULT_BATCH_SIZE,
     dispatch,
     handed_back_on_interrupt,
     plan_batches,

@@ -26,7 +26,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.core.errors import InvalidInput, Unavailable
-from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
+from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES
 from sdq.core.params import (
     HUB_REPO_ID,
     SHAPE_FIELDS,
@@ -36,7 +36,6 @@ from sdq.core.params import (
     short_hash,
 )
 from sdq.worker.app import (
-    PRIORITIES,
     TASK_NAME,
     broker_priority,
     check_broker,
@@ -49,11 +48,6 @@ from sdq.core.settings import Settings, safety_checker_ref
 if TYPE_CHECKING:
     from sdq.worker.runner import Batch, Runner, RunReport
 
-DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
-"""Items planned (and claimed) together by default: as many as the largest batch a worker
-denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
-that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
-GPU), so the submitter need not know the workers' hardware."""
 BATCHES_PER_MESSAGE = 2
 """Batches one message carries: enough for uploads of one to overlap denoising of the next,
 few enough that a lost worker's message is redone cheaply."""

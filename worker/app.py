@@ -13,6 +13,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, MutableMapping
 
 from sdq.core.errors import Unavailable
+from sdq.core.jobspec import PRIORITIES
 from sdq.core.params import short_hash
 from sdq.core.settings import Settings, mask_url, quote_userinfo
 
@@ -21,11 +22,6 @@ if TYPE_CHECKING:
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
-
-
-PRIORITIES = range(10)
-"""Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
-level and pops the lists in order, so each level here is a list of its own."""
 
 
 def broker_priority(priority: int) -> int:

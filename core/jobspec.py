@@ -1,0 +1,22 @@
+"""What a user asks of a job besides its prompts: its priority and what becomes of an image
+the safety checker flags."""
+from __future__ import annotations
+
+from sdq.core.params import MAX_BATCH
+
+PRIORITIES = range(10)
+"""Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
+level and pops the lists in order, so each level here is a list of its own."""
+
+ON_FLAG = ("keep", "black", "drop")
+"""What a job does with an image the safety checker flags: store it as generated, store a
+black image of the same size instead, or store no image."""
+SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
+"""An item's `safety_action` for each `on_flag` when its image was flagged; an image the
+checker passed is always `kept`."""
+
+DEFAULT_BATCH_SIZE = MAX_BATCH
+"""Items planned (and claimed) together by default: as many as the largest batch a worker
+denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
+that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
+GPU), so the submitter need not know the workers' hardware."""
