@@ -68,8 +68,9 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         raise click.BadParameter(f"seed + number of images must stay below {SEED_LIMIT}",
                                  param_hint="--seed")
     with as_option_errors():
-        params = [GenerationParams(prompt, negative_prompt, base_seed + i, sampler, steps, cfg, eta,
-                                   width, height) for i in range(num_images)]
+        params = [GenerationParams(prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + i,
+                                   sampler=sampler, steps=steps, cfg=cfg, eta=eta, width=width,
+                                   height=height) for i in range(num_images)]
     settings = load_settings(need_broker=False)
     try:
         checker_ref = job_safety_checker(safety_checker, settings.safety_checker)

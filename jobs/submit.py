@@ -292,8 +292,9 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, sha256, priority, *shape in rows:
-        groups.setdefault((sha256, priority, BatchShape(*shape)), []).append(item_id)
+    for item_id, sha256, priority, *values in rows:
+        shape = BatchShape(**dict(zip(SHAPE_FIELDS, values)))
+        groups.setdefault((sha256, priority, shape), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
     for (sha256, priority, _), ids in groups.items():
         batches = planned.setdefault(sha256, [])

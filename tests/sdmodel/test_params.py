@@ -80,9 +80,9 @@ def test_bad_values_name_their_field_and_reason(changes: dict, field: str, reaso
 
 
 def test_a_request_and_a_batch_shape_split_the_parameters() -> None:
-    p = GenerationParams("a cat", "dog", 7, "Euler a", 20, 5.0, 0.0, 64, 96)
+    p = GenerationParams("a cat", "dog", 7, 5.0, sampler="Euler a", steps=20, width=64, height=96)
     assert p.request == Request("a cat", "dog", 7, 5.0)
-    assert p.shape == BatchShape("euler_a", 20, 64, 96, 0.0)
+    assert p.shape == BatchShape(sampler="euler_a", steps=20, width=64, height=96, eta=0.0)
     assert p.shape.settings() == {"sampler": "euler_a", "steps": 20, "width": 64, "height": 96,
                                   "eta": 0.0}
     # Prompts, seeds and guidance may differ within a batch; sampler, steps, size, eta may not.
