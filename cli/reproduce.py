@@ -12,6 +12,7 @@ from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.db.models import Status
 from sdq.db.queries import get_item
 from sdq.core.params import short_hash
+from sdq.core.settings import DTYPE_NAMES
 
 
 @click.command()
@@ -23,7 +24,7 @@ from sdq.core.params import short_hash
               help="Load the model from here instead of the recorded source (its sha256 must "
                    "match the item's).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps ... (default: SDQ_DEVICE, else the best).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Weights' precision (default: SDQ_DTYPE, else fp16 on GPUs, fp32 on the CPU).")
 @output_options("json")
 def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str | None,

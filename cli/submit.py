@@ -30,7 +30,7 @@ from sdq.cli.options import (
 )
 from sdq.db.models import Job
 from sdq.db.queries import find_model
-from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES
+from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES, default_batch_size
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
 from sdq.jobs.templates import Expansion
@@ -126,7 +126,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
         checker = job_safety_checker(safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
-    size = batch_size or settings.batch_size or DEFAULT_BATCH_SIZE
+    size = default_batch_size(batch_size, settings.batch_size)
     if dry_run:
         with database_session(settings) as session:
             groups = plan(session, parsed.items, model, size)

@@ -20,3 +20,9 @@ DEFAULT_BATCH_SIZE = MAX_BATCH
 denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
 that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
 GPU), so the submitter need not know the workers' hardware."""
+
+
+def default_batch_size(*sizes: int | None) -> int:
+    """The first batch size given, in the order the caller trusts them (`--batch-size`, the one
+    a job recorded, `SDQ_BATCH_SIZE`), else DEFAULT_BATCH_SIZE."""
+    return next((size for size in sizes if size), DEFAULT_BATCH_SIZE)

@@ -18,12 +18,21 @@ import hashlib
 import json
 import math
 import re
+import secrets
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Mapping
 
 SEED_LIMIT = 2**32
 """Seeds live in [0, 2^32): the range a CPU `torch.Generator` seed round-trips through in
 every other SD tool, so a seed copied from here reproduces elsewhere."""
+
+
+def draw_seed(limit: int = SEED_LIMIT) -> int:
+    """A seed nobody gave, in [0, limit), from the operating system's generator (never the
+    `random` module's state, which a library may have seeded); whoever draws one records it."""
+    return secrets.randbelow(limit)
+
+
 MAX_SIDE = 2048
 """The largest width or height accepted: 16x the area SD v1 was trained at, already far past
 where it makes coherent images, and about what one 80 GB GPU decodes."""

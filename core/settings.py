@@ -22,6 +22,8 @@ else:  # Python 3.10
 from sdq.core.errors import InvalidInput
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+"""The precisions a model runs in (`SDQ_DTYPE`, `--dtype`), by the names sdq records."""
 DEFAULT_PNG_LEVEL = 1
 """zlib level of stored PNGs. Level 1 writes a 512x512 image in about half the CPU time of
 the usual 6, for files about 8% larger (docs/storage.md has the measurements)."""

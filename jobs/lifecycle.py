@@ -19,7 +19,7 @@ from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import open_database
 from sdq.core.errors import NotFound
-from sdq.core.jobspec import DEFAULT_BATCH_SIZE
+from sdq.core.jobspec import default_batch_size
 from sdq.jobs.submit import (
     dispatch,
     handed_back_on_interrupt,
@@ -44,7 +44,7 @@ class Requeued:
 def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
              prefix: str) -> Requeued:
     """Plan batches for the items matching `where`, commit, then dispatch them."""
-    planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
+    planned = plan_batches(session, where, default_batch_size(settings.batch_size), prefix=prefix)
     session.commit()
     report = dispatch(settings, engine, planned, where)
     batches = [b for group in planned.values() for b in group]
@@ -154,8 +154,8 @@ def resume_job(settings: Settings, job_id: int,
             leased = session.scalar(select(func.count()).where(
                 Item.job_id == job_id, Item.status == Status.RUNNING)) or 0
             where = and_(Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
-            size = (job.defaults or {}).get("batch_size") or settings.batch_size \
-                or DEFAULT_BATCH_SIZE  # the submit's own, when it recorded one
+            # The submit's own batch size, when it recorded one.
+            size = default_batch_size((job.defaults or {}).get("batch_size"), settings.batch_size)
             planned = plan_batches(session, where, int(size),
                                    prefix=f"j{job_id}-resume{int(time.time())}")
             if planned and job.status not in (Status.DONE, Status.FAILED):

@@ -33,6 +33,7 @@ from sdq.core.params import (
     ParamError,
     check_tag,
     close_match,
+    draw_seed,
     text,
     whole,
 )
@@ -149,8 +150,9 @@ def parse_prompt_file(
     if not rows and not problems:
         problems.append(Problem(source, 1, "file", "no prompts"))
     total = sum(row.images for row in rows)
+    room = max(1, SEED_LIMIT - total)
     base = defaults.seed if defaults.seed is not None else \
-        (rng or random.SystemRandom()).randrange(max(1, SEED_LIMIT - total))
+        rng.randrange(room) if rng is not None else draw_seed(room)
     _check_seed_ranges(rows, base, defaults.seed is not None, source, problems, repeat, total)
     if problems:
         # A line that is not UTF-8 shows only that: what else fails there follows from it.

@@ -15,7 +15,6 @@ Every function takes the time as an argument: nothing here reads the clock.
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
@@ -31,7 +30,7 @@ from sdq.db.models import Item, Job, Schedule
 from sdq.db.queries import find_model
 from sdq.db.session import open_database
 from sdq.core.errors import NotFound, Refused
-from sdq.core.params import DEFAULTS, SEED_LIMIT
+from sdq.core.params import DEFAULTS, SEED_LIMIT, draw_seed
 from sdq.jobs.cron import Cron, parse_cron
 from sdq.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 from sdq.jobs.templates import Expansion
@@ -166,14 +165,13 @@ def _seeded(options: dict[str, Any], before: Mapping[str, Any]) -> dict[str, Any
     if policy == "fresh" and "seed" in options:
         raise ScheduleError("--seed with --seed-policy fresh: a fresh policy draws a new base "
                             "seed each run; use --seed-policy same or add to keep one")
-    draw = random.SystemRandom().randrange
     if policy != "fresh" and "seed" not in options:
         kept = before.get("seed") if before.get("seed_policy") == policy else None
-        options["seed"] = kept if kept is not None else draw(SEED_LIMIT // 2)
+        options["seed"] = kept if kept is not None else draw_seed(SEED_LIMIT // 2)
     expansion = options.get("expansion")
     if expansion is not None and expansion.get("seed") is None:
         kept = (before.get("expansion") or {}).get("seed")
-        options["expansion"] = {**expansion, "seed": kept if kept is not None else draw(SEED_LIMIT)}
+        options["expansion"] = {**expansion, "seed": kept if kept is not None else draw_seed()}
     return options
 
 
@@ -322,7 +320,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
             policy = options.get("seed_policy", "fresh")
             expansion = Expansion.from_json(options.get("expansion", {}))
             if policy == "fresh":
-                expansion = replace(expansion, seed=random.SystemRandom().randrange(SEED_LIMIT))
+                expansion = replace(expansion, seed=draw_seed())
             repeat = runs_before(session, schedule.id, day) if policy == "add" else 0
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, prompt_defaults(options),

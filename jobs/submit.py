@@ -26,7 +26,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.core.errors import InvalidInput, Unavailable
-from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES
+from sdq.core.jobspec import PRIORITIES, default_batch_size
 from sdq.core.params import (
     HUB_REPO_ID,
     SHAPE_FIELDS,
@@ -162,7 +162,7 @@ def submit(
                 raise ValueError("nothing to submit: no items")
             session.commit()
             planned = plan_batches(session, Item.job_id == job.id,
-                                   batch_size or settings.batch_size or DEFAULT_BATCH_SIZE,
+                                   default_batch_size(batch_size, settings.batch_size),
                                    prefix=f"j{job.id}")
         batches = sum(len(b) for b in planned.values())
         if on_submitted:
