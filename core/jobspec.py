@@ -2,7 +2,9 @@
 the safety checker flags."""
 from __future__ import annotations
 
-from sdq.core.params import MAX_BATCH
+from typing import Any
+
+from sdq.core.params import CHECKS, DEFAULTS, MAX_BATCH, MAX_IMAGES_PER_ROW, GenerationParams, whole
 
 PRIORITIES = range(10)
 """Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
@@ -26,3 +28,26 @@ def default_batch_size(*sizes: int | None) -> int:
     """The first batch size given, in the order the caller trusts them (`--batch-size`, the one
     a job recorded, `SDQ_BATCH_SIZE`), else DEFAULT_BATCH_SIZE."""
     return next((size for size in sizes if size), DEFAULT_BATCH_SIZE)
+
+
+class Defaults:
+    """The values rows do not give: any generation parameter but the prompt and the seed
+    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
+    one at random)."""
+
+    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
+        unknown = params.keys() - DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        self.seed = None if seed is None else CHECKS["seed"](seed)
+        self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
+        checked = {name: CHECKS[name](value) for name, value in params.items()}
+        self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
+        GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
+
+    def __repr__(self) -> str:
+        return f"Defaults({self.to_json()!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        """As recorded with a job: every default by its field name."""
+        return {**self.params, "seed": self.seed, "n": self.n}

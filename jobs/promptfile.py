@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdq.core.errors import InvalidInput
+from sdq.core.jobspec import Defaults
 from sdq.core.params import (
     CHECKS,
-    DEFAULTS,
     MAX_IMAGES_PER_ROW,
     MAX_TAG_CHARS,
     SEED_LIMIT,
@@ -52,29 +52,6 @@ _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text
 ModelResolver = Callable[[str], "int | None"]
 """Maps a row's `model` (a registered name or hash) to a model id; None when unknown, and
 LookupError (its message shown) when ambiguous, like `db.queries.find_model`."""
-
-
-class Defaults:
-    """The values rows do not give: any generation parameter but the prompt and the seed
-    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
-    one at random)."""
-
-    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
-        unknown = params.keys() - DEFAULTS.keys()
-        if unknown:
-            raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
-        self.seed = None if seed is None else CHECKS["seed"](seed)
-        self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
-        checked = {name: CHECKS[name](value) for name, value in params.items()}
-        self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
-        GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
-
-    def __repr__(self) -> str:
-        return f"Defaults({self.to_json()!r})"
-
-    def to_json(self) -> dict[str, Any]:
-        """As recorded with a job: every default by its field name."""
-        return {**self.params, "seed": self.seed, "n": self.n}
 
 
 @dataclass(frozen=True)
