@@ -22,7 +22,7 @@ from sdq.cli.options import (
     template_options,
 )
 from sdq.db.models import Schedule
-from sdq.core.jobspec import PRIORITIES
+from sdq.core.jobspec import PRIORITIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
@@ -131,16 +131,19 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
             safety_checker = job_safety_checker(safety_checker, None) or SAFETY_OFF
         except ValueError as exc:
             raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
-    options: dict[str, Any] = {
-        "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
-        "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
-        "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
-        "tags": list(tags), "safety_checker": safety_checker, "on_flag": on_flag,
-        "seed_policy": seed_policy}
     wildcards = wildcards or settings.wildcards
+    expansion = None
     if grid or wildcards or expand != "combinatorial" or expand_seed is not None:
         # Stored with the wildcard lines it reads: a run never reads the folder again.
-        options["expansion"] = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
+        expansion = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
+    with as_option_errors():
+        spec = JobSpec(
+            model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
+            safety_checker=safety_checker, on_flag=on_flag, seed_policy=seed_policy,
+            expansion=expansion,
+            defaults={"negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
+                      "cfg": cfg, "eta": eta, "width": width, "height": height,
+                      "n": num_images, "seed": seed})
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -149,7 +152,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         try:
             with as_option_errors():
                 added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
-                                     options=options, replace=replace, wildcards=wildcards)
+                                     spec=spec, replace=replace, wildcards=wildcards)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

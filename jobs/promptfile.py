@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdq.core.errors import InvalidInput
+from sdq.db.queries import find_model
 from sdq.core.jobspec import Defaults
 from sdq.core.params import (
     CHECKS,
@@ -40,6 +41,7 @@ from sdq.core.params import (
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
     from transformers import CLIPTokenizer
 
 FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
@@ -65,6 +67,14 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
+
+
+def model_resolver(session: Session) -> ModelResolver:
+    """A prompt file row's `model` as a registered model's id, as `sdq submit` and schedules read it."""
+    def resolve(ref: str) -> int | None:
+        model = find_model(session, ref)
+        return model.id if model else None
+    return resolve
 
 
 class PromptFileError(InvalidInput):

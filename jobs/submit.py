@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.core.errors import InvalidInput, Unavailable
-from sdq.core.jobspec import PRIORITIES, default_batch_size
+from sdq.core.jobspec import ON_FLAG, PRIORITIES, JobSpec, default_batch_size
 from sdq.core.params import (
     HUB_REPO_ID,
     SHAPE_FIELDS,
@@ -43,6 +44,7 @@ from sdq.worker.app import (
     queue_name,
 )
 from sdq.images.storage import open_storage
+from sdq.jobs.promptfile import PromptFile
 from sdq.core.settings import Settings, safety_checker_ref
 
 if TYPE_CHECKING:
@@ -108,6 +110,20 @@ def job_safety_checker(given: str | None, default: str | None) -> str | None:
     if HUB_REPO_ID.fullmatch(ref):
         return ref
     raise ValueError(f"{ref}: no such safety checker folder, nor a Hugging Face repo id")
+
+
+def new_job(spec: JobSpec, parsed: PromptFile, *, name: str, defaults: Mapping[str, Any],
+            safety_checker: str | None, schedule_id: int | None = None,
+            run_day: date | None = None) -> Job:
+    """The row of a job submitting `parsed` as `spec` asks, for `sdq submit` and a schedule's
+    runs alike: the spec's options with their defaults filled in, its tags once each, the
+    safety checker as `job_safety_checker` settled it; `defaults` is what the job records of
+    how its items were made (the base seed, the model, the expansion ...)."""
+    return Job(name=name, source_name=parsed.source, source_sha256=parsed.sha256,
+               defaults=dict(defaults), priority=spec.priority or 0,
+               tags=list(dict.fromkeys(spec.tags)), safety_checker=safety_checker,
+               on_flag=spec.on_flag or ON_FLAG[0], reuse=spec.reuse, schedule_id=schedule_id,
+               run_day=run_day)
 
 
 @dataclass(frozen=True)
