@@ -22,12 +22,11 @@ from sdq.cli.options import (
     template_options,
 )
 from sdq.db.models import Schedule
-from sdq.core.jobspec import PRIORITIES, JobSpec
+from sdq.core.jobspec import PRIORITIES, SEED_POLICIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
     NAME_PATTERN,
-    SEED_POLICIES,
     Clock,
     Run,
     add_schedule,

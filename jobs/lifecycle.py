@@ -15,17 +15,19 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Model, Status
-from sdq.db.session import open_database
-from sdq.core.errors import NotFound
 from sdq.core.jobspec import default_batch_size
+from sdq.core.settings import Settings
+from sdq.core.states import WAITING, Status
+from sdq.db import transitions
+from sdq.db.base import utcnow
+from sdq.db.models import Item, Model
+from sdq.db.queries import get_job
+from sdq.db.session import open_database
 from sdq.jobs.submit import (
     dispatch,
     handed_back_on_interrupt,
     plan_batches,
 )
-from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
     from sdq.worker.runner import RunReport
@@ -58,12 +60,9 @@ def reconcile(settings: Settings) -> Requeued:
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            now = utcnow()
-            session.execute(
-                update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
-                .values(status=Status.QUEUED, lease_expires_at=None))
-            open_items = Item.status.in_((Status.PENDING, Status.QUEUED))
-            return _requeue(settings, engine, session, open_items, f"r{int(time.time())}")
+            transitions.requeue_expired(session, utcnow())
+            waiting = Item.status.in_(WAITING)
+            return _requeue(settings, engine, session, waiting, f"r{int(time.time())}")
     finally:
         engine.dispose()
 
@@ -84,12 +83,8 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
     now = utcnow()
     cutoff = now - timedelta(seconds=grace_s)
     with Session(engine) as session, session.begin():
-        session.execute(
-            update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
-            .values(status=Status.QUEUED, lease_expires_at=None)
-            .execution_options(synchronize_session=False))
-    stale = and_(Item.status.in_((Status.PENDING, Status.QUEUED)),
-                 func.coalesce(Item.queued_at, Item.created_at) < cutoff)
+        transitions.requeue_expired(session, now)
+    stale = and_(Item.status.in_(WAITING), func.coalesce(Item.queued_at, Item.created_at) < cutoff)
     with Session(engine) as session:
         with session.begin():
             models = [sha256 for sha256 in session.scalars(
@@ -111,11 +106,7 @@ def retry_job(settings: Settings, job_id: int) -> Requeued:
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            job = _job(session, job_id)
-            session.execute(
-                update(Item).where(Item.job_id == job_id, Item.status == Status.FAILED)
-                .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None))
-            job.status, job.finished_at = Status.QUEUED, None
+            transitions.retry_job(session, get_job(session, job_id))
             where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
             return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}")
     finally:
@@ -145,21 +136,17 @@ def resume_job(settings: Settings, job_id: int,
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            job = _job(session, job_id)
-            now = utcnow()
-            session.execute(
-                update(Item).where(Item.job_id == job_id, Item.status == Status.RUNNING,
-                                   Item.lease_expires_at < now)
-                .values(status=Status.QUEUED, lease_expires_at=None))
+            job = get_job(session, job_id)
+            transitions.requeue_expired(session, utcnow(), job_id)
             leased = session.scalar(select(func.count()).where(
                 Item.job_id == job_id, Item.status == Status.RUNNING)) or 0
-            where = and_(Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
+            where = and_(Item.job_id == job_id, Item.status.in_(WAITING))
             # The submit's own batch size, when it recorded one.
             size = default_batch_size((job.defaults or {}).get("batch_size"), settings.batch_size)
             planned = plan_batches(session, where, int(size),
                                    prefix=f"j{job_id}-resume{int(time.time())}")
-            if planned and job.status not in (Status.DONE, Status.FAILED):
-                job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            if planned:
+                transitions.resume_job(job, embedded=settings.embedded)
             total = job.item_count
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()
@@ -180,27 +167,6 @@ def cancel_job(settings: Settings, job_id: int) -> int:
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session, session.begin():
-            job = _job(session, job_id)
-            now = utcnow()
-            # Lock order of every writer: items in id order, then the job row (the runner's
-            # claim and record do the same before `_finish_jobs`). An UPDATE alone would lock
-            # items in the table's physical order, which a runner locking by id can cross.
-            session.execute(select(Item.id).where(
-                Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
-                .order_by(Item.id).with_for_update())
-            count = session.execute(
-                update(Item).where(Item.job_id == job_id,
-                                   Item.status.in_((Status.PENDING, Status.QUEUED)))
-                .values(status=Status.CANCELLED, finished_at=now)).rowcount
-            if job.status not in (Status.DONE, Status.FAILED):
-                job.status, job.finished_at = Status.CANCELLED, now
-            return count
+            return transitions.cancel_job(session, get_job(session, job_id))
     finally:
         engine.dispose()
-
-
-def _job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job

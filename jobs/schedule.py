@@ -22,15 +22,15 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database
 from sdq.core.errors import NotFound, Refused
-from sdq.core.jobspec import SEED_POLICIES, JobSpec
+from sdq.core.jobspec import JobSpec
 from sdq.core.params import SEED_LIMIT, draw_seed
 from sdq.jobs.cron import Cron, parse_cron
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
@@ -323,20 +323,12 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3)
                 if existing is not None or attempt == attempts - 1:
                     raise
                 continue
-            _mark_ran(engine, schedule.id, day)
+            with Session(engine) as session, session.begin():
+                transitions.mark_schedule_ran(session, schedule.id, day)
             return Run(name, day, submission.job_id, created=True, items=submission.items)
         raise AssertionError("unreachable")
     finally:
         engine.dispose()
-
-
-def _mark_ran(engine: Engine, schedule_id: int, day: date) -> None:
-    """Record the day on the schedule (for display; the jobs' unique pair is the guard)."""
-    with Session(engine) as session, session.begin():
-        session.execute(update(Schedule).where(
-            Schedule.id == schedule_id,
-            or_(Schedule.last_run_day.is_(None), Schedule.last_run_day < day),
-        ).values(last_run_day=day))
 
 
 def run_due(settings: Settings, now: datetime) -> list[Run]:

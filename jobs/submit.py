@@ -16,13 +16,13 @@ from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from sdq.db.base import utcnow
+from sdq.db import transitions
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.queries import all_models, seconds_per_step, submit_job
 from sdq.db.session import open_database
@@ -172,7 +172,7 @@ def submit(
             job = job or Job()
             if (job.priority or 0) not in PRIORITIES:
                 raise ValueError(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, got {job.priority}")
-            job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            transitions.start_job(job, embedded=settings.embedded)
             submit_job(session, job, ({"model_id": model_id, **spec} for spec in items))
             if job.item_count == 0:
                 raise ValueError("nothing to submit: no items")
@@ -226,8 +226,7 @@ def handed_back_on_interrupt(engine: Engine, job_id: int) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         with Session(engine) as session, session.begin():
-            session.execute(update(Job).where(Job.id == job_id, Job.status == Status.RUNNING)
-                            .values(status=Status.PENDING))
+            transitions.hand_back_job(session, job_id)
         raise
 
 
@@ -355,9 +354,7 @@ def dispatch(
                     app.send_task(TASK_NAME, args=[message], queue=queue_name(sha256),
                                   priority=broker_priority(priority), producer=producer)
     with Session(engine) as session, session.begin():
-        session.execute(update(Item).where(where, Item.status == Status.PENDING)
-                        .values(status=Status.QUEUED, queued_at=utcnow())
-                        .execution_options(synchronize_session=False))
+        transitions.mark_queued(session, where)
     return None
 
 
