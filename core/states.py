@@ -45,12 +45,13 @@ class Transitions:
     """The allowed changes of state of one kind of row: each state, the states it may take."""
 
     kind: str
+    """The row, as messages name it ("a job")."""
     allowed: Mapping[Status, tuple[Status, ...]]
 
     def check(self, old: Status, new: Status) -> Status:
         """`new`, if a row in `old` may take it; else TransitionRefused naming both."""
         if new not in self.allowed[old]:
-            raise TransitionRefused(f"a {self.kind} cannot go from {old.value} to {new.value}")
+            raise TransitionRefused(f"{self.kind} cannot go from {old.value} to {new.value}")
         return new
 
     def sources(self, olds: Iterable[Status], new: Status) -> tuple[Status, ...]:
@@ -62,7 +63,7 @@ class Transitions:
         return states
 
 
-ITEMS = Transitions("item", {
+ITEMS = Transitions("an item", {
     Status.PENDING: (Status.QUEUED, Status.RUNNING, Status.DONE, Status.FAILED, Status.CANCELLED),
     Status.QUEUED: (Status.RUNNING, Status.DONE, Status.FAILED, Status.CANCELLED),
     Status.RUNNING: (Status.RUNNING, Status.QUEUED, Status.DONE, Status.FAILED),
@@ -74,7 +75,7 @@ ITEMS = Transitions("item", {
 reused from the result cache) or failed; a worker that stops hands it back (queued); a failed
 one may be retried; a waiting one may be cancelled. Done and cancelled are for good."""
 
-JOBS = Transitions("job", {
+JOBS = Transitions("a job", {
     Status.PENDING: (Status.QUEUED, Status.RUNNING, Status.DONE, Status.FAILED, Status.CANCELLED),
     Status.QUEUED: (Status.QUEUED, Status.RUNNING, Status.DONE, Status.FAILED, Status.CANCELLED),
     Status.RUNNING: (Status.PENDING, Status.QUEUED, Status.RUNNING, Status.DONE, Status.FAILED,
