@@ -88,21 +88,30 @@ class Sampler:
     uses_eta: bool
     ancestral: bool
     """Draws fresh noise at every step (from each image's own generator)."""
+    method: str
+    """The update rule, a key of `sdmodel.samplers.METHODS`."""
+    spacing: str
+    """The timesteps it visits, a key of `sdmodel.samplers.SPACINGS`."""
     aliases: tuple[str, ...] = ()
     """Other tools' spellings (diffusers scheduler names, k-diffusion names)."""
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddim", "DDIM", None, uses_eta=True, ancestral=False, aliases=("ddim_scheduler",)),
-    Sampler("plms", "PLMS", None, uses_eta=False, ancestral=False, aliases=("pndm",)),
-    Sampler("euler", "Euler", None, uses_eta=False, ancestral=False,
-            aliases=("k_euler", "euler_discrete")),
+    Sampler("ddim", "DDIM", None, uses_eta=True, ancestral=False, method="ddim",
+            spacing="leading", aliases=("ddim_scheduler",)),
+    Sampler("plms", "PLMS", None, uses_eta=False, ancestral=False, method="plms",
+            spacing="leading", aliases=("pndm",)),
+    Sampler("euler", "Euler", None, uses_eta=False, ancestral=False, method="euler",
+            spacing="linspace", aliases=("k_euler", "euler_discrete")),
     Sampler("euler_a", "Euler a", None, uses_eta=False, ancestral=True,
+            method="euler_ancestral", spacing="linspace",
             aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral",
                      "euler_ancestral_discrete")),
-    Sampler("dpmpp_2m", "DPM++ 2M", None, uses_eta=False, ancestral=False,
+    Sampler("dpmpp_2m", "DPM++ 2M", None, uses_eta=False, ancestral=False, method="dpmpp_2m",
+            spacing="dpm_linspace",
             aliases=("dpmsolver++", "dpm++_2m", "k_dpmpp_2m", "dpmsolver_multistep")),
     Sampler("dpmpp_2m_karras", "DPM++ 2M", "Karras", uses_eta=False, ancestral=False,
+            method="dpmpp_2m", spacing="karras",
             aliases=("DPM++ 2M Karras", "dpmsolver++_karras", "dpm++_2m_karras",
                      "k_dpmpp_2m_karras")),
 )}
