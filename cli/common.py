@@ -23,9 +23,10 @@ import click
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.progress import ProgressLine
 from sdq.core.errors import Unavailable
-from sdq.sdmodel.files import write_atomically
 from sdq.core.params import FIELDS
 from sdq.core.settings import Settings, mask_url
+from sdq.core.states import FINISHED, Status
+from sdq.sdmodel.files import write_atomically
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -225,9 +226,7 @@ def safety_fields(item: Item) -> dict[str, Any]:
 
 
 def _finished(progress: Progress) -> int:
-    from sdq.db.models import Status
-
-    return sum(progress.counts[s] for s in (Status.DONE, Status.FAILED, Status.CANCELLED))
+    return sum(progress.counts[s] for s in FINISHED)
 
 
 def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
@@ -287,13 +286,11 @@ class _Unserved:
 
 def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
     """A finished job's record, summary line and exit status (0 only when every item is done)."""
-    from sdq.db.models import Status
-
     counts = {s.value: n for s, n in progress.counts.items() if n}
     done, total = progress.counts[Status.DONE], sum(progress.counts.values())
     text = f"Job {job_id}: {done}/{total} done" + "".join(
         f", {n} {s.value}" for s, n in progress.counts.items()
-        if n and s in (Status.FAILED, Status.CANCELLED))
+        if n and s in FINISHED and s is not Status.DONE)
     if progress.reused:
         text += f" ({progress.reused} reused from stored images)"
     if progress.counts[Status.FAILED]:

@@ -11,6 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sdq.cli.common import load_settings, output_options, report
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.core.errors import Unavailable
+from sdq.core.settings import mask_url
 from sdq.db.session import (
     current_revision,
     downgrade,
@@ -18,8 +20,6 @@ from sdq.db.session import (
     head_revision,
     upgrade,
 )
-from sdq.core.errors import Unavailable
-from sdq.core.settings import mask_url
 
 
 @contextmanager

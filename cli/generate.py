@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,9 @@ from sdq.cli.common import load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.cli.progress import ProgressLine
+from sdq.core.params import SEED_LIMIT, GenerationParams, draw_seed
+from sdq.core.settings import DTYPE_NAMES
 from sdq.sdmodel.files import write_atomically
-from sdq.core.params import SEED_LIMIT, GenerationParams
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -35,7 +35,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--batch-size", type=click.IntRange(1),
               help="Images denoised together [default: $SDQ_BATCH_SIZE, else all of them, up to 8].")
 @click.option("--device", type=click.Choice(["cuda", "mps", "cpu"]), help="[default: the best available]")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="[default: fp16 on GPUs, fp32 on the CPU]")
 @click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
 @safety_options()
@@ -65,13 +65,14 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     from sdq.sdmodel.produce import produce
     from sdq.sdmodel.safety import load_safety_checker
 
-    base_seed = random.randrange(SEED_LIMIT) if seed is None else seed
+    base_seed = draw_seed() if seed is None else seed
     if base_seed + num_images > SEED_LIMIT:
         raise click.BadParameter(f"seed + number of images must stay below {SEED_LIMIT}",
                                  param_hint="--seed")
     with as_option_errors():
-        params = [GenerationParams(prompt, negative_prompt, base_seed + i, sampler, steps, cfg, eta,
-                                   width, height) for i in range(num_images)]
+        params = [GenerationParams(prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + i,
+                                   sampler=sampler, steps=steps, cfg=cfg, eta=eta, width=width,
+                                   height=height) for i in range(num_images)]
     settings = load_settings(need_broker=False)
     try:
         checker_ref = job_safety_checker(safety_checker, settings.safety_checker)

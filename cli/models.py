@@ -7,9 +7,9 @@ import click
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
 from sdq.cli.errors import CommandFailed
+from sdq.core.params import short_hash
 from sdq.db.models import Model
 from sdq.db.queries import all_models, model_item_counts, register_model, remove_model
-from sdq.core.params import short_hash
 
 _COLUMNS = ["name", "hash", "items", "source", "added"]
 

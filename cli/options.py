@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
-from sdq.db.models import ON_FLAG
 from sdq.core.errors import InvalidInput
+from sdq.core.jobspec import ON_FLAG
 from sdq.core.params import (
     CHECKS,
     DEFAULTS,

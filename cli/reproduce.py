@@ -9,9 +9,10 @@ import click
 
 from sdq.cli.common import configured_storage, database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.core.params import short_hash
+from sdq.core.settings import DTYPE_NAMES
 from sdq.db.models import Status
 from sdq.db.queries import get_item
-from sdq.core.params import short_hash
 
 
 @click.command()
@@ -23,7 +24,7 @@ from sdq.core.params import short_hash
               help="Load the model from here instead of the recorded source (its sha256 must "
                    "match the item's).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps ... (default: SDQ_DEVICE, else the best).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Weights' precision (default: SDQ_DTYPE, else fp16 on GPUs, fp32 on the CPU).")
 @output_options("json")
 def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str | None,
@@ -43,8 +44,8 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
       sdq reproduce 1234 --batch --json
       sdq reproduce 1234 --model ~/models/v1-5-pruned-emaonly.safetensors --device cuda
     """
-    from sdq.sdmodel.pipeline import load_pipeline
     from sdq.jobs.reproduce import compare, composition, regenerate
+    from sdq.sdmodel.pipeline import load_pipeline
 
     settings = load_settings(need_broker=False)
     with database_session(settings) as session:

@@ -21,13 +21,13 @@ from sdq.cli.options import (
     safety_options,
     template_options,
 )
-from sdq.db.models import Schedule
+from sdq.core.jobspec import PRIORITIES, SEED_POLICIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.jobs.broker import PRIORITIES
+from sdq.core.settings import SAFETY_OFF
+from sdq.db.models import Schedule
 from sdq.jobs.promptfile import PromptFileError
 from sdq.jobs.schedule import (
     NAME_PATTERN,
-    SEED_POLICIES,
     Clock,
     Run,
     add_schedule,
@@ -38,7 +38,6 @@ from sdq.jobs.schedule import (
     schedules_with_last_run,
     utc_clock,
 )
-from sdq.core.settings import SAFETY_OFF
 
 _COLUMNS = ["name", "cron", "file", "sha", "enabled", "next_run", "last_run", "last_job"]
 
@@ -131,16 +130,19 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
             safety_checker = job_safety_checker(safety_checker, None) or SAFETY_OFF
         except ValueError as exc:
             raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
-    options: dict[str, Any] = {
-        "model": model_ref, "negative_prompt": negative_prompt, "sampler": sampler,
-        "steps": steps, "cfg": cfg, "eta": eta, "width": width, "height": height,
-        "n": num_images, "seed": seed, "batch_size": batch_size, "priority": priority,
-        "tags": list(tags), "safety_checker": safety_checker, "on_flag": on_flag,
-        "seed_policy": seed_policy}
     wildcards = wildcards or settings.wildcards
+    expansion = None
     if grid or wildcards or expand != "combinatorial" or expand_seed is not None:
         # Stored with the wildcard lines it reads: a run never reads the folder again.
-        options["expansion"] = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
+        expansion = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
+    with as_option_errors():
+        spec = JobSpec(
+            model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
+            safety_checker=safety_checker, on_flag=on_flag, seed_policy=seed_policy,
+            expansion=expansion,
+            defaults={"negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
+                      "cfg": cfg, "eta": eta, "width": width, "height": height,
+                      "n": num_images, "seed": seed})
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -149,7 +151,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         try:
             with as_option_errors():
                 added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
-                                     options=options, replace=replace, wildcards=wildcards)
+                                     spec=spec, replace=replace, wildcards=wildcards)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

@@ -22,10 +22,10 @@ from sdq.cli.common import (
     write_file,
 )
 from sdq.cli.errors import CommandFailed
-from sdq.db.models import SEED_LIMIT, Status
-from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.core.params import ParamError
 from sdq.core.params import text as text_check
+from sdq.db.models import SEED_LIMIT, Status
+from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "safety", "prompt", "created"]

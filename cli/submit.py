@@ -28,12 +28,9 @@ from sdq.cli.options import (
     safety_options,
     template_options,
 )
-from sdq.db.models import Job
-from sdq.db.queries import find_model
+from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES, Defaults, JobSpec, default_batch_size
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.jobs.broker import PRIORITIES
-from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
-from sdq.jobs.submit import DEFAULT_BATCH_SIZE
+from sdq.jobs.promptfile import PromptFile, PromptFileError, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
 
 SAMPLE = 5
@@ -42,6 +39,7 @@ SAMPLE = 5
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from sdq.db.models import Job
     from sdq.jobs.submit import ModelIdentity
 
 
@@ -100,47 +98,56 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
       sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
     """
-    from sdq.jobs.submit import check_size, identify_model, job_safety_checker, plan, stored_count
+    from sdq.jobs.submit import (
+        check_size,
+        identify_model,
+        job_safety_checker,
+        new_job,
+        plan,
+        stored_count,
+    )
 
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE or --prompt TEMPLATE (one of them)")
     as_json = output == "json"
     with as_option_errors():
-        defaults = Defaults(negative_prompt=negative_prompt, seed=seed, n=num_images, steps=steps,
-                            cfg=cfg, eta=eta, sampler=sampler, width=width, height=height)
+        spec = JobSpec(
+            name=name, model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
+            safety_checker=safety_checker, on_flag=on_flag, reuse=not no_reuse,
+            defaults={"negative_prompt": negative_prompt, "seed": seed, "n": num_images,
+                      "steps": steps, "cfg": cfg, "eta": eta, "sampler": sampler, "width": width,
+                      "height": height})
     settings = load_settings(need_broker=False)
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
     source = str(file) if file is not None else "--prompt"
     with database_session(settings) as session:
-        parsed = _parse(file, prompt, defaults, expansion, session)
+        parsed = _parse(file, prompt, spec.row_defaults(), expansion, session)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:
         check_size(len(parsed.items), settings.confirm_items, confirmed=yes)
-    ref = model_ref or settings.model
+    ref = spec.model or settings.model
     try:
         model = identify_model(ref, settings.home / "hashes.json")
     except (ValueError, LookupError, OSError) as exc:
         raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     try:
-        checker = job_safety_checker(safety_checker, settings.safety_checker)
+        checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
-    size = batch_size or settings.batch_size or DEFAULT_BATCH_SIZE
+    size = default_batch_size(spec.batch_size, settings.batch_size)
     if dry_run:
         with database_session(settings) as session:
             groups = plan(session, parsed.items, model, size)
-            stored = 0 if no_reuse else stored_count(session, parsed.items, model, settings)
+            stored = stored_count(session, parsed.items, model, settings) if spec.reuse else 0
         _print_plan(source, parsed, size, groups, stored, [n for n, _ in expansion.grid], as_json)
         return
-    job = Job(name=name or (file.name if file is not None else prompt[:200]),
-              source_name=source, source_sha256=parsed.sha256,
-              defaults={**defaults.to_json(), "base_seed": parsed.base_seed,
-                        "model": model.recorded_ref(ref), "batch_size": size,
-                        "expansion": expansion.to_json()},
-              priority=priority, tags=list(dict.fromkeys(tags)), safety_checker=checker,
-              on_flag=on_flag, reuse=not no_reuse)
+    name = spec.name or (file.name if file is not None else str(prompt)[:200])
+    job = new_job(spec, parsed, name=name, safety_checker=checker,
+                  defaults={**spec.row_defaults().to_json(), "base_seed": parsed.base_seed,
+                            "model": model.recorded_ref(ref), "batch_size": size,
+                            "expansion": expansion.to_json()})
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
         record, text, status = outcome(result["job_id"], follow(settings, result["job_id"],
@@ -157,17 +164,13 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
            session: Session) -> PromptFile:
     """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
     exit status 2."""
-    def resolve(name: str) -> int | None:
-        found = find_model(session, name)
-        return found.id if found else None
-
     source = str(file) if file is not None else "--prompt"
     try:
         if file is not None:
             data, fmt = file.read_bytes(), None
         else:
             data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
-        return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=resolve,
+        return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=model_resolver(session),
                                  expansion=expansion)
     except PromptFileError as exc:
         for problem in exc.problems:

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from sdq.cli.common import configured_storage, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.core.errors import NotFound, Unavailable
+from sdq.core.settings import Settings
 from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
-from sdq.core.errors import NotFound, Unavailable
 from sdq.images.provenance import (
     Check,
     ItemRecord,
@@ -21,7 +22,6 @@ from sdq.images.provenance import (
     read_png_metadata,
     verify_png,
 )
-from sdq.core.settings import Settings
 
 _LABELS = {True: "ok", False: "MISMATCH", None: "-"}
 _STATUS = {True: "ok", False: "mismatch", None: "skipped"}

@@ -55,8 +55,8 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     from kombu.exceptions import OperationalError
 
     from sdq.jobs.broker import create_app, queue_name
-    from sdq.worker.broker_keys import upgrade_broker_keys
     from sdq.jobs.submit import identify_model
+    from sdq.worker.broker_keys import upgrade_broker_keys
 
     settings = load_settings(need_broker=True)
     with database_session(settings):

@@ -5,10 +5,11 @@ files, the command-line options, the runner, the PNG provenance and the pipeline
 their fields, limits and sampler names from here. It imports nothing heavy (no torch), so
 commands that only check or record requests stay fast.
 
-Values are checked, and sampler spellings resolved, when a `GenerationParams` (or one of its
-two halves, `Request` and `BatchShape`) is built; a bad value raises `ParamError` naming the
-field, which a prompt file turns into `FILE:LINE: field: reason` and the CLI into an option
-error.
+A `GenerationParams` is its two halves, `Request` (what may differ within a batch) and
+`BatchShape` (what may not), by inheritance: each field is defined once. Values are checked,
+and sampler spellings resolved, when any of the three is built; a bad value raises
+`ParamError` naming the field, which a prompt file turns into `FILE:LINE: field: reason` and
+the CLI into an option error.
 """
 from __future__ import annotations
 
@@ -17,12 +18,21 @@ import hashlib
 import json
 import math
 import re
+import secrets
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 SEED_LIMIT = 2**32
 """Seeds live in [0, 2^32): the range a CPU `torch.Generator` seed round-trips through in
 every other SD tool, so a seed copied from here reproduces elsewhere."""
+
+
+def draw_seed(limit: int = SEED_LIMIT) -> int:
+    """A seed nobody gave, in [0, limit), from the operating system's generator (never the
+    `random` module's state, which a library may have seeded); whoever draws one records it."""
+    return secrets.randbelow(limit)
+
+
 MAX_SIDE = 2048
 """The largest width or height accepted: 16x the area SD v1 was trained at, already far past
 where it makes coherent images, and about what one 80 GB GPU decodes."""
@@ -33,6 +43,9 @@ MAX_STEPS = 999
 MAX_CFG = 100.0
 MAX_ETA = 1.0
 """eta = 1 is DDPM-like; beyond it DDIM's noise term has no meaning."""
+MAX_BATCH = 32
+"""The most images a worker denoises at once when it sizes its batches itself: beyond this a
+GPU's throughput no longer rises, results only come later (an H200 holds 32 at 512x512)."""
 MAX_IMAGES_PER_ROW = 10_000
 """A cap on a prompt file row's `n` that catches a typo (n=1000000) before it becomes a
 million rows."""
@@ -75,21 +88,30 @@ class Sampler:
     uses_eta: bool
     ancestral: bool
     """Draws fresh noise at every step (from each image's own generator)."""
+    method: str
+    """The update rule, a key of `sdmodel.samplers.METHODS`."""
+    spacing: str
+    """The timesteps it visits, a key of `sdmodel.samplers.SPACINGS`."""
     aliases: tuple[str, ...] = ()
     """Other tools' spellings (diffusers scheduler names, k-diffusion names)."""
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddim", "DDIM", None, uses_eta=True, ancestral=False, aliases=("ddim_scheduler",)),
-    Sampler("plms", "PLMS", None, uses_eta=False, ancestral=False, aliases=("pndm",)),
-    Sampler("euler", "Euler", None, uses_eta=False, ancestral=False,
-            aliases=("k_euler", "euler_discrete")),
+    Sampler("ddim", "DDIM", None, uses_eta=True, ancestral=False, method="ddim",
+            spacing="leading", aliases=("ddim_scheduler",)),
+    Sampler("plms", "PLMS", None, uses_eta=False, ancestral=False, method="plms",
+            spacing="leading", aliases=("pndm",)),
+    Sampler("euler", "Euler", None, uses_eta=False, ancestral=False, method="euler",
+            spacing="linspace", aliases=("k_euler", "euler_discrete")),
     Sampler("euler_a", "Euler a", None, uses_eta=False, ancestral=True,
+            method="euler_ancestral", spacing="linspace",
             aliases=("euler_ancestral", "k_euler_a", "k_euler_ancestral",
                      "euler_ancestral_discrete")),
-    Sampler("dpmpp_2m", "DPM++ 2M", None, uses_eta=False, ancestral=False,
+    Sampler("dpmpp_2m", "DPM++ 2M", None, uses_eta=False, ancestral=False, method="dpmpp_2m",
+            spacing="dpm_linspace",
             aliases=("dpmsolver++", "dpm++_2m", "k_dpmpp_2m", "dpmsolver_multistep")),
     Sampler("dpmpp_2m_karras", "DPM++ 2M", "Karras", uses_eta=False, ancestral=False,
+            method="dpmpp_2m", spacing="karras",
             aliases=("DPM++ 2M Karras", "dpmsolver++_karras", "dpm++_2m_karras",
                      "k_dpmpp_2m_karras")),
 )}
@@ -221,20 +243,27 @@ check_tag = text("tag", MAX_TAG_CHARS)
 """A job's or row's tag (prompt files, --tag)."""
 
 
-def _check_fields(obj: Any) -> None:
-    for f in fields(obj):
-        object.__setattr__(obj, f.name, CHECKS[f.name](getattr(obj, f.name)))
-    sampler, eta = getattr(obj, "sampler", None), getattr(obj, "eta", 0.0)
-    if sampler is not None and eta and not SAMPLERS[sampler].uses_eta:
-        uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
-        raise ParamError("eta", f"applies to {', '.join(uses)} only, got eta={eta:g} "
-                         f"for {sampler!r}")
+class _Checked:
+    """Checks every field when built, in record order (a value as recorded, or ParamError): a
+    request or shape in hand is always one the pipeline can run."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            if name in self.__dataclass_fields__:
+                object.__setattr__(self, name, CHECKS[name](getattr(self, name)))
+        sampler, eta = getattr(self, "sampler", None), getattr(self, "eta", 0.0)
+        if sampler is not None and eta and not SAMPLERS[sampler].uses_eta:
+            uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
+            raise ParamError("eta", f"applies to {', '.join(uses)} only, got eta={eta:g} "
+                             f"for {sampler!r}")
 
 
 # -- the parameters --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Request:
+class Request(_Checked):
     """What may differ between images denoised together: each has its own generator."""
 
     prompt: str
@@ -243,45 +272,28 @@ class Request:
     cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale; 1 or less turns guidance off for this image."""
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
 
-
-@dataclass(frozen=True, order=True)
-class BatchShape:
+@dataclass(frozen=True, order=True, kw_only=True)
+class BatchShape(_Checked):
     """What images must share to be denoised in one batch: the one batch-shape key, used by
-    the runner, the batch planner, `submit --dry-run` and `reproduce`."""
+    the runner, the batch planner, `submit --dry-run` and `reproduce`. Given by keyword."""
 
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_STEPS
     width: int = DEFAULT_SIZE
     height: int = DEFAULT_SIZE
     eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
 
     def settings(self) -> dict[str, Any]:
         """As the keyword arguments of `Pipeline.generate`."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(BatchShape)}
 
 
 @dataclass(frozen=True)
-class GenerationParams:
-    """Everything that decides one image besides the model: a request and its batch shape."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    sampler: str = DEFAULT_SAMPLER
-    steps: int = DEFAULT_STEPS
-    cfg: float = DEFAULT_CFG
-    eta: float = 0.0
-    width: int = DEFAULT_SIZE
-    height: int = DEFAULT_SIZE
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
+class GenerationParams(BatchShape, Request):  # fields: the request's, then the shape's
+    """Everything that decides one image besides the model: a request and its batch shape,
+    each field defined once, in its half. Positional arguments are the request's (prompt,
+    negative prompt, seed, cfg); the shape's are given by keyword."""
 
     @classmethod
     def of(cls, record: Any) -> "GenerationParams":
@@ -293,19 +305,24 @@ class GenerationParams:
 
     @property
     def request(self) -> Request:
-        return Request(self.prompt, self.negative_prompt, self.seed, self.cfg)
+        return Request(**{f.name: getattr(self, f.name) for f in fields(Request)})
 
     @property
     def shape(self) -> BatchShape:
-        return BatchShape(self.sampler, self.steps, self.width, self.height, self.eta)
+        return BatchShape(**self.settings())
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerationParams))
+FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta",
+                           "width", "height")
+"""The parameters in the order records list them (item records, CSV columns, provenance,
+recorded defaults): a column order, which the two halves' fields cannot give by themselves
+(cfg is the request's, between the shape's steps and eta)."""
 SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BatchShape))
-DEFAULTS = {f.name: f.default for f in fields(GenerationParams) if f.name != "prompt"}
+_DEFAULT_OF = {f.name: f.default for f in fields(GenerationParams)}
+DEFAULTS = {name: _DEFAULT_OF[name] for name in FIELDS if name != "prompt"}
 """The value of each parameter a request leaves out (seed 0 here; commands pick a random
 base seed instead when none is given)."""
 

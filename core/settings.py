@@ -22,6 +22,8 @@ else:  # Python 3.10
 from sdq.core.errors import InvalidInput
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+"""The precisions a model runs in (`SDQ_DTYPE`, `--dtype`), by the names sdq records."""
 DEFAULT_PNG_LEVEL = 1
 """zlib level of stored PNGs. Level 1 writes a 512x512 image in about half the CPU time of
 the usual 6, for files about 8% larger (docs/storage.md has the measurements)."""
@@ -37,6 +39,10 @@ def default_store_threads(cores: int | None = None) -> int:
     which is why the PNG level, not the thread count, sets the ceiling (docs/storage.md)."""
     return max(1, min(MAX_STORE_THREADS, cores or os.cpu_count() or 1))
 
+
+OUTAGE_S = 1800
+"""Seconds storage or the database may stay down before a worker hands its items back
+(`SDQ_OUTAGE_TIMEOUT`): long enough for a restart or a failover, never a reason to fail them."""
 
 SAFETY_OFF = "off"
 
@@ -144,9 +150,8 @@ class Settings:
     safety_checker: str | None = None
     """The safety checker jobs run unless they say otherwise: a folder or a hub id; None
     (unset, or `off`) for none."""
-    outage_timeout: int = 1800
-    """Seconds a worker waits out storage or the database being down before handing its
-    items back (never failing them)."""
+    outage_timeout: int = OUTAGE_S
+    """`SDQ_OUTAGE_TIMEOUT`: seconds a worker waits out an outage (OUTAGE_S)."""
     reconcile_interval: int = 60
     """Seconds between a worker's automatic reconciles (0: never)."""
     wildcards: Path | None = None
@@ -202,7 +207,7 @@ class Settings:
             "fast_path": get("fast_path") or "default",
             "compile": get("compile") or "0",
             "safety_checker": safety_checker_ref(get("safety_checker")),
-            "outage_timeout": get("outage_timeout") or "1800",
+            "outage_timeout": get("outage_timeout") or str(OUTAGE_S),
             "reconcile_interval": get("reconcile_interval") or "60",
             "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
             "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),

@@ -5,7 +5,6 @@ a job's defaults are a record of what the user asked for, never read back to fil
 """
 from __future__ import annotations
 
-import enum
 from datetime import date, datetime
 from typing import Any
 
@@ -27,27 +26,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from sdq.core.params import SEED_LIMIT, GenerationParams, short_hash
+from sdq.core.states import Status
 
 from .base import Base, BigId, UTCDateTime, utcnow
-
-
-class Status(str, enum.Enum):
-    """Where a job or an item stands; stored as its lower-case value."""
-
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ON_FLAG = ("keep", "black", "drop")
-"""What a job does with an image the safety checker flags: store it as generated, store a
-black image of the same size instead, or store no image."""
-SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
-"""An item's `safety_action` for each `on_flag` when its image was flagged; an image the
-checker passed is always `kept`."""
 
 
 def _partial(condition: str) -> dict[str, Any]:

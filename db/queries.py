@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from sdq.core.errors import InvalidInput, NotFound, Refused
+from sdq.core.states import OPEN
 
 from .base import utcnow
 from .fulltext import match_prompt, parse_query
@@ -185,7 +186,7 @@ class Progress:
 
     @property
     def remaining(self) -> int:
-        return sum(self.counts[s] for s in (Status.PENDING, Status.QUEUED, Status.RUNNING))
+        return sum(self.counts[s] for s in OPEN)
 
     @property
     def images_per_s(self) -> float | None:

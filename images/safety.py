@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from sdq.db.models import SAFETY_ACTIONS
+from sdq.core.jobspec import SAFETY_ACTIONS
 
 from .provenance import EncodedPng, Provenance, SafetyVerdict, encode_png
 

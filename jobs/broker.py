@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sdq.core.errors import Unavailable
+from sdq.core.jobspec import PRIORITIES
 from sdq.core.params import short_hash
 from sdq.core.settings import Settings
 
@@ -19,11 +20,6 @@ if TYPE_CHECKING:
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
-
-
-PRIORITIES = range(10)
-"""Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
-level and pops the lists in order, so each level here is a list of its own."""
 
 
 def broker_priority(priority: int) -> int:

@@ -40,9 +40,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from sdq.core.errors import InvalidInput, Refused
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
-from sdq.core.errors import InvalidInput, Refused
 from sdq.images.storage import ObjectNotFound, Storage, inside
 from sdq.jobs.card import dataset_card
 

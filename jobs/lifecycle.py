@@ -15,19 +15,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from sdq.core.jobspec import default_batch_size
+from sdq.core.settings import Settings
+from sdq.core.states import WAITING, Status
+from sdq.db import transitions
 from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Model, Status
+from sdq.db.models import Item, Model
+from sdq.db.queries import get_job
 from sdq.db.session import open_database
-from sdq.core.errors import NotFound
 from sdq.jobs.submit import (
-    DEFAULT_BATCH_SIZE,
     RunnerFactory,
     check_runner,
     dispatch,
     handed_back_on_interrupt,
     plan_batches,
 )
-from sdq.core.settings import Settings
 
 if TYPE_CHECKING:
     from sdq.core.batch import RunReport
@@ -46,7 +48,7 @@ class Requeued:
 def _requeue(settings: Settings, engine: Engine, session: Session, where: ColumnElement[bool],
              prefix: str, make_runner: RunnerFactory | None = None) -> Requeued:
     """Plan batches for the items matching `where`, commit, then dispatch them."""
-    planned = plan_batches(session, where, settings.batch_size or DEFAULT_BATCH_SIZE, prefix=prefix)
+    planned = plan_batches(session, where, default_batch_size(settings.batch_size), prefix=prefix)
     session.commit()
     report = dispatch(settings, engine, planned, where, make_runner=make_runner)
     batches = [b for group in planned.values() for b in group]
@@ -62,12 +64,9 @@ def reconcile(settings: Settings, make_runner: RunnerFactory | None = None) -> R
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            now = utcnow()
-            session.execute(
-                update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
-                .values(status=Status.QUEUED, lease_expires_at=None))
-            open_items = Item.status.in_((Status.PENDING, Status.QUEUED))
-            return _requeue(settings, engine, session, open_items, f"r{int(time.time())}",
+            transitions.requeue_expired(session, utcnow())
+            waiting = Item.status.in_(WAITING)
+            return _requeue(settings, engine, session, waiting, f"r{int(time.time())}",
                             make_runner)
     finally:
         engine.dispose()
@@ -89,12 +88,8 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
     now = utcnow()
     cutoff = now - timedelta(seconds=grace_s)
     with Session(engine) as session, session.begin():
-        session.execute(
-            update(Item).where(Item.status == Status.RUNNING, Item.lease_expires_at < now)
-            .values(status=Status.QUEUED, lease_expires_at=None)
-            .execution_options(synchronize_session=False))
-    stale = and_(Item.status.in_((Status.PENDING, Status.QUEUED)),
-                 func.coalesce(Item.queued_at, Item.created_at) < cutoff)
+        transitions.requeue_expired(session, now)
+    stale = and_(Item.status.in_(WAITING), func.coalesce(Item.queued_at, Item.created_at) < cutoff)
     with Session(engine) as session:
         with session.begin():
             models = [sha256 for sha256 in session.scalars(
@@ -118,11 +113,7 @@ def retry_job(settings: Settings, job_id: int, make_runner: RunnerFactory | None
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            job = _job(session, job_id)
-            session.execute(
-                update(Item).where(Item.job_id == job_id, Item.status == Status.FAILED)
-                .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None))
-            job.status, job.finished_at = Status.QUEUED, None
+            transitions.retry_job(session, get_job(session, job_id))
             where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
             return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}",
                             make_runner)
@@ -155,21 +146,17 @@ def resume_job(settings: Settings, job_id: int,
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            job = _job(session, job_id)
-            now = utcnow()
-            session.execute(
-                update(Item).where(Item.job_id == job_id, Item.status == Status.RUNNING,
-                                   Item.lease_expires_at < now)
-                .values(status=Status.QUEUED, lease_expires_at=None))
+            job = get_job(session, job_id)
+            transitions.requeue_expired(session, utcnow(), job_id)
             leased = session.scalar(select(func.count()).where(
                 Item.job_id == job_id, Item.status == Status.RUNNING)) or 0
-            where = and_(Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
-            size = (job.defaults or {}).get("batch_size") or settings.batch_size \
-                or DEFAULT_BATCH_SIZE  # the submit's own, when it recorded one
+            where = and_(Item.job_id == job_id, Item.status.in_(WAITING))
+            # The submit's own batch size, when it recorded one.
+            size = default_batch_size((job.defaults or {}).get("batch_size"), settings.batch_size)
             planned = plan_batches(session, where, int(size),
                                    prefix=f"j{job_id}-resume{int(time.time())}")
-            if planned and job.status not in (Status.DONE, Status.FAILED):
-                job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            if planned:
+                transitions.resume_job(job, embedded=settings.embedded)
             total = job.item_count
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()
@@ -190,27 +177,6 @@ def cancel_job(settings: Settings, job_id: int) -> int:
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session, session.begin():
-            job = _job(session, job_id)
-            now = utcnow()
-            # Lock order of every writer: items in id order, then the job row (the runner's
-            # claim and record do the same before `_finish_jobs`). An UPDATE alone would lock
-            # items in the table's physical order, which a runner locking by id can cross.
-            session.execute(select(Item.id).where(
-                Item.job_id == job_id, Item.status.in_((Status.PENDING, Status.QUEUED)))
-                .order_by(Item.id).with_for_update())
-            count = session.execute(
-                update(Item).where(Item.job_id == job_id,
-                                   Item.status.in_((Status.PENDING, Status.QUEUED)))
-                .values(status=Status.CANCELLED, finished_at=now)).rowcount
-            if job.status not in (Status.DONE, Status.FAILED):
-                job.status, job.finished_at = Status.CANCELLED, now
-            return count
+            return transitions.cancel_job(session, get_job(session, job_id))
     finally:
         engine.dispose()
-
-
-def _job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sdq.core.errors import Refused
+from sdq.db import transitions
 from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Status
-from sdq.core.errors import NotFound, Refused
+from sdq.db.models import Item, Status
+from sdq.db.queries import get_job
 from sdq.images.storage import Storage, StorageError
 
 
@@ -54,9 +56,7 @@ class Purged:
 
 def job_contents(session: Session, job_id: int) -> JobContents:
     """The job's size, for the confirmation; NotFound when there is no such job."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
+    job = get_job(session, job_id)
     items, images = session.execute(
         select(func.count(), func.count(Item.image_key)).where(Item.job_id == job_id)).one()
     return JobContents(job_id, job.name or job.source_name, items, images)
@@ -67,15 +67,12 @@ def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
     job), JobBusy (nothing deleted then), or the storage's StorageError naming what is left."""
     with Session(engine) as session, session.begin():
         job_contents(session, job_id)
-        session.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)
-                        .with_for_update())
-        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        transitions.lock_job(session, job_id)
         _refuse_if_running(session, job_id)
         keys = set(session.scalars(select(Item.image_key).where(
             Item.job_id == job_id, Item.image_key.is_not(None))))
         shared = _in_use_elsewhere(session, job_id)
-        items = session.execute(delete(Item).where(Item.job_id == job_id)).rowcount
-        session.execute(delete(Job).where(Job.id == job_id))
+        items = transitions.delete_job(session, job_id)
     try:
         deleted = _delete_objects(storage, (keys | set(storage.list(_prefix(job_id)))) - shared)
     except StorageError as exc:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdq.core.errors import InvalidInput
+from sdq.core.jobspec import Defaults
 from sdq.core.params import (
     CHECKS,
-    DEFAULTS,
     MAX_IMAGES_PER_ROW,
     MAX_TAG_CHARS,
     SEED_LIMIT,
@@ -33,12 +33,15 @@ from sdq.core.params import (
     ParamError,
     check_tag,
     close_match,
+    draw_seed,
     text,
     whole,
 )
+from sdq.db.queries import find_model
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
     from transformers import CLIPTokenizer
 
 FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
@@ -53,29 +56,6 @@ ModelResolver = Callable[[str], "int | None"]
 LookupError (its message shown) when ambiguous, like `db.queries.find_model`."""
 
 
-class Defaults:
-    """The values rows do not give: any generation parameter but the prompt and the seed
-    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
-    one at random)."""
-
-    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
-        unknown = params.keys() - DEFAULTS.keys()
-        if unknown:
-            raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
-        self.seed = None if seed is None else CHECKS["seed"](seed)
-        self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
-        checked = {name: CHECKS[name](value) for name, value in params.items()}
-        self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
-        GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
-
-    def __repr__(self) -> str:
-        return f"Defaults({self.to_json()!r})"
-
-    def to_json(self) -> dict[str, Any]:
-        """As recorded with a job: every default by its field name."""
-        return {**self.params, "seed": self.seed, "n": self.n}
-
-
 @dataclass(frozen=True)
 class Problem:
     """One finding about one line of a file, printed as `FILE:LINE: field: reason`."""
@@ -87,6 +67,14 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
+
+
+def model_resolver(session: Session) -> ModelResolver:
+    """A prompt file row's `model` as a registered model's id, as `sdq submit` and schedules read it."""
+    def resolve(ref: str) -> int | None:
+        model = find_model(session, ref)
+        return model.id if model else None
+    return resolve
 
 
 class PromptFileError(InvalidInput):
@@ -149,8 +137,9 @@ def parse_prompt_file(
     if not rows and not problems:
         problems.append(Problem(source, 1, "file", "no prompts"))
     total = sum(row.images for row in rows)
+    room = max(1, SEED_LIMIT - total)
     base = defaults.seed if defaults.seed is not None else \
-        (rng or random.SystemRandom()).randrange(max(1, SEED_LIMIT - total))
+        rng.randrange(room) if rng is not None else draw_seed(room)
     _check_seed_ranges(rows, base, defaults.seed is not None, source, problems, repeat, total)
     if problems:
         # A line that is not UTF-8 shows only that: what else fails there follows from it.

@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from sdq.core.errors import Refused
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
-from sdq.core.errors import Refused
-from sdq.sdmodel.pipeline import Pipeline
-from sdq.sdmodel.produce import produce
 from sdq.images import watermark as wm
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
+from sdq.sdmodel.pipeline import Pipeline
+from sdq.sdmodel.produce import produce
 
 
 class ReproduceError(Refused):

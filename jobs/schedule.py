@@ -14,28 +14,28 @@ Every function takes the time as an argument: nothing here reads the clock.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from sdq.db.models import Item, Job, Schedule
-from sdq.db.queries import find_model
-from sdq.db.session import open_database
 from sdq.core.errors import NotFound, Refused
-from sdq.core.params import DEFAULTS, SEED_LIMIT
-from sdq.jobs.cron import Cron, parse_cron
-from sdq.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
-from sdq.jobs.templates import Expansion
+from sdq.core.jobspec import JobSpec
+from sdq.core.params import SEED_LIMIT, draw_seed
 from sdq.core.settings import Settings
+from sdq.db import transitions
+from sdq.db.models import Item, Job, Schedule
+from sdq.db.session import open_database
+from sdq.jobs.cron import Cron, parse_cron
+from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
+from sdq.jobs.templates import Expansion
 
 if TYPE_CHECKING:
     from sdq.jobs.submit import RunnerFactory
@@ -44,16 +44,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,88}")
 """Schedule names: they become job names (`NAME-YYYY-MM-DD`, at most 100 characters)."""
-DEFAULT_FIELDS = ("n", *DEFAULTS)
-"""Options that fill a prompt file's missing fields; the others (model, batch_size, priority,
-tags) apply to the job."""
-OPTION_NAMES = (*DEFAULT_FIELDS, "model", "batch_size", "priority", "tags", "safety_checker",
-                "on_flag", "seed_policy", "expansion")
-SEED_POLICIES = ("same", "fresh", "add")
-"""How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
-free, and it adds what is new when the file grows), a fresh base seed each night (recorded
-with the job), or every image's seed moved on by the images of a night, so that each run adds
-new images of every prompt."""
 _SEARCH_DAYS = 5 * 366
 """How far ahead `next_run` looks: far enough for "29 February, on a Monday"."""
 
@@ -86,18 +76,6 @@ def run_name(schedule_name: str, day: date) -> str:
     return f"{schedule_name}-{day.isoformat()}"
 
 
-def prompt_defaults(options: Mapping[str, Any]) -> Defaults:
-    return Defaults(**{k: options[k] for k in DEFAULT_FIELDS if options.get(k) is not None})
-
-
-def model_resolver(session: Session) -> ModelResolver:
-    """A prompt file row's `model` as a registered model's id, the way `sdq submit` reads it."""
-    def resolve(ref: str) -> int | None:
-        model = find_model(session, ref)
-        return model.id if model else None
-    return resolve
-
-
 class ScheduleError(Refused):
     """A schedule operation refused, with the reason as its message."""
 
@@ -113,12 +91,13 @@ class Added:
 
 
 def add_schedule(session: Session, *, name: str, cron: str, source: str, data: bytes,
-                 options: Mapping[str, Any], replace: bool = False,
+                 spec: JobSpec, replace: bool = False,
                  now: datetime | None = None, wildcards: Path | None = None) -> Added:
-    """Validate and store (in the session's transaction) a schedule of the prompt file `data`.
+    """Validate and store (in the session's transaction) a schedule of the prompt file `data`,
+    its runs' options `spec` stored as JSON (`JobSpec.to_json`).
 
     The file is parsed as `sdq submit` would (PromptFileError lists its problems), its
-    templates expanded as `options["expansion"]` says, wildcard files read from `wildcards`;
+    templates expanded as `spec.expansion` says, wildcard files read from `wildcards`;
     the lines read are stored, so that runs never read the folder. A name that
     exists is left as it is unless it is identical (a removed one is then re-enabled) or
     `replace` is given; otherwise ScheduleError says what differs.
@@ -127,16 +106,15 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
         raise ScheduleError(f"schedule name {name!r}: use up to 89 letters, digits, '.', '_' "
                             "or '-', starting with a letter or digit")
     parse_cron(cron)
-    options = {k: options[k] for k in OPTION_NAMES if options.get(k) not in (None, [], ())}
     existing = session.scalar(select(Schedule).where(Schedule.name == name))
-    options = _seeded(options, existing.options if existing else {})
-    expansion = Expansion.from_json(options.get("expansion", {}), wildcards)
-    parsed = parse_prompt_file(data, source, prompt_defaults(options),
+    spec = _seeded(spec, JobSpec.from_json(existing.options) if existing else JobSpec())
+    expansion = Expansion.from_json(spec.expansion or {}, wildcards)
+    parsed = parse_prompt_file(data, source, spec.row_defaults(),
                                resolve_model=model_resolver(session), expansion=expansion)
-    if "expansion" in options:  # with the lines of the wildcard files it read
-        options["expansion"] = expansion.to_json()
+    if spec.expansion is not None:  # with the lines of the wildcard files it read
+        spec = dataclasses.replace(spec, expansion=expansion.to_json())
     values = {"cron": cron, "prompt_file_name": source, "prompt_text": data.decode("utf-8"),
-              "prompt_sha256": parsed.sha256, "options": options}
+              "prompt_sha256": parsed.sha256, "options": spec.to_json()}
     if existing is None:
         schedule = Schedule(name=name, enabled=True, **values)
         if now is not None:
@@ -158,26 +136,22 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
                  parsed.warnings)
 
 
-def _seeded(options: dict[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
-    """The options with the seed policy settled: `same` when a --seed is given, else `fresh`;
+def _seeded(spec: JobSpec, before: JobSpec) -> JobSpec:
+    """The spec with the seed policy settled: `same` when a --seed is given, else `fresh`;
     `same` and `add` without a --seed get a base seed drawn once (kept when the schedule is
     added again), and a random expansion its draws' seed alike."""
-    policy = options.setdefault("seed_policy", "same" if "seed" in options else "fresh")
-    if policy not in SEED_POLICIES:
-        raise ScheduleError(f"unknown seed policy {policy!r}; choose from "
-                            f"{', '.join(SEED_POLICIES)}")
-    if policy == "fresh" and "seed" in options:
+    policy = spec.seed_policy or ("same" if spec.seed is not None else "fresh")
+    if policy == "fresh" and spec.seed is not None:
         raise ScheduleError("--seed with --seed-policy fresh: a fresh policy draws a new base "
                             "seed each run; use --seed-policy same or add to keep one")
-    draw = random.SystemRandom().randrange
-    if policy != "fresh" and "seed" not in options:
-        kept = before.get("seed") if before.get("seed_policy") == policy else None
-        options["seed"] = kept if kept is not None else draw(SEED_LIMIT // 2)
-    expansion = options.get("expansion")
+    defaults, expansion = dict(spec.defaults), spec.expansion
+    if policy != "fresh" and spec.seed is None:
+        kept = before.seed if before.seed_policy == policy else None
+        defaults["seed"] = kept if kept is not None else draw_seed(SEED_LIMIT // 2)
     if expansion is not None and expansion.get("seed") is None:
-        kept = (before.get("expansion") or {}).get("seed")
-        options["expansion"] = {**expansion, "seed": kept if kept is not None else draw(SEED_LIMIT)}
-    return options
+        kept = (before.expansion or {}).get("seed")
+        expansion = {**expansion, "seed": kept if kept is not None else draw_seed()}
+    return dataclasses.replace(spec, seed_policy=policy, defaults=defaults, expansion=expansion)
 
 
 def _changes(schedule: Schedule, values: Mapping[str, Any]) -> list[str]:
@@ -315,7 +289,7 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
     Raises NotFound (no such schedule), PromptFileError (the stored file no longer passes,
     e.g. a model it names was removed) or ModelNotFound.
     """
-    from sdq.jobs.submit import identify_model, job_safety_checker, submit
+    from sdq.jobs.submit import identify_model, job_safety_checker, new_job, submit
 
     engine = open_database(settings.database_url)
     try:
@@ -323,31 +297,26 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
             schedule = find_schedule(session, name)
             if (existing := run_of(session, schedule.id, day)) is not None:
                 return Run(name, day, existing, created=False)
-            options = dict(schedule.options)
-            policy = options.get("seed_policy", "fresh")
-            expansion = Expansion.from_json(options.get("expansion", {}))
+            spec = JobSpec.from_json(schedule.options)
+            policy = spec.seed_policy or "fresh"
+            expansion = Expansion.from_json(spec.expansion or {})
             if policy == "fresh":
-                expansion = replace(expansion, seed=random.SystemRandom().randrange(SEED_LIMIT))
+                expansion = dataclasses.replace(expansion, seed=draw_seed())
             repeat = runs_before(session, schedule.id, day) if policy == "add" else 0
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
-                                       schedule.prompt_file_name, prompt_defaults(options),
+                                       schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),
                                        expansion=expansion, repeat=repeat)
-        model = identify_model(options.get("model") or settings.model,
-                               settings.home / "hashes.json")
+        model = identify_model(spec.model or settings.model, settings.home / "hashes.json")
+        checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
+        recorded = {**schedule.options, "base_seed": parsed.base_seed, "repeat": repeat,
+                    "expansion": expansion.to_json()}
         for attempt in range(attempts):
-            job = Job(name=run_name(name, day), source_name=schedule.prompt_file_name,
-                      source_sha256=schedule.prompt_sha256,
-                      defaults={**options, "base_seed": parsed.base_seed, "repeat": repeat,
-                                "expansion": expansion.to_json()},
-                      priority=options.get("priority", 0), tags=options.get("tags", []),
-                      schedule_id=schedule.id, run_day=day,
-                      safety_checker=job_safety_checker(options.get("safety_checker"),
-                                                        settings.safety_checker),
-                      on_flag=options.get("on_flag") or "keep")
+            job = new_job(spec, parsed, name=run_name(name, day), defaults=recorded,
+                          safety_checker=checker, schedule_id=schedule.id, run_day=day)
             try:
                 submission = submit(settings, parsed.items, model=model, job=job,
-                                    batch_size=options.get("batch_size"), make_runner=make_runner)
+                                    batch_size=spec.batch_size, make_runner=make_runner)
             except (IntegrityError, OperationalError):
                 # Another scheduler got there first (the unique pair refused this job), or,
                 # on SQLite, its write made this transaction's snapshot stale: look again. A
@@ -359,20 +328,12 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
                 if existing is not None or attempt == attempts - 1:
                     raise
                 continue
-            _mark_ran(engine, schedule.id, day)
+            with Session(engine) as session, session.begin():
+                transitions.mark_schedule_ran(session, schedule.id, day)
             return Run(name, day, submission.job_id, created=True, items=submission.items)
         raise AssertionError("unreachable")
     finally:
         engine.dispose()
-
-
-def _mark_ran(engine: Engine, schedule_id: int, day: date) -> None:
-    """Record the day on the schedule (for display; the jobs' unique pair is the guard)."""
-    with Session(engine) as session, session.begin():
-        session.execute(update(Schedule).where(
-            Schedule.id == schedule_id,
-            or_(Schedule.last_run_day.is_(None), Schedule.last_run_day < day),
-        ).values(last_run_day=day))
 
 
 def run_due(settings: Settings, now: datetime, make_runner: RunnerFactory | None = None) -> list[Run]:

@@ -11,22 +11,19 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from sdq.db.base import utcnow
-from sdq.db.models import Item, Job, Model, Status
-from sdq.db.queries import all_models, seconds_per_step, submit_job
-from sdq.db.session import open_database
 from sdq.core.errors import InvalidInput, Unavailable
-from sdq.sdmodel.fastpath import MAX_AUTO_BATCH
+from sdq.core.jobspec import ON_FLAG, PRIORITIES, JobSpec, default_batch_size
 from sdq.core.params import (
     HUB_REPO_ID,
     SHAPE_FIELDS,
@@ -35,24 +32,23 @@ from sdq.core.params import (
     cache_key,
     short_hash,
 )
+from sdq.core.settings import Settings, safety_checker_ref
+from sdq.db import transitions
+from sdq.db.models import Item, Job, Model, Status
+from sdq.db.queries import all_models, seconds_per_step, submit_job
+from sdq.db.session import open_database
 from sdq.jobs.broker import (
-    PRIORITIES,
     TASK_NAME,
     broker_priority,
     check_broker,
     create_app,
     queue_name,
 )
-from sdq.core.settings import Settings, safety_checker_ref
+from sdq.jobs.promptfile import PromptFile
 
 if TYPE_CHECKING:
     from sdq.core.batch import Batch, BatchRunner, RunReport
 
-DEFAULT_BATCH_SIZE = MAX_AUTO_BATCH
-"""Items planned (and claimed) together by default: as many as the largest batch a worker
-denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
-that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
-GPU), so the submitter need not know the workers' hardware."""
 BATCHES_PER_MESSAGE = 2
 """Batches one message carries: enough for uploads of one to overlap denoising of the next,
 few enough that a lost worker's message is redone cheaply."""
@@ -127,6 +123,20 @@ def job_safety_checker(given: str | None, default: str | None) -> str | None:
     raise ValueError(f"{ref}: no such safety checker folder, nor a Hugging Face repo id")
 
 
+def new_job(spec: JobSpec, parsed: PromptFile, *, name: str, defaults: Mapping[str, Any],
+            safety_checker: str | None, schedule_id: int | None = None,
+            run_day: date | None = None) -> Job:
+    """The row of a job submitting `parsed` as `spec` asks, for `sdq submit` and a schedule's
+    runs alike: the spec's options with their defaults filled in, its tags once each, the
+    safety checker as `job_safety_checker` settled it; `defaults` is what the job records of
+    how its items were made (the base seed, the model, the expansion ...)."""
+    return Job(name=name, source_name=parsed.source, source_sha256=parsed.sha256,
+               defaults=dict(defaults), priority=spec.priority or 0,
+               tags=list(dict.fromkeys(spec.tags)), safety_checker=safety_checker,
+               on_flag=spec.on_flag or ON_FLAG[0], reuse=spec.reuse, schedule_id=schedule_id,
+               run_day=run_day)
+
+
 @dataclass(frozen=True)
 class Submission:
     """What `submit` did: the job, its batches, and where they went."""
@@ -176,13 +186,13 @@ def submit(
             job = job or Job()
             if (job.priority or 0) not in PRIORITIES:
                 raise ValueError(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, got {job.priority}")
-            job.status = Status.RUNNING if settings.embedded else Status.QUEUED
+            transitions.start_job(job, embedded=settings.embedded)
             submit_job(session, job, ({"model_id": model_id, **spec} for spec in items))
             if job.item_count == 0:
                 raise ValueError("nothing to submit: no items")
             session.commit()
             planned = plan_batches(session, Item.job_id == job.id,
-                                   batch_size or settings.batch_size or DEFAULT_BATCH_SIZE,
+                                   default_batch_size(batch_size, settings.batch_size),
                                    prefix=f"j{job.id}")
         batches = sum(len(b) for b in planned.values())
         if on_submitted:
@@ -230,8 +240,7 @@ def handed_back_on_interrupt(engine: Engine, job_id: int) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         with Session(engine) as session, session.begin():
-            session.execute(update(Job).where(Job.id == job_id, Job.status == Status.RUNNING)
-                            .values(status=Status.PENDING))
+            transitions.hand_back_job(session, job_id)
         raise
 
 
@@ -312,8 +321,9 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, sha256, priority, *shape in rows:
-        groups.setdefault((sha256, priority, BatchShape(*shape)), []).append(item_id)
+    for item_id, sha256, priority, *values in rows:
+        shape = BatchShape(**dict(zip(SHAPE_FIELDS, values)))
+        groups.setdefault((sha256, priority, shape), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
     for (sha256, priority, _), ids in groups.items():
         batches = planned.setdefault(sha256, [])
@@ -362,9 +372,7 @@ def dispatch(
                     app.send_task(TASK_NAME, args=[message], queue=queue_name(sha256),
                                   priority=broker_priority(priority), producer=producer)
     with Session(engine) as session, session.begin():
-        session.execute(update(Item).where(where, Item.status == Status.PENDING)
-                        .values(status=Status.QUEUED, queued_at=utcnow())
-                        .execution_options(synchronize_session=False))
+        transitions.mark_queued(session, where)
     return None
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from sdq.core.errors import InvalidInput
-from sdq.core.params import CHECKS, FIELDS, ParamError, close_match
+from sdq.core.params import CHECKS, FIELDS, ParamError, close_match, draw_seed
 
 MODES = ("combinatorial", "random")
 MAX_DEPTH = 10
@@ -300,7 +300,7 @@ class Expansion:
         """This expansion with its seed drawn at random if it has none yet."""
         if self.seed is not None:
             return self
-        return replace(self, seed=random.SystemRandom().randrange(2**32))
+        return replace(self, seed=draw_seed())
 
     def prompts(self, prompt: str, negative: str, rng: random.Random) -> list[tuple[str, str, dict[str, str]]]:
         """(prompt, negative prompt, values) for one row. The negative prompt's labels are

@@ -20,10 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .configs import unet_config_from_diffusers, vae_config_from_diffusers
 from sdq.core.errors import InvalidInput, NotFound
-from .files import write_atomically
 from sdq.core.params import HUB_REPO_ID
+
+from .configs import unet_config_from_diffusers, vae_config_from_diffusers
+from .files import write_atomically
 
 # The names under which released SD .ckpt files pickle harmless training state.
 _INERT_GLOBALS = (

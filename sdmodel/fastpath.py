@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from sdq.core.params import MAX_BATCH
+
 
 @dataclass(frozen=True)
 class FastPath:
@@ -91,14 +93,13 @@ def bucket_size(n: int) -> int:
 # GPU probe reports the measured peak per batch size to check it against.
 HALF_BYTES_PER_IMAGE_512 = 700 * 2**20
 _FIXED_RESERVE = 2 * 2**30
-MAX_AUTO_BATCH = 32
 CPU_BATCH_SIZE = 8
 """Images denoised together on a CPU: a larger batch is no faster there (the cores are busy at
 8) and holds gigabytes more activations."""
 
 
 def auto_batch_size(free_bytes: int, width: int = 512, height: int = 512, dtype: str = "fp16",
-                    cap: int = MAX_AUTO_BATCH) -> int:
+                    cap: int = MAX_BATCH) -> int:
     """A batch size that fits in `free_bytes` of device memory (after the weights are loaded).
 
     Keeps 2 GiB and a fifth of the rest for the allocator's fragmentation and cuDNN workspaces;

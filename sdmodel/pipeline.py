@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdq.core.params import BatchShape, Request, short_hash
+
 from . import clip
 from .checkpoint import (
     PREFIXES,
@@ -41,7 +43,6 @@ from .configs import (
     vae_config_from_state_dict,
 )
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
-from sdq.core.params import BatchShape, Request, short_hash
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL

@@ -7,6 +7,12 @@ does: DDIM, PLMS and DPM-Solver++ on VP latents x = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)�
 samplers on VE latents x = x0 + σ·ε. ``eps_model(x_in, t)`` is the network; ``t`` is the
 timestep value the reference feeds the UNet, fractional or rounded as it is.
 
+Every sampler takes the same arguments (k-diffusion's contract): the model, the latents, the
+timesteps, their noise levels (ᾱ for the VP methods, σ with a final 0 for the VE ones), a
+callback, and keyword-only ``eta`` (read by DDIM alone) and ``noise_sampler`` (by those that
+draw noise). A row of ``params.SAMPLERS`` names its update rule (``METHODS``) and its timestep
+spacing (``SPACINGS``), so `sample` looks both up.
+
 Randomness is per image: ancestral noise comes from each item's own CPU generator, drawn in the
 reference's order, so an image is the same alone or at any position of any batch.
 """
@@ -17,12 +23,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import schedule
 from sdq.core.params import SAMPLERS
+
+from . import schedule
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[], Tensor]
 Callback = Callable[[int, int], None]
+
 
 def sample_ddim(
     eps_model: EpsModel,
@@ -30,6 +38,7 @@ def sample_ddim(
     timesteps: Tensor,
     alphas: Tensor,
     callback: Callback,
+    *,
     eta: float = 0.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
@@ -44,6 +53,7 @@ def sample_ddim(
         sigma_t = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * pred_x0 + (1 - a_prev - sigma_t**2) ** 0.5 * e_t
         if eta > 0:
+            assert noise_sampler is not None  # `sample` passes one whenever eta > 0
             x = x + sigma_t * noise_sampler()
         callback(i + 1, n)
     return x
@@ -72,6 +82,9 @@ def sample_plms(
     timesteps: Tensor,
     alphas: Tensor,
     callback: Callback,
+    *,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12) started with a second-order step in place of the RK warm-up.
 
@@ -114,8 +127,13 @@ def sample_euler(
     timesteps: Tensor,
     sigmas: Tensor,
     callback: Callback,
+    *,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
-    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn),
+    from unit noise ``x`` scaled to the first (largest) σ."""
+    x = x * sigmas[0]
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         denoised = _denoise(eps_model, x, sigmas[i], t)
@@ -130,10 +148,15 @@ def sample_euler_ancestral(
     timesteps: Tensor,
     sigmas: Tensor,
     callback: Callback,
-    noise_sampler: NoiseSampler,
+    *,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
-    """Ancestral Euler (k-diffusion sample_euler_ancestral): deterministic step to σ_down, noise σ_up."""
+    """Ancestral Euler (k-diffusion sample_euler_ancestral): deterministic step to σ_down, noise σ_up,
+    from unit noise ``x`` scaled to the first (largest) σ."""
     # σ_up² + σ_down² = σ_{i+1}², σ_up² = σ_{i+1}²(σ_i² - σ_{i+1}²)/σ_i² (DDPM posterior variance in VE).
+    assert noise_sampler is not None  # `sample` passes one to every ancestral sampler
+    x = x * sigmas[0]
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
@@ -159,6 +182,9 @@ def sample_dpmpp_2m(
     timesteps: Tensor,
     sigmas: Tensor,
     callback: Callback,
+    *,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order on the first and last step."""
     # s = current, t = next level; x0 = data prediction x_θ; h = λ_t - λ_s; r = h_{i-1} / h;
@@ -214,21 +240,47 @@ def _predrawn_noise(generators: Sequence[torch.Generator], like: Tensor, count: 
     return draw
 
 
-def _check_arguments(
-    name: str, noise: Tensor, steps: int, eta: float, generators: Sequence[torch.Generator] | None
-) -> None:
-    """Reject requests the reference schedulers would not run, or would run silently wrong."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    # Leading spacing with steps_offset 1 would visit t = 1000 at 1000 steps, past the table.
-    max_steps = schedule.NUM_TRAIN_TIMESTEPS - (schedule.STEPS_OFFSET if name in ("ddim", "plms") else 0)
-    if not 1 <= steps <= max_steps:
-        raise ValueError(f"steps for {name!r} must be between 1 and {max_steps}, got {steps}")
-    if eta != 0 and not SAMPLERS[name].uses_eta:
-        uses = [s.name for s in SAMPLERS.values() if s.uses_eta]
-        raise ValueError(f"eta applies to {', '.join(uses)} only, got eta={eta} for {name!r}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be between 0 and 1, got {eta}")
+# -- dispatch: the rows of params.SAMPLERS name one of each ---------------------------------
+
+def _leading(steps: int, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    timesteps = schedule.leading_timesteps(steps)
+    return timesteps, schedule.alphas_cumprod_at(timesteps, alphas_cumprod)
+
+
+def _linspace(steps: int, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    timesteps = schedule.linspace_timesteps(steps)
+    train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
+    return timesteps, schedule.append_zero(schedule.sigma_at(timesteps, train_sigmas))
+
+
+def _dpm_linspace(steps: int, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    timesteps = schedule.dpm_linspace_timesteps(steps)
+    train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
+    return timesteps, schedule.append_zero(schedule.sigma_at(timesteps, train_sigmas))
+
+
+def _karras(steps: int, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
+    levels = schedule.karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+    return schedule.sigma_to_t(levels, train_sigmas).round(), schedule.append_zero(levels)
+
+
+SPACINGS: dict[str, Callable[[int, Tensor], tuple[Tensor, Tensor]]] = {
+    "leading": _leading, "linspace": _linspace, "dpm_linspace": _dpm_linspace, "karras": _karras,
+}
+"""Each spacing: (steps, ᾱ of the training timesteps) -> (timesteps, their noise levels), as the
+reference scheduler of that kind selects them (ᾱ for leading, σ with a final 0 for the rest)."""
+METHODS: dict[str, Callable[..., Tensor]] = {
+    "ddim": sample_ddim, "plms": sample_plms, "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral, "dpmpp_2m": sample_dpmpp_2m,
+}
+"""Each update rule, by the name sampler rows give it."""
+
+
+def _check_tensors(name: str, noise: Tensor, eta: float,
+                   generators: Sequence[torch.Generator] | None) -> None:
+    """Refuse latents or generators the per-image seed contract cannot run with (the sampler,
+    steps and eta were checked as `params.BatchShape` checks them)."""
     if noise.dtype != torch.float32 or noise.ndim != 4:
         shape = tuple(noise.shape)
         raise ValueError(f"noise must be a float32 (B, C, h, w) tensor, got {noise.dtype} {shape}")
@@ -254,44 +306,20 @@ def sample(
 ) -> Tensor:
     """Run sampler ``name`` from unit ``noise`` for ``steps`` steps; return the final latents.
 
-    ``on_step(i, total)`` follows network evaluations, which is one more than ``steps`` for
-    plms. ``generators`` (one CPU generator per image, having drawn ``noise``) feed euler_a and
-    ddim with eta > 0, one draw per step; ``predraw`` makes those draws before the loop (same
-    values) so that a GPU loop never waits for them. The per-step coefficients stay CPU
-    scalars, as in diffusers: PyTorch passes them to device kernels by value, without a sync.
+    ``name``, ``steps`` and ``eta`` are as a `params.BatchShape` holds them (a canonical name,
+    checked values). ``on_step(i, total)`` follows network evaluations, which is one more than
+    ``steps`` for plms. ``generators`` (one CPU generator per image, having drawn ``noise``)
+    feed euler_a and ddim with eta > 0, one draw per step; ``predraw`` makes those draws before
+    the loop (same values) so that a GPU loop never waits for them. The per-step coefficients
+    stay CPU scalars, as in diffusers: PyTorch passes them to device kernels by value, without
+    a sync.
     """
-    _check_arguments(name, noise, steps, eta, generators)
+    _check_tensors(name, noise, eta, generators)
+    row = SAMPLERS[name]
     callback = on_step or (lambda i, total: None)
-    stochastic = name == "euler_a" or eta > 0
     draw = None
-    if generators is not None and stochastic:
+    if generators is not None and (row.ancestral or eta > 0):
         draw = _predrawn_noise(generators, noise, steps) if predraw else _per_item_noise(generators, noise)
-    device = noise.device
-    alphas_cumprod = schedule.alphas_cumprod(schedule.betas())
-    train_sigmas = schedule.sigmas_from_alphas_cumprod(alphas_cumprod)
-
-    if name in ("ddim", "plms"):
-        timesteps = schedule.leading_timesteps(steps)
-        alphas = schedule.alphas_cumprod_at(timesteps, alphas_cumprod)
-        t_in = timesteps.to(device, torch.float32)
-        if name == "ddim":
-            return sample_ddim(eps_model, noise, t_in, alphas, callback, eta=eta, noise_sampler=draw)
-        return sample_plms(eps_model, noise, t_in, alphas, callback)
-
-    if name in ("euler", "euler_a"):
-        timesteps = schedule.linspace_timesteps(steps)
-        sigmas = schedule.append_zero(schedule.sigma_at(timesteps, train_sigmas))
-        x = noise * sigmas[0]  # the largest sigma: linspace spacing starts at t = T - 1
-        t_in = timesteps.to(device)
-        if name == "euler":
-            return sample_euler(eps_model, x, t_in, sigmas, callback)
-        return sample_euler_ancestral(eps_model, x, t_in, sigmas, callback, draw)
-
-    if name == "dpmpp_2m_karras":
-        levels = schedule.karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
-        timesteps = schedule.sigma_to_t(levels, train_sigmas).round()
-    else:
-        timesteps = schedule.dpm_linspace_timesteps(steps)
-        levels = schedule.sigma_at(timesteps, train_sigmas)
-    t_in = timesteps.to(device, torch.float32)
-    return sample_dpmpp_2m(eps_model, noise, t_in, schedule.append_zero(levels), callback)
+    timesteps, levels = SPACINGS[row.spacing](steps, schedule.alphas_cumprod(schedule.betas()))
+    t_in = timesteps.to(noise.device, torch.float32)
+    return METHODS[row.method](eps_model, noise, t_in, levels, callback, eta=eta, noise_sampler=draw)

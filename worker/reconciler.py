@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from sdq.jobs.broker import level_lists, queue_name
 from sdq.core.settings import Settings
+from sdq.jobs.broker import level_lists, queue_name
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kombu import Connection, Exchange, Queue
 
-from sdq.jobs.broker import PRIORITIES, broker_priority
+from sdq.core.jobspec import PRIORITIES
+from sdq.jobs.broker import broker_priority
 from sdq.worker.broker_keys import upgrade_broker_keys
 from tests.services import clear_queues, in_queue
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from sqlalchemy.orm import Session
 
 from sdq.cli.main import cli
+from sdq.core.jobspec import JobSpec
 from sdq.db.models import Job
 from sdq.db.session import open_database
 from sdq.jobs.schedule import add_schedule, run_schedule
@@ -27,11 +28,12 @@ FILE = b'{"prompt": "a {red|blue} boat"}\n'
 def two_nights(settings: Settings, model: Path, policy: str) -> list[list]:
     """Schedule FILE with `policy`, run it on two days (no clock, no sleeping); each day's items."""
     engine = open_database(settings.database_url)
-    options = {"model": str(model), "steps": 1, "width": 64, "height": 64, "sampler": "euler",
-               "seed_policy": policy, "expansion": Expansion(grid=parse_grid(["cfg=5,7"])).to_json()}
+    spec = JobSpec(model=str(model), seed_policy=policy,
+                   defaults={"steps": 1, "width": 64, "height": 64, "sampler": "euler"},
+                   expansion=Expansion(grid=parse_grid(["cfg=5,7"])).to_json())
     with Session(engine) as session:
         add_schedule(session, name="boats", cron="0 2 * * *", source="boats.jsonl", data=FILE,
-                     options=options)
+                     spec=spec)
         session.commit()
     runs = [run_schedule(settings, "boats", day, make_runner=runner_from_settings) for day in DAYS]
     assert [run.items for run in runs] == [4, 4]

@@ -5,16 +5,22 @@ import math
 import subprocess
 import sys
 
+from dataclasses import fields
+
 import pytest
 
 from sdq.core.params import (
+    DEFAULTS,
+    FIELDS,
     MAX_SIDE,
     SAMPLERS,
     SEED_LIMIT,
+    SHAPE_FIELDS,
     BatchShape,
     GenerationParams,
     ParamError,
     Request,
+    draw_seed,
     resolve_sampler,
     sampler_from_a1111,
     short_hash,
@@ -80,9 +86,9 @@ def test_bad_values_name_their_field_and_reason(changes: dict, field: str, reaso
 
 
 def test_a_request_and_a_batch_shape_split_the_parameters() -> None:
-    p = GenerationParams("a cat", "dog", 7, "Euler a", 20, 5.0, 0.0, 64, 96)
+    p = GenerationParams("a cat", "dog", 7, 5.0, sampler="Euler a", steps=20, width=64, height=96)
     assert p.request == Request("a cat", "dog", 7, 5.0)
-    assert p.shape == BatchShape("euler_a", 20, 64, 96, 0.0)
+    assert p.shape == BatchShape(sampler="euler_a", steps=20, width=64, height=96, eta=0.0)
     assert p.shape.settings() == {"sampler": "euler_a", "steps": 20, "width": 64, "height": 96,
                                   "eta": 0.0}
     # Prompts, seeds and guidance may differ within a batch; sampler, steps, size, eta may not.
@@ -93,3 +99,39 @@ def test_a_request_and_a_batch_shape_split_the_parameters() -> None:
 
 def test_short_hash_is_the_a1111_model_hash_length() -> None:
     assert short_hash("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa") == "6ce0161689"
+
+
+def test_each_field_is_defined_once_in_one_half() -> None:
+    request, shape = {f.name for f in fields(Request)}, {f.name for f in fields(BatchShape)}
+    assert not request & shape
+    assert set(FIELDS) == request | shape == {f.name for f in fields(GenerationParams)}
+    assert SHAPE_FIELDS == ("sampler", "steps", "width", "height", "eta")
+    params = GenerationParams("x")
+    assert isinstance(params, Request) and isinstance(params, BatchShape)
+
+
+def test_records_keep_their_column_order_and_defaults() -> None:
+    assert FIELDS == ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta",
+                      "width", "height")
+    assert list(GenerationParams("x").to_dict()) == list(FIELDS)
+    assert list(DEFAULTS) == list(FIELDS[1:])
+
+
+def test_positional_arguments_are_the_requests_and_the_shape_is_given_by_keyword() -> None:
+    assert GenerationParams("a", "b", 3, 4.0) == GenerationParams(
+        prompt="a", negative_prompt="b", seed=3, cfg=4.0)
+    with pytest.raises(TypeError):
+        GenerationParams("a", "b", 3, 4.0, "euler")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        BatchShape("euler")  # type: ignore[misc]
+
+
+def test_of_several_bad_values_the_first_in_record_order_is_named() -> None:
+    with pytest.raises(ParamError) as info:
+        GenerationParams("x", width=500, seed=-1, cfg=101)
+    assert info.value.field == "seed"
+
+
+def test_drawn_seeds_stay_below_their_limit() -> None:
+    assert all(0 <= draw_seed(3) < 3 for _ in range(50))
+    assert len({draw_seed() for _ in range(5)}) > 1

@@ -1,0 +1,165 @@
+"""What a user asks of a job besides its prompts: the `JobSpec`, and the names its options take.
+
+`sdq submit` builds one from its options, `sdq schedule add` too and stores it as JSON (a
+schedule's `options`), and each of the schedule's runs loads it again: one definition of the
+options a job takes, their checks and their defaults, instead of one per command. It imports
+nothing heavy, like the rest of `core`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdq.core.errors import InvalidInput
+from sdq.core.params import (
+    CHECKS,
+    DEFAULTS,
+    MAX_BATCH,
+    MAX_IMAGES_PER_ROW,
+    MAX_TAG_CHARS,
+    GenerationParams,
+    check_tag,
+    text,
+    whole,
+)
+
+PRIORITIES = range(10)
+"""Job priorities: higher is taken first. Redis has no priority queue; kombu keeps one list per
+level and pops the lists in order, so each level here is a list of its own."""
+
+ON_FLAG = ("keep", "black", "drop")
+"""What a job does with an image the safety checker flags: store it as generated, store a
+black image of the same size instead, or store no image."""
+SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
+"""An item's `safety_action` for each `on_flag` when its image was flagged; an image the
+checker passed is always `kept`."""
+SEED_POLICIES = ("same", "fresh", "add")
+"""How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
+free, and it adds what is new when the file grows), a fresh base seed each night (recorded
+with the job), or every image's seed moved on by the images of a night, so that each run adds
+new images of every prompt."""
+DEFAULT_FIELDS = ("n", *DEFAULTS)
+"""What a job's options may give for the rows that leave it out: `n`, the base `seed`, and
+every generation parameter but the prompt."""
+
+DEFAULT_BATCH_SIZE = MAX_BATCH
+"""Items planned (and claimed) together by default: as many as the largest batch a worker
+denoises at once (an H200 holds 32 at 512x512). Each worker splits a batch into micro-batches
+that its own device holds (`Pipeline.default_batch_size`: 8 on a CPU, from free memory on a
+GPU), so the submitter need not know the workers' hardware."""
+
+
+def default_batch_size(*sizes: int | None) -> int:
+    """The first batch size given, in the order the caller trusts them (`--batch-size`, the one
+    a job recorded, `SDQ_BATCH_SIZE`), else DEFAULT_BATCH_SIZE."""
+    return next((size for size in sizes if size), DEFAULT_BATCH_SIZE)
+
+
+class Defaults:
+    """The values rows do not give: any generation parameter but the prompt and the seed
+    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
+    one at random)."""
+
+    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
+        unknown = params.keys() - DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        self.seed = None if seed is None else CHECKS["seed"](seed)
+        self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
+        checked = {name: CHECKS[name](value) for name, value in params.items()}
+        self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
+        GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
+
+    def __repr__(self) -> str:
+        return f"Defaults({self.to_json()!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        """As recorded with a job: every default by its field name."""
+        return {**self.params, "seed": self.seed, "n": self.n}
+
+
+_check_name = text("name", MAX_TAG_CHARS)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The options of one job (or of every run of a schedule), as given: None (and an empty
+    `defaults` entry) means "not given", so the settings' value (model, batch size, safety
+    checker) or the parameter's default applies when the job is made, and a schedule stores
+    only what its user said. Checked when built: InvalidInput, or ParamError naming the field."""
+
+    name: str | None = None
+    model: str | None = None
+    """A checkpoint, a diffusers folder or a Hugging Face repo id (None: `SDQ_MODEL`)."""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """What rows leave out, by DEFAULT_FIELDS name; checked as `Defaults` checks them."""
+    batch_size: int | None = None
+    priority: int | None = None
+    """One of PRIORITIES (None: 0)."""
+    tags: tuple[str, ...] = ()
+    safety_checker: str | None = None
+    """A folder or a hub id, `off` for none (None: `SDQ_SAFETY_CHECKER`)."""
+    on_flag: str | None = None
+    """One of ON_FLAG (None: keep)."""
+    reuse: bool = True
+    """False: every image is generated, even one the result cache holds (`--no-reuse`)."""
+    seed_policy: str | None = None
+    """A schedule's: one of SEED_POLICIES (None: same with a seed, else fresh)."""
+    expansion: Mapping[str, Any] | None = None
+    """How templates expand, as `jobs.templates.Expansion.to_json` writes it."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _check_name(self.name)
+        unknown = sorted(self.defaults.keys() - set(DEFAULT_FIELDS))
+        if unknown:
+            raise InvalidInput(f"unknown default(s): {', '.join(unknown)}")
+        given = {k: self.defaults[k] for k in DEFAULT_FIELDS if self.defaults.get(k) is not None}
+        Defaults(**given)  # each value, and values that do not go together (ParamError)
+        checks = {**CHECKS, "n": whole("n", 1, MAX_IMAGES_PER_ROW)}
+        object.__setattr__(self, "defaults", {k: checks[k](v) for k, v in given.items()})
+        object.__setattr__(self, "tags", tuple(check_tag(tag) for tag in self.tags))
+        if self.batch_size is not None:
+            whole("batch_size", 1, 2**31 - 1)(self.batch_size)
+        if self.priority is not None and self.priority not in PRIORITIES:
+            raise InvalidInput(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, "
+                               f"got {self.priority}")
+        for what, value, allowed in (("on-flag action", self.on_flag, ON_FLAG),
+                                     ("seed policy", self.seed_policy, SEED_POLICIES)):
+            if value is not None and value not in allowed:
+                raise InvalidInput(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+    @property
+    def seed(self) -> int | None:
+        """The base seed given, if any."""
+        return self.defaults.get("seed")
+
+    def row_defaults(self) -> Defaults:
+        """What rows leave out, the parameters' own defaults filling what the spec does not give."""
+        return Defaults(**self.defaults)
+
+    def to_json(self) -> dict[str, Any]:
+        """What was given, as a schedule stores it (its `options`): one key per option, in
+        DEFAULT_FIELDS order first, nothing for what was not given."""
+        values: dict[str, Any] = {
+            **self.defaults, "model": self.model, "batch_size": self.batch_size,
+            "priority": self.priority, "tags": list(self.tags),
+            "safety_checker": self.safety_checker, "on_flag": self.on_flag,
+            "seed_policy": self.seed_policy,
+            "expansion": dict(self.expansion) if self.expansion is not None else None,
+            "name": self.name, "reuse": None if self.reuse else False}
+        return {k: v for k, v in values.items() if v is not None and v != []}
+
+    @classmethod
+    def from_json(cls, options: Mapping[str, Any]) -> JobSpec:
+        """A spec as `to_json` wrote it, or as a schedule stored it before the JobSpec (the same
+        keys, any of them absent); an unknown key is InvalidInput."""
+        own = {"model", "batch_size", "priority", "tags", "safety_checker", "on_flag",
+               "seed_policy", "expansion", "name", "reuse"}
+        unknown = sorted(options.keys() - own - set(DEFAULT_FIELDS))
+        if unknown:
+            raise InvalidInput(f"unknown job option(s): {', '.join(unknown)}")
+        given = {k: v for k, v in options.items() if k in own}
+        return cls(defaults={k: options[k] for k in DEFAULT_FIELDS if k in options},
+                   **{**given, "tags": tuple(given.get("tags") or ())})
