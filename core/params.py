@@ -60,6 +60,11 @@ MAX_TAG_CHARS = 200
 """The longest tag, in characters."""
 SHORT_HASH_LEN = 10
 """Hex digits of a model's sha256 that users see and type, as AUTOMATIC1111's `Model hash`."""
+PROMPT_SYNTAXES = ("a1111", "plain")
+"""How a prompt is read: `a1111` as AUTOMATIC1111's web UI reads it (emphasis, BREAK, chunks of
+75 tokens, embeddings; docs/prompts.md), `plain` as literal text cut at 75 tokens."""
+MAX_CLIP_SKIP = 12
+"""CLIP ViT-L/14's layer count: clip skip N (A1111's numbering) conditions on layer 13 - N."""
 
 
 def short_hash(sha256: str) -> str:
@@ -231,11 +236,21 @@ def text(field: str, max_chars: int = MAX_PROMPT_CHARS) -> Callable[[Any], str]:
     return check
 
 
+def prompt_syntax(value: Any) -> str:
+    """One of PROMPT_SYNTAXES, in any case."""
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in PROMPT_SYNTAXES:
+        raise ParamError("prompt_syntax", f"unknown prompt syntax {value!r} "
+                                          f"(known: {', '.join(PROMPT_SYNTAXES)})")
+    return name
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "prompt": text("prompt"), "negative_prompt": text("negative_prompt"),
     "seed": whole("seed", 0, SEED_LIMIT - 1), "sampler": resolve_sampler,
     "steps": whole("steps", 1, MAX_STEPS), "cfg": finite("cfg", 0, MAX_CFG),
     "eta": finite("eta", 0, MAX_ETA), "width": side("width"), "height": side("height"),
+    "prompt_syntax": prompt_syntax, "clip_skip": whole("clip_skip", 1, MAX_CLIP_SKIP),
 }
 """Each parameter's check: the value as recorded (a canonical sampler name, a float cfg), or
 ParamError. Prompt files run these on their cells, the dataclasses on their fields."""
@@ -271,6 +286,9 @@ class Request(_Checked):
     seed: int = 0
     cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale; 1 or less turns guidance off for this image."""
+    prompt_syntax: str = "a1111"
+    clip_skip: int = 1
+    """A1111's numbering: 1 is CLIP's last layer; the pipeline also checks its model's depth."""
 
 
 @dataclass(frozen=True, order=True, kw_only=True)

@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -69,17 +69,14 @@ def _listing(names: Iterable[str], limit: int = 8) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def read_weights(path: Path) -> dict[str, Tensor]:
-    """Load a `.safetensors` file, or a `.ckpt`/`.bin` through the restricted unpickler only."""
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except SafetensorError as exc:  # truncated or not a safetensors file at all
-            raise CheckpointError(path, f"unreadable .safetensors file: {exc}") from None
+def unpickle(file: Path | BinaryIO, source: Path) -> Any:
+    """A pickled file's objects through `torch.load(weights_only=True)` only: tensors, plain
+    containers, and the training callbacks of `_INERT_GLOBALS` as inert stand-ins. Anything
+    else (code) is refused as a CheckpointError naming what the file references."""
     stand_ins = [(_InertStandIn, name) for name in _INERT_GLOBALS]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=isinstance(file, Path))
     except Exception as exc:  # the unpickler's refusal names the global it would not run
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         reason = (
@@ -87,7 +84,17 @@ def read_weights(path: Path) -> dict[str, Tensor]:
             "training object; convert the file to .safetensors with a tool you trust"
             if found else str(exc).strip().splitlines()[-1]
         )
-        raise CheckpointError(path, f"refused to unpickle: {reason}") from None
+        raise CheckpointError(source, f"refused to unpickle: {reason}") from None
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """Load a `.safetensors` file, or a `.ckpt`/`.bin` through the restricted unpickler only."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:  # truncated or not a safetensors file at all
+            raise CheckpointError(path, f"unreadable .safetensors file: {exc}") from None
+    obj = unpickle(path, path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

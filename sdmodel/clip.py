@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.activations import ACT2FN
 
@@ -233,7 +233,59 @@ def load_text_encoder(
     return model.eval().requires_grad_(False)
 
 
-def encode(text_model: CLIPTextModel, input_ids: torch.LongTensor, device: torch.device | str) -> Tensor:
-    """The (B, 77, hidden) last hidden state SD v1 conditions on: no attention mask, as in SD1.5."""
+def encode(
+    text_model: CLIPTextModel, input_ids: torch.LongTensor, device: torch.device | str, clip_skip: int = 1,
+) -> Tensor:
+    """The (B, 77, hidden) states SD v1 conditions on: no attention mask, as in SD1.5.
+
+    `clip_skip` counts as A1111 does: 1 is the last layer's output (after the final layer
+    norm, as always); N > 1 is the output of the N-th layer from the end, through the final
+    layer norm too (diffusers' `clip_skip` = N - 1)."""
     with torch.inference_mode():
-        return text_model(input_ids.to(device)).last_hidden_state
+        ids = input_ids.to(device)
+        if clip_skip == 1:
+            return text_model(ids).last_hidden_state
+        hidden = text_model(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return text_model.final_layer_norm(hidden)
+
+
+class TokenTable(nn.Embedding):
+    """CLIP's token embedding, and past its vocabulary, rows holding textual-inversion vectors.
+
+    An embedding's vectors enter the text encoder as ids of their own, so prompts with
+    embeddings go through the model's own forward pass like any other. The vocabulary's rows
+    are the original weight itself (not a copy), so the model's state dict is unchanged; the
+    added rows are a buffer that follows the model's device and dtype, one block per file
+    content (sha256), added once and kept: a folder's worth of vectors is a few megabytes.
+    """
+
+    def __init__(self, vocabulary: nn.Embedding) -> None:
+        super().__init__(vocabulary.num_embeddings, vocabulary.embedding_dim, device="meta")
+        self.weight = vocabulary.weight
+        self.register_buffer("extra", vocabulary.weight.new_empty(0, self.embedding_dim), persistent=False)
+        self.first_ids: dict[str, int] = {}
+
+    def rows(self, key: str, vectors: Tensor) -> range:
+        """The ids of `vectors` (added under `key` the first time)."""
+        if key not in self.first_ids:
+            self.first_ids[key] = self.num_embeddings + len(self.extra)
+            self.extra = torch.cat([self.extra, vectors.to(self.extra)])
+        first = self.first_ids[key]
+        return range(first, first + len(vectors))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        added = ids >= self.num_embeddings
+        if not added.any():
+            return super().forward(ids)
+        out = super().forward(ids.masked_fill(added, 0))
+        out[added] = self.extra[ids[added] - self.num_embeddings]
+        return out
+
+
+def token_table(text_model: CLIPTextModel) -> TokenTable:
+    """The text model's `TokenTable`, put in place of its token embedding on first use."""
+    table = text_model.get_input_embeddings()
+    if not isinstance(table, TokenTable):
+        table = TokenTable(table)
+        text_model.set_input_embeddings(table)
+    return table

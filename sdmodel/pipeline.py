@@ -42,6 +42,8 @@ from .configs import (
     vae_config_from_diffusers,
     vae_config_from_state_dict,
 )
+from .conditioning import PromptText, encode_prompts
+from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
@@ -82,15 +84,28 @@ class Pipeline:
     """A loaded model on one device: UNet, autoencoder, text encoder and tokenizer.
 
     `fast` (default: `FastPath.for_device(device)`) picks the speed-ups; `set_fast_path`
-    changes them on the loaded networks, which is how the GPU probe measures each one."""
+    changes them on the loaded networks, which is how the GPU probe measures each one.
+    `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without)."""
 
     def __init__(
         self, unet: UNetModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
         *, sha256: str, name: str, device: str, dtype: str, fast: FastPath | None = None,
+        embeddings: EmbeddingRegistry | None = None,
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.sha256, self.name, self.device, self.dtype = sha256, name, device, dtype
         self.set_fast_path(fast or FastPath.for_device(device))
+        self.set_embeddings(embeddings)
+
+    def set_embeddings(self, embeddings: EmbeddingRegistry | Path | str | None) -> None:
+        """Use the embeddings of a registry, or of a folder (read for this model's tokenizer and
+        text encoder width); None for none. ValueError for a registry made for another width."""
+        width = self.text_encoder.config.hidden_size
+        if isinstance(embeddings, (Path, str)):
+            embeddings = EmbeddingRegistry(embeddings, self.tokenizer, width)
+        if embeddings is not None and embeddings.width not in (None, width):
+            raise ValueError(f"embeddings read for a {embeddings.width}-wide text encoder; this one is {width}")
+        self.embeddings = embeddings
 
     @property
     def short_hash(self) -> str:
@@ -140,6 +155,15 @@ class Pipeline:
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
 
+    def _unet_by_length(self, x: Tensor, t: Tensor, contexts: list[tuple[Tensor | None, Tensor]]) -> Tensor:
+        """The UNet on each group of rows whose contexts have one length (`_by_length`)."""
+        if len(contexts) == 1:
+            return self._unet(self._layout(x), t, contexts[0][1])
+        out = torch.empty_like(x)
+        for rows, context in contexts:
+            out[rows] = self._unet(self._layout(x[rows]), t, context)
+        return out
+
     @torch.inference_mode()
     def denoise(
         self, requests: Sequence[Request], *, on_step: Callable[[int, int], None] | None = None,
@@ -149,7 +173,8 @@ class Pipeline:
 
         `settings` are the fields of a `params.BatchShape` (sampler, steps, width, height,
         eta; its defaults for those left out), checked here (ParamError); the requests were
-        checked when built."""
+        checked when built, except against this model: InvalidInput for a clip skip deeper
+        than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`)."""
         if not requests:
             raise ValueError("no requests to generate")
         shape = BatchShape(**settings)
@@ -163,20 +188,19 @@ class Pipeline:
         dtype = DTYPES[self.dtype]
         cfg = torch.tensor([r.cfg for r in requests], device=self.device)[:, None, None, None]
         guided = any(r.cfg > 1 for r in requests)
-        ids = clip.tokenize(self.tokenizer, [r.prompt for r in requests]
-                            + ([r.negative_prompt for r in requests] if guided else []))
-        embeddings = clip.encode(self.text_encoder, ids, self.device).to(dtype)
+        texts = [PromptText(r.prompt, r.prompt_syntax, r.clip_skip) for r in requests]
         if guided:
-            cond, uncond = embeddings.chunk(2)
-            context = torch.cat([uncond, cond])
-        else:
-            context = embeddings
+            texts += [PromptText(r.negative_prompt, r.prompt_syntax, r.clip_skip) for r in requests]
+        states = [s.to(dtype) for s in encode_prompts(self.text_encoder, self.tokenizer, texts,
+                                                      self.device, self.embeddings)]
+        n = len(requests)
+        contexts = _by_length([*states[n:], *states[:n]] if guided else states, self.device)
 
         def eps_model(x: Tensor, t: Tensor) -> Tensor:
             x = x.to(dtype)
             if guided:
                 x = torch.cat([x, x])
-            out = self._unet(self._layout(x), t, context).float()
+            out = self._unet_by_length(x, t, contexts).float()
             if not guided:
                 return out
             e_uncond, e_cond = out.chunk(2)
@@ -210,6 +234,21 @@ class Pipeline:
         if self.fast.pad_sizes and requests:
             requests = [*requests, *[requests[-1]] * (bucket_size(n) - n)]
         return self.decode(self.denoise(requests, **settings))[:n]
+
+
+def _by_length(states: list[Tensor], device: str) -> list[tuple[Tensor | None, Tensor]]:
+    """Contexts stacked per token length, with the batch rows they belong to (None: all).
+
+    Prompts of different chunk counts (a long prompt, a short negative) are never padded to
+    one length, which would change their images; each length gets its own UNet call instead,
+    as A1111 does when prompt and negative prompt differ in length."""
+    lengths: dict[int, list[int]] = {}
+    for row, state in enumerate(states):
+        lengths.setdefault(len(state), []).append(row)
+    if len(lengths) == 1:
+        return [(None, torch.stack(states))]
+    return [(torch.tensor(rows, device=device), torch.stack([states[r] for r in rows]))
+            for rows in lengths.values()]
 
 
 def _detect(detect: Callable[[dict[str, Tensor]], object], sd: dict[str, Tensor], source: Path, prefix: str):
@@ -296,11 +335,13 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
     hash_cache: Path | None = None, fast: FastPath | str | None = None,
+    embeddings_dir: Path | str | None = None,
 ) -> Pipeline:
     """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
 
     `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
-    device); default: the device's defaults."""
+    device); default: the device's defaults. `embeddings_dir`: a folder of textual-inversion
+    embeddings (`Pipeline.set_embeddings`)."""
     device = device or default_device()
     if isinstance(fast, str):
         fast = FastPath.parse(fast, device)
@@ -313,7 +354,9 @@ def load_pipeline(
         module.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
         _align_weights(module)
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
-    return Pipeline(
+    pipe = Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
         device=device, dtype=dtype, fast=fast,
     )
+    pipe.set_embeddings(embeddings_dir)
+    return pipe

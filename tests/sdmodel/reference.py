@@ -2,10 +2,12 @@
 own single-file converters, so parity tests compare two independent implementations."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdq.sdmodel import clip
 from sdq.sdmodel.configs import UNetConfig, VAEConfig
 
 SD15_SCHEDULER = {
@@ -78,3 +80,24 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAE
     assert not unexpected and set(missing) <= {"embeddings.position_ids"}, (missing, unexpected)
     d_text.embeddings.position_ids = torch.arange(text_config.max_position_embeddings)[None]
     return d_unet.eval(), d_vae.eval(), d_text.eval()
+
+
+def reference_pipeline(checkpoint: Path, tokenizer=None):
+    """diffusers' StableDiffusionPipeline on a tiny sdq checkpoint (conftest's architecture),
+    with its own copy of the text encoder: `load_textual_inversion` changes it in place (and
+    the tokenizer, so pass a copy of sdq's where that is called)."""
+    import diffusers
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig
+
+    from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE  # here: bench/ imports this module too
+
+    unet, vae, text = to_diffusers(load_file(str(checkpoint)), TINY_UNET, TINY_VAE,
+                                   CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
+    ref = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer or clip.load_tokenizer(), unet=unet,
+        scheduler=reference_scheduler("plms"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref

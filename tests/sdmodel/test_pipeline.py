@@ -5,14 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from sdq.sdmodel import clip
 from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
 from sdq.sdmodel.samplers import SAMPLERS
 
-from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE
-from .reference import reference_scheduler, to_diffusers
+from .reference import reference_pipeline, reference_scheduler
 
 # Tolerances, calibrated on this tiny model in float32 on the CPU. The yardstick is the gap
 # between two exact attention implementations (SDPA vs the explicit-softmax MATH backend) over
@@ -29,20 +26,7 @@ def pipe(tiny_checkpoint) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    import diffusers
-    from transformers import CLIPTextConfig
-
-    unet, vae, text = to_diffusers(
-        load_file(str(tiny_checkpoint)), TINY_UNET, TINY_VAE,
-        CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"),
-    )
-    scheduler = reference_scheduler("plms")
-    ref = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=clip.load_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    return reference_pipeline(tiny_checkpoint)
 
 
 def run_reference(ref, sampler: str, requests: list[Request], steps: int, width: int, height: int, eta: float = 0.0):
