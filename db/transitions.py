@@ -9,8 +9,9 @@ can cross.
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any, cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import CursorResult, Result, delete, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -18,6 +19,12 @@ from sdq.core.states import ENDED, ITEMS, JOBS, WAITING, Status
 
 from .base import utcnow
 from .models import Item, Job, Schedule
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (the session returns its cursor's result for them)."""
+    return cast(CursorResult[Any], result).rowcount
+
 
 # -- jobs --
 
@@ -78,8 +85,8 @@ def cancel_job(session: Session, job: Job) -> int:
     now = utcnow()
     waiting = [Item.job_id == job.id, Item.status.in_(ITEMS.sources(WAITING, Status.CANCELLED))]
     session.execute(select(Item.id).where(*waiting).order_by(Item.id).with_for_update())
-    count = session.execute(update(Item).where(*waiting)
-                            .values(status=Status.CANCELLED, finished_at=now)).rowcount
+    count = _rowcount(session.execute(update(Item).where(*waiting)
+                                      .values(status=Status.CANCELLED, finished_at=now)))
     if job.status not in ENDED:
         job.status, job.finished_at = JOBS.check(job.status, Status.CANCELLED), now
     return count
@@ -94,7 +101,7 @@ def lock_job(session: Session, job_id: int) -> None:
 
 def delete_job(session: Session, job_id: int) -> int:
     """Delete the job's items and its row (lock them first: `lock_job`); how many items."""
-    items = session.execute(delete(Item).where(Item.job_id == job_id)).rowcount
+    items = _rowcount(session.execute(delete(Item).where(Item.job_id == job_id)))
     session.execute(delete(Job).where(Job.id == job_id))
     return items
 
