@@ -10,23 +10,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
 from sdq.cli.progress import ProgressLine
-from sdq.core.errors import Unavailable
+from sdq.core.errors import CheckFailed, Unavailable
+from sdq.sdmodel.files import write_atomically
 from sdq.core.params import FIELDS
 from sdq.core.settings import Settings, mask_url
 from sdq.core.states import FINISHED, Status
-from sdq.sdmodel.files import write_atomically
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -236,12 +235,14 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
     While the job waits on `queues` that no live worker serves, it says so (and waits on)."""
     from sdq.db.queries import get_job, job_progress
 
-    with database_session(settings) as session:
+    with database_session(settings) as session, ExitStack() as shown:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
-        bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
         unserved = _Unserved(settings, queues)
-        try:
+        try:  # from the first line shown: Ctrl-C may come as soon as it is out
+            bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()),
+                               _finished(progress))
+            shown.callback(bar.close)
             while progress.remaining:
                 unserved.check()
                 time.sleep(poll_s)
@@ -251,9 +252,7 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
         except KeyboardInterrupt:
             click.echo(f"\nStopped watching job {job_id}; it goes on (`sdq watch {job_id}`).",
                        err=True)
-            sys.exit(1)
-        finally:
-            bar.close()
+            raise Reported(CheckFailed(f"stopped watching job {job_id}")) from None
     return progress
 
 
@@ -297,6 +296,13 @@ def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
         text += f" (`sdq status {job_id}` says why)"
     return ({"job_id": job_id, "counts": counts, "reused": progress.reused}, text,
             0 if done == total else 1)
+
+
+def exit_status(job_id: int, status: int) -> None:
+    """After a job's summary is printed: exit 1, as `outcome` says, when not every item of the
+    job was done."""
+    if status:
+        raise Reported(CheckFailed(f"job {job_id}: not every item is done"))
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sdq.core.errors import InvalidInput, NotFound, Refused, Unavailable
+from sdq.core.errors import CheckFailed, InvalidInput, NotFound, Refused, Unavailable
 
 OK = 0
 FAILED = 1
@@ -21,7 +21,7 @@ again later, or fixing the setting, may help."""
 
 _KINDS: tuple[tuple[type[Exception], int], ...] = (
     (InvalidInput, BAD_INPUT), (NotFound, NOT_FOUND), (Unavailable, UNAVAILABLE),
-    (Refused, FAILED))
+    (Refused, FAILED), (CheckFailed, FAILED))
 
 
 def _unreachable_service(exc: Exception) -> bool:
@@ -61,3 +61,14 @@ class CommandFailed(click.ClickException):
             line += f" (unexpected {type(exc).__name__}; `sdq --debug ...` shows the traceback)"
         line = f"{context}: {line}" if context else line
         return cls(line, known if known is not None else FAILED if code is None else code)
+
+
+class Reported(click.exceptions.Exit):
+    """`cause`, which the command has reported already in its own lines (each problem of a
+    prompt file, the checks that did not pass, the images that failed): no `Error:` line is
+    added, and the exit status is that of `cause`'s kind."""
+
+    def __init__(self, cause: Exception) -> None:
+        code = exit_code_of(cause)
+        super().__init__(FAILED if code is None else code)
+        self.cause = cause

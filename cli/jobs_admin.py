@@ -1,12 +1,13 @@
 """`sdq retry`, `sdq cancel` and `sdq reconcile`: put work back in the queue, or take it out."""
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 import click
 
 from sdq.cli.common import load_settings, output_options, report
+from sdq.cli.errors import Reported
+from sdq.core.errors import CheckFailed
 
 if TYPE_CHECKING:
     from sdq.jobs.lifecycle import Requeued
@@ -27,7 +28,7 @@ def _report_requeued(output: str | None, done: Requeued, job_id: int | None, wha
            f"{head}{done.items} {what} run again here (no broker): {ran.done} done, "
            f"{ran.failed} failed{why}", output)
     if ran.failed:
-        sys.exit(1)
+        raise Reported(CheckFailed(f"{ran.failed} item(s) failed again"))
 
 
 @click.command()

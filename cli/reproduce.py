@@ -8,11 +8,12 @@ from typing import Any
 import click
 
 from sdq.cli.common import configured_storage, database_session, load_settings, output_options
-from sdq.cli.errors import BAD_INPUT, CommandFailed
-from sdq.core.params import short_hash
-from sdq.core.settings import DTYPE_NAMES
+from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
+from sdq.core.errors import CheckFailed
 from sdq.db.models import Status
 from sdq.db.queries import get_item
+from sdq.core.params import short_hash
+from sdq.core.settings import DTYPE_NAMES
 
 
 @click.command()
@@ -87,7 +88,7 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
     else:
         click.echo(_summary(record))
     if not comparison.identical:
-        raise SystemExit(1)
+        raise Reported(CheckFailed(f"item {item_id} differs from its stored image"))
 
 
 def _summary(r: dict[str, Any]) -> str:

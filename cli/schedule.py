@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
-from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
+from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed, Reported
 from sdq.cli.options import (
     TAG,
     as_option_errors,
@@ -156,7 +156,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             click.echo(f"{file}: {len(exc.problems)} problem(s); nothing was scheduled", err=True)
-            raise SystemExit(BAD_INPUT) from None
+            raise Reported(exc) from None
         for warning in added.warnings:
             click.echo(f"Warning: {warning}", err=True)
         session.commit()

@@ -21,11 +21,12 @@ from sdq.cli.common import (
     safety_label,
     write_file,
 )
-from sdq.cli.errors import CommandFailed
-from sdq.core.params import ParamError
-from sdq.core.params import text as text_check
-from sdq.db.models import SEED_LIMIT, Status
+from sdq.cli.errors import CommandFailed, Reported
+from sdq.core.errors import CheckFailed
+from sdq.core.states import Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
+from sdq.core.params import SEED_LIMIT, ParamError
+from sdq.core.params import text as text_check
 from sdq.images.storage import StorageError
 
 _COLUMNS = ["id", "job", "seed", "sampler", "size", "safety", "prompt", "created"]
@@ -214,4 +215,4 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
         for item_id in dropped:
             click.echo(f"item {item_id}: no image, dropped by the safety checker", err=True)
     if missing:
-        raise SystemExit(1)
+        raise Reported(CheckFailed(f"{len(missing)} item(s) have no image yet"))

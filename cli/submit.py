@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +9,7 @@ import click
 
 from sdq.cli.common import (
     database_session,
+    exit_status,
     follow,
     load_settings,
     outcome,
@@ -17,7 +17,7 @@ from sdq.cli.common import (
     recorded_bar,
     render_table,
 )
-from sdq.cli.errors import BAD_INPUT, CommandFailed
+from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
 from sdq.cli.options import (
     NAME,
     TAG,
@@ -157,7 +157,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
             click.echo(text)
     if as_json:
         click.echo(json.dumps(result))
-    sys.exit(status)
+    exit_status(result["job_id"], status)
 
 
 def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
@@ -176,7 +176,7 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         click.echo(f"{source}: {len(exc.problems)} problem(s); nothing was submitted", err=True)
-        sys.exit(2)
+        raise Reported(exc) from None
     except OSError as exc:
         raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
 

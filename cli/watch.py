@@ -1,12 +1,11 @@
 """`sdq watch` and `sdq resume`: follow a job to its end, or finish an interrupted one."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from sdq.cli.common import (
     database_session,
+    exit_status,
     follow,
     load_settings,
     outcome,
@@ -32,7 +31,7 @@ def watch(job_id: int, output: str | None) -> None:
     progress = follow(load_settings(need_broker=False), job_id)
     record, text, status = outcome(job_id, progress)
     report(record, text, output)
-    sys.exit(status)
+    exit_status(job_id, status)
 
 
 @click.command()
@@ -77,4 +76,4 @@ def resume(job_id: int, output: str | None) -> None:
         text += f"; {resumed.items} item(s) enqueued (`sdq watch {job_id}`)"
         status = 0
     report(record, text, output)
-    sys.exit(status)
+    exit_status(job_id, status)

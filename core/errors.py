@@ -25,3 +25,8 @@ class Unavailable(SdqError, RuntimeError):
 
 class Refused(SdqError, ValueError):
     """A request that contradicts the recorded state (a name taken, a job still running)."""
+
+
+class CheckFailed(SdqError):
+    """What was run, checked or waited for did not all succeed: an image failed, a check did
+    not pass, an image is not there yet, a wait was stopped."""

@@ -194,7 +194,7 @@ class Settings:
             "home": home,
             "database_url": quote_userinfo(get("database_url") or f"sqlite:///{home / 'sdq.db'}"),
             "storage_url": get("storage_url") or str(home / "images"),
-            "broker_url": get("broker_url") and quote_userinfo(get("broker_url")),
+            "broker_url": quote_userinfo(url) if (url := get("broker_url")) else None,
             "model": get("model") or DEFAULT_MODEL,
             "device": get("device"),
             "dtype": get("dtype"),
@@ -215,7 +215,7 @@ class Settings:
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
                 try:
-                    raw[field.name] = int(raw[field.name])  # type: ignore[arg-type]
+                    raw[field.name] = int(str(raw[field.name]))
                 except ValueError:
                     raise SettingsError(f"{where(field.name)}: expected a whole number, "
                                         f"got {raw[field.name]!r}") from None

@@ -343,7 +343,7 @@ def model_item_counts(session: Session) -> dict[int, int]:
     """How many items each model made (or is to make), by model id."""
     stmt = select(Item.model_id, func.count()).where(Item.model_id.is_not(None)) \
         .group_by(Item.model_id)
-    return {model_id: n for model_id, n in session.execute(stmt)}
+    return {model_id: n for model_id, n in session.execute(stmt) if model_id is not None}
 
 
 def remove_model(session: Session, ref: str) -> Model:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, delete, or_, select, update
+from sqlalchemy import CursorResult, Result, Row, delete, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -189,6 +189,12 @@ def finish_jobs(session: Session, job_ids: Iterable[int]) -> None:
                         .values(status=Status.FAILED if failed else Status.DONE, finished_at=now))
 
 
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (the session returns its cursor's result for them)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 # -- jobs --
 
 
@@ -248,8 +254,8 @@ def cancel_job(session: Session, job: Job) -> int:
     now = utcnow()
     waiting = [Item.job_id == job.id, Item.status.in_(ITEMS.sources(WAITING, Status.CANCELLED))]
     session.execute(select(Item.id).where(*waiting).order_by(Item.id).with_for_update())
-    count = session.execute(update(Item).where(*waiting)
-                            .values(status=Status.CANCELLED, finished_at=now)).rowcount
+    count = _rowcount(session.execute(update(Item).where(*waiting)
+                                      .values(status=Status.CANCELLED, finished_at=now)))
     if job.status not in ENDED:
         job.status, job.finished_at = JOBS.check(job.status, Status.CANCELLED), now
     return count
@@ -264,7 +270,7 @@ def lock_job(session: Session, job_id: int) -> None:
 
 def delete_job(session: Session, job_id: int) -> int:
     """Delete the job's items and its row (lock them first: `lock_job`); how many items."""
-    items = session.execute(delete(Item).where(Item.job_id == job_id)).rowcount
+    items = _rowcount(session.execute(delete(Item).where(Item.job_id == job_id)))
     session.execute(delete(Job).where(Job.id == job_id))
     return items
 

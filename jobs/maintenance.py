@@ -69,8 +69,8 @@ def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
         job_contents(session, job_id)
         transitions.lock_job(session, job_id)
         _refuse_if_running(session, job_id)
-        keys = set(session.scalars(select(Item.image_key).where(
-            Item.job_id == job_id, Item.image_key.is_not(None))))
+        keys = {key for key in session.scalars(select(Item.image_key).where(
+            Item.job_id == job_id, Item.image_key.is_not(None))) if key is not None}
         shared = _in_use_elsewhere(session, job_id)
         items = transitions.delete_job(session, job_id)
     try:

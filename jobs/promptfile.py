@@ -351,10 +351,11 @@ class _Converter:
             failed.append(self._problem(line, "prompt", "missing"))
         model_id = None
         if (model := values.pop("model", None)) is not None:
-            model_id = self._model_id(model)
-            if isinstance(model_id, str):
-                failed.append(self._problem(line, "model", model_id))
-                model_id = None
+            found = self._model_id(model)
+            if isinstance(found, str):
+                failed.append(self._problem(line, "model", found))
+            else:
+                model_id = found
         first_index = self.next_index
         n = values.pop("n", self.defaults.n)
         if failed:
@@ -387,7 +388,7 @@ class _Converter:
         """The model's id, or why there is none; each name is looked up once per file."""
         if name not in self.models:
             try:
-                found = self.resolve_model(name) if self.resolve_model else None
+                found: int | str | None = self.resolve_model(name) if self.resolve_model else None
             except LookupError as exc:
                 found = str(exc)
             self.models[name] = found if found is not None else \
@@ -445,7 +446,7 @@ def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | No
     seen: set[tuple[int, str, str]] = set()
     for row in rows:
         for variant in row.variants:
-            for prompt_text, name in zip(variant, ("prompt", "negative_prompt")):
+            for prompt_text, name in zip(variant[:2], ("prompt", "negative_prompt")):
                 if prompt_text not in dropped:
                     dropped[prompt_text] = (clip.dropped_text(tokenizer, prompt_text)
                                             if prompt_text else None)

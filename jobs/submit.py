@@ -290,7 +290,7 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: Mo
 
     device = settings.device or default_device()
     dtype = settings.dtype or default_dtype(device)
-    known = {m.id: m.sha256 for m in all_models(session)}
+    known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
                              model_sha256=known.get(item.get("model_id"), model.sha256),
                              device=device, dtype=dtype) for item in items)

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sdq.core.batch import Batch, RunReport
-from sdq.core.settings import DEFAULT_PNG_LEVEL, default_store_threads
+from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
 from sdq.images.storage import Storage
@@ -43,7 +43,7 @@ from sdq.sdmodel.pipeline import load_pipeline
 from sdq.sdmodel.produce import Denoiser, produce
 from sdq.worker.cache import ResultCache, identify
 from sdq.worker.claims import LEASE_S, Claims, Work
-from sdq.worker.outage import OUTAGE_S, TransientError, retrying
+from sdq.worker.outage import TransientError, retrying
 from sdq.worker.store_queue import QUEUED_CHUNKS, Chunk, StoreQueue, check, encode, record, settle
 
 if TYPE_CHECKING:

@@ -45,3 +45,12 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
                     json.dumps(HEAVY)], env=home.env, capture_output=True, timeout=600, check=True)
     assert json.loads(report.read_text()) == [
         {"args": args, "code": 0, "loaded": []} for args in commands]
+
+
+def test_the_shared_options_load_no_database_library() -> None:
+    """`generate --help` and friends build their options from the core's vocabulary alone
+    (ON_FLAG once came from the ORM models, a second of SQLAlchemy for a three-word tuple)."""
+    code = ("import sys, sdq.cli.options; "
+            "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
