@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from sdq.sdmodel import clip
+from sdq.sdmodel.diffusers_reference import reference_scheduler, to_diffusers
 from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
 from sdq.sdmodel.samplers import SAMPLERS
 
 from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE
-from .reference import reference_scheduler, to_diffusers
 
 # Tolerances, calibrated on this tiny model in float32 on the CPU. The yardstick is the gap
 # between two exact attention implementations (SDPA vs the explicit-softmax MATH backend) over
