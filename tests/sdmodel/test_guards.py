@@ -129,3 +129,18 @@ def test_latents_that_are_not_finite_fail_instead_of_storing_black():
     latents[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"image\(s\) \[1\] .* not finite"):
         vae_pipeline("fp16").decode(latents)
+
+
+def test_the_vae_dtype_setting_reaches_the_pipeline(tiny_checkpoint, tmp_path):
+    from sdq.core.settings import Settings, SettingsError
+    from sdq.sdmodel.pipeline import load_pipeline
+
+    config = {"SDQ_CONFIG": str(tmp_path / "none.toml")}
+    assert Settings.load({**config, "SDQ_VAE_DTYPE": "bf16"}).vae_dtype == "bf16"
+    assert Settings.load(config).vae_dtype is None
+    with pytest.raises(SettingsError, match="SDQ_VAE_DTYPE: expected one of fp16, bf16, fp32, got 'fp8'"):
+        Settings.load({**config, "SDQ_VAE_DTYPE": "fp8"})
+    pipe = load_pipeline(tiny_checkpoint, device="cpu", vae_dtype="bf16")
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.unet.out[2].weight.dtype == torch.float32 and pipe.dtype == "fp32"
+    assert len(pipe.generate(REQUESTS[:1], **SETTINGS)) == 1
