@@ -21,8 +21,8 @@ important first:
   fast_path     each fast-path piece switched against the default, at one batch size
   compile       torch.compile per padding bucket: compile seconds, graphs, images/s; last
 
-    python3 bench/gpu_probe.py --out $OUT/gpu_probe.json              (H200: about 6 minutes)
-    python3 bench/gpu_probe.py --tiny --device cpu --out /tmp/p.json  (CPU, tiny model: seconds)
+    python3 bench/gpu_probe.py --budget 480 --out $OUT/gpu_probe.json   (H200: the budget's 8 min)
+    python3 bench/gpu_probe.py --tiny --device cpu --out /tmp/p.json    (CPU, tiny model: a minute)
 """
 from __future__ import annotations
 
