@@ -12,7 +12,10 @@ ARG TRANSFORMERS_VERSION=5.24.0
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+COPY core core
 COPY sdmodel sdmodel
+COPY images images
+COPY jobs jobs
 COPY worker worker
 COPY cli cli
 COPY db db
