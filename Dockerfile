@@ -12,7 +12,10 @@ ARG TRANSFORMERS_VERSION=5.24.0
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+COPY core core
 COPY sdmodel sdmodel
+COPY images images
+COPY jobs jobs
 COPY worker worker
 COPY cli cli
 COPY db db
@@ -32,6 +35,8 @@ ENV SDQ_HOME=/data PYTHONUNBUFFERED=1
 RUN useradd --create-home --uid 1000 sdq && chown sdq /data
 USER sdq
 
-# SIGTERM reaches `sdq worker`, which lets each Celery worker finish its batch.
+# SIGTERM reaches `sdq worker`, which lets each Celery worker finish its batch. One worker
+# process per GPU the container sees; batch sizes from each GPU's free memory (SDQ_BATCH_SIZE
+# unset).
 STOPSIGNAL SIGTERM
-CMD ["sdq", "worker", "--", "--loglevel", "INFO"]
+CMD ["sdq", "worker", "--gpus", "all", "--", "--loglevel", "INFO"]

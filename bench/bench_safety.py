@@ -19,12 +19,7 @@ import torch
 
 from bench.timing import best_ms
 from sdq.sdmodel.safety import load_safety_checker, preprocess
-from tests.conftest import save_safety_checker
-from tests.images.samples import photo
-
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               patch_size=14, image_size=224, hidden_act="quick_gelu")
-PROJECTION = 768
+from sdq.sdmodel.tiny import VIT_L14, VIT_L14_PROJECTION, photo, save_safety_checker
 
 
 def main() -> None:
@@ -33,7 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        save_safety_checker(Path(tmp) / "safety_checker", VIT_L14, PROJECTION, dtype=torch.float16,
+        save_safety_checker(Path(tmp) / "safety_checker", VIT_L14, VIT_L14_PROJECTION, dtype=torch.float16,
                             meta=True)
         start = time.perf_counter()
         checker = load_safety_checker(Path(tmp))

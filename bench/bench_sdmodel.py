@@ -41,7 +41,7 @@ from sdq.sdmodel.checkpoint import PREFIXES  # noqa: E402
 from sdq.sdmodel.configs import UNetConfig, VAEConfig  # noqa: E402
 from sdq.sdmodel.pipeline import DTYPES, Request, load_pipeline  # noqa: E402
 from sdq.sdmodel.samplers import SAMPLERS  # noqa: E402
-from tests.conftest import (  # noqa: E402
+from sdq.sdmodel.tiny import (  # noqa: E402
     TINY_UNET,
     TINY_VAE,
     build_tiny_networks,
@@ -96,7 +96,7 @@ def sdq_runner(path: Path, args: argparse.Namespace) -> Run:
 def diffusers_runner(path: Path, size: str, args: argparse.Namespace) -> Run:
     import diffusers
 
-    from tests.sdmodel.reference import reference_scheduler, to_diffusers
+    from sdq.sdmodel.diffusers_reference import reference_scheduler, to_diffusers
 
     checkpoint = load_file(str(path))
     text_config = clip.text_config_from_state_dict(checkpoint, PREFIXES["text_encoder"])

@@ -1,10 +1,16 @@
 """One-shot GPU probe: everything a session with a GPU machine should measure, in one call.
 
-Run from a plain checkout (no install; wheels for what the machine lacks go in `.whl/`, see
-docs/benchmarks.md). Random full-size SD v1.5 weights are made on the device, no file. After
-every measurement the JSON at --out is rewritten, and a watchdog stops the run at --budget
-seconds, so a cut-off run still reports what it measured. Phases, most important first:
+Run from a plain checkout (no install; the wheels of bench/device-wheels.txt, for what the
+machine lacks, go in `.whl/` or `wheels/`, see docs/benchmarks.md). It imports nothing from
+tests/: the machine has neither pytest's plugins of ours nor redis (tests/bench/
+test_device_venv.py runs it on exactly the machine's packages). Random full-size SD v1.5 weights
+are made on the device, no file. After every measurement the JSON at --out is rewritten, and a
+watchdog stops the run at --budget seconds, so a cut-off run still reports what it measured.
+One file over the usual 400 lines: it is the one script a GPU session runs. Phases, most
+important first:
 
+  sdpa          one UNet call and one decode under each SDPA backend order (a failing order
+                is a row, not a lost run), and whether the pipeline's guard dropped its order
   environment   versions, the device, which optional packages are there
   ceilings      a bf16 GEMM in TFLOP/s and a device-to-device copy in GB/s
   sdq           images/s at each batch size, fp16 then bf16, default fast path; peak memory
@@ -13,10 +19,10 @@ seconds, so a cut-off run still reports what it measured. Phases, most important
   safety        the safety checker (ViT-L/14 tower) per 512x512 image: preprocessing, model
   store         the store path alone (encode, watermark, write, record) at 1/2/4/8 threads
   fast_path     each fast-path piece switched against the default, at one batch size
-  compile       torch.compile (and CUDA graphs) against the default, last: minutes of warm-up
+  compile       torch.compile per padding bucket: compile seconds, graphs, images/s; last
 
-    python3 bench/gpu_probe.py --out $OUT/gpu_probe.json              (H200: about 6 minutes)
-    python3 bench/gpu_probe.py --tiny --device cpu --out /tmp/p.json  (CPU, tiny model: seconds)
+    python3 bench/gpu_probe.py --budget 480 --out $OUT/gpu_probe.json   (H200: the budget's 8 min)
+    python3 bench/gpu_probe.py --tiny --device cpu --out /tmp/p.json    (CPU, tiny model: a minute)
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `bench` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._checkout import use_checkout  # noqa: E402
 
-PHASES = ("environment", "ceilings", "sdq", "diffusers", "system", "safety", "store", "fast_path",
+PHASES = ("sdpa", "environment", "ceilings", "sdq", "diffusers", "system", "safety", "store", "fast_path",
           "compile")
 PROMPTS = ["a photograph of an astronaut riding a horse", "a lighthouse on a cliff at dusk, oil painting",
            "a bowl of ripe fruit on a wooden table", "portrait of an old fisherman, dramatic light"]
@@ -83,7 +90,7 @@ class Report:
 
 # -- models ---------------------------------------------------------------------------------
 
-def random_pipeline(tiny: bool, device: str, dtype: str):
+def random_pipeline(tiny: bool, device: str, dtype: str, compile_backend: str = "inductor"):
     """sdq's pipeline with random N(0, 0.02) weights made on the device (norms at 1, biases 0)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -91,9 +98,9 @@ def random_pipeline(tiny: bool, device: str, dtype: str):
     from sdq.sdmodel import clip
     from sdq.sdmodel.configs import UNetConfig, VAEConfig
     from sdq.sdmodel.pipeline import DTYPES, Pipeline
+    from sdq.sdmodel.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, VIT_L14_TEXT
     from sdq.sdmodel.unet import UNetModel
     from sdq.sdmodel.vae import AutoencoderKL
-    from tests.conftest import TINY_TEXT, TINY_UNET, TINY_VAE, VIT_L14_TEXT
 
     unet_cfg, vae_cfg, text_cfg = ((TINY_UNET, TINY_VAE, {**TINY_TEXT, "hidden_act": "quick_gelu"}) if tiny
                                    else (UNetConfig(), VAEConfig(), VIT_L14_TEXT))
@@ -114,7 +121,8 @@ def random_pipeline(tiny: bool, device: str, dtype: str):
     embeddings = getattr(text, "text_model", text).embeddings
     embeddings.position_ids = torch.arange(text.config.max_position_embeddings, device=device)[None]
     return Pipeline(networks[0], networks[1], text, clip.load_tokenizer(), sha256="0" * 64,
-                    name="random-sd-v1.5" + ("-tiny" if tiny else ""), device=device, dtype=dtype)
+                    name="random-sd-v1.5" + ("-tiny" if tiny else ""), device=device, dtype=dtype,
+                    compile_backend=compile_backend)
 
 
 def requests_for(batch: int):
@@ -184,6 +192,65 @@ def guarded(rows: list, report: Report, label: dict, fn: Callable[[], dict]) -> 
 
 # -- phases ---------------------------------------------------------------------------------
 
+SDPA_ORDERS = ("fast path", "pytorch", "cudnn", "flash", "efficient", "math")
+"""The fast path's priority list (cuDNN, flash, memory-efficient, math), PyTorch's own order,
+then each backend alone."""
+
+
+def sdpa_context(order: str):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sdq.sdmodel.guards import sdpa_priority
+
+    alone = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if order == "fast path":
+        return sdpa_priority()
+    return nullcontext() if order == "pytorch" else sdpa_kernel([alone[order]])
+
+
+def one_call(device: str, order: str, call: Callable[[], Any]) -> str:
+    """`ok` and the milliseconds of a second call, or the error of the first."""
+    try:
+        with sdpa_context(order):
+            call()
+            seconds, _ = timed(device, call)
+    except Exception as exc:  # noqa: BLE001 - a failing backend is this row's finding
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return f"ok {seconds * 1e3:.1f} ms"
+
+
+def phase_sdpa(entry: dict, pipes: dict, args: argparse.Namespace, report: Report) -> None:
+    """One UNet call (a CFG pair at the run's size) and one decode under each SDPA order, the
+    row written before the calls, so a backend that raises, or kills the process, is a row.
+    Then the pipeline's own guard: one generate with the default fast path, and whether its
+    order was dropped (`guards.SdpaOrder`)."""
+    import torch
+
+    from sdq.sdmodel.pipeline import DTYPES
+
+    pipe = pipes[args.dtypes[0]]()
+    layout = torch.channels_last if pipe.fast.channels_last else torch.contiguous_format
+    latent = (args.height // 8, args.width // 8)
+    x = torch.randn(2, 4, *latent, device=args.device, dtype=DTYPES[pipe.dtype]).to(memory_format=layout)
+    context = torch.randn(2, 77, pipe.unet.config.context_dim, device=args.device, dtype=DTYPES[pipe.dtype])
+    t = torch.tensor(500.0)
+    z = torch.randn(1, 4, *latent, device=args.device, dtype=DTYPES[pipe.vae_dtype]).to(memory_format=layout)
+    rows = entry.setdefault("rows", [])
+    with torch.inference_mode():
+        for order in SDPA_ORDERS:
+            row = {"order": order, "unet": "running"}
+            rows.append(row)
+            report.write()
+            row["unet"] = one_call(args.device, order, lambda: pipe.unet(x, t, context))
+            row["decode"] = one_call(args.device, order, lambda: pipe.vae.decode(z))
+            report.write()
+    pipe.generate(requests_for(1), sampler="ddim", steps=1, width=args.width, height=args.height)
+    entry["guard"] = {"fast_path_order": pipe.fast.sdpa_order, "dropped": pipe.sdpa.dropped}
+
+
 def phase_environment(entry: dict, args: argparse.Namespace, wheels: list[str]) -> None:
     import torch
     import transformers
@@ -196,11 +263,11 @@ def phase_environment(entry: dict, args: argparse.Namespace, wheels: list[str]) 
         props = torch.cuda.get_device_properties(args.device)
         entry.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                      multiprocessors=props.multi_processor_count)
-    for name in ("diffusers", "sqlalchemy", "alembic", "pywt"):
+    for name in ("diffusers", "SQLAlchemy", "alembic", "PyWavelets"):
         try:
-            entry[name] = __import__(name).__version__
-        except ImportError as exc:
-            entry[name] = f"missing ({exc.name})"
+            entry[name.lower()] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            entry[name.lower()] = "missing"
 
 
 def phase_ceilings(entry: dict, args: argparse.Namespace) -> None:
@@ -238,8 +305,8 @@ def to_diffusers_pipeline(pipe, tiny: bool):
     import torch
 
     from sdq.sdmodel.configs import UNetConfig, VAEConfig
-    from tests.conftest import TINY_UNET, TINY_VAE, ldm_checkpoint
-    from tests.sdmodel.reference import reference_scheduler, to_diffusers
+    from sdq.sdmodel.diffusers_reference import reference_scheduler, to_diffusers
+    from sdq.sdmodel.tiny import TINY_UNET, TINY_VAE, ldm_checkpoint
 
     checkpoint = ldm_checkpoint(pipe.unet, pipe.vae, pipe.text_encoder)
     configs = (TINY_UNET, TINY_VAE) if tiny else (UNetConfig(), VAEConfig())
@@ -258,7 +325,7 @@ def phase_diffusers(entry: dict, pipes: dict, args: argparse.Namespace, report: 
     try:
         import diffusers  # noqa: F401
     except ImportError as exc:
-        entry.update(status="skipped", reason=f"diffusers missing ({exc.name}): add its wheel to .whl/")
+        entry.update(status="skipped", reason=f"diffusers missing ({exc.name}): carry bench/device-wheels.txt")
         return
     dtype = args.dtypes[0]
     ref, torch = to_diffusers_pipeline(pipes[dtype](), args.tiny)
@@ -288,9 +355,9 @@ def _runner_parts(folder: Path, threads: int | None):
     """A fresh SQLite database and image folder, and the runner's keyword arguments from
     Settings, through the environment as a worker reads them (store settings included when
     this checkout has them: SDQ_STORE_THREADS, SDQ_PNG_LEVEL)."""
+    from sdq.core.settings import Settings
     from sdq.db.session import open_database
     from sdq.images.storage import open_storage
-    from sdq.core.settings import Settings
 
     env = {"SDQ_HOME": str(folder), "SDQ_CONFIG": str(folder / "none.toml")}
     if threads is not None:
@@ -339,7 +406,7 @@ def run_system(pipe, args: argparse.Namespace, batch: int, batches: int, threads
 
 def phase_system(entry: dict, pipes: dict, args: argparse.Namespace, report: Report) -> None:
     if missing := _missing_for_runner():
-        entry.update(status="skipped", reason=f"missing: {missing}; add their wheels to .whl/")
+        entry.update(status="skipped", reason=f"missing: {missing}; carry bench/device-wheels.txt")
         return
     pipe, batch = pipes[args.dtypes[0]](), args.system_batch
     rows = entry.setdefault("rows", [])
@@ -363,7 +430,7 @@ class PremadeImages:
 
 def phase_store(entry: dict, pipes: dict, args: argparse.Namespace, report: Report) -> None:
     if missing := _missing_for_runner():
-        entry.update(status="skipped", reason=f"missing: {missing}; add their wheels to .whl/")
+        entry.update(status="skipped", reason=f"missing: {missing}; carry bench/device-wheels.txt")
         return
     pipe = pipes[args.dtypes[0]]()
     images = pipe.generate(requests_for(4), sampler="ddim", steps=args.steps, width=args.width,
@@ -382,13 +449,11 @@ def phase_safety(entry: dict, args: argparse.Namespace, report: Report) -> None:
     (PIL, on the CPU) and for the model, at several batch sizes, best of 3."""
     import torch
 
-    from bench.bench_safety import PROJECTION, VIT_L14
     from sdq.sdmodel.pipeline import DTYPES
     from sdq.sdmodel.safety import load_safety_checker, preprocess
-    from tests.conftest import TINY_CHECKERS, save_safety_checker
-    from tests.images.samples import photo
+    from sdq.sdmodel.tiny import TINY_CHECKERS, VIT_L14, VIT_L14_PROJECTION, photo, save_safety_checker
 
-    vision, projection = TINY_CHECKERS["vit-l14-scaled"] if args.tiny else (VIT_L14, PROJECTION)
+    vision, projection = TINY_CHECKERS["vit-l14-scaled"] if args.tiny else (VIT_L14, VIT_L14_PROJECTION)
     rows = entry.setdefault("rows", [])
     entry["architecture"] = "tiny" if args.tiny else "ViT-L/14 (CompVis/stable-diffusion-safety-checker)"
     with tempfile.TemporaryDirectory() as tmp:
@@ -438,25 +503,49 @@ def phase_fast_path(entry: dict, pipes: dict, args: argparse.Namespace, report: 
     pipe.set_fast_path(default)
 
 
+def compile_buckets(args: argparse.Namespace) -> list[int]:
+    """The padding buckets up to the largest batch, in the order worth measuring when time
+    runs out: the largest (what a busy worker runs), the fast_path A/B's, batch 1, the rest."""
+    from sdq.sdmodel.fastpath import bucket_size
+
+    every = sorted({bucket_size(n) for n in range(1, max(args.batch_sizes) + 1)}, reverse=True)
+    first = [every[0], bucket_size(args.ab_batch), 1]
+    return list(dict.fromkeys(first + every))
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """Graphs Dynamo has compiled and graph breaks it has met, so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def phase_compile(entry: dict, pipes: dict, args: argparse.Namespace, report: Report) -> None:
+    """torch.compile with the default fast path, one padding bucket at a time: `compile_s` is
+    the first (1-step) generate at the bucket, which compiles the UNet for its CFG pair and the
+    decoder for it; `graphs` the graphs that made (2 is right, more means graph breaks or
+    failing guards; 0 that the shape compiled before); then images/s once compiled."""
     if args.tiny and not args.compile_tiny:
         entry.update(status="skipped", reason="tiny run: compiling takes minutes on a CPU (--compile-tiny)")
         return
     from sdq.sdmodel.fastpath import FastPath
 
     pipe = pipes[args.dtypes[0]]()
-    default = FastPath.for_device(args.device)
+    compiled = replace(FastPath.for_device(args.device), compile=True)
+    entry.update(fast=compiled.spec(), backend=args.compile_backend)
+    pipe.set_fast_path(compiled)
     rows = entry.setdefault("rows", [])
-    for batch in (args.ab_batch, 1):
-        def run(batch=batch) -> dict:
-            pipe.set_fast_path(replace(default, compile=True))
-            start = time.perf_counter()
-            pipe.generate(requests_for(batch), sampler="ddim", steps=1, width=args.width, height=args.height)
-            warmup = time.perf_counter() - start
-            return {**measure_generate(sdq_generate(pipe, args), batch, args), "compile_s": round(warmup, 1)}
+    for bucket in compile_buckets(args):
+        def run(bucket=bucket) -> dict:
+            graphs, breaks = dynamo_counts()
+            seconds, _ = timed(args.device, lambda: pipe.generate(
+                requests_for(bucket), sampler="ddim", steps=1, width=args.width, height=args.height))
+            after = dynamo_counts()
+            return {"compile_s": round(seconds, 1), "graphs": after[0] - graphs, "graph_breaks": after[1] - breaks,
+                    **measure_generate(sdq_generate(pipe, args), bucket, args)}
 
-        guarded(rows, report, {"variant": "+compile", "fast": replace(default, compile=True).spec()}, run)
-    pipe.set_fast_path(default)
+        guarded(rows, report, {"bucket": bucket}, run)
+    pipe.set_fast_path(FastPath.for_device(args.device))
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -471,9 +560,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=540.0, help="hard cap in seconds (default 9 min)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--compile-tiny", action="store_true", help="run the compile phase in --tiny too")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (`eager`: Dynamo alone, the CPU test's)")
     parser.add_argument("--size", type=int, help="image side (default 512; --tiny 64)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50; --tiny 3)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 16 32; --tiny 1 2")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help="default 1 8 16 32; --tiny 1 2; compile: every bucket up to the largest")
     parser.add_argument("--ab-batch", type=int, help="batch of the fast_path A/B (default 16; --tiny 2)")
     args = parser.parse_args(argv)
     small = args.tiny
@@ -504,12 +596,13 @@ def main(argv: list[str] | None = None) -> int:
         def get():
             if dtype not in cache:
                 cache.clear()  # one model on the device at a time
-                cache[dtype] = random_pipeline(args.tiny, args.device, dtype)
+                cache[dtype] = random_pipeline(args.tiny, args.device, dtype, args.compile_backend)
             return cache[dtype]
         return get
 
     pipes = {dtype: pipe_for(dtype) for dtype in args.dtypes}
     steps: dict[str, Callable[[dict], None]] = {
+        "sdpa": lambda e: phase_sdpa(e, pipes, args, report),
         "environment": lambda e: phase_environment(e, args, wheels),
         "ceilings": lambda e: phase_ceilings(e, args),
         "sdq": lambda e: phase_sdq(e, pipes, args, report),

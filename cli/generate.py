@@ -15,6 +15,7 @@ from sdq.cli.progress import ProgressLine
 from sdq.core.params import SEED_LIMIT, GenerationParams, draw_seed
 from sdq.core.settings import DTYPE_NAMES
 from sdq.sdmodel.files import write_atomically
+from sdq.core.settings import VAE_DTYPES
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -37,6 +38,8 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--device", type=click.Choice(["cuda", "mps", "cpu"]), help="[default: the best available]")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="[default: fp16 on GPUs, fp32 on the CPU]")
+@click.option("--vae-dtype", type=click.Choice(VAE_DTYPES),
+              help="The autoencoder's dtype [default: $SDQ_VAE_DTYPE, else --dtype's].")
 @click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
 @safety_options()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
@@ -44,7 +47,8 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @output_options("json", dest="printed")
 def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int | None, sampler: str,
              steps: int, cfg: float, eta: float, width: int, height: int, num_images: int,
-             batch_size: int | None, device: str | None, dtype: str | None, no_watermark: bool,
+             batch_size: int | None, device: str | None, dtype: str | None, vae_dtype: str | None,
+             no_watermark: bool,
              safety_checker: str | None, on_flag: str, output: Path, printed: str | None) -> None:
     """Generate images from PROMPT with a local model and write them as PNGs.
 
@@ -82,7 +86,8 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     click.echo(f"Loading {ref} ...", err=True)
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
-                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
+                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec,
+                             vae_dtype=vae_dtype or settings.vae_dtype)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=BAD_INPUT) from None
     checker = None

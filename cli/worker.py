@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from types import FrameType
 
 import click
@@ -14,6 +16,7 @@ import click
 from sdq.cli.common import configured_storage, database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.core.errors import Unavailable
+from sdq.core.settings import VAE_DTYPES
 
 
 def _queue_option(args: tuple[str, ...]) -> str | None:
@@ -28,19 +31,41 @@ def _queue_option(args: tuple[str, ...]) -> str | None:
     return None
 
 
+def plan_gpus(gpus: str | None, env: Mapping[str, str]) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each worker process: one per GPU listed, or with `all` one
+    per visible GPU (those CUDA_VISIBLE_DEVICES names, else those `nvidia-smi -L` lists, found
+    on env's PATH); None alone: one process on the default device (no GPU seen, or no --gpus).
+    Counted without torch: the parent process never generates."""
+    if not gpus:
+        return [None]
+    if gpus.strip() != "all":
+        return [g.strip() for g in gpus.split(",") if g.strip()] or [None]
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()] or [None]
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if smi is None:
+        return [None]
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    seen = [line for line in listed if line.startswith("GPU ")]  # not its MIG lines
+    return [str(n) for n in range(len(seen))] or [None]
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--model", "-m", "model_ref", metavar="REF",
               help="Checkpoint, diffusers folder or Hugging Face repo id [default: $SDQ_MODEL].")
-@click.option("--gpus", metavar="0,1,...",
-              help="Start one worker process per listed GPU (CUDA_VISIBLE_DEVICES) [default: one "
-                   "process on the default device].")
+@click.option("--gpus", metavar="0,1,...|all",
+              help="Start one worker process per listed GPU (CUDA_VISIBLE_DEVICES), or per visible "
+                   "GPU with `all` [default: one process on the default device].")
 @click.option("--batch-size", type=click.IntRange(1),
-              help="Most images denoised at once; larger batches are split [default: as sent].")
+              help="Most images denoised at once; larger batches are split [default: $SDQ_BATCH_SIZE, "
+                   "else what the device holds].")
+@click.option("--vae-dtype", type=click.Choice(VAE_DTYPES),
+              help="The autoencoder's dtype [default: $SDQ_VAE_DTYPE, else the model's].")
 @click.option("--name", default="sdq", show_default=True,
               help="Node name prefix; each process is NAME[-gpuN]@HOST.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name: str,
-           celery_args: tuple[str, ...]) -> None:
+def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, vae_dtype: str | None,
+           name: str, celery_args: tuple[str, ...]) -> None:
     """Serve the queue of one model: generate its batches until stopped.
 
     The model is hashed at start and only its queue (`sdq.<short hash>`) is consumed. The
@@ -49,8 +74,8 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
     Arguments after `--` go to `celery worker` unchanged.
 
     \b
-    Example (two GPUs, Celery's log level passed through):
-      sdq worker --model /models/v1-5-pruned-emaonly.safetensors --gpus 0,1 -- --loglevel INFO
+    Example (every GPU of the machine, Celery's log level passed through):
+      sdq worker --model /models/v1-5-pruned-emaonly.safetensors --gpus all -- --loglevel INFO
     """
     from kombu.exceptions import OperationalError
 
@@ -81,10 +106,12 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, name
         raise click.ClickException(
             f"refusing queue {asked!r}: {model.name} hashes to {model.short_hash}, so this "
             f"worker serves {queue!r} only")
-    devices: list[str | None] = [g.strip() for g in gpus.split(",")] if gpus else [None]
+    devices = plan_gpus(gpus, os.environ)
     base_env = {**os.environ, "SDQ_MODEL": model.ref}
     if batch_size:
         base_env["SDQ_BATCH_SIZE"] = str(batch_size)
+    if vae_dtype:
+        base_env["SDQ_VAE_DTYPE"] = vae_dtype
     children: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -31,6 +31,7 @@ MAX_STORE_THREADS = 8
 DEFAULT_CONFIRM_ITEMS = 10_000
 """Submissions of more images than this need `--yes`: at a few seconds an image, ten thousand
 is a night of one GPU, and a typo (`-n 1000` for 100) should not cost a week."""
+VAE_DTYPES = ("fp16", "bf16", "fp32")
 
 
 def default_store_threads(cores: int | None = None) -> int:
@@ -158,6 +159,8 @@ class Settings:
     """The folder of prompt templates' `__name__.txt` wildcard files (`--wildcards` overrides)."""
     confirm_items: int = DEFAULT_CONFIRM_ITEMS
     """`SDQ_CONFIRM_ITEMS`: above this many images, `sdq submit` asks for `--yes`."""
+    vae_dtype: str | None = None
+    """`SDQ_VAE_DTYPE`: the autoencoder's dtype (fp16, bf16, fp32); None: the model's."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -211,6 +214,7 @@ class Settings:
             "reconcile_interval": get("reconcile_interval") or "60",
             "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
             "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),
+            "vae_dtype": get("vae_dtype"),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -229,6 +233,9 @@ class Settings:
                                 ("confirm_items", 1, 2**62)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
+        if raw["vae_dtype"] not in (None, *VAE_DTYPES):
+            raise SettingsError(f"{where('vae_dtype')}: expected one of {', '.join(VAE_DTYPES)}, "
+                                f"got {raw['vae_dtype']!r}")
         broker = raw["broker_url"]
         if broker is not None and "://" not in str(broker):
             raise SettingsError(f"SDQ_BROKER_URL: {broker!r} has no scheme; expected "

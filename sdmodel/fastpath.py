@@ -107,3 +107,16 @@ def auto_batch_size(free_bytes: int, width: int = 512, height: int = 512, dtype:
     per_image = HALF_BYTES_PER_IMAGE_512 * (width * height) / (512 * 512) * (2 if dtype == "fp32" else 1)
     usable = max(0, free_bytes - _FIXED_RESERVE) * 0.8
     return max(1, min(cap, int(usable // per_image)))
+
+
+COMPILED_SIZES = 4
+"""Image sizes one worker is planned to meet while compiled (a job has one size; a worker
+serves a few jobs' sizes between restarts)."""
+
+
+def compiled_shapes(max_batch: int = 2 * MAX_BATCH, sizes: int = COMPILED_SIZES) -> int:
+    """Graphs a compiled network meets at most: one per bucket up to `max_batch` (a pinned
+    `SDQ_BATCH_SIZE` up to twice the automatic cap included), each also at twice its rows
+    (the UNet's batch holds the CFG pair when a batch is guided), per image size."""
+    buckets = {bucket_size(n) for n in range(1, max_batch + 1)}
+    return len(buckets | {2 * b for b in buckets}) * sizes

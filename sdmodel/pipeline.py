@@ -8,7 +8,8 @@ batch because its noise comes only from its own CPU generator.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+import copy
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +34,7 @@ from .checkpoint import (
     resolve_model_ref,
     split_ldm,
 )
+from .compiled import CompileBackend, compile_network
 from .configs import (
     LATENT_SCALE,
     UNetConfig,
@@ -45,6 +47,7 @@ from .configs import (
 from .conditioning import PromptText, encode_prompts
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
+from .guards import SdpaOrder, redecode_nonfinite, sdpa_priority
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL
@@ -65,19 +68,11 @@ def default_dtype(device: str) -> str:
     return "fp32" if device == "cpu" else "fp16"
 
 
-def _sdpa_priority() -> ExitStack:
-    """SDPA backends tried in the order cuDNN, flash, memory-efficient, math: on Hopper the
-    cuDNN kernel is the fastest where it applies, and PyTorch's default order skips it."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class Images(list):
+    """A batch's images in request order, with the positions whose decode overflowed in the
+    autoencoder's dtype and was redone in float32 (`redecoded`: for the image's record)."""
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    stack = ExitStack()
-    try:
-        stack.enter_context(sdpa_kernel(order, set_priority=True))
-    except TypeError:  # torch < 2.6 has no priorities: its own order stands
-        pass
-    return stack
+    redecoded: tuple[int, ...] = ()
 
 
 class Pipeline:
@@ -85,15 +80,26 @@ class Pipeline:
 
     `fast` (default: `FastPath.for_device(device)`) picks the speed-ups; `set_fast_path`
     changes them on the loaded networks, which is how the GPU probe measures each one.
+    `vae_dtype`: the autoencoder's (default: `dtype`; the networks are moved to it here).
+    `sdpa_order`: the fast path's SDPA backend order as a context (`guards.sdpa_priority`),
+    dropped for PyTorch's own if it fails (`guards.SdpaOrder`). `compile_backend`: what the
+    fast path's `compile` hands `torch.compile` (tests count compilations with their own).
     `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without)."""
 
     def __init__(
         self, unet: UNetModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
         *, sha256: str, name: str, device: str, dtype: str, fast: FastPath | None = None,
         embeddings: EmbeddingRegistry | None = None,
+        vae_dtype: str | None = None,
+        sdpa_order: Callable[[], AbstractContextManager] = sdpa_priority,
+        compile_backend: CompileBackend = "inductor",
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.sha256, self.name, self.device, self.dtype = sha256, name, device, dtype
+        self.vae_dtype = vae_dtype or dtype
+        self.vae.to(DTYPES[self.vae_dtype])
+        self.sdpa = SdpaOrder(sdpa_order)
+        self.compile_backend = compile_backend
         self.set_fast_path(fast or FastPath.for_device(device))
         self.set_embeddings(embeddings)
 
@@ -128,9 +134,10 @@ class Pipeline:
                 module.contiguous_qkv = fast.contiguous_attention
         self._unet: Callable[..., Tensor] = self.unet
         self._decode: Callable[[Tensor], Tensor] = self.vae.decode
+        self._vae_fp32: AutoencoderKL | None = None
         if fast.compile:
-            self._unet = torch.compile(self.unet, dynamic=False)
-            self._decode = torch.compile(self.vae.decode, dynamic=False)
+            self._unet = compile_network(self.unet, self.compile_backend)
+            self._decode = compile_network(self.vae.decode, self.compile_backend)
         elif fast.cuda_graphs and self.on_cuda:
             from .cudagraph import GraphedCall
 
@@ -145,12 +152,20 @@ class Pipeline:
         free, _total = torch.cuda.mem_get_info(torch.device(self.device))
         return auto_batch_size(free, width, height, self.dtype)
 
-    def _kernels(self) -> ExitStack:
-        """The per-call kernel choices of the fast path (process-wide flags in PyTorch)."""
-        if not self.on_cuda:
-            return ExitStack()
-        torch.backends.cudnn.benchmark = self.fast.cudnn_benchmark
-        return _sdpa_priority() if self.fast.sdpa_order else ExitStack()
+    def _kernels(self, key: tuple, work: Callable[[], Tensor]) -> Tensor:
+        """One network call with the fast path's kernel choices (process-wide flags in
+        PyTorch): cuDNN benchmarking, and the SDPA order while that order works
+        (`guards.SdpaOrder`, which may run the call twice: it must have no side effects)."""
+        if self.on_cuda:
+            torch.backends.cudnn.benchmark = self.fast.cudnn_benchmark
+        return self.sdpa.run(key, work) if self.fast.sdpa_order else work()
+
+    def _decode_fp32(self, latents: Tensor) -> Tensor:
+        """The autoencoder's decode in float32, from a copy made on first use (it costs the
+        memory of a float32 autoencoder, so only a model that overflows ever pays it)."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()
+        return self._vae_fp32.decode(self._layout(latents.to(self.device, torch.float32) / LATENT_SCALE))
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
@@ -158,11 +173,16 @@ class Pipeline:
     def _unet_by_length(self, x: Tensor, t: Tensor, contexts: list[tuple[Tensor | None, Tensor]]) -> Tensor:
         """The UNet on each group of rows whose contexts have one length (`_by_length`)."""
         if len(contexts) == 1:
-            return self._unet(self._layout(x), t, contexts[0][1])
+            return self._unet_call(x, t, contexts[0][1])
         out = torch.empty_like(x)
         for rows, context in contexts:
-            out[rows] = self._unet(self._layout(x[rows]), t, context)
+            out[rows] = self._unet_call(x[rows], t, context)
         return out
+
+    def _unet_call(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """One UNet call under the fast path's kernel choices, keyed by its shapes."""
+        return self._kernels(("unet", x.shape, context.shape),
+                             lambda: self._unet(self._layout(x), t, context))
 
     @torch.inference_mode()
     def denoise(
@@ -206,25 +226,29 @@ class Pipeline:
             e_uncond, e_cond = out.chunk(2)
             return torch.where(cfg > 1, e_uncond + cfg * (e_cond - e_uncond), e_cond)
 
-        with self._kernels():
-            return sample(sampler, eps_model, noise, steps, eta=eta, generators=generators,
-                          on_step=on_step, predraw=self.fast.device_loop)
+        return sample(sampler, eps_model, noise, steps, eta=eta, generators=generators,
+                      on_step=on_step, predraw=self.fast.device_loop)
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor) -> list[Image.Image]:
+    def decode(self, latents: Tensor) -> Images:
         """8-bit RGB images by rounding, as diffusers does (truncating would shift every pixel).
 
         On the CPU the autoencoder runs one image at a time: its full-resolution activations
-        then stay in cache, 8-10 % faster than a batch (docs/benchmarks.md); GPUs take the batch."""
-        z = self._layout(latents.to(self.device, DTYPES[self.dtype]) / LATENT_SCALE)
+        then stay in cache, 8-10 % faster than a batch (docs/benchmarks.md); GPUs take the batch.
+        An image that comes out NaN or Inf is decoded again in float32 (`Images.redecoded`)."""
+        z = self._layout(latents.to(self.device, DTYPES[self.vae_dtype]) / LATENT_SCALE)
         parts = z.split(1) if torch.device(self.device).type == "cpu" else [z]
-        with self._kernels():
-            x = torch.cat([self._decode(part) for part in parts]).float()
+        x = self._kernels(("decode", tuple(z.shape)),
+                          lambda: torch.cat([self._decode(part) for part in parts]).float())
+        redecoded = redecode_nonfinite(
+            x, None if self.vae_dtype == "fp32" else lambda rows: self._decode_fp32(latents[rows]))
         pixels = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+        images = Images(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)
+        images.redecoded = tuple(redecoded)
+        return images
 
-    def generate(self, requests: Sequence[Request], **settings) -> list[Image.Image]:
+    def generate(self, requests: Sequence[Request], **settings) -> Images:
         """Unwatermarked images, one per request; CUDA out-of-memory reaches the caller so it
         can split the batch. Settings are those of `denoise`.
 
@@ -233,7 +257,10 @@ class Pipeline:
         n = len(requests)
         if self.fast.pad_sizes and requests:
             requests = [*requests, *[requests[-1]] * (bucket_size(n) - n)]
-        return self.decode(self.denoise(requests, **settings))[:n]
+        decoded = self.decode(self.denoise(requests, **settings))
+        images = Images(decoded[:n])
+        images.redecoded = tuple(i for i in decoded.redecoded if i < n)
+        return images
 
 
 def _by_length(states: list[Tensor], device: str) -> list[tuple[Tensor | None, Tensor]]:
@@ -334,29 +361,32 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
-    hash_cache: Path | None = None, fast: FastPath | str | None = None,
+    hash_cache: Path | None = None, fast: FastPath | str | None = None, vae_dtype: str | None = None,
     embeddings_dir: Path | str | None = None,
 ) -> Pipeline:
     """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
 
     `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
-    device); default: the device's defaults. `embeddings_dir`: a folder of textual-inversion
-    embeddings (`Pipeline.set_embeddings`)."""
+    device); default: the device's defaults. `vae_dtype` (`SDQ_VAE_DTYPE`): the autoencoder's
+    dtype, default `dtype`. `embeddings_dir`: a folder of textual-inversion embeddings
+    (`Pipeline.set_embeddings`)."""
     device = device or default_device()
     if isinstance(fast, str):
         fast = FastPath.parse(fast, device)
     dtype = dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    for name, value in (("dtype", dtype), ("vae dtype", vae_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(DTYPES)}")
     path = resolve_model_ref(ref)
     unet, vae, text, tokenizer = (_load_folder if path.is_dir() else _load_single_file)(path)
     for module in (unet, vae, text):
-        module.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        module_dtype = (vae_dtype or dtype) if module is vae else dtype
+        module.to(device=device, dtype=DTYPES[module_dtype]).eval().requires_grad_(False)
         _align_weights(module)
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     pipe = Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
-        device=device, dtype=dtype, fast=fast,
+        device=device, dtype=dtype, fast=fast, vae_dtype=vae_dtype,
     )
     pipe.set_embeddings(embeddings_dir)
     return pipe

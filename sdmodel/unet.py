@@ -52,8 +52,9 @@ class Conv2d(nn.Conv2d):
     """
 
     def _cpu_prepared(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+        # Compiling first: Dynamo folds it to True, so a compiled UNet has no graph break here.
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._cpu_prepared(x):

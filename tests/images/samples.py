@@ -3,26 +3,13 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import numpy as np
-from PIL import Image
-
 from sdq.core.params import FIELDS, GenerationParams
 from sdq.images.provenance import Environment, Provenance
+from sdq.sdmodel.tiny import photo  # noqa: F401 - the sample image the tests take from here
 
 MODEL_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
 ENVIRONMENT = Environment(sdq="0.1.0", torch="2.13.0", transformers="5.24.0", device="cuda:0",
                           gpu="NVIDIA H200", dtype="float16", attention="sdpa")
-
-
-def photo(width: int, height: int, seed: int = 0, grain: int = 10) -> Image.Image:
-    """A stand-in for decoder output: smooth colour fields plus fine grain (up to `grain`
-    levels either way), as photos have."""
-    rng = np.random.default_rng(seed)
-    field = rng.normal(size=(height // 16 + 2, width // 16 + 2, 3))
-    field = ((field - field.min()) / np.ptp(field) * 255).astype(np.uint8)
-    smooth = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=int)
-    noise = rng.integers(-grain, grain + 1, size=smooth.shape)
-    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
 
 
 def provenance(width: int = 512, height: int = 512, **changes: object) -> Provenance:

@@ -138,8 +138,7 @@ def test_diffusers_folder_loads_to_the_same_model(tmp_path, weights, expected_la
     from transformers import CLIPTextConfig
 
     from sdq.sdmodel import clip
-
-    from .reference import to_diffusers
+    from sdq.sdmodel.diffusers_reference import to_diffusers
 
     unet, vae, text = to_diffusers(weights, TINY_UNET, TINY_VAE, CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
     folder = tmp_path / "tiny-diffusers"

@@ -16,7 +16,7 @@ from sdq.sdmodel import clip
 from sdq.sdmodel.embeddings import EmbeddingRegistry
 from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
 
-from .reference import reference_pipeline
+from sdq.sdmodel.diffusers_reference import reference_pipeline
 from .test_pipeline import LATENT_TOL, PIXEL_TOL, pixels, run_reference
 
 WIDTH = 64

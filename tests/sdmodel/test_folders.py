@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from sdq.sdmodel import clip
 from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.diffusers_reference import SD15_SCHEDULER
 from sdq.sdmodel.pipeline import Request, load_pipeline
 
-from .reference import SD15_SCHEDULER
 from .test_pipeline import LATENT_TOL, PIXEL_TOL, pixels, run_reference
 
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {

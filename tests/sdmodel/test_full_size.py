@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdq.sdmodel.configs import UNetConfig, VAEConfig
+from sdq.sdmodel.diffusers_reference import to_diffusers
 from sdq.sdmodel.pipeline import Request, load_pipeline
 
 from ..conftest import VIT_L14_TEXT, full_size_networks_fp16, ldm_checkpoint
-from .reference import to_diffusers
 
 
 @pytest.mark.slow

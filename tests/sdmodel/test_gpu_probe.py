@@ -1,5 +1,5 @@
-"""The one-shot GPU probe and the plain-checkout loader it stands on, exercised on the CPU so
-that the probe a GPU session runs once has already run here."""
+"""The one-shot GPU probe's budget and the plain-checkout loader it stands on; the probe's every
+phase runs on the machine's packages in tests/bench/test_device_venv.py."""
 from __future__ import annotations
 
 import json
@@ -8,34 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
-from bench.gpu_probe import PHASES
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.mark.slow
-def test_probe_reports_every_phase_on_the_cpu(tmp_path):
-    out = tmp_path / "probe.json"
-    # The budget is the GPU run's; a shared CPU may need more for the tiny run's every phase.
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_probe.py"), "--tiny", "--device", "cpu",
-                    "--out", str(out), "--budget", "1100"], check=True, cwd=tmp_path, timeout=1200)
-    report = json.loads(out.read_text())
-    assert report["probe"]["finished"] and report["probe"]["cut_off"] is None
-    phases = report["phases"]
-    assert set(phases) == set(PHASES)
-    assert phases["compile"]["status"] == "skipped"
-    for name in set(PHASES) - {"compile"}:
-        assert phases[name]["status"] == "done", (name, phases[name])
-    for name in ("sdq", "diffusers", "system", "safety", "store", "fast_path"):
-        rows = phases[name]["rows"]
-        assert rows and all("error" not in r and r["images_per_s"] > 0 for r in rows), (name, rows)
-    assert [r["batch"] for r in phases["sdq"]["rows"]] == [1, 2]
-    assert {r["variant"] for r in phases["fast_path"]["rows"]} >= {"default", "off", "-device_loop", "+channels_last"}
-    assert phases["system"]["rows"][1]["images"] == 4
-    assert [r["batch"] for r in phases["safety"]["rows"]] == [1, 2]
-    assert phases["ceilings"]["gemm_tflops"] >= 0 and phases["environment"]["device"] == "cpu"
 
 
 def test_probe_cut_off_by_its_budget_still_reports(tmp_path):
@@ -82,3 +55,17 @@ print(sdq.sdmodel.fastpath.__file__, pure_demo.WHERE, binary_demo.WHERE, metadat
                          cwd=tmp_path, env=env).stdout.split()
     assert out[0] == str(ROOT / "sdmodel" / "fastpath.py")
     assert ".whl" in out[1] and str(tmp_path / "cache") in out[2] and out[3] == "1.0"
+
+
+def test_a_checkout_carries_wheels_in_either_folder(tmp_path):
+    """`.whl/` (the device notes' name) and `wheels/` are both read from the checkout's root."""
+    checkout = tmp_path / "checkout"
+    (checkout / "bench").mkdir(parents=True)
+    (checkout / "bench" / "_checkout.py").write_text((ROOT / "bench" / "_checkout.py").read_text())
+    for folder, name in ((".whl", "dot_demo"), ("wheels", "plain_demo")):
+        (checkout / folder).mkdir()
+        _wheel(checkout / folder, name, "py3-none-any")
+    code = "from bench._checkout import use_checkout; print(*use_checkout()); import dot_demo, plain_demo"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=checkout).stdout.split()
+    assert out == ["dot_demo-1.0-py3-none-any.whl", "plain_demo-1.0-py3-none-any.whl"]

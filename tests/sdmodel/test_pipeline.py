@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdq.sdmodel.diffusers_reference import reference_pipeline, reference_scheduler
 from sdq.sdmodel.pipeline import Pipeline, Request, load_pipeline
 from sdq.sdmodel.samplers import SAMPLERS
-
-from .reference import reference_pipeline, reference_scheduler
 
 # Tolerances, calibrated on this tiny model in float32 on the CPU. The yardstick is the gap
 # between two exact attention implementations (SDPA vs the explicit-softmax MATH backend) over

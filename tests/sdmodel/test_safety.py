@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from sdq.sdmodel.checkpoint import CheckpointError, model_sha256
 from sdq.sdmodel.safety import decoded_to_images, load_safety_checker, preprocess
-
-from ..images.samples import photo
+from sdq.sdmodel.tiny import photo
 
 VARIANTS = {
     # ViT-L/14's layout (patch 14 at 224 pixels, 64-channel heads, quick_gelu) at a tiny width.

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from sdq.sdmodel import schedule
+from sdq.sdmodel.diffusers_reference import reference_scheduler
 from sdq.sdmodel.samplers import METHODS, SAMPLERS, SPACINGS, sample
-
-from .reference import reference_scheduler
 
 SEEDS = (0, 1234, 99)
 LATENT_SHAPE = (4, 8, 8)

@@ -1,8 +1,11 @@
 """The deployment files, checked without a Docker engine: every sdq command line they run
-parses against the real CLI, every SDQ_* setting they pass is one sdq reads, and the compose
-file is safe by default (loopback ports, passwords, pinned images, restarts, healthchecks)."""
+parses against the real CLI, every SDQ_* setting they pass is one sdq reads, the compose
+file is safe by default (loopback ports, passwords, pinned images, restarts, healthchecks),
+and the worker serves every GPU it sees at the batch size the GPU holds (on a machine whose
+fake `nvidia-smi` lists two GPUs)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -10,13 +13,14 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import pytest
 import yaml
 
 from sdq.cli.main import cli
+from sdq.cli.worker import plan_gpus
 from sdq.core.settings import Settings
 
 from .cluster import WorkerProcess, wait_for
@@ -171,6 +175,37 @@ def test_git_ignores_the_env_file() -> None:
     assert subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT).returncode == 0
 
 
+def test_the_worker_uses_every_gpu_and_the_batch_size_each_holds_by_default() -> None:
+    worker = compose()["services"]["worker"]
+    assert worker["command"][:4] == ["sdq", "worker", "--gpus", "all"]
+    assert worker["environment"]["GPUS"] == "all"
+    assert Settings.load({k: str(v) for k, v in worker["environment"].items()}).batch_size is None
+    docker_cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert docker_cmd and yaml.safe_load(docker_cmd.group(1))[:4] == ["sdq", "worker", "--gpus", "all"]
+
+
+def fake_gpus(folder: Path, count: int) -> str:
+    """A PATH whose `nvidia-smi -L` lists `count` GPUs (and a MIG slice of the first), as on a
+    machine that has them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = "".join(f"GPU {n}: NVIDIA H200 (UUID: GPU-{n:08x})\\n" for n in range(count))
+    mig = "  MIG 1g.18gb     Device  0: (UUID: MIG-0)\\n" if count else ""
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] && printf '{listing}{mig}'\n")
+    script.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_gpu_planning_on_a_two_gpu_machine(tmp_path: Path) -> None:
+    two = fake_gpus(tmp_path / "two", 2)
+    assert plan_gpus("all", {"PATH": two}) == ["0", "1"]
+    assert plan_gpus("all", {"PATH": two, "CUDA_VISIBLE_DEVICES": "1"}) == ["1"]  # what it was given
+    assert plan_gpus("0,1", {"PATH": two}) == ["0", "1"]
+    assert plan_gpus(None, {"PATH": two}) == [None]
+    assert plan_gpus("all", {"PATH": fake_gpus(tmp_path / "none", 0)}) == [None]  # the default device
+    assert plan_gpus("all", {"PATH": str(tmp_path / "empty")}) == [None]  # no nvidia-smi: no GPU
+
+
 def worker_healthcheck(env: dict[str, str], gpus: str) -> int:
     """Run the worker service's healthcheck as its container would, on this machine."""
     [kind, script] = compose()["services"]["worker"]["healthcheck"]["test"]
@@ -181,12 +216,22 @@ def worker_healthcheck(env: dict[str, str], gpus: str) -> int:
                           capture_output=True, timeout=120).returncode
 
 
-def test_the_worker_healthcheck_follows_its_processes_heartbeats(
-        distributed_env: dict[str, str], start_worker: Callable[[str], WorkerProcess]) -> None:
-    worker = start_worker("health")
-    worker.wait_ready()
-    assert worker_healthcheck(distributed_env, "0") == 0
-    assert worker_healthcheck(distributed_env, "0,1") != 0  # one of two GPUs is not serving
-    worker.kill_group()
-    wait_for("the healthcheck to fail once the worker is gone",
-             lambda: worker_healthcheck(distributed_env, "0") != 0, timeout=60, every=1)
+def test_the_worker_runs_one_process_per_gpu_and_is_healthy_while_each_beats(
+        distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    env = {**distributed_env, "PATH": fake_gpus(tmp_path / "two", 2)}
+    name = f"gpus-{tmp_path.name[-12:]}"
+    worker = WorkerProcess([str(Path(sys.executable).parent / "sdq"), "worker", "--model", str(tiny_checkpoint),
+                            "--gpus", "all", "--name", name, "--", "--loglevel", "INFO"],
+                           env, env["SDQ_BROKER_URL"], name, tmp_path / "worker.log")
+    try:
+        wait_for(f"both GPUs' processes to beat (log: {worker.log})", lambda: sorted(
+            json.loads(worker.redis.get(key))["gpu"] for key in worker.redis.scan_iter(f"sdq:worker:{name}-gpu*")
+        ) == ["0", "1"] or None, timeout=120)
+        assert worker_healthcheck(env, "all") == 0 and worker_healthcheck(env, "0,1") == 0
+        assert worker_healthcheck({**env, "PATH": fake_gpus(tmp_path / "three", 3)}, "all") != 0
+        assert worker_healthcheck(env, "0,1,2") != 0  # one of three GPUs is not serving
+        worker.kill_group()
+        wait_for("the healthcheck to fail once the worker is gone",
+                 lambda: worker_healthcheck(env, "all") != 0, timeout=60, every=1)
+    finally:
+        worker.stop()

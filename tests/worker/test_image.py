@@ -87,3 +87,10 @@ def test_compose_runs_the_worker_from_this_image_on_gpus() -> None:
     assert worker["build"] == ".", "the worker is built from this Dockerfile"
     [device] = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_the_image_copies_every_package_sdq_installs() -> None:
+    """pyproject.toml maps each `sdq.*` package onto a top-level folder: the image copies them all."""
+    copied = set(re.findall(r"^COPY (\w+) \1$", DOCKERFILE, re.M))
+    mapped = set(re.findall(r'^"sdq\.\w+" = "(\w+)"$', (ROOT / "pyproject.toml").read_text(), re.M))
+    assert mapped and mapped <= copied, mapped - copied

@@ -1,5 +1,8 @@
 """diffusers as the reference: turn an sdq/LDM checkpoint into diffusers models with diffusers'
-own single-file converters, so parity tests compare two independent implementations."""
+own single-file converters, so parity tests compare two independent implementations.
+
+For the tests, the benchmarks and the GPU probe: diffusers (the `test` extra) is imported only
+when a function here is called, and sdq itself never calls one."""
 from __future__ import annotations
 
 from pathlib import Path
