@@ -78,3 +78,24 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAE
     assert not unexpected and set(missing) <= {"embeddings.position_ids"}, (missing, unexpected)
     d_text.embeddings.position_ids = torch.arange(text_config.max_position_embeddings)[None]
     return d_unet.eval(), d_vae.eval(), d_text.eval()
+
+
+def reference_pipeline(checkpoint_path, sampler: str = "plms"):
+    """diffusers' StableDiffusionPipeline on an sdq tiny checkpoint (no safety checker), built
+    afresh, for tests that change it (adapters loaded into it)."""
+    import diffusers
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig
+
+    from sdq.sdmodel import clip
+    from tests.conftest import TINY_TEXT, TINY_UNET, TINY_VAE
+
+    unet, vae, text = to_diffusers(load_file(str(checkpoint_path)), TINY_UNET, TINY_VAE,
+                                   CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
+    ref = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=clip.load_tokenizer(), unet=unet,
+        scheduler=reference_scheduler(sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref
