@@ -2,15 +2,16 @@
 
 This is the seam with the worker: `load_pipeline(ref, device, dtype)` and
 `Pipeline.generate(requests, **shape.settings())`: a batch shares a `params.BatchShape`
-(sampler, steps, size, eta) while each `params.Request` carries its own prompt, negative
-prompt, seed and guidance scale; an image comes out the same alone or at any position of any
-batch because its noise comes only from its own CPU generator.
+(sampler, steps, size, eta) and a LoRA set (`loras=`, see `lora.py`) while each
+`params.Request` carries its own prompt, negative prompt, seed and guidance scale; an image
+comes out the same alone or at any position of any batch because its noise comes only from its
+own CPU generator.
 """
 from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from .configs import (
 from .conditioning import PromptText, encode_prompts
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
+from .lora import Adapters
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL
@@ -85,15 +87,18 @@ class Pipeline:
 
     `fast` (default: `FastPath.for_device(device)`) picks the speed-ups; `set_fast_path`
     changes them on the loaded networks, which is how the GPU probe measures each one.
-    `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without)."""
+    `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without).
+    `adapters` holds the LoRA set merged now; `lora_dirs` are the folders LoRA names are
+    looked up in."""
 
     def __init__(
         self, unet: UNetModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
         *, sha256: str, name: str, device: str, dtype: str, fast: FastPath | None = None,
-        embeddings: EmbeddingRegistry | None = None,
+        embeddings: EmbeddingRegistry | None = None, lora_dirs: Sequence[Path | str] = (),
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.sha256, self.name, self.device, self.dtype = sha256, name, device, dtype
+        self.adapters = Adapters(unet, text_encoder, dirs=lora_dirs)
         self.set_fast_path(fast or FastPath.for_device(device))
         self.set_embeddings(embeddings)
 
@@ -167,17 +172,20 @@ class Pipeline:
     @torch.inference_mode()
     def denoise(
         self, requests: Sequence[Request], *, on_step: Callable[[int, int], None] | None = None,
-        **settings: Any,
+        loras: Iterable[tuple[str, float, str | None]] = (), **settings: Any,
     ) -> Tensor:
         """The final latents (float32, unscaled by the VAE factor) of a batch of requests.
 
         `settings` are the fields of a `params.BatchShape` (sampler, steps, width, height,
         eta; its defaults for those left out), checked here (ParamError); the requests were
         checked when built, except against this model: InvalidInput for a clip skip deeper
-        than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`)."""
+        than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`).
+        `loras`, the batch's LoRA set ((name, weight, sha256) triples), is merged unless it is
+        merged already; none restores the base weights."""
         if not requests:
             raise ValueError("no requests to generate")
         shape = BatchShape(**settings)
+        self.adapters.apply(loras)
         sampler, steps, width, height, eta = (shape.sampler, shape.steps, shape.width,
                                               shape.height, shape.eta)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
@@ -335,13 +343,13 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
     hash_cache: Path | None = None, fast: FastPath | str | None = None,
-    embeddings_dir: Path | str | None = None,
+    embeddings_dir: Path | str | None = None, lora_dirs: Sequence[Path | str] = (),
 ) -> Pipeline:
     """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
 
     `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
     device); default: the device's defaults. `embeddings_dir`: a folder of textual-inversion
-    embeddings (`Pipeline.set_embeddings`)."""
+    embeddings (`Pipeline.set_embeddings`). `lora_dirs`: where LoRA names are looked up."""
     device = device or default_device()
     if isinstance(fast, str):
         fast = FastPath.parse(fast, device)
@@ -356,7 +364,7 @@ def load_pipeline(
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     pipe = Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
-        device=device, dtype=dtype, fast=fast,
+        device=device, dtype=dtype, fast=fast, lora_dirs=lora_dirs,
     )
     pipe.set_embeddings(embeddings_dir)
     return pipe
