@@ -19,7 +19,7 @@ import json
 import math
 import re
 import secrets
-from dataclasses import dataclass, fields
+from dataclasses import KW_ONLY, dataclass, fields
 from typing import Any, Callable, ClassVar, Mapping
 
 SEED_LIMIT = 2**32
@@ -286,6 +286,7 @@ class Request(_Checked):
     seed: int = 0
     cfg: float = DEFAULT_CFG
     """Classifier-free guidance scale; 1 or less turns guidance off for this image."""
+    _: KW_ONLY
     prompt_syntax: str = "a1111"
     clip_skip: int = 1
     """A1111's numbering: 1 is CLIP's last layer; the pipeline also checks its model's depth."""
@@ -334,10 +335,14 @@ class GenerationParams(BatchShape, Request):  # fields: the request's, then the 
 
 
 FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta",
-                           "width", "height")
+                           "width", "height", "prompt_syntax", "clip_skip")
 """The parameters in the order records list them (item records, CSV columns, provenance,
 recorded defaults): a column order, which the two halves' fields cannot give by themselves
-(cfg is the request's, between the shape's steps and eta)."""
+(cfg is the request's, between the shape's steps and eta). The prompt syntax and clip skip
+came later and come last, so that older column lists are a prefix."""
+LEGACY_PROMPT_SYNTAX = "plain"
+"""How records made before `prompt_syntax` existed read their prompts (literally): their rows
+and PNG chunks say nothing, and reading them as `a1111` would change their images."""
 SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BatchShape))
 _DEFAULT_OF = {f.name: f.default for f in fields(GenerationParams)}
 DEFAULTS = {name: _DEFAULT_OF[name] for name in FIELDS if name != "prompt"}
@@ -345,12 +350,40 @@ DEFAULTS = {name: _DEFAULT_OF[name] for name in FIELDS if name != "prompt"}
 base seed instead when none is given)."""
 
 
+def adapter_record(entries: Any, *, weighted: bool) -> list[dict[str, Any]]:
+    """LoRAs (`weighted`: name, weight, sha256) or embeddings (name, sha256), given as tuples or
+    mappings, as an item, a PNG chunk and the cache key record them: dicts, sorted by name (the
+    order a prompt names them in changes nothing). A LoRA may carry `a1111`, the short hash
+    A1111's infotext names it by (derived from the file, so no key of its own in the cache)."""
+    keys = ("name", "weight", "sha256") if weighted else ("name", "sha256")
+    records = [dict(entry) if isinstance(entry, Mapping) else dict(zip(keys, entry))
+               for entry in entries or ()]
+    records = [{key: record.get(key) for key in keys}
+               | ({"a1111": record["a1111"]} if record.get("a1111") else {}) for record in records]
+    if weighted:
+        for record in records:
+            record["weight"] = float(record["weight"])
+    return sorted(records, key=lambda r: (r["name"], r.get("weight", 0.0), r["sha256"] or ""))
+
+
 def cache_key(params: GenerationParams, *, model_sha256: str, watermark: str | None, device: str,
-              dtype: str) -> str:
-    """The sha256 naming the image these inputs make: the parameters, the model, the watermark
-    text and where it runs (the device's kind, `cuda` for `cuda:1`, and the dtype, since the
-    same seed gives other pixels in fp16 than in fp32). Two items with one key make the same
-    image, so the second may reuse the first's."""
+              dtype: str, loras: Any = (), embeddings: Any = ()) -> str:
+    """The sha256 naming the image these inputs make: the parameters (prompt syntax and clip
+    skip among them), the model, the LoRAs and embeddings by name, weight and file hash (a file
+    changed under the same name makes another image), the watermark text and where it runs
+    (the device's kind, `cuda` for `cuda:1`, and the dtype, since the same seed gives other
+    pixels in fp16 than in fp32). Two items with one key make the same image, so the second
+    may reuse the first's."""
     record = {**params.to_dict(), "model_sha256": model_sha256, "watermark": watermark or "",
               "device": device.split(":")[0], "dtype": dtype}
+    # What every key made before these fields existed meant: left out, so those keys still match.
+    if record["prompt_syntax"] == LEGACY_PROMPT_SYNTAX:
+        del record["prompt_syntax"]
+    if record["clip_skip"] == 1:
+        del record["clip_skip"]
+    if loras:
+        record["loras"] = [{k: v for k, v in lora.items() if k != "a1111"}
+                           for lora in adapter_record(loras, weighted=True)]
+    if embeddings:
+        record["embeddings"] = adapter_record(embeddings, weighted=False)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from sdq.core.params import SEED_LIMIT, GenerationParams, short_hash
+from sdq.core.params import LEGACY_PROMPT_SYNTAX, SEED_LIMIT, GenerationParams, short_hash
 from sdq.core.states import Status
 
 from .base import Base, BigId, UTCDateTime, utcnow
@@ -169,6 +169,14 @@ class Item(Base):
     eta: Mapped[float] = mapped_column(Float, default=0.0)
     width: Mapped[int]
     height: Mapped[int]
+    # How the prompts are read (`params.PROMPT_SYNTAXES`) and A1111's clip skip. Rows made
+    # before these existed read `plain` and 1 (migration 0008): what made their images.
+    prompt_syntax: Mapped[str] = mapped_column(String(8), server_default=LEGACY_PROMPT_SYNTAX)
+    clip_skip: Mapped[int] = mapped_column(server_default="1")
+    # The LoRAs applied, [{name, weight, sha256}], and the textual-inversion embeddings the
+    # prompts used, [{name, sha256}] (`params.adapter_record`); null for none.
+    loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    embeddings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # The model that made (or will make) the image; null until a worker has resolved it.
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     tags: Mapped[list[str] | None] = mapped_column(JSON)

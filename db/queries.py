@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from sdq.core.errors import InvalidInput, NotFound, Refused
+from sdq.core.params import DEFAULTS
 from sdq.core.states import OPEN
 
 from .base import utcnow
@@ -25,7 +26,9 @@ from .models import Item, Job, Model, Status
 
 REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "width", "height"})
 OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None,
-                        "template": None, "template_values": None}
+                        "template": None, "template_values": None,
+                        "prompt_syntax": DEFAULTS["prompt_syntax"],
+                        "clip_skip": DEFAULTS["clip_skip"], "loras": None, "embeddings": None}
 """What a submitted item may carry, besides `row_index` (default: its position in the
 submission); every other column is the queue's to fill in."""
 
@@ -34,8 +37,8 @@ _COPY_TYPES = {
     "job_id": "int4", "row_index": "int4", "prompt": "text", "negative_prompt": "text",
     "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
     "width": "int4", "height": "int4", "model_id": "int4", "tags": "json", "template": "text",
-    "template_values": "json",
-    "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
+    "template_values": "json", "prompt_syntax": "varchar", "clip_skip": "int4", "loras": "json",
+    "embeddings": "json", "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
 }
 _CHUNK = 10_000
 PHRASE_WINDOW = 20_000

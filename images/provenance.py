@@ -25,9 +25,11 @@ from PIL import Image, PngImagePlugin
 
 from sdq.core.errors import InvalidInput
 from sdq.core.params import (
+    LEGACY_PROMPT_SYNTAX,
     SAMPLERS,
     SHORT_HASH_LEN,
     GenerationParams,
+    adapter_record,
     sampler_from_a1111,
     short_hash,
 )
@@ -45,6 +47,8 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _HASH = re.compile(rf"^[0-9a-f]{{8}}$|^[0-9a-f]{{{SHORT_HASH_LEN}}}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+A1111_HASH_LEN = 12
+"""Hex digits of A1111's `Lora hashes` and `TI hashes` entries."""
 
 
 class MetadataError(InvalidInput):
@@ -139,8 +143,16 @@ class Provenance:
     created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     safety: SafetyVerdict | None = None
     """None when no safety check ran (the `sdq` chunk then says `"safety": null`)."""
+    loras: tuple[dict[str, Any], ...] = ()
+    """The LoRAs applied: {name, weight, sha256} and, where known, `a1111`, the short hash
+    A1111's `Lora hashes` field and civitai look files up by."""
+    embeddings: tuple[dict[str, Any], ...] = ()
+    """The textual-inversion embeddings the prompts used: {name, sha256}."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", tuple(adapter_record(self.loras, weighted=True)))
+        object.__setattr__(self, "embeddings",
+                           tuple(adapter_record(self.embeddings, weighted=False)))
         if not _SHA256.match(self.model_sha256):
             raise ValueError(f"model_sha256: expected 64 lower-case hex digits, "
                              f"got {self.model_sha256!r}")
@@ -152,13 +164,15 @@ class Provenance:
         record["environment"] = asdict(self.environment)
         record["created"] = self.created.isoformat()
         record["safety"] = self.safety.to_json() if self.safety else None
+        record["loras"], record["embeddings"] = list(self.loras), list(self.embeddings)
         return {**self.params.to_dict(), **record}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Provenance":
-        """Inverse of `to_json`; keys a later sdq may add are ignored."""
+        """Inverse of `to_json`; keys a later sdq may add are ignored. A chunk written before
+        prompt syntaxes existed read its prompt literally (`plain`)."""
         values = _known_fields(cls, record)
-        values["params"] = GenerationParams.of(record)
+        values["params"] = GenerationParams.of({"prompt_syntax": LEGACY_PROMPT_SYNTAX, **record})
         values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
         values["created"] = datetime.fromisoformat(record["created"])
         values["safety"] = SafetyVerdict.from_json(record["safety"]) if record.get("safety") else None
@@ -193,11 +207,31 @@ def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+_A1111_SPECIAL = re.compile(r"([\\()\[\]])")
+"""What A1111's emphasis parser reads as syntax: brackets, and the backslash escaping them."""
+
+
+def literal_prompt(prompt: str) -> str:
+    """A `plain` prompt written so that A1111 reads it as sdq did, literally: each bracket
+    and backslash escaped (`\\(`), so no emphasis is read where sdq applied none. (A `plain`
+    prompt over 75 tokens was cut where A1111 would chunk it; no infotext field says so.)"""
+    return _A1111_SPECIAL.sub(r"\\\1", prompt)
+
+
+def _a1111_hashes(entries: tuple[dict[str, Any], ...], key: str) -> str:
+    """A1111's `Lora hashes` / `TI hashes` value: `name: hash12, ...`, with `:` and `,` taken
+    out of names as A1111 does so the field parses back."""
+    return ", ".join(f"{e['name'].replace(':', '').replace(',', '')}: "
+                     f"{(e.get(key) or e['sha256'] or '')[:A1111_HASH_LEN]}" for e in entries)
+
+
 def format_parameters(provenance: Provenance) -> str:
     """The A1111 `parameters` text, field order and spelling as that tool writes them.
 
     `RNG: CPU` matters: A1111 draws the initial noise on the GPU unless told, so pasting the
-    text without it would make another image from the same seed."""
+    text without it would make another image from the same seed. `<lora:...>` tags stay in
+    the prompt as written, as in A1111's own; `Emphasis` is left out, as sdq reads emphasis
+    the A1111 default way ("Original"); a `plain` prompt is written escaped (`literal_prompt`)."""
     p = provenance.params
     sampler = SAMPLERS[p.sampler]
     settings: dict[str, object] = {"Steps": p.steps, "Sampler": sampler.a1111}
@@ -206,14 +240,21 @@ def format_parameters(provenance: Provenance) -> str:
     settings.update({
         "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
         "Model hash": short_hash(provenance.model_sha256), "Model": provenance.model_name,
-        "RNG": provenance.environment.rng_device.upper(),
     })
+    if p.clip_skip != 1:
+        settings["Clip skip"] = p.clip_skip
+    settings["RNG"] = provenance.environment.rng_device.upper()
     if p.eta:
         settings["Eta DDIM"] = format_number(p.eta)
+    if provenance.loras:
+        settings["Lora hashes"] = _a1111_hashes(provenance.loras, "a1111")
+    if provenance.embeddings:
+        settings["TI hashes"] = _a1111_hashes(provenance.embeddings, "sha256")
     settings["Version"] = f"sdq {provenance.environment.sdq}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
-    negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
-    return f"{p.prompt}{negative}\n{line}".strip()
+    written = literal_prompt if p.prompt_syntax == "plain" else str
+    negative = f"\nNegative prompt: {written(p.negative_prompt)}" if p.negative_prompt else ""
+    return f"{written(p.prompt)}{negative}\n{line}".strip()
 
 
 @dataclass(frozen=True)

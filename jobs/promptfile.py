@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
-          "eta", "model", "tags")
+          "eta", "prompt_syntax", "clip_skip", "model", "tags")
 ALIASES = {"cfg_scale": "cfg", "guidance_scale": "cfg", "num_inference_steps": "steps"}
 """Other tools' names for sdq's fields, accepted as columns or keys and recorded as sdq's."""
 FORMATS = ("csv", "jsonl", "text")

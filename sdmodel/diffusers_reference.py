@@ -85,10 +85,11 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAE
     return d_unet.eval(), d_vae.eval(), d_text.eval()
 
 
-def reference_pipeline(checkpoint: Path, tokenizer=None):
+def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms"):
     """diffusers' StableDiffusionPipeline on a tiny sdq checkpoint (conftest's architecture),
-    with its own copy of the text encoder: `load_textual_inversion` changes it in place (and
-    the tokenizer, so pass a copy of sdq's where that is called)."""
+    built afresh with its own copy of the text encoder, for tests that change it
+    (`load_textual_inversion` changes it in place, and the tokenizer, so pass a copy of sdq's
+    where that is called; `load_lora_weights` merges adapters into it)."""
     import diffusers
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig
@@ -99,7 +100,7 @@ def reference_pipeline(checkpoint: Path, tokenizer=None):
                                    CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
     ref = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer or clip.load_tokenizer(), unet=unet,
-        scheduler=reference_scheduler("plms"), safety_checker=None, feature_extractor=None,
+        scheduler=reference_scheduler(sampler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     ref.set_progress_bar_config(disable=True)

@@ -2,16 +2,17 @@
 
 This is the seam with the worker: `load_pipeline(ref, device, dtype)` and
 `Pipeline.generate(requests, **shape.settings())`: a batch shares a `params.BatchShape`
-(sampler, steps, size, eta) while each `params.Request` carries its own prompt, negative
-prompt, seed and guidance scale; an image comes out the same alone or at any position of any
-batch because its noise comes only from its own CPU generator.
+(sampler, steps, size, eta) and a LoRA set (`loras=`, see `lora.py`) while each
+`params.Request` carries its own prompt, negative prompt, seed and guidance scale; an image
+comes out the same alone or at any position of any batch because its noise comes only from its
+own CPU generator.
 """
 from __future__ import annotations
 
 import copy
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from .conditioning import PromptText, encode_prompts
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
 from .guards import SdpaOrder, redecode_nonfinite, sdpa_priority
+from .lora import Adapters
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL
@@ -84,12 +86,14 @@ class Pipeline:
     `sdpa_order`: the fast path's SDPA backend order as a context (`guards.sdpa_priority`),
     dropped for PyTorch's own if it fails (`guards.SdpaOrder`). `compile_backend`: what the
     fast path's `compile` hands `torch.compile` (tests count compilations with their own).
-    `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without)."""
+    `embeddings`: the textual-inversion embeddings `a1111` prompts may name (none without).
+    `adapters` holds the LoRA set merged now; `lora_dirs` are the folders LoRA names are
+    looked up in."""
 
     def __init__(
         self, unet: UNetModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
         *, sha256: str, name: str, device: str, dtype: str, fast: FastPath | None = None,
-        embeddings: EmbeddingRegistry | None = None,
+        embeddings: EmbeddingRegistry | None = None, lora_dirs: Sequence[Path | str] = (),
         vae_dtype: str | None = None,
         sdpa_order: Callable[[], AbstractContextManager] = sdpa_priority,
         compile_backend: CompileBackend = "inductor",
@@ -100,6 +104,7 @@ class Pipeline:
         self.vae.to(DTYPES[self.vae_dtype])
         self.sdpa = SdpaOrder(sdpa_order)
         self.compile_backend = compile_backend
+        self.adapters = Adapters(unet, text_encoder, dirs=lora_dirs)
         self.set_fast_path(fast or FastPath.for_device(device))
         self.set_embeddings(embeddings)
 
@@ -187,17 +192,20 @@ class Pipeline:
     @torch.inference_mode()
     def denoise(
         self, requests: Sequence[Request], *, on_step: Callable[[int, int], None] | None = None,
-        **settings: Any,
+        loras: Iterable[tuple[str, float, str | None]] = (), **settings: Any,
     ) -> Tensor:
         """The final latents (float32, unscaled by the VAE factor) of a batch of requests.
 
         `settings` are the fields of a `params.BatchShape` (sampler, steps, width, height,
         eta; its defaults for those left out), checked here (ParamError); the requests were
         checked when built, except against this model: InvalidInput for a clip skip deeper
-        than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`)."""
+        than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`).
+        `loras`, the batch's LoRA set ((name, weight, sha256) triples), is merged unless it is
+        merged already; none restores the base weights."""
         if not requests:
             raise ValueError("no requests to generate")
         shape = BatchShape(**settings)
+        self.adapters.apply(loras)
         sampler, steps, width, height, eta = (shape.sampler, shape.steps, shape.width,
                                               shape.height, shape.eta)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
@@ -362,14 +370,14 @@ def _align_weights(module: torch.nn.Module, alignment: int = 64) -> None:
 def load_pipeline(
     ref: str | Path, *, device: str | None = None, dtype: str | None = None,
     hash_cache: Path | None = None, fast: FastPath | str | None = None, vae_dtype: str | None = None,
-    embeddings_dir: Path | str | None = None,
+    embeddings_dir: Path | str | None = None, lora_dirs: Sequence[Path | str] = (),
 ) -> Pipeline:
     """Load a single-file checkpoint, a diffusers folder or a cached Hugging Face repo id.
 
     `fast`: the fast path, or its setting string (`SDQ_FAST_PATH`, read against the resolved
     device); default: the device's defaults. `vae_dtype` (`SDQ_VAE_DTYPE`): the autoencoder's
     dtype, default `dtype`. `embeddings_dir`: a folder of textual-inversion embeddings
-    (`Pipeline.set_embeddings`)."""
+    (`Pipeline.set_embeddings`). `lora_dirs`: where LoRA names are looked up."""
     device = device or default_device()
     if isinstance(fast, str):
         fast = FastPath.parse(fast, device)
@@ -386,7 +394,7 @@ def load_pipeline(
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     pipe = Pipeline(
         unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
-        device=device, dtype=dtype, fast=fast, vae_dtype=vae_dtype,
+        device=device, dtype=dtype, fast=fast, vae_dtype=vae_dtype, lora_dirs=lora_dirs,
     )
     pipe.set_embeddings(embeddings_dir)
     return pipe

@@ -1,6 +1,8 @@
 """The one definition of a generation request: checks, limits, sampler spellings, batch shape."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from sdq.core.params import (
     GenerationParams,
     ParamError,
     Request,
+    cache_key,
     draw_seed,
     resolve_sampler,
     sampler_from_a1111,
@@ -112,7 +115,7 @@ def test_each_field_is_defined_once_in_one_half() -> None:
 
 def test_records_keep_their_column_order_and_defaults() -> None:
     assert FIELDS == ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta",
-                      "width", "height")
+                      "width", "height", "prompt_syntax", "clip_skip")
     assert list(GenerationParams("x").to_dict()) == list(FIELDS)
     assert list(DEFAULTS) == list(FIELDS[1:])
 
@@ -135,3 +138,33 @@ def test_of_several_bad_values_the_first_in_record_order_is_named() -> None:
 def test_drawn_seeds_stay_below_their_limit() -> None:
     assert all(0 <= draw_seed(3) < 3 for _ in range(50))
     assert len({draw_seed() for _ in range(5)}) > 1
+
+
+WHERE = {"model_sha256": "ab" * 32, "watermark": None, "device": "cpu", "dtype": "fp32"}
+
+
+def test_the_cache_key_covers_syntax_clip_skip_and_adapter_files() -> None:
+    params = GenerationParams("a (red:1.5) fox", seed=1)
+    key = cache_key(params, **WHERE)
+    lora = [("detail", 0.8, "1" * 64)]
+    others = [cache_key(GenerationParams(**{**params.to_dict(), "prompt_syntax": "plain"}), **WHERE),
+              cache_key(GenerationParams(**{**params.to_dict(), "clip_skip": 2}), **WHERE),
+              cache_key(params, **WHERE, loras=lora),
+              cache_key(params, **WHERE, loras=[("detail", 0.8, "2" * 64)]),  # same name, new file
+              cache_key(params, **WHERE, loras=[("detail", 0.9, "1" * 64)]),
+              cache_key(params, **WHERE, embeddings=[("easyneg", "3" * 64)])]
+    assert len({key, *others}) == 1 + len(others)
+    two = [("a", 1.0, "4" * 64), ("b", 0.5, "5" * 64)]
+    assert cache_key(params, **WHERE, loras=two) == cache_key(params, **WHERE, loras=two[::-1])
+    as_recorded = [{"name": "detail", "weight": 0.8, "sha256": "1" * 64}]
+    assert cache_key(params, **WHERE, loras=as_recorded) == others[2]
+
+
+def test_keys_made_before_syntax_and_clip_skip_existed_still_match() -> None:
+    """A plain, clip-skip-1 request without adapters hashes as every key recorded before."""
+    params = GenerationParams("a fox", seed=1, prompt_syntax="plain")
+    old_record = {**{k: v for k, v in params.to_dict().items()
+                     if k not in ("prompt_syntax", "clip_skip")},
+                  "model_sha256": "ab" * 32, "watermark": "", "device": "cpu", "dtype": "fp32"}
+    old_key = hashlib.sha256(json.dumps(old_record, sort_keys=True).encode()).hexdigest()
+    assert cache_key(params, **WHERE) == old_key

@@ -141,3 +141,36 @@ def test_0004_adds_the_safety_columns_to_rows_already_there(empty_engine: Engine
     with empty_engine.connect() as connection:
         assert connection.execute(text("SELECT prompt FROM items")).scalar() == "a fox"
     upgrade(empty_engine)
+
+
+def test_0008_reads_rows_already_there_as_plain_prompts_without_adapters(
+        empty_engine: Engine) -> None:
+    """A 0007-era row reads its brackets literally (`plain`, clip skip 1, no adapters), as the
+    image it made did; a row written after takes what it is given; down and up keep the rows."""
+    upgrade(empty_engine, "0007")
+    with empty_engine.begin() as connection:
+        connection.execute(text("INSERT INTO jobs (id, defaults, priority, tags, status, item_count, "
+                                "created_at) VALUES (1, '{}', 0, '[]', 'done', 2, CURRENT_TIMESTAMP)"))
+        connection.execute(text("INSERT INTO items (id, job_id, row_index, prompt, negative_prompt, seed, "
+                                "sampler, steps, cfg, eta, width, height, status, attempts, created_at) "
+                                "VALUES (1, 1, 0, 'a (red:1.5) fox', '', 1, 'ddim', 50, 7.5, 0, 512, "
+                                "512, 'done', 1, CURRENT_TIMESTAMP)"))
+    upgrade(empty_engine, "0008")
+    with empty_engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO items (id, job_id, row_index, prompt, negative_prompt, seed, sampler, steps, "
+            "cfg, eta, width, height, status, attempts, created_at, prompt_syntax, clip_skip, loras) "
+            "VALUES (2, 1, 1, 'a fox', '', 1, 'ddim', 50, 7.5, 0, 512, 512, 'pending', 0, "
+            "CURRENT_TIMESTAMP, 'a1111', 2, :loras)"),
+            {"loras": '[{"name": "detail", "weight": 0.8, "sha256": "' + "a" * 64 + '"}]'})
+        rows = connection.execute(text("SELECT id, prompt_syntax, clip_skip, loras, embeddings "
+                                       "FROM items ORDER BY id")).all()
+    assert tuple(rows[0]) == (1, "plain", 1, None, None)
+    assert tuple(rows[1])[:3] == (2, "a1111", 2) and rows[1][3] is not None
+    downgrade(empty_engine, "0007")
+    columns = {column["name"] for column in inspect(empty_engine).get_columns("items")}
+    assert not columns & {"prompt_syntax", "clip_skip", "loras", "embeddings"}
+    upgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM items WHERE prompt_syntax = 'plain'"
+                                       )).scalar() == 2

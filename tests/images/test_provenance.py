@@ -14,6 +14,7 @@ from sd_parsers import ParserManager
 from sdq.images import watermark as wm
 from sdq.images.provenance import (
     MetadataError,
+    Provenance,
     WatermarkStatus,
     encode_png,
     environment_fingerprint,
@@ -204,3 +205,61 @@ def test_environment_fingerprint() -> None:
     assert env.torch == torch.__version__
     assert env.sdq and env.transformers
     assert replace(provenance(), environment=env).to_json()["environment"]["torch"] == env.torch
+
+
+LORA = {"name": "detail", "weight": 0.8, "sha256": "a" * 64, "a1111": "0123456789ab"}
+EMBEDDING = {"name": "easynegative", "sha256": "c74b4e810b03" + "0" * 52}
+
+
+def test_clip_skip_loras_and_embeddings_read_back_by_sd_parsers() -> None:
+    """As A1111 writes them: `Clip skip`, `Lora hashes` by A1111's short hash, `TI hashes`,
+    the `<lora:...>` tag left in the prompt as written, no `Emphasis` (Original)."""
+    prompt = "a (red:1.5) fox in the ((snow)), [blurry] <lora:detail:0.8>"
+    p = provenance(256, 256, prompt=prompt, negative_prompt="easynegative", clip_skip=2,
+                   loras=[LORA], embeddings=[EMBEDDING])
+    text = format_parameters(p)
+    assert ('Model: v1-5-pruned-emaonly, Clip skip: 2, RNG: CPU, Lora hashes: "detail: '
+            '0123456789ab", TI hashes: "easynegative: c74b4e810b03", Version: sdq 0.1.0') in text
+    assert "Emphasis" not in text
+    info = ParserManager().parse(Image.open(io.BytesIO(
+        encode_png(photo(256, 256), p, watermark=None).data)))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    [sampler] = info.samplers
+    assert [prompt.value for prompt in sampler.prompts] == [prompt]
+    assert [prompt.value for prompt in sampler.negative_prompts] == ["easynegative"]
+    assert info.metadata["Clip skip"] == "2"
+    # sd-parsers splits each item at every ":" and drops those with two, as A1111's own
+    # `Lora hashes` values have; A1111's pattern (parse_parameters) reads them back.
+    settings = parse_parameters(text).settings
+    assert (settings["Clip skip"], settings["Lora hashes"], settings["TI hashes"]) == (
+        "2", "detail: 0123456789ab", "easynegative: c74b4e810b03")
+
+
+def test_clip_skip_1_and_no_adapters_write_nothing() -> None:
+    text = format_parameters(provenance())
+    assert "Clip skip" not in text and "hashes" not in text
+
+
+def test_plain_prompts_are_written_so_a1111_reads_them_literally() -> None:
+    """A1111 would read `(red:1.5)` as emphasis, which a `plain` image never had: brackets
+    and backslashes are escaped, and A1111's rules turn the text back into what sdq read."""
+    from sdq.sdmodel.prompts import parse_emphasis
+
+    prompt = r"a (red:1.5) fox [x] \ y"
+    text = format_parameters(provenance(prompt=prompt, negative_prompt="(blur)",
+                                        prompt_syntax="plain"))
+    parsed = parse_parameters(text)
+    assert parsed.prompt == r"a \(red:1.5\) fox \[x\] \\ y"
+    assert parsed.negative_prompt == r"\(blur\)"
+    assert [(part.text, part.weight) for part in parse_emphasis(parsed.prompt)] == [(prompt, 1.0)]
+    assert format_parameters(provenance(prompt=prompt)).startswith(prompt + "\n")
+
+
+def test_the_sdq_chunk_keeps_adapters_and_older_chunks_read_as_plain() -> None:
+    p = provenance(prompt="a (red:1.5) fox", clip_skip=2, loras=[LORA], embeddings=[EMBEDDING])
+    again = Provenance.from_json(p.to_json())
+    assert again == p and again.params.prompt_syntax == "a1111"
+    older = {k: v for k, v in p.to_json().items()
+             if k not in ("prompt_syntax", "clip_skip", "loras", "embeddings")}
+    old = Provenance.from_json(older)
+    assert (old.params.prompt_syntax, old.params.clip_skip, old.loras) == ("plain", 1, ())
