@@ -146,10 +146,11 @@ def fail_items(session: Session, ids: Collection[int], reason: str, *,
     they were never claimed, e.g. their model did not load); how many. Their jobs close if
     nothing else is left to run."""
     values: dict[str, Any] = {"attempts": Item.attempts + 1} if count_attempt else {}
-    count = session.execute(
+    result = session.execute(
         update(Item).where(Item.id.in_(ids), Item.status.not_in(_FINISHED))
         .values(status=Status.FAILED, last_error=reason[:ERROR_CHARS], lease_expires_at=None,
-                finished_at=utcnow(), **values)).rowcount
+                finished_at=utcnow(), **values))
+    count = cast(CursorResult[Any], result).rowcount
     finish_jobs(session, set(session.scalars(
         select(Item.job_id).where(Item.id.in_(ids)).distinct())))
     return count
