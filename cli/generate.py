@@ -98,10 +98,6 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         except ValueError as exc:
             raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height))
-    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if (dropped := clip.dropped_text(pipe.tokenizer, text)) is not None:
-            click.echo(f"Warning: {label} is longer than {clip.CONTENT_LENGTH} CLIP tokens; "
-                       f"dropped: {dropped!r}", err=True)
     environment = environment_fingerprint(pipe.device, pipe.dtype)
     watermark = None if no_watermark else settings.watermark
     paths = output_paths(output, num_images)

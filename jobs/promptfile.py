@@ -29,6 +29,7 @@ from sdq.core.params import (
     MAX_IMAGES_PER_ROW,
     MAX_TAG_CHARS,
     SEED_LIMIT,
+    LEGACY_PROMPT_SYNTAX,
     GenerationParams,
     ParamError,
     check_tag,
@@ -437,14 +438,15 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
 
 def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | None
                     ) -> list[Problem]:
-    """A warning per prompt that CLIP would cut, naming the words it would drop."""
+    """A warning per `plain` prompt that CLIP would cut, naming the words it would drop
+    (`a1111` prompts are encoded whole, in 75-token chunks)."""
     from sdq.sdmodel import clip
 
     tokenizer = tokenizer or clip.load_tokenizer()
     dropped: dict[str, str | None] = {}
     warnings = []
     seen: set[tuple[int, str, str]] = set()
-    for row in rows:
+    for row in (row for row in rows if row.params.prompt_syntax == LEGACY_PROMPT_SYNTAX):
         for variant in row.variants:
             for prompt_text, name in zip(variant[:2], ("prompt", "negative_prompt")):
                 if prompt_text not in dropped:

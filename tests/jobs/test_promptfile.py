@@ -233,14 +233,15 @@ def test_row_models_resolve_through_the_registry_once_per_name() -> None:
         "p.csv:3: model: 'a1b2c3' names more than one model; use more of its hash"]
 
 
-def test_prompts_past_the_clip_window_are_warnings_naming_the_dropped_words() -> None:
+def test_plain_prompts_past_the_clip_window_are_warnings_naming_the_dropped_words() -> None:
     long = " ".join(["castle"] * 74 + ["under", "the", "moon"])
-    result = parse(f"prompt,negative_prompt\n{long},short\nfine,{long}\n")
+    result = parse(f"prompt,negative_prompt,prompt_syntax\n{long},short,plain\nfine,{long},plain\n"
+                   f"{long},{long},a1111\n")
     assert [str(w) for w in result.warnings] == [
         "p.csv:2: prompt: longer than 75 CLIP tokens; dropped: 'the moon'",
         "p.csv:3: negative_prompt: longer than 75 CLIP tokens; dropped: 'the moon'",
     ]
-    assert len(result.items) == 2
+    assert len(result.items) == 3
 
 
 def test_items_are_accepted_by_submit_job(tmp_path: Path) -> None:
