@@ -53,8 +53,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.session import read_only
-from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
-from sdq.core.params import BatchShape, GenerationParams, ParamError, cache_key, short_hash
+from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_changed, model_sha256, resolve_model_ref
+from sdq.core.params import BatchShape, GenerationParams, ParamError, cache_key
 from sdq.sdmodel.pipeline import Pipeline, default_device, default_dtype, load_pipeline
 from sdq.images.provenance import (
     EncodedPng,
@@ -374,9 +374,10 @@ class Runner:
         for item, sha256, checker, on_flag in sorted(rows, key=lambda row: order[row[0].id]):
             if item.status in FINISHED or item.id in busy:
                 continue
-            if sha256 != pipe.sha256:
-                log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
-                            item.id, short_hash(sha256), short_hash(pipe.sha256))
+            if sha256 != pipe.sha256:  # its queue's model: the file changed since
+                item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
+                item.last_error = model_changed(self.model_ref, sha256, pipe.sha256)
+                closing.add(item.job_id)
                 continue
             if item.attempts >= self.max_attempts:
                 item.status, item.lease_expires_at, item.finished_at = Status.FAILED, None, now
