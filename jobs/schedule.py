@@ -32,7 +32,7 @@ from sdq.db.queries import find_model
 from sdq.db.session import open_database
 from sdq.core.errors import NotFound, Refused
 from sdq.core.params import DEFAULTS, SEED_LIMIT
-from sdq.jobs.cron import Cron, parse_cron
+from sdq.jobs.cron import Cron, parse_cron, parse_firing_cron
 from sdq.jobs.promptfile import Defaults, ModelResolver, Problem, parse_prompt_file
 from sdq.jobs.templates import Expansion
 from sdq.core.settings import Settings
@@ -123,7 +123,7 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
     if not NAME_PATTERN.fullmatch(name):
         raise ScheduleError(f"schedule name {name!r}: use up to 89 letters, digits, '.', '_' "
                             "or '-', starting with a letter or digit")
-    parse_cron(cron)
+    parse_firing_cron(cron)
     options = {k: options[k] for k in OPTION_NAMES if options.get(k) not in (None, [], ())}
     existing = session.scalar(select(Schedule).where(Schedule.name == name))
     options = _seeded(options, existing.options if existing else {})
