@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -300,6 +302,29 @@ def outcome(job_id: int, progress: Progress) -> tuple[dict[str, Any], str, int]:
         text += f" (`sdq status {job_id}` says why)"
     return ({"job_id": job_id, "counts": counts, "reused": progress.reused}, text,
             0 if done == total else 1)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, docker, `kill`) handled as Ctrl-C: an in-process run hands back
+    what it holds and the command prints how to resume, instead of dying with items leased
+    and the job `running`. Only the main thread receives signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so both take one path."""
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdq.cli.common import (
+    Terminated,
     database_session,
     follow,
     load_settings,
@@ -16,6 +17,7 @@ from sdq.cli.common import (
     output_options,
     recorded_bar,
     render_table,
+    terminate_as_interrupt,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.options import (
@@ -32,7 +34,13 @@ from sdq.db.models import Job
 from sdq.db.queries import find_model
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.worker.app import PRIORITIES
-from sdq.jobs.promptfile import Defaults, PromptFile, PromptFileError, parse_prompt_file
+from sdq.jobs.promptfile import (
+    Defaults,
+    PromptFile,
+    PromptFileError,
+    parse_prompt_file,
+    recorded_name,
+)
 from sdq.jobs.submit import DEFAULT_BATCH_SIZE
 from sdq.jobs.templates import Expansion
 
@@ -111,9 +119,9 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     settings = load_settings(need_broker=False)
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
-    source = str(file) if file is not None else "--prompt"
+    source = recorded_name(file) if file is not None else "--prompt"
     with database_session(settings) as session:
-        parsed = _parse(file, prompt, defaults, expansion, session)
+        parsed = _parse(file, prompt, defaults, expansion, session, settings.max_job_items)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:
@@ -134,8 +142,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
             stored = 0 if no_reuse else stored_count(session, parsed.items, model, settings)
         _print_plan(source, parsed, size, groups, stored, [n for n, _ in expansion.grid], as_json)
         return
-    job = Job(name=name or (file.name if file is not None else prompt[:200]),
-              source_name=source, source_sha256=parsed.sha256,
+    job = Job(name=name or (recorded_name(file.name) if file is not None else prompt)[:200],
+              source_name=source[:500], source_sha256=parsed.sha256,
               defaults={**defaults.to_json(), "base_seed": parsed.base_seed,
                         "model": model.recorded_ref(ref), "batch_size": size,
                         "expansion": expansion.to_json()},
@@ -154,21 +162,21 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
 
 
 def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
-           session: Session) -> PromptFile:
+           session: Session, max_items: int) -> PromptFile:
     """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
     exit status 2."""
     def resolve(name: str) -> int | None:
         found = find_model(session, name)
         return found.id if found else None
 
-    source = str(file) if file is not None else "--prompt"
+    source = recorded_name(file) if file is not None else "--prompt"
     try:
         if file is not None:
             data, fmt = file.read_bytes(), None
         else:
             data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
         return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=resolve,
-                                 expansion=expansion)
+                                 expansion=expansion, max_items=max_items)
     except PromptFileError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
@@ -184,7 +192,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
     from sdq.jobs.submit import submit as submit_items
 
     submitted: list[int] = []
-    with recorded_bar("generating") as start:
+    with recorded_bar("generating") as start, terminate_as_interrupt():
         def on_submitted(job_id: int, items: int, batches: int) -> None:
             submitted.append(job_id)
             if settings.embedded:
@@ -197,10 +205,11 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
                                   on_recorded=lambda n: on_recorded[0](n), on_step=start.step)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if not submitted:
                 raise
-            raise click.ClickException(f"interrupted; `sdq resume {submitted[0]}` finishes "
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            raise click.ClickException(f"{what}; `sdq resume {submitted[0]}` finishes "
                                        "the job without redoing what is done") from None
     record: dict[str, Any] = {"job_id": result.job_id, "items": result.items,
                               "batches": result.batches, "queues": list(result.queues),
