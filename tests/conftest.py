@@ -25,7 +25,7 @@ from sdq.sdmodel.unet import UNetModel  # noqa: E402
 from sdq.sdmodel.vae import AutoencoderKL  # noqa: E402
 from tests.services import claimed_redis_db  # noqa: E402
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.leaks"]
 
 TINY_UNET = UNetConfig(model_channels=32, context_dim=64)
 TINY_VAE = VAEConfig(ch=32)
