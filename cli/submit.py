@@ -95,7 +95,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     with exit status 2, and nothing is recorded. The options fill what rows leave out.
     Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
     wildcard files, nested; --grid makes each prompt with several parameter values. More
-    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes. An image stored already with
+    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes; more than SDQ_MAX_JOB_ITEMS
+    (default 1,000,000) are refused, --yes or not. An image stored already with
     the same parameters, model and device is reused, not generated again (--no-reuse
     generates it). With no broker (SDQ_BROKER_URL unset) the job runs here with a progress
     bar; with one it is enqueued for `sdq worker`s and the job id printed (`--wait` follows
