@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -303,6 +305,29 @@ def exit_status(job_id: int, status: int) -> None:
     job was done."""
     if status:
         raise Reported(CheckFailed(f"job {job_id}: not every item is done"))
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, docker, `kill`) handled as Ctrl-C: an in-process run hands back
+    what it holds and the command prints how to resume, instead of dying with items leased
+    and the job `running`. Only the main thread receives signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so both take one path."""
 
 
 @contextmanager

@@ -25,7 +25,8 @@ from sdq.core.jobspec import PRIORITIES, SEED_POLICIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.core.settings import SAFETY_OFF
 from sdq.db.models import Schedule
-from sdq.jobs.promptfile import PromptFileError
+from sdq.jobs.cron import parse_firing_cron
+from sdq.jobs.promptfile import PromptFileError, recorded_name
 from sdq.jobs.schedule import (
     NAME_PATTERN,
     Clock,
@@ -51,7 +52,7 @@ def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _cron(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
-        parse_cron(value)
+        parse_firing_cron(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return " ".join(value.split())
@@ -150,7 +151,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     with database_session(settings) as session:
         try:
             with as_option_errors():
-                added = add_schedule(session, name=name, cron=cron, source=str(file), data=data,
+                added = add_schedule(session, name=name, cron=cron, source=recorded_name(file), data=data,
                                      spec=spec, replace=replace, wildcards=wildcards)
         except PromptFileError as exc:
             for problem in exc.problems:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdq.cli.common import (
+    Terminated,
     database_session,
     exit_status,
     follow,
@@ -16,6 +17,7 @@ from sdq.cli.common import (
     output_options,
     recorded_bar,
     render_table,
+    terminate_as_interrupt,
 )
 from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
 from sdq.cli.options import (
@@ -30,7 +32,13 @@ from sdq.cli.options import (
 )
 from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES, Defaults, JobSpec, default_batch_size
 from sdq.core.params import MAX_IMAGES_PER_ROW
-from sdq.jobs.promptfile import PromptFile, PromptFileError, model_resolver, parse_prompt_file
+from sdq.jobs.promptfile import (
+    PromptFile,
+    PromptFileError,
+    model_resolver,
+    parse_prompt_file,
+    recorded_name,
+)
 from sdq.jobs.templates import Expansion
 
 SAMPLE = 5
@@ -85,7 +93,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     with exit status 2, and nothing is recorded. The options fill what rows leave out.
     Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
     wildcard files, nested; --grid makes each prompt with several parameter values. More
-    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes. An image stored already with
+    than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes; more than SDQ_MAX_JOB_ITEMS
+    (default 1,000,000) are refused, --yes or not. An image stored already with
     the same parameters, model and device is reused, not generated again (--no-reuse
     generates it). With no broker (SDQ_BROKER_URL unset) the job runs here with a progress
     bar; with one it is enqueued for `sdq worker`s and the job id printed (`--wait` follows
@@ -120,9 +129,9 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     settings = load_settings(need_broker=False)
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
-    source = str(file) if file is not None else "--prompt"
+    source = recorded_name(file) if file is not None else "--prompt"
     with database_session(settings) as session:
-        parsed = _parse(file, prompt, spec.row_defaults(), expansion, session)
+        parsed = _parse(file, prompt, spec.row_defaults(), expansion, session, settings.max_job_items)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:
@@ -143,7 +152,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
             stored = stored_count(session, parsed.items, model, settings) if spec.reuse else 0
         _print_plan(source, parsed, size, groups, stored, [n for n, _ in expansion.grid], as_json)
         return
-    name = spec.name or (file.name if file is not None else str(prompt)[:200])
+    name = spec.name or (recorded_name(file.name) if file is not None else str(prompt)[:200])
     job = new_job(spec, parsed, name=name, safety_checker=checker,
                   defaults={**spec.row_defaults().to_json(), "base_seed": parsed.base_seed,
                             "model": model.recorded_ref(ref), "batch_size": size,
@@ -161,17 +170,17 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
 
 
 def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
-           session: Session) -> PromptFile:
+           session: Session, max_items: int) -> PromptFile:
     """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
     exit status 2."""
-    source = str(file) if file is not None else "--prompt"
+    source = recorded_name(file) if file is not None else "--prompt"
     try:
         if file is not None:
             data, fmt = file.read_bytes(), None
         else:
             data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
         return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=model_resolver(session),
-                                 expansion=expansion)
+                                 expansion=expansion, max_items=max_items)
     except PromptFileError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
@@ -188,7 +197,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
     from sdq.worker.factory import runner_from_settings
 
     submitted: list[int] = []
-    with recorded_bar("generating") as start:
+    with recorded_bar("generating") as start, terminate_as_interrupt():
         def on_submitted(job_id: int, items: int, batches: int) -> None:
             submitted.append(job_id)
             if settings.embedded:
@@ -202,10 +211,11 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, s
                                   batch_size=size, on_submitted=on_submitted,
                                   on_recorded=lambda n: on_recorded[0](n), on_step=start.step,
                                   make_runner=runner_from_settings)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if not submitted:
                 raise
-            raise click.ClickException(f"interrupted; `sdq resume {submitted[0]}` finishes "
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            raise click.ClickException(f"{what}; `sdq resume {submitted[0]}` finishes "
                                        "the job without redoing what is done") from None
     record: dict[str, Any] = {"job_id": result.job_id, "items": result.items,
                               "batches": result.batches, "queues": list(result.queues),

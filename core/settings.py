@@ -32,6 +32,10 @@ DEFAULT_CONFIRM_ITEMS = 10_000
 """Submissions of more images than this need `--yes`: at a few seconds an image, ten thousand
 is a night of one GPU, and a typo (`-n 1000` for 100) should not cost a week."""
 VAE_DTYPES = ("fp16", "bf16", "fp32")
+DEFAULT_MAX_JOB_ITEMS = 1_000_000
+"""No job has more images than this, `--yes` or not (`SDQ_MAX_JOB_ITEMS`): the count is
+checked before any item is made, so a runaway template or `-n` is refused at once instead
+of filling memory; bigger work is several jobs."""
 
 
 def default_store_threads(cores: int | None = None) -> int:
@@ -161,6 +165,8 @@ class Settings:
     """`SDQ_CONFIRM_ITEMS`: above this many images, `sdq submit` asks for `--yes`."""
     vae_dtype: str | None = None
     """`SDQ_VAE_DTYPE`: the autoencoder's dtype (fp16, bf16, fp32); None: the model's."""
+    max_job_items: int = DEFAULT_MAX_JOB_ITEMS
+    """`SDQ_MAX_JOB_ITEMS`: no job has more images, `--yes` or not."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -215,6 +221,7 @@ class Settings:
             "wildcards": Path(wildcards).expanduser() if (wildcards := get("wildcards")) else None,
             "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),
             "vae_dtype": get("vae_dtype"),
+            "max_job_items": get("max_job_items") or str(DEFAULT_MAX_JOB_ITEMS),
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -230,7 +237,7 @@ class Settings:
         raw["compile"] = _SWITCH[switch]
         for name, low, high in (("png_level", 0, 9), ("store_threads", 1, 64),
                                 ("outage_timeout", 0, 10**7), ("reconcile_interval", 0, 10**7),
-                                ("confirm_items", 1, 2**62)):
+                                ("confirm_items", 1, 2**62), ("max_job_items", 1, 2**62)):
             if not low <= raw[name] <= high:  # type: ignore[operator]
                 raise SettingsError(f"SDQ_{name.upper()}: expected {low} to {high}, got {raw[name]}")
         if raw["vae_dtype"] not in (None, *VAE_DTYPES):

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 TASK_NAME = "sdq.run_batches"
 QUEUE_PREFIX = "sdq."
+BROKER_TIMEOUT_S = 30
+"""Seconds one Redis command of Celery's may wait for its answer before it fails as a lost
+connection, which Celery and kombu recover from by connecting again. Without it, a Redis that
+stops answering but keeps its connections (paused, failing over, behind a NAT that forgot
+them) holds a publish or a worker's acknowledgement for ever."""
+BROKER_CONNECT_TIMEOUT_S = 10
 
 
 def broker_priority(priority: int) -> int:
@@ -50,13 +56,15 @@ def queue_name(model_sha256: str) -> str:
 
 def check_broker(broker_url: str, timeout: float = 5.0) -> None:
     """Connect to the broker and select its database, or raise Unavailable naming it (password
-    masked) and why: refused, unknown host, a database number Redis does not have. Submitting
-    checks this before recording anything, so a broker that is down never leaves a job behind."""
+    masked) and why: refused, unknown host, a database number Redis does not have, no answer
+    within `timeout`. Submitting checks this before recording anything, so a broker that is
+    down never leaves a job behind."""
     from kombu import Connection
     from kombu.utils.url import sanitize_url
 
     try:
-        with Connection(broker_url, connect_timeout=timeout) as connection:
+        with Connection(broker_url, connect_timeout=timeout,
+                        transport_options={"socket_timeout": timeout}) as connection:
             connection.ensure_connection(max_retries=0, timeout=timeout)
             connection.default_channel  # noqa: B018 - selects the database: /99 fails here
     except Exception as exc:  # noqa: BLE001 - kombu raises the transport's own errors, of any type
@@ -89,6 +97,8 @@ def create_app(settings: Settings) -> Celery:
             "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
             "priority_steps": list(PRIORITIES),
+            "socket_timeout": BROKER_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -46,6 +46,24 @@ def parse_cron(expression: str) -> Cron:
     return Cron(*values)
 
 
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+"""The most days each month has (February's leap day included)."""
+
+
+def parse_firing_cron(expression: str) -> Cron:
+    """`parse_cron` for a schedule about to be stored: also a ValueError if the expression
+    names no date that exists (`0 2 31 2 *`, `0 0 30 feb *`), which would be accepted and
+    never run. Every existing month and day falls on every weekday in some year (the
+    Gregorian calendar repeats every 400 years), so weekdays never make a schedule
+    impossible, however rare they make it."""
+    cron = parse_cron(expression)
+    if not any(day <= _DAYS_IN_MONTH[month - 1]
+               for month in cron.month_of_year for day in cron.day_of_month):
+        raise ValueError(f"cron {expression!r}: never fires: no month it names has the days "
+                         "of the month it names")
+    return cron
+
+
 def _field(text: str, low: int, high: int) -> frozenset[int]:
     allowed: set[int] = set()
     for part in text.split(","):

@@ -57,7 +57,8 @@ def _check_broker(settings: Settings) -> Finding:
 
     shown = mask_url(settings.broker_url)
     try:
-        with Connection(settings.broker_url, connect_timeout=3) as connection:
+        with Connection(settings.broker_url, connect_timeout=3,
+                        transport_options={"socket_timeout": 3}) as connection:
             connection.ensure_connection(max_retries=0, timeout=3)
     except Exception as exc:  # kombu raises the transport's own errors, of any type
         return Finding("broker", False, f"{shown}: {str(exc).splitlines()[0]}",

@@ -115,9 +115,11 @@ def export_items(
     or the storage's StorageError."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if inside(dest, source):
-        raise InvalidInput(f"{dest} is inside the image store {source}: shards there would sit "
-                           "among the live images; export somewhere else")
+    if inside(dest, source) or inside(source, dest):
+        # A parent too: an imagefolder export writes `images/`, which may be the store itself.
+        where = "inside" if inside(dest, source) else "a parent of"
+        raise InvalidInput(f"{dest} is {where} the image store {source}: shards there would "
+                           "sit among the live images; export somewhere else")
     shards = plan_shards(ids, shard_size)
     folder = "data/" if card else ""
     writer = _WRITERS[fmt](folder)

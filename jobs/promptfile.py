@@ -16,11 +16,13 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from sdq.core.errors import InvalidInput
 from sdq.core.jobspec import Defaults
@@ -39,6 +41,7 @@ from sdq.core.params import (
     whole,
 )
 from sdq.db.queries import find_model
+from sdq.core.settings import DEFAULT_MAX_JOB_ITEMS
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
@@ -96,19 +99,29 @@ class PromptFile:
     base_seed: int
     """Recorded with the job, so the seeds of rows without one can be explained later."""
     rows: int
-    items: list[dict[str, Any]]
+    items: Sequence[dict[str, Any]]
+    """Made as they are read (see `ItemSpecs`)."""
     warnings: list[Problem] = field(default_factory=list)
+
+
+def recorded_name(path: Path | str) -> str:
+    """A file name as a job records and problems print it: bytes that are not UTF-8 (a name
+    made on another system, which Python holds as lone surrogates) written as `\\xNN`. No
+    database stores those bytes as text, and refusing the file for its name would help no one;
+    the file is identified by its sha256 anyway."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def read_prompt_file(path: Path, defaults: Defaults, **options: Any) -> PromptFile:
     """Read and parse `path` (see `parse_prompt_file` for the options); OSError if unreadable."""
-    return parse_prompt_file(path.read_bytes(), str(path), defaults, **options)
+    return parse_prompt_file(path.read_bytes(), recorded_name(path), defaults, **options)
 
 
 def parse_prompt_file(
     data: bytes, source: str, defaults: Defaults, *, format: str | None = None,
     resolve_model: ModelResolver | None = None, tokenizer: CLIPTokenizer | None = None,
     rng: random.Random | None = None, expansion: Expansion | None = None, repeat: int = 0,
+    max_items: int = DEFAULT_MAX_JOB_ITEMS,
 ) -> PromptFile:
     """Validate a whole prompt file and expand it into one item spec per image.
 
@@ -124,7 +137,9 @@ def parse_prompt_file(
     first line is an object, else plain text). `resolve_model` turns a row's `model` into a
     model id; without it no row may name a model. Prompts longer than CLIP's window are
     warnings, not errors, since SD has always truncated them; `tokenizer` defaults to the
-    shipped CLIP one. Raises PromptFileError listing every problem.
+    shipped CLIP one. A file of more than `max_items` images (SDQ_MAX_JOB_ITEMS) is a
+    problem found by counting, before any row's prompts or items are made. Raises
+    PromptFileError listing every problem.
     """
     problems: list[Problem] = []
     text = _decode(data, source, problems)
@@ -132,9 +147,14 @@ def parse_prompt_file(
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt file format {fmt!r}; known: {', '.join(FORMATS)}")
     readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
-    converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion())
+    converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion(),
+                           max_items)
     rows = [row for line, record in readers[fmt](text, source, problems)
             if (row := converter.row(line, record)) is not None]
+    if converter.over_at is not None:
+        problems.append(Problem(source, converter.over_at, "images", f"the file makes "
+                                f"{converter.images:,} images, more than {max_items:,} "
+                                "(SDQ_MAX_JOB_ITEMS, which --yes does not lift) from this line on"))
     if not rows and not problems:
         problems.append(Problem(source, 1, "file", "no prompts"))
     total = sum(row.images for row in rows)
@@ -150,9 +170,40 @@ def parse_prompt_file(
                                      key=lambda p: p.line))
     return PromptFile(
         source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
-        rows=len(rows), items=list(_expand(rows, base + repeat * total, repeat)),
+        rows=len(rows), items=ItemSpecs(rows, base + repeat * total, repeat),
         warnings=_token_warnings(rows, source, tokenizer),
     )
+
+
+class ItemSpecs(Sequence[dict[str, Any]]):
+    """The item specs of accepted rows, made each time they are read rather than held: a
+    million-image job is a few hundred rows in memory, not a million dicts, while its plan,
+    cache lookup and insert each read it once, in order. Indexing walks from the start
+    (for a sample, not for random access)."""
+
+    def __init__(self, rows: list[_Row], base: int, repeat: int) -> None:
+        self._rows, self._base, self._repeat = rows, base, repeat
+        self._len = sum(row.images * len(row.cells) for row in rows)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _expand(self._rows, self._base, self._repeat)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return list(islice(self, *index.indices(self._len)))
+        position = index + self._len if index < 0 else index
+        if not 0 <= position < self._len:
+            raise IndexError(f"item {index} of {self._len}")
+        return next(islice(self, position, None))
 
 
 @dataclass
@@ -327,13 +378,17 @@ class _Converter:
     """Turns raw records into rows, filling defaults and collecting every problem."""
 
     def __init__(self, source: str, defaults: Defaults, resolve_model: ModelResolver | None,
-                 problems: list[Problem], expansion: Expansion) -> None:
+                 problems: list[Problem], expansion: Expansion, max_items: int) -> None:
         self.source, self.defaults, self.problems = source, defaults, problems
         self.expansion, self.cells = expansion, expansion.cells()
         self.rng = random.Random(expansion.seed)
         self.resolve_model = resolve_model
         self.models: dict[str, int | str] = {}
         self.next_index = 0
+        self.max_items, self.images = max_items, 0
+        self.over_at: int | None = None
+        """The line at which the file's images pass `max_items`: from there on rows are
+        checked and counted, but their prompts are not made."""
 
     def row(self, line: int, record: dict[str, Any]) -> _Row | None:
         """The row, or None when it has problems (all of them recorded)."""
@@ -371,9 +426,17 @@ class _Converter:
             self._problem(line, exc.field, exc.reason)
             return None
         try:
+            self.images += self.expansion.count(params.prompt, params.negative_prompt) \
+                * n * len(self.cells)
+            if self.images > self.max_items:
+                self.over_at = self.over_at or line
+                return None
             variants = self.expansion.prompts(params.prompt, params.negative_prompt, self.rng)
         except TemplateError as exc:
             self._problem(line, exc.field, str(exc))
+            return None
+        if (unstorable := _unstorable_expansion(variants)) is not None:
+            self._problem(line, *unstorable)
             return None
         self.next_index += len(variants) * n
         templated = is_template(params.prompt) or is_template(params.negative_prompt)
@@ -395,6 +458,22 @@ class _Converter:
             self.models[name] = found if found is not None else \
                 f"unknown model {name!r}; register it with `sdq models add REF --name {name}`"
         return self.models[name]
+
+
+def _unstorable_expansion(variants: list[tuple[str, str, dict[str, str]]]
+                          ) -> tuple[str, str] | None:
+    """(field, reason) of the first expanded text that the prompt checks refuse (a wildcard
+    line past the length cap, say), or None: each row's own cells were checked before its
+    templates were expanded, their expansions not yet."""
+    if len(variants) == 1 and not variants[0][2]:
+        return None  # not a template: the cells' checks were the checks
+    for number, (prompt, negative, _) in enumerate(variants, 1):
+        for name, value in (("prompt", prompt), ("negative_prompt", negative)):
+            try:
+                CHECKS[name](value)
+            except ParamError as exc:
+                return name, f"expanded prompt {number:,}: {exc.reason}"
+    return None
 
 
 def _check_seed_ranges(rows: list[_Row], base: int, base_given: bool, source: str,

@@ -29,11 +29,11 @@ from sqlalchemy.orm import Session
 from sdq.core.errors import NotFound, Refused
 from sdq.core.jobspec import JobSpec
 from sdq.core.params import SEED_LIMIT, draw_seed
+from sdq.jobs.cron import Cron, parse_cron, parse_firing_cron
 from sdq.core.settings import Settings
 from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database
-from sdq.jobs.cron import Cron, parse_cron
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
 
@@ -105,7 +105,7 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
     if not NAME_PATTERN.fullmatch(name):
         raise ScheduleError(f"schedule name {name!r}: use up to 89 letters, digits, '.', '_' "
                             "or '-', starting with a letter or digit")
-    parse_cron(cron)
+    parse_firing_cron(cron)
     existing = session.scalar(select(Schedule).where(Schedule.name == name))
     spec = _seeded(spec, JobSpec.from_json(existing.options) if existing else JobSpec())
     expansion = Expansion.from_json(spec.expansion or {}, wildcards)

@@ -88,7 +88,8 @@ class ModelIdentity:
 
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
-    """Check a model cheaply and hash it without loading it (cached by path, size and mtime);
+    """Check a model cheaply and hash it without loading it (cached by path and file identity:
+    size, mtime, inode and ctime, `sdmodel.checkpoint.file_identity`);
     raises ModelNotFound, or CheckpointError for what is not a model. A local model's `ref` is
     its absolute path, so the job can be reproduced, retried or resumed from any folder."""
     from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref

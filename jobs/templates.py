@@ -33,7 +33,10 @@ from sdq.core.params import CHECKS, FIELDS, ParamError, close_match, draw_seed
 
 MODES = ("combinatorial", "random")
 MAX_DEPTH = 10
-"""Wildcards within wildcards, at most: deeper is a file that names itself."""
+"""Wildcards within wildcards, at most: deeper is a mistake (or a file that names itself)."""
+MAX_NESTING = 20
+"""`{` within `{`, at most, in one text: each level costs the parser and the expansion a
+few stack frames, and a template nested deeper is a generated mistake, not a prompt."""
 GRID_FIELDS = tuple(name for name in FIELDS if name not in ("prompt", "negative_prompt"))
 _WILDCARD = re.compile(r"__([A-Za-z0-9][A-Za-z0-9_\-/.]*?)__")
 _WEIGHT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)::")
@@ -41,7 +44,8 @@ _SPECIAL = ("{", "}", "|", "\\", "_")
 
 
 MAX_EXPANSION = 1_000_000
-"""Prompts one row may expand into at all, `--yes` or not: past it, a template is a mistake."""
+"""Prompts one row may expand into at all, `--yes` or not: past it, a template is a mistake.
+Counted (`count`) before any prompt is made, so a refusal costs no time or memory."""
 
 
 class TemplateError(InvalidInput):
@@ -86,7 +90,7 @@ def parse(text: str, prefix: str = "") -> _Seq:
 class _Parser:
     def __init__(self, text: str, prefix: str) -> None:
         self.text, self.prefix, self.pos = text, prefix, 0
-        self.groups = 0
+        self.groups = self.open = 0
         self.wildcards: dict[str, int] = {}
 
     def sequence(self, *, top: bool) -> _Seq:
@@ -123,6 +127,9 @@ class _Parser:
 
     def group(self) -> _Choice:
         opened = self.pos
+        if self.open >= MAX_NESTING:
+            raise TemplateError(f"'{{' nested more than {MAX_NESTING} deep", opened + 1)
+        self.open += 1
         self.pos += 1
         self.groups += 1
         label = f"{self.prefix}v{self.groups}"
@@ -137,6 +144,7 @@ class _Parser:
                 raise TemplateError("'{' is never closed", opened + 1)
             if self.text[self.pos] == "}":
                 self.pos += 1
+                self.open -= 1
                 break
             self.pos += 1  # '|'
         if sum(weight for weight, _ in options) <= 0:
@@ -168,6 +176,8 @@ class Wildcards:
     folder: Path | None = None
     lines: dict[str, list[str]] = field(default_factory=dict)
     _parsed: dict[str, tuple[_Seq, ...]] = field(default_factory=dict, repr=False)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    """(prompts, wildcard levels) of each wildcard measured so far (see `count`)."""
 
     def options(self, name: str, column: int | None = None) -> tuple[_Seq, ...]:
         if name not in self._parsed:
@@ -213,21 +223,52 @@ Expanded = tuple[str, dict[str, str]]
 """An expanded prompt and the values chosen for it, by label."""
 
 
-def count(seq: _Seq, wildcards: Wildcards, depth: int = 0) -> int:
-    """How many prompts combinatorial expansion gives, without making them."""
-    total = 1
-    for node in seq:
-        if isinstance(node, _Choice):
-            total *= sum(count(option, wildcards, depth) for _, option in node.options)
-        elif isinstance(node, _Wildcard):
-            total *= sum(count(option, wildcards, _deeper(depth, node))
-                         for option in wildcards.options(node.name, node.column))
+def count(seq: _Seq, wildcards: Wildcards) -> int:
+    """How many prompts combinatorial expansion gives, without making them. Also the check
+    that makes expanding safe: every wildcard is read, and one nested more than MAX_DEPTH
+    deep, or naming itself, is a TemplateError."""
+    total, height = _measure(seq, wildcards, ())
+    if height > MAX_DEPTH:
+        raise TemplateError(f"wildcards nested more than {MAX_DEPTH} deep")
     return total
 
 
-def combinations(seq: _Seq, wildcards: Wildcards, depth: int = 0) -> Iterator[Expanded]:
-    """Every expansion, the leftmost choice varying slowest."""
-    parts = [list(_node_expansions(node, wildcards, depth)) for node in seq]
+def _measure(seq: _Seq, wildcards: Wildcards, within: tuple[str, ...]) -> tuple[int, int]:
+    """(prompts, wildcard levels) of `seq`, inside the wildcards `within`. Each wildcard's
+    pair is worked out once (`Wildcards.sizes`), so a chain of files each naming the next
+    costs lines x files steps, not lines ** files."""
+    total, height = 1, 0
+    for node in seq:
+        if isinstance(node, _Choice):
+            options = [_measure(option, wildcards, within) for _, option in node.options]
+            total *= sum(n for n, _ in options)
+            height = max(height, *(h for _, h in options))
+        elif isinstance(node, _Wildcard):
+            n, h = _measure_wildcard(node, wildcards, within)
+            total, height = total * n, max(height, h + 1)
+    return total, height
+
+
+def _measure_wildcard(node: _Wildcard, wildcards: Wildcards, within: tuple[str, ...]
+                      ) -> tuple[int, int]:
+    if node.name in wildcards.sizes:
+        return wildcards.sizes[node.name]
+    if node.name in within:
+        chain = " -> ".join(f"__{name}__" for name in (*within[within.index(node.name):], node.name))
+        raise TemplateError(f"wildcard __{node.name}__ names itself ({chain})", node.column)
+    if len(within) >= MAX_DEPTH:
+        raise TemplateError(f"wildcard __{node.name}__: nested more than {MAX_DEPTH} deep",
+                            node.column)
+    options = [_measure(option, wildcards, (*within, node.name))
+               for option in wildcards.options(node.name, node.column)]
+    wildcards.sizes[node.name] = (sum(n for n, _ in options), max(h for _, h in options))
+    return wildcards.sizes[node.name]
+
+
+def combinations(seq: _Seq, wildcards: Wildcards) -> Iterator[Expanded]:
+    """Every expansion, the leftmost choice varying slowest (after `count` has checked
+    `seq`: its depth is bounded)."""
+    parts = [list(_node_expansions(node, wildcards)) for node in seq]
     for combo in itertools.product(*parts):
         values: dict[str, str] = {}
         for _, chosen in combo:
@@ -235,21 +276,20 @@ def combinations(seq: _Seq, wildcards: Wildcards, depth: int = 0) -> Iterator[Ex
         yield "".join(text for text, _ in combo), values
 
 
-def _node_expansions(node: _Node, wildcards: Wildcards, depth: int) -> Iterator[Expanded]:
+def _node_expansions(node: _Node, wildcards: Wildcards) -> Iterator[Expanded]:
     if isinstance(node, str):
         yield node, {}
-    elif isinstance(node, _Choice):
-        for _, option in node.options:
-            for text, values in combinations(option, wildcards, depth):
-                yield text, {node.label: text, **values}
-    else:
-        for option in wildcards.options(node.name, node.column):
-            for text, values in combinations(option, wildcards, _deeper(depth, node)):
-                yield text, {node.label: text, **values}
+        return
+    options = ([option for _, option in node.options] if isinstance(node, _Choice)
+               else wildcards.options(node.name, node.column))
+    for option in options:
+        for text, values in combinations(option, wildcards):
+            yield text, {node.label: text, **values}
 
 
-def draw(seq: _Seq, wildcards: Wildcards, rng: random.Random, depth: int = 0) -> Expanded:
-    """One random expansion; variants by their weights, wildcard lines alike."""
+def draw(seq: _Seq, wildcards: Wildcards, rng: random.Random) -> Expanded:
+    """One random expansion (after `count` has checked `seq`); variants by their weights,
+    wildcard lines alike."""
     texts: list[str] = []
     values: dict[str, str] = {}
     for node in seq:
@@ -259,21 +299,13 @@ def draw(seq: _Seq, wildcards: Wildcards, rng: random.Random, depth: int = 0) ->
         if isinstance(node, _Choice):
             weights = [weight for weight, _ in node.options]
             option = rng.choices([opt for _, opt in node.options], weights)[0]
-            text, inner = draw(option, wildcards, rng, depth)
         else:
             lines = wildcards.options(node.name, node.column)
-            text, inner = draw(lines[rng.randrange(len(lines))], wildcards, rng,
-                               _deeper(depth, node))
+            option = lines[rng.randrange(len(lines))]
+        text, inner = draw(option, wildcards, rng)
         texts.append(text)
         values.update({node.label: text, **inner})
     return "".join(texts), values
-
-
-def _deeper(depth: int, node: _Wildcard) -> int:
-    if depth >= MAX_DEPTH:
-        raise TemplateError(f"wildcard __{node.name}__: nested more than {MAX_DEPTH} deep "
-                            "(does a wildcard file name itself?)", node.column)
-    return depth + 1
 
 
 @dataclass(frozen=True)
@@ -302,21 +334,30 @@ class Expansion:
             return self
         return replace(self, seed=draw_seed())
 
-    def prompts(self, prompt: str, negative: str, rng: random.Random) -> list[tuple[str, str, dict[str, str]]]:
-        """(prompt, negative prompt, values) for one row. The negative prompt's labels are
-        prefixed `negative.`. Raises TemplateError, its `field` naming the text at fault;
-        every wildcard is read before anything is expanded."""
-        seqs, total = [], 1
+    def count(self, prompt: str, negative: str) -> int:
+        """How many (prompt, negative prompt) pairs `prompts` makes for one row, without
+        making them: the product of both texts' combinations, or `draws`. Raises
+        TemplateError, its `field` naming the text at fault: a template that does not parse,
+        a wildcard that cannot be read, nests too deep or names itself, or a combinatorial
+        expansion past MAX_EXPANSION. Every wildcard is read here."""
+        total = 1
         for name, text, prefix in (("prompt", prompt, ""), ("negative_prompt", negative, "negative.")):
             try:
-                seq = parse(text, prefix) if is_template(text) else (text,)
-                total *= count(seq, self.wildcards)
+                total *= count(self._parsed(text, prefix), self.wildcards)
             except TemplateError as exc:
                 exc.field = name
                 raise
-            seqs.append(seq)
-        if self.mode == "combinatorial" and total > MAX_EXPANSION:
+        if self.mode == "random":
+            return self.draws
+        if total > MAX_EXPANSION:
             raise TemplateError(f"expands to {total:,} prompts, more than {MAX_EXPANSION:,}")
+        return total
+
+    def prompts(self, prompt: str, negative: str, rng: random.Random) -> list[tuple[str, str, dict[str, str]]]:
+        """(prompt, negative prompt, values) for one row. The negative prompt's labels are
+        prefixed `negative.`. Checks first, as `count` does (TemplateError)."""
+        self.count(prompt, negative)
+        seqs = [self._parsed(prompt, ""), self._parsed(negative, "negative.")]
         if self.mode == "random":
             out = []
             for _ in range(self.draws):
@@ -326,6 +367,10 @@ class Expansion:
         return [(text, neg, {**values, **neg_values})
                 for (text, values), (neg, neg_values) in itertools.product(
                     *(combinations(s, self.wildcards) for s in seqs))]
+
+    @staticmethod
+    def _parsed(text: str, prefix: str) -> _Seq:
+        return parse(text, prefix) if is_template(text) else (text,)
 
     def cells(self) -> list[dict[str, Any]]:
         """The grid's parameter combinations, the first grid option varying slowest ([{}]

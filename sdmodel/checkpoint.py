@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sdq.core.errors import InvalidInput, NotFound
-from sdq.core.params import HUB_REPO_ID
+from sdq.core.params import HUB_REPO_ID, short_hash
 
 from .configs import unet_config_from_diffusers, vae_config_from_diffusers
 from .files import write_atomically
@@ -224,10 +224,28 @@ def _folder_files(folder: Path) -> list[Path]:
     )
 
 
+def file_identity(path: Path) -> dict[str, int]:
+    """What tells, without reading a file, that it is the one hashed before. Size and mtime
+    alone do not: a checkpoint replaced in place by one of the same size with its time kept
+    (`cp -p`, `rsync -t`, tar) has both. Replacing a file gives it a new inode or a new ctime,
+    and no user call sets a ctime back."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def model_identity(path: Path) -> list[tuple[str, dict[str, int]]]:
+    """`file_identity` of every file a model is read from (one, or a folder's)."""
+    path = path.resolve()
+    files = _folder_files(path) if path.is_dir() else [path]
+    return [(str(p), file_identity(p)) for p in files]
+
+
 def model_sha256(path: Path, cache_file: Path | None = None) -> str:
     """A model's identity: the sha256 of its weights file, or for a folder the sha256 of its
-    sorted `relative-path NUL file-sha256` lines. Cached by path, size and mtime, since hashing
-    a 4 GB checkpoint takes seconds on every worker start otherwise."""
+    sorted `relative-path NUL file-sha256` lines. Cached by path and `file_identity`, since
+    hashing a 4 GB checkpoint takes seconds on every worker start otherwise. CheckpointError
+    if a file changes while it is hashed."""
     path = path.resolve()
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
@@ -237,12 +255,15 @@ def model_sha256(path: Path, cache_file: Path | None = None) -> str:
             cache = {}
 
     def cached(p: Path) -> str:
-        st = p.stat()
+        identity = file_identity(p)
         hit = cache.get(str(p))
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        if hit and all(hit.get(k) == v for k, v in identity.items()):
             return hit["sha256"]
         sha = file_sha256(p)
-        cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+        if file_identity(p) != identity:
+            raise CheckpointError(p, "changed while it was being hashed; try again once it "
+                                     "is written")
+        cache[str(p)] = {**identity, "sha256": sha}
         return sha
 
     if path.is_dir():
@@ -253,6 +274,15 @@ def model_sha256(path: Path, cache_file: Path | None = None) -> str:
     if cache_file is not None:
         write_atomically(cache_file, json.dumps(cache).encode())
     return sha
+
+
+def model_changed(ref: str, recorded: str, found: str) -> str:
+    """Why items recorded for the model `recorded` fail on a worker whose `ref` now holds
+    `found`: the file changed since the job was submitted, and making them with other weights
+    would record images under a hash they were not made with."""
+    return (f"model {ref} changed since the job was submitted: its sha256 is now "
+            f"{short_hash(found)}, the job recorded {short_hash(recorded)}; submit again for the "
+            "new weights, or put the old file back and `sdq retry` the job")
 
 
 def folder_weights(folder: Path, stem: str) -> Path:

@@ -29,6 +29,7 @@ from .checkpoint import (
     diffusers_vae_to_ldm,
     folder_weights,
     load_weights,
+    model_identity,
     model_sha256,
     read_config,
     read_weights,
@@ -386,14 +387,21 @@ def load_pipeline(
         if value not in DTYPES:
             raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(DTYPES)}")
     path = resolve_model_ref(ref)
+    # The hash names the weights loaded only if the files stayed the same meanwhile: checked
+    # once per load by their identity (`file_identity`), which the hash cache is keyed by.
+    before = model_identity(path)
     unet, vae, text, tokenizer = (_load_folder if path.is_dir() else _load_single_file)(path)
+    sha256 = model_sha256(path, hash_cache)
+    if model_identity(path) != before:
+        raise CheckpointError(path, "changed while it was being loaded; try again once it is "
+                                    "written")
     for module in (unet, vae, text):
         module_dtype = (vae_dtype or dtype) if module is vae else dtype
         module.to(device=device, dtype=DTYPES[module_dtype]).eval().requires_grad_(False)
         _align_weights(module)
     name = str(ref) if not Path(str(ref)).expanduser().exists() else path.stem if path.is_file() else path.name
     pipe = Pipeline(
-        unet, vae, text, tokenizer, sha256=model_sha256(path, hash_cache), name=name,
+        unet, vae, text, tokenizer, sha256=sha256, name=name,
         device=device, dtype=dtype, fast=fast, vae_dtype=vae_dtype, lora_dirs=lora_dirs,
     )
     pipe.set_embeddings(embeddings_dir)

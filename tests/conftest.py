@@ -34,7 +34,7 @@ from sdq.sdmodel.tiny import (  # noqa: E402, F401
 )
 from tests.services import claimed_redis_db  # noqa: E402
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.leaks"]
 
 
 @pytest.fixture(scope="session")

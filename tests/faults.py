@@ -85,12 +85,14 @@ class TcpProxy:
             self._listener = None
 
     def _reset_all(self) -> None:
-        for sock in list(self._sockets):
+        sockets = list(self._sockets)
+        for sock in sockets:  # every close then resets its connection
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                sock.close()
             except OSError:
                 pass
+        for sock in sockets:
+            _wake_and_close(sock)
         self._sockets.clear()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -131,10 +133,18 @@ class TcpProxy:
             pass
         finally:
             for sock in (source, target):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
+                _wake_and_close(sock)
             with self._lock:
                 self._sockets.discard(source)
                 self._sockets.discard(target)
+
+
+def _wake_and_close(sock: socket.socket) -> None:
+    """Close `sock`, first waking the pump blocked reading it: on Linux a close alone does
+    not, and that pump (and the connection, which stays open under it) would outlive the
+    proxy. Shutting down the reading side sends nothing, so a reset stays a reset."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    sock.close()

@@ -120,6 +120,7 @@ class FlakyProxy:
         self.mode = mode
         self.requests = 0
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -137,6 +138,14 @@ class FlakyProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+        # A client's kept-alive connection holds its handler thread until it closes: end
+        # them here, or they outlive the proxy for as long as the client object lives.
+        with self._lock:
+            for connection in self._open:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _should_fail(self) -> bool:
         with self._lock:
@@ -159,6 +168,16 @@ class FlakyProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._open.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._open.discard(self.connection)
+                super().finish()
 
             def log_message(self, format: str, *args: object) -> None:
                 """Silence the per-request log lines on stderr."""

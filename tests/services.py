@@ -2,7 +2,8 @@
 and what waits in a Redis queue.
 
 Every PostgreSQL database here is a schema of its own (named for the run, dropped after), put
-first on the search path through the URL, so concurrent runs on one server never meet.
+first on the search path through the URL, so concurrent runs on one server never meet; its
+sessions end a transaction left idle after STALL_S.
 The server comes from SDQ_TEST_POSTGRESQL_URL (default: the CI service on 127.0.0.1:5432).
 """
 from __future__ import annotations
@@ -24,6 +25,11 @@ POSTGRESQL_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("SDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 OWNER_KEY = "sdq-test:owner"
+STALL_S = 60
+"""How long a test database lets a session sit idle inside a transaction, and a schema's
+DROP wait for a lock, before failing: a leaked transaction (a worker a test left running,
+a session never closed) then fails the test that owns it within a minute, instead of
+holding the next fixture's DROP SCHEMA for as long as CI lets it."""
 
 
 @contextmanager
@@ -57,13 +63,15 @@ def scratch_database(backend: str, folder: Path, postgresql_url: str = POSTGRESQ
     admin = engine_from_url(postgresql_url)
     with admin.begin() as connection:
         connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = make_url(postgresql_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    url = make_url(postgresql_url).update_query_dict({"options": (
+        f"-csearch_path={schema} -cidle_in_transaction_session_timeout={STALL_S}s")})
     engine = engine_from_url(url)
     try:
         yield engine
     finally:
         engine.dispose()
         with admin.begin() as connection:
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{STALL_S}s'")
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
 

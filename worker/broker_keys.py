@@ -20,7 +20,7 @@ def upgrade_broker_keys(broker_url: str) -> int:
     first) and rewrite old binding members; returns how many messages moved."""
     import redis
 
-    client = redis.Redis.from_url(broker_url)
+    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         moved = 0
         for key in client.scan_iter(match=f"{QUEUE_PREFIX}*{LEGACY_SEP}*", _type="list"):

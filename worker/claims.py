@@ -22,7 +22,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
-from sdq.core.params import BatchShape, GenerationParams, ParamError, short_hash
+from sdq.core.params import BatchShape, GenerationParams, ParamError
+from sdq.sdmodel.checkpoint import model_changed
 from sdq.core.states import FINISHED
 from sdq.db.base import utcnow
 from sdq.db.transitions import (
@@ -75,11 +76,13 @@ class Claims:
         self._keeper: LeaseKeeper | None = None
 
     def take(self, batch: Batch, model_sha256: str,
-             key_of: Callable[[GenerationParams], str]) -> list[Work]:
+             key_of: Callable[[GenerationParams], str], model_ref: str = "") -> list[Work]:
         """Claim the batch's free items for the model `model_sha256`, each recording its cache
         key (`key_of`), and keep their leases from now on. Items under another worker's live
         lease are waited for until it runs out; this worker's own (their images still being
-        stored, the batch delivered twice) are skipped at once."""
+        stored, the batch delivered twice) are skipped at once. Items recorded for another
+        model fail, naming `model_ref`: their queue is this model's, so its file changed since
+        they were submitted, and other weights must not make images recorded under their hash."""
         deadline = time.monotonic() + self.lease_s + 1
         while True:
             ours = self.held()
@@ -88,14 +91,15 @@ class Claims:
                 now = utcnow()
                 busy = {item.id for item, *_ in rows if leased(item.status, item.lease_expires_at, now)}
                 if not busy - ours or time.monotonic() > deadline:
-                    work = self._take(session, batch, rows, busy, model_sha256, key_of)
+                    work = self._take(session, batch, rows, busy, model_sha256, key_of, model_ref)
                     break
             time.sleep(min(1.0, self.lease_s / 4))
         self._lease_keeper().hold(w.id for w in work)
         return work
 
     def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
-              model_sha256: str, key_of: Callable[[GenerationParams], str]) -> list[Work]:
+              model_sha256: str, key_of: Callable[[GenerationParams], str],
+              model_ref: str) -> list[Work]:
         now = utcnow()
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
@@ -104,8 +108,8 @@ class Claims:
             if item.status in FINISHED or item.id in busy:
                 continue
             if sha256 != model_sha256:
-                log.warning("item %s is for model %s, this worker holds %s; left for reconcile",
-                            item.id, short_hash(sha256), short_hash(model_sha256))
+                fail_item(item, model_changed(model_ref, sha256, model_sha256), now)
+                closing.add(item.job_id)
                 continue
             if item.attempts >= self.max_attempts:
                 give_up_item(item, now)

@@ -201,7 +201,7 @@ class Runner:
             return []
         self.current_batch = batch.id
         work = retrying("claiming items", lambda: self.claims.take(
-            batch, pipe.sha256, lambda params: self.cache.key(params, pipe)), self.outage_s)
+            batch, pipe.sha256, lambda params: self.cache.key(params, pipe), self.model_ref), self.outage_s)
         report.skipped += len(left) - len(work)
         return self._with_checkers(work, report)
 

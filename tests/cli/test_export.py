@@ -187,6 +187,14 @@ def test_an_export_into_the_live_image_store_is_refused(home: Home, tmp_path: Pa
         assert result.output.splitlines()[-1] == (
             f"Error: {dest} is inside the image store {store}: shards there would sit among "
             "the live images; export somewhere else")
+    # The store's folder or a parent: an imagefolder export writes `images/` there, which
+    # is the store itself under the default SDQ_HOME.
+    for dest in (store.parent, home.path):
+        result = home.run("export", str(job.id), "--format", "imagefolder", "-o", str(dest))
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[-1] == (
+            f"Error: {dest} is a parent of the image store {store}: shards there would sit "
+            "among the live images; export somewhere else")
     assert sorted(source(home).list()) == before
     ok = home.run("export", str(job.id), "--format", "webdataset", "-o", str(home.path / "out"))
     assert ok.exit_code == 0, ok.output
@@ -201,6 +209,8 @@ def test_an_export_into_the_live_bucket_prefix_is_refused(
     for dest in (f"s3://{bucket}/live", f"s3://{bucket}/live/{job.id}"):
         result = home.run("export", str(job.id), "--format", "webdataset", "-o", dest)
         assert result.exit_code == 2 and "is inside the image store" in result.output, result.output
+    result = home.run("export", str(job.id), "--format", "imagefolder", "-o", f"s3://{bucket}")
+    assert result.exit_code == 2 and "is a parent of the image store" in result.output, result.output
     assert home.run("export", str(job.id), "--format", "webdataset",
                     "-o", f"s3://{bucket}/livery").exit_code == 0
 

@@ -142,6 +142,7 @@ def test_a_schedule_that_never_ran_is_deleted(home: Home, prompts: Path,
     ("0 25 * * *", "25 > 23"),
     ("0 2 * * funday", "fun"),
     ("every night", "expected 5 fields"),
+    ("0 2 31 2 *", "never fires"),
 ])
 def test_a_bad_cron_is_refused_with_the_reason(home: Home, prompts: Path,
                                                tiny_checkpoint: Path, cron: str,

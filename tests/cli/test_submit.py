@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -198,8 +199,11 @@ def test_debug_shows_the_traceback_of_unexpected_errors() -> None:
     assert isinstance(cli, SdqGroup) and "--debug" in CliRunner().invoke(cli, ["--help"]).output
 
 
-def test_ctrl_c_hands_the_unfinished_items_back_for_an_immediate_resume(
-        home: Home, tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGINT, "interrupted"),
+                                              (signal.SIGTERM, "terminated")])
+def test_ctrl_c_or_sigterm_hands_the_unfinished_items_back_for_an_immediate_resume(
+        home: Home, tiny_checkpoint: Path, signum: int, said: str) -> None:
+    """SIGTERM (systemd, docker, `kill`) takes Ctrl-C's path."""
     prompts = home.path / "p.txt"
     prompts.write_text("".join(f"a green kite number {n}\n" for n in range(12)))
     env = {**os.environ, **home.env, "SDQ_DEVICE": "cpu"}  # the default lease: 120 s
@@ -215,11 +219,13 @@ def test_ctrl_c_hands_the_unfinished_items_back_for_an_immediate_resume(
             time.sleep(0.05)
             with Session(home.engine) as session:
                 done = session.scalar(select(func.count()).where(Item.status == Status.DONE))
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 1 and "`sdq resume 1`" in stderr, stderr
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines()[-1] == (f"Error: {said}; `sdq resume 1` finishes the job without "
+                                       "redoing what is done"), stderr
     items = _items(home, 1)
     finished = [i for i in items if i.status == Status.DONE]
     assert 1 <= len(finished) < 12, "the run was not cut short in the middle"
@@ -307,3 +313,22 @@ def test_more_images_than_the_setting_need_yes(home: Home, tiny_checkpoint: Path
     assert home.run(*args).exit_code == 0  # 2 images: no question
     assert home.run(*args, "-n", "2", "-y").exit_code == 0
     assert _count(home, Item) == 6
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_with_its_bytes_escaped(
+        any_home: Home, tiny_checkpoint: Path) -> None:
+    """A name made on another system (Latin-1 bytes) holds lone surrogates in Python, which
+    no database stores as text: the job records `\\xNN` in their place."""
+    prompts = any_home.path / os.fsdecode(b"caf\xe9.txt")
+    prompts.write_text("a boat\n")
+    result = any_home.run("submit", str(prompts), "--model", str(tiny_checkpoint), *SMALL,
+                          "--steps", "1")
+    assert result.exit_code == 0, result.output
+    with Session(any_home.engine) as session:
+        job = session.get(Job, 1)
+        assert (job.name, job.source_name) == ("caf\\xe9.txt", f"{any_home.path}/caf\\xe9.txt")
+    bad = any_home.path / os.fsdecode(b"bad-\xff.txt")
+    bad.write_text("a {boat\n")
+    refused = any_home.run("submit", str(bad), "--model", str(tiny_checkpoint))
+    assert refused.exit_code == 2
+    assert f"{any_home.path}/bad-\\xff.txt:1: prompt: column 3" in refused.stderr

@@ -7,7 +7,7 @@ import re
 import pytest
 from celery.schedules import ParseException, crontab
 
-from sdq.jobs.cron import parse_cron
+from sdq.jobs.cron import parse_cron, parse_firing_cron
 
 ACCEPTED = [
     "0 2 * * *", "*/15 * * * *", "15,45 4,9 * * mon-fri", "0 0 29 2 *", "5 4 * * sun",
@@ -49,3 +49,18 @@ def test_what_celery_refuses_is_refused_with_the_reason(expression: str, reason:
 def test_five_fields_are_needed() -> None:
     with pytest.raises(ValueError, match="expected 5 fields .*, got 4"):
         parse_cron("0 2 * *")
+
+
+@pytest.mark.parametrize("expression", ["0 2 31 2 *", "0 0 30 feb *", "0 0 31 apr,jun,sep,nov *",
+                                        "0 0 30,31 2 mon"])
+def test_a_cron_that_names_no_date_never_fires_and_is_refused(expression: str) -> None:
+    parse_cron(expression)  # Celery accepts it, and would wait for ever
+    with pytest.raises(ValueError, match=f"^cron {re.escape(repr(expression))}: never fires"):
+        parse_firing_cron(expression)
+
+
+@pytest.mark.parametrize("expression", ["0 0 29 2 *", "0 0 29 2 mon", "0 0 30,31 2,4 *",
+                                        "0 0 31 * *"])
+def test_a_rare_cron_still_fires(expression: str) -> None:
+    """29 February falls on a Monday in 2044: every day that exists meets every weekday."""
+    assert parse_firing_cron(expression) == parse_cron(expression)

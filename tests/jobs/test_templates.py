@@ -75,8 +75,9 @@ def test_wildcard_problems(wildcards: Wildcards) -> None:
     expansion = Expansion(wildcards=wildcards)
     with pytest.raises(InvalidInput, match=r"unknown wildcard __colr__: no .*colr.txt; did you mean 'color'"):
         prompts("a __colr__", expansion)
-    with pytest.raises(InvalidInput, match="nested more than 10 deep"):
-        prompts("__loop__", expansion)
+    with pytest.raises(InvalidInput, match=r"column 7: wildcard __loop__ names itself "
+                                            r"\(__loop__ -> __loop__\)"):
+        prompts("again __loop__", expansion)
     fresh = Expansion(wildcards=Wildcards(wildcards.folder))
     assert fresh.to_json()["wildcards"] == {}  # nothing read yet
     prompts("__color__", fresh)
@@ -135,3 +136,42 @@ def test_prompt_file_template_errors_are_file_line(wildcards: Wildcards) -> None
         "p.csv:3: prompt: column 3: '{' is never closed",
         f"p.csv:4: negative_prompt: column 1: unknown wildcard __nope__: no "
         f"{wildcards.folder}/nope.txt"]
+
+
+def wildcard_chain(folder: Path, files: int, lines: int) -> None:
+    """`w0.txt` ... : each of `lines` lines names the next file; the last file's lines are words."""
+    folder.mkdir(exist_ok=True)
+    for k in range(files):
+        after = f" __w{k + 1}__" if k + 1 < files else ""
+        (folder / f"w{k}.txt").write_text("".join(f"w{k}-{i}{after}\n" for i in range(lines)))
+
+
+def test_a_chain_of_wildcards_is_counted_without_expanding_it(tmp_path: Path) -> None:
+    """Seven files of 60 lines, each line naming the next: 60^7 prompts, counted in 7 x 60
+    steps and refused before one is made; drawn at random, it costs a line per file."""
+    wildcard_chain(tmp_path / "wc", 7, 60)
+    expansion = Expansion(wildcards=Wildcards(tmp_path / "wc"))
+    with pytest.raises(InvalidInput, match="^expands to 2,799,360,000,000 prompts, more than 1,000,000$"):
+        prompts("a __w0__", expansion)
+    assert count(parse("__w5__ {x|y}"), expansion.wildcards) == 60 * 60 * 2
+    drawn = Expansion(mode="random", draws=3, seed=1, wildcards=Wildcards(tmp_path / "wc"))
+    assert [p.count("-") for p in prompts("a __w0__", drawn)] == [7, 7, 7]
+    wildcard_chain(tmp_path / "deep", 12, 1)
+    with pytest.raises(InvalidInput, match="__w10__: nested more than 10 deep"):
+        prompts("__w0__", Expansion(wildcards=Wildcards(tmp_path / "deep")))
+
+
+def test_nesting_past_the_limit_is_a_template_error() -> None:
+    assert prompts("{" * 20 + "x" + "}" * 20) == ["x"]
+    with pytest.raises(InvalidInput, match=r"^column 21: '\{' nested more than 20 deep$"):
+        prompts("{" * 600 + "x" + "}" * 600)
+
+
+def test_an_expansion_past_the_prompt_cap_is_a_file_line_problem(tmp_path: Path) -> None:
+    (tmp_path / "long.txt").write_text("x" * 6000 + "\n")
+    data = b"prompt,negative_prompt\nok,\n__long__ __long__,\nfine,__long__\n"
+    with pytest.raises(PromptFileError) as error:
+        parse_prompt_file(data, "p.csv", Defaults(seed=1),
+                          expansion=Expansion(wildcards=Wildcards(tmp_path)))
+    assert [str(p) for p in error.value.problems] == [
+        "p.csv:3: prompt: expanded prompt 1: longer than 10,000 characters (12,001)"]

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -176,6 +177,23 @@ def test_model_identity_hash_and_its_cache(tmp_path):
     empty = hashlib.sha256(b"{}").hexdigest()
     lines = f"model_index.json\0{empty}\nunet/config.json\0{empty}\n"
     assert model_sha256(folder) == hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_a_file_replaced_in_place_with_its_size_and_time_kept_is_hashed_again(tmp_path):
+    """`cp -p`, `rsync -t` and tar keep the size and the mtime of a file they replace."""
+    path = save(tmp_path, {"w": torch.arange(10.0)})
+    other = save(tmp_path, {"w": torch.arange(10.0) + 1}, "other.safetensors")
+    assert path.stat().st_size == other.stat().st_size
+    cache = tmp_path / "hashes.json"
+    before = model_sha256(path, cache)
+    st = path.stat()
+    shutil.copy2(other, path)  # `cp -p other path`: the same inode, other bytes ...
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old time
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert model_sha256(path, cache) == hashlib.sha256(other.read_bytes()).hexdigest() != before
+    os.replace(other, path)  # a new inode, as `mv` and most copying tools make
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_sha256(path, cache) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_unknown_references_say_how_to_pass_a_local_checkpoint(tmp_path):

@@ -1,9 +1,12 @@
 """The result cache: an item whose image is already stored reuses it instead of generating."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
+from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job, Model, Status
@@ -19,6 +22,7 @@ from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
 from sdq.worker.factory import runner_from_settings
 
+from ..conftest import build_tiny_networks, ldm_checkpoint
 from .cluster import WorkerProcess, wait_for
 from .conftest import job_items, specs
 from .test_distributed import wait_until_done
@@ -112,3 +116,38 @@ def test_a_worker_reuses_without_generating(
     made, again = job_items(engine, first.job_id), job_items(engine, second.job_id)
     assert [i.reused_from for i in again] == [i.id for i in made]
     assert sorted(open_storage(distributed.storage_url).list()) == sorted(i.image_key for i in made)
+
+
+def test_a_checkpoint_replaced_in_place_is_neither_reused_nor_run_under_its_old_hash(
+        embedded: Settings, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Replaced by weights of the same size with its time kept (`cp -p`): a job recorded for
+    the old weights fails with the reason, instead of reusing or making images under a hash
+    they were not made with."""
+    path = tmp_path / "model.safetensors"
+    shutil.copy2(tiny_checkpoint, path)
+    hashes = embedded.home / "hashes.json"
+    old = identify_model(path, hashes)
+    first = submit(embedded, specs(2, steps=1), model=old)
+    assert first.report is not None and first.report.done == 2
+    other = tmp_path / "other.safetensors"
+    save_file(ldm_checkpoint(*build_tiny_networks(seed=1)), str(other))
+    st = path.stat()
+    assert other.stat().st_size == st.st_size
+    shutil.copy2(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert identify_model(path, hashes).sha256 != old.sha256
+
+    engine = open_database(embedded.database_url)
+    with Session(engine) as session:  # a job recorded for the old weights, run after the change
+        model_id = session.query(Model.id).filter_by(sha256=old.sha256).scalar()
+        job = submit_job(session, Job(), [{**s, "model_id": model_id} for s in specs(2, steps=1)])
+        session.commit()
+        batches = plan_batches(session, Item.job_id == job.id, 2, prefix="after")[old.sha256]
+    report = runner_from_settings(embedded, engine, str(path)).run(batches)
+    assert (report.done, report.reused) == (0, 0)
+    items = job_items(engine, job.id)
+    assert {i.status for i in items} == {Status.FAILED}
+    assert {i.image_key for i in items} == {None}
+    assert items[0].last_error.startswith(f"model {path} changed since the job was submitted: "
+                                          f"its sha256 is now {identify_model(path).short_hash}, "
+                                          f"the job recorded {old.short_hash}")

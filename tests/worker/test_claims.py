@@ -69,22 +69,26 @@ def test_a_claim_takes_the_free_items_under_a_lease_and_skips_finished_ones(engi
     assert all(r.lease_expires_at > utcnow() + timedelta(seconds=100) for r in rows[1:])
 
 
-def test_items_of_another_model_are_left_and_spent_ones_fail(engine: Engine) -> None:
-    """A worker never runs another model's items (reconcile routes them); an item already
-    claimed `max_attempts` times fails with its last error, and its job closes."""
+def test_items_of_another_model_and_spent_ones_fail(engine: Engine) -> None:
+    """A worker never runs another model's items: on its own queue they mean its file changed
+    since they were submitted, so they fail saying so; an item already claimed `max_attempts`
+    times fails with its last error; their jobs close."""
     ours, [our_batch] = queued_job(engine, MODEL, specs(1), 8, prefix="ours")
     theirs, [their_batch] = queued_job(engine, OTHER_MODEL, specs(1), 8, prefix="theirs")
     set_items(engine, list(our_batch.item_ids), attempts=3, last_error="MemoryError: no buffer")
     mine = claims(engine)
     try:
-        assert mine.take(Batch("mixed", our_batch.item_ids + their_batch.item_ids), MODEL, key_of) == []
+        assert mine.take(Batch("mixed", our_batch.item_ids + their_batch.item_ids), MODEL, key_of,
+                         "/models/tiny.safetensors") == []
     finally:
         mine.close()
     [spent], [other] = job_items(engine, ours), job_items(engine, theirs)
     assert (spent.status, spent.last_error) == (
         Status.FAILED, "gave up after 3 attempts; last error: MemoryError: no buffer")
     assert job_status(engine, ours) == Status.FAILED
-    assert (other.status, other.attempts, other.worker_host) == (Status.PENDING, 0, None)
+    assert (other.status, other.attempts, other.worker_host) == (Status.FAILED, 0, None)
+    assert other.last_error.startswith("model /models/tiny.safetensors changed since the job was submitted")
+    assert job_status(engine, theirs) == Status.FAILED
 
 
 def test_handing_back_gives_the_attempt_back_unless_the_item_is_at_fault(engine: Engine) -> None:
