@@ -51,19 +51,24 @@ class BatchTask(Task):
         from the settings when Celery asks, not when the module is imported."""
         return settings().max_attempts
 
-    @classmethod
-    def runner(cls, worker_name: str) -> Runner:
-        with cls._lock:
-            if cls._runner is None:
+    @staticmethod
+    def runner(worker_name: str) -> Runner:
+        """The process's one runner, built by whichever asks first, the task or the heartbeat.
+        Kept on BatchTask itself: the task's class is a subclass Celery makes, where an
+        attribute set through `cls` would hide this one, and the heartbeat and the shutdown
+        hook would see another runner than the task's."""
+        with BatchTask._lock:
+            if BatchTask._runner is None:
                 engine = open_database(settings().database_url)
-                cls._runner = runner_from_settings(settings(), engine, settings().model, worker_name)
-            return cls._runner
+                BatchTask._runner = runner_from_settings(settings(), engine, settings().model,
+                                                         worker_name)
+            return BatchTask._runner
 
-    @classmethod
-    def drain(cls) -> None:
+    @staticmethod
+    def drain() -> None:
         """Store what this process's runner still holds (it is shutting down)."""
-        with cls._lock:
-            runner = cls._runner
+        with BatchTask._lock:
+            runner = BatchTask._runner
         if runner is not None:
             runner.drain()
 
