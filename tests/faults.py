@@ -85,9 +85,17 @@ class TcpProxy:
             self._listener = None
 
     def _reset_all(self) -> None:
+        # shutdown first: a close alone neither wakes the pump blocked in recv on the socket
+        # nor reaches the peer while that recv holds it, so the client and the server would
+        # both keep a silent connection (a server transaction cut between two statements then
+        # holds its row locks for good).
         for sock in list(self._sockets):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 sock.close()
             except OSError:
                 pass
