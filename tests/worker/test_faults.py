@@ -23,6 +23,7 @@ from sdq.db.models import Item, Status
 from sdq.db.session import open_database
 from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
+from sdq.jobs.lifecycle import cancel_job
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
 from tests.faults import TcpProxy
@@ -126,3 +127,6 @@ def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanl
     items = {i.id: i for i in job_items(engine, stopping.job_id)}
     assert {(items[i.id].status, items[i.id].attempts) for i in batch} == {(Status.DONE, 1)}
     assert "WorkerLostError" not in worker.log.read_text()
+    # The rest stays queued: cancelled, so that later tests' workers (same database, same
+    # model queue) do not reconcile it, make it, and offer it to their jobs' result cache.
+    cancel_job(distributed, stopping.job_id)

@@ -11,6 +11,7 @@ import pytest
 
 from sdq.db.models import Item, Status
 from sdq.db.session import open_database
+from sdq.jobs.lifecycle import cancel_job
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
 from tests.services import in_queue
@@ -73,3 +74,4 @@ def test_sigterm_finishes_the_running_batch_and_leaves_the_rest_queued(
     assert {(items[i.id].status, items[i.id].attempts) for i in batch} == {(Status.DONE, 1)}
     assert {i.status for i in items.values()} == {Status.DONE, Status.QUEUED}
     assert in_queue(distributed.broker_url or "", result.queue or "") == 1
+    cancel_job(distributed, result.job_id)  # later tests' workers must not reconcile the rest
