@@ -242,9 +242,10 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
     with database_session(settings) as session:
         get_job(session, job_id)
         progress = job_progress(session, job_id)
-        bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
-        unserved = _Unserved(settings, queues)
-        try:
+        bar: ProgressLine | None = None
+        try:  # from the first line on: a Ctrl-C as soon as it shows is still this one line
+            bar = ProgressLine(f"job {job_id}", sum(progress.counts.values()), _finished(progress))
+            unserved = _Unserved(settings, queues)
             while progress.remaining:
                 unserved.check()
                 time.sleep(poll_s)
@@ -256,7 +257,8 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
                        err=True)
             sys.exit(1)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
     return progress
 
 
@@ -319,8 +321,8 @@ def terminate_as_interrupt() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default can
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class Terminated(KeyboardInterrupt):
