@@ -27,6 +27,9 @@ import pytest
 GRACE_S = float(os.environ.get("SDQ_TEST_LEAK_GRACE_S", "5"))
 """How long what a test started may take to finish after it (a thread being joined, a
 process exiting on its signal) before it counts as left behind."""
+LIBRARY_THREADS = frozenset({"tqdm_monitor"})
+"""Threads a library starts once, on first use, to live as long as the process (tqdm's
+progress-bar monitor, through Hugging Face's downloads and writers): not a test's to stop."""
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -73,7 +76,7 @@ def left_since(before: Running, *, shared: bool = False) -> list[str]:
     processes among it are killed."""
     deadline = time.monotonic() + GRACE_S
     skip = before.threads if shared else before.threads | _shared
-    threads = [t for t in threading.enumerate() if t not in skip]
+    threads = [t for t in threading.enumerate() if t not in skip and t.name not in LIBRARY_THREADS]
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     processes = [p for p in _descendants()

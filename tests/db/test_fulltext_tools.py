@@ -30,7 +30,8 @@ def sqlite_utils_search(path: Path, word: str) -> list[str]:
 
 def datasette_search(path: Path, word: str) -> list[str]:
     async def get() -> list[str]:
-        response = await Datasette([str(path)]).client.get(
+        # No SQL threads: Datasette has no way to stop its thread pool and write thread.
+        response = await Datasette([str(path)], settings={"num_sql_threads": 0}).client.get(
             f"/{path.stem}/items.json?_search={word}&_shape=objects&_col=prompt")
         assert response.status_code == 200, response.text
         return [row["prompt"] for row in response.json()["rows"]]
