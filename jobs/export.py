@@ -267,7 +267,8 @@ class _WebDataset(_Writer):
 RECORD_TYPES: dict[str, str] = {
     "id": "int64", "job": "int64", "row": "int64", "status": "string", "prompt": "string",
     "negative_prompt": "string", "seed": "int64", "sampler": "string", "steps": "int64",
-    "cfg": "float64", "eta": "float64", "width": "int64", "height": "int64", "model": "string",
+    "cfg": "float64", "eta": "float64", "width": "int64", "height": "int64",
+    "prompt_syntax": "string", "clip_skip": "int64", "model": "string",
     "model_sha256": "string", "tags": "list[string]", "attempts": "int64", "error": "string",
     "batch": "string", "batch_position": "int64", "image_key": "string",
     "image_sha256": "string", "watermark": "string", "worker": "string", "device": "string",
