@@ -86,7 +86,7 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAE
 
 
 def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms"):
-    """diffusers' StableDiffusionPipeline on a tiny sdq checkpoint (conftest's architecture),
+    """diffusers' StableDiffusionPipeline on a tiny sdq checkpoint (tiny.py's architecture),
     built afresh with its own copy of the text encoder, for tests that change it
     (`load_textual_inversion` changes it in place, and the tokenizer, so pass a copy of sdq's
     where that is called; `load_lora_weights` merges adapters into it)."""
@@ -94,7 +94,7 @@ def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms"):
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig
 
-    from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE  # here: bench/ imports this module too
+    from .tiny import TINY_TEXT, TINY_UNET, TINY_VAE
 
     unet, vae, text = to_diffusers(load_file(str(checkpoint)), TINY_UNET, TINY_VAE,
                                    CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))

@@ -29,6 +29,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -314,10 +315,15 @@ class Adapters:
         self.dirs = [Path(d) for d in dirs]
         self.cache_files = cache_files
         self.current: LoraSet = ()
-        self._tables = layer_tables(unet, text_encoder)
         self._files: OrderedDict[Path, LoadedLora] = OrderedDict()
         self._originals: dict[tuple[str, str], Tensor] = {}
         self._merged: list[tuple[str, str]] = []
+
+    @cached_property
+    def _tables(self) -> dict[str, dict[str, str]]:
+        # Built on the first LoRA read: a pipeline that never takes one (or a stand-in
+        # network without the UNet's config) never walks its layers.
+        return layer_tables(self.networks["unet"], self.networks["text_encoder"])
 
     def load(self, lora: Lora) -> LoadedLora:
         """The named file, from the cache while it is unchanged on disk; it must be the file

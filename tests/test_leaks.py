@@ -33,7 +33,8 @@ def test_cleans_up():
 def test_what_a_test_leaves_running_fails_it_and_is_stopped(tmp_path: Path) -> None:
     (tmp_path / "test_leaky.py").write_text(LEAKY)
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "SDQ_TEST_LEAK_GRACE_S": "0.5"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},  # its own report
+           "PYTHONPATH": str(root), "SDQ_TEST_LEAK_GRACE_S": "0.5"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.leaks", "-p",
                           "no:cacheprovider", "test_leaky.py"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -46,7 +47,7 @@ def test_what_a_test_leaves_running_fails_it_and_is_stopped(tmp_path: Path) -> N
                          out), out
     assert "left running after the tests: thread 'forever'" in out, out  # daemon or not
     assert "4 passed, 4 errors" in out, out
-    pids = [int(pid) for pid in re.findall(r"process (\d+): sleep 60[01]", out)]
+    pids = {int(pid) for pid in re.findall(r"process (\d+): sleep 60[01]", out)}
     assert len(pids) == 2
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -351,6 +351,7 @@ def test_due_runs_skip_days_before_a_schedule_existed(home: Home, prompts: Path,
     with Session(engine) as session:
         [schedule] = session.scalars(select(Schedule)).all()
         created = schedule.created_at
-        assert due_runs(session, created + timedelta(days=1, hours=23)) != []
+        next_day_after_two = (created + timedelta(days=1)).replace(hour=3, minute=0)
+        assert due_runs(session, next_day_after_two) != []
         assert due_runs(session, created - timedelta(days=1)) == []
     engine.dispose()

@@ -46,7 +46,7 @@ def test_csv_rows_fill_defaults_and_follow_the_seed_rules(tokenizer) -> None:
     cat, dog = result.items[0], result.items[2]
     assert cat == {"prompt": "a cat", "negative_prompt": "", "sampler": "euler_a", "steps": 50,
                    "cfg": 7.5, "eta": 0.0, "width": 512, "height": 512, "tags": ["x", "y"],
-                   "row_index": 0, "seed": 5}
+                   "row_index": 0, "seed": 5, "prompt_syntax": "a1111", "clip_skip": 1}
     assert dog["tags"] is None and dog["cfg"] == 4.5 and dog["sampler"] == "ddim"
     assert len(result.sha256) == 64 and result.warnings == []
 

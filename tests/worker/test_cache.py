@@ -127,7 +127,7 @@ def test_a_checkpoint_replaced_in_place_is_neither_reused_nor_run_under_its_old_
     shutil.copy2(tiny_checkpoint, path)
     hashes = embedded.home / "hashes.json"
     old = identify_model(path, hashes)
-    first = submit(embedded, specs(2, steps=1), model=old)
+    first = submit(embedded, specs(2, steps=1), model=old, make_runner=runner_from_settings)
     assert first.report is not None and first.report.done == 2
     other = tmp_path / "other.safetensors"
     save_file(ldm_checkpoint(*build_tiny_networks(seed=1)), str(other))
