@@ -35,6 +35,8 @@ class Denoiser(Protocol):
     name: str
     device: str
     dtype: str
+    vae_dtype: str
+    """The autoencoder's dtype (the cache key names it)."""
 
     def default_batch_size(self, width: int = 512, height: int = 512) -> int: ...
 
