@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,6 +17,7 @@ from typing import Callable
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
@@ -23,14 +25,15 @@ from sdq.db.models import Item, Status
 from sdq.db.session import open_database
 from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
-from sdq.jobs.lifecycle import cancel_job
+from sdq.jobs.lifecycle import cancel_job, sweep
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.reconciler import Reconciler
 from tests.faults import TcpProxy
 from tests.services import clear_queues
 
 from .cluster import WorkerProcess, wait_for
-from .conftest import job_items, specs
+from .conftest import job_items, queued_job, specs
 from .test_distributed import assert_exactly_once, wait_until_done
 from .test_worker_loss import running_batch_of
 
@@ -130,3 +133,39 @@ def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanl
     # The rest stays queued: cancelled, so that later tests' workers (same database, same
     # model queue) do not reconcile it, make it, and offer it to their jobs' result cache.
     cancel_job(distributed, stopping.job_id)
+
+
+def test_a_sweep_waiting_on_redis_holds_no_transaction_open(
+        distributed: Settings, distributed_env: dict[str, str],
+        proxies: dict[str, TcpProxy]) -> None:
+    """Issue 25.7: the reconcile sweep asks Redis how many messages wait with no database
+    transaction open, so a Redis that does not answer (here: every byte held back) leaves no
+    session idle in transaction, holding its locks, while it waits."""
+    name = f"sdq-sweep-{os.getpid()}"
+    url = make_url(distributed.database_url).update_query_dict({"application_name": name})
+    engine = open_database(url)
+    queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open items, past a grace of 0
+    settings = Settings.load({**distributed_env, "SDQ_BROKER_URL": proxies["redis"].url(
+        distributed_env["SDQ_BROKER_URL"])})
+    proxies["redis"].cut("blackhole")
+    ended: list[object] = []
+
+    def run() -> None:
+        try:
+            ended.append(sweep(settings, engine, grace_s=0, waiting=Reconciler(settings, 0).waiting))
+        except Exception as exc:  # noqa: BLE001 - Redis timing out is what the test expects
+            ended.append(exc)
+
+    sweeping = threading.Thread(target=run, name="sweep")
+    sweeping.start()
+    try:
+        wait_for("the sweep to reach Redis", lambda: proxies["redis"].accepted > 0, every=0.05)
+        with open_database(distributed.database_url).connect() as connection:
+            states = connection.exec_driver_sql(
+                "SELECT state FROM pg_stat_activity WHERE application_name = %s", (name,)).scalars().all()
+        assert states and "idle in transaction" not in states, states
+    finally:
+        proxies["redis"].restore()
+        sweeping.join(60)
+    assert not sweeping.is_alive() and ended
+    engine.dispose()
