@@ -140,7 +140,7 @@ class Runner:
         pipe = self._load(left, report) if left else None
         if pipe is None:
             return report
-        environment = environment_fingerprint(pipe.device, pipe.dtype)
+        environment = environment_fingerprint(pipe.device, pipe.dtype, vae_dtype=pipe.vae_dtype)
         claimed: list[int] = []
         stores: list[Future[int]] = []
         try:
@@ -241,7 +241,8 @@ class Runner:
                                           self.outage_s)
                 continue
             chunk_id = batch_id if len(items) == len(work) else f"{batch_id}.{items[0].row_index}"
-            yield Chunk(chunk_id, items, produced.images, produced.seconds)
+            yield Chunk(chunk_id, items, produced.images, produced.seconds,
+                        redecoded=frozenset(produced.redecoded))
 
     def _smaller(self, size: int) -> None:
         """Out of memory lowered the micro-batch: keep it lower for what follows."""
