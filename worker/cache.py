@@ -113,7 +113,8 @@ class ResultCache:
         return {(ref, on_flag): UNCHECKED if not ref else
                 Check(hashes[ref], on_flag) if ref in hashes else None for ref, on_flag in pairs}
 
-    def key_of(self, ids: Sequence[int], model: Identity) -> Callable[[GenerationParams, JobCheck], str | None]:
+    def key_of(self, ids: Sequence[int],
+               model: Identity) -> Callable[[GenerationParams, JobCheck], str | None]:
         """The cache key of each of these items as a claim records it, from the parameters and
         the job's (checker, on_flag) it reads in its transaction; the checkers are hashed here,
         before it (None: a checker that cannot be found, whose items then fail)."""

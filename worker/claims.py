@@ -81,12 +81,13 @@ class Claims:
 
     def take(self, batch: Batch, model_sha256: str, key_of: KeyOf, model_ref: str = "") -> list[Work]:
         """Claim the batch's free items for the model `model_sha256`, each recording its cache
-        key (`key_of(params, (safety checker, on_flag))`, computed from what is known before
-        the transaction: it makes no network call), and keep their leases from now on. Items under another worker's live
-        lease are waited for until it runs out; this worker's own (their images still being
-        stored, the batch delivered twice) are skipped at once. Items recorded for another
-        model fail, naming `model_ref`: their queue is this model's, so its file changed since
-        they were submitted, and other weights must not make images recorded under their hash."""
+        key (`key_of(params, (safety checker, on_flag))`, from what was read and hashed before
+        the transaction: it makes no call), and keep their leases from now on. Items under
+        another worker's live lease are waited for until it runs out; this worker's own (their
+        images still being stored, the batch delivered twice) are skipped at once. Items
+        recorded for another model fail, naming `model_ref`: their queue is this model's, so
+        its file changed since they were submitted, and other weights must not make images
+        recorded under their hash."""
         deadline = time.monotonic() + self.lease_s + 1
         while True:
             ours = self.held()

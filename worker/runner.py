@@ -205,7 +205,7 @@ class Runner:
         if not left:
             return []
         self.current_batch = batch.id
-        key_of = retrying("hashing safety checkers",
+        key_of = retrying("reading the jobs' safety checkers",
                           lambda: self.cache.key_of(left, Identity.of(pipe)), self.outage_s)
         work = retrying("claiming items", lambda: self.claims.take(
             batch, pipe.sha256, key_of, self.model_ref), self.outage_s)

@@ -48,7 +48,8 @@ def made(engine: Engine, storage: LocalStorage, cache: ResultCache, count: int, 
     and sha256, the verdict of the job's checker (every image flagged), and the object stored.
     `key`: the check its keys name, when not the job's (a key made before checks entered it)."""
     job = job or Job()
-    check = cache.checks([(job.safety_checker, job.on_flag or "keep")])[(job.safety_checker, job.on_flag or "keep")]
+    pair = (job.safety_checker, job.on_flag or "keep")
+    check = cache.checks([pair])[pair]
     assert check is not None
     verdict = {} if check.checker_sha256 is None else {
         "safety_flagged": True, "safety_scores": {"concept": [0.1] * 17, "special": [0.0] * 3},
@@ -140,7 +141,8 @@ def test_a_reused_item_carries_the_verdict_of_its_own_jobs_checker(
                                  job=Job(safety_checker=folder, on_flag="black"), prefix="twin")
     assert len(cache.reuse(batches, MODEL)) == 2
     after = job_items(engine, job_id)
-    assert [[getattr(i, c) for c in SAFETY] for i in after] == [[getattr(i, c) for c in SAFETY] for i in before]
+    assert [[getattr(i, c) for c in SAFETY] for i in after] == \
+        [[getattr(i, c) for c in SAFETY] for i in before]
     assert {i.safety_action for i in after} == {"blacked"}
 
 
@@ -199,7 +201,8 @@ def test_reuse_happens_iff_everything_that_shapes_the_image_and_record_is_equal(
         for name in rng.sample(sorted(choices), rng.choice((0, 0, 1, 1, 2))):
             second[name] = rng.choice(choices[name])
         item, model, job = parts(first)
-        made(engine, storage, cache, 1, model=model, job=job, items=[{**item, "prompt": f"{n} {item['prompt']}"}])
+        made(engine, storage, cache, 1, model=model, job=job,
+             items=[{**item, "prompt": f"{n} {item['prompt']}"}])
         item, model, job = parts(second)
         _, batches = queued_job(engine, model.sha256, [{**item, "prompt": f"{n} {item['prompt']}"}],
                                 8, job=job, prefix=f"pair{n}")
