@@ -144,7 +144,7 @@ def test_a_sweep_waiting_on_redis_holds_no_transaction_open(
     name = f"sdq-sweep-{os.getpid()}"
     url = make_url(distributed.database_url).update_query_dict({"application_name": name})
     engine = open_database(url)
-    queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open items, past a grace of 0
+    job_id, _ = queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open, past a grace of 0
     settings = Settings.load({**distributed_env, "SDQ_BROKER_URL": proxies["redis"].url(
         distributed_env["SDQ_BROKER_URL"])})
     proxies["redis"].cut("blackhole")
@@ -167,5 +167,8 @@ def test_a_sweep_waiting_on_redis_holds_no_transaction_open(
     finally:
         proxies["redis"].restore()
         sweeping.join(60)
+        # Later tests share the database and the broker: nothing of this job is left to them.
+        cancel_job(distributed, job_id)
+        clear_queues(distributed.broker_url or "", queue_name("7" * 64))
+        engine.dispose()
     assert not sweeping.is_alive() and ended
-    engine.dispose()
