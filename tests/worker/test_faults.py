@@ -30,6 +30,7 @@ from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
 from sdq.worker.reconciler import Reconciler
 from tests.faults import TcpProxy
+from sdq.cli.common import follow
 from tests.services import clear_queues
 
 from .cluster import WorkerProcess, wait_for
@@ -135,40 +136,65 @@ def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanl
     cancel_job(distributed, stopping.job_id)
 
 
-def test_a_sweep_waiting_on_redis_holds_no_transaction_open(
-        distributed: Settings, distributed_env: dict[str, str],
-        proxies: dict[str, TcpProxy]) -> None:
-    """Issue 25.7: the reconcile sweep asks Redis how many messages wait with no database
-    transaction open, so a Redis that does not answer (here: every byte held back) leaves no
-    session idle in transaction, holding its locks, while it waits."""
-    name = f"sdq-sweep-{os.getpid()}"
-    url = make_url(distributed.database_url).update_query_dict({"application_name": name})
-    engine = open_database(url)
-    job_id, _ = queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open, past a grace of 0
-    settings = Settings.load({**distributed_env, "SDQ_BROKER_URL": proxies["redis"].url(
-        distributed_env["SDQ_BROKER_URL"])})
-    proxies["redis"].cut("blackhole")
+def sessions_of(url: str, application: str) -> list[str]:
+    """The states PostgreSQL shows for the sessions of `application`."""
+    with open_database(url).connect() as connection:
+        return list(connection.exec_driver_sql(
+            "SELECT state FROM pg_stat_activity WHERE application_name = %s",
+            (application,)).scalars())
+
+
+def while_redis_hangs(proxy: TcpProxy, call: Callable[[], object], url: str, application: str,
+                      stop: Callable[[], None]) -> None:
+    """Run `call` in a thread with every Redis byte held back; once it has reached Redis,
+    no session of `application` may be idle in transaction. `stop` lets `call` end."""
+    proxy.cut("blackhole")
+    reached = proxy.accepted
     ended: list[object] = []
 
     def run() -> None:
         try:
-            ended.append(sweep(settings, engine, grace_s=0, waiting=Reconciler(settings, 0).waiting))
+            ended.append(call())
         except Exception as exc:  # noqa: BLE001 - Redis timing out is what the test expects
             ended.append(exc)
 
-    sweeping = threading.Thread(target=run, name="sweep")
-    sweeping.start()
+    thread = threading.Thread(target=run, name="hung-on-redis")
+    thread.start()
     try:
-        wait_for("the sweep to reach Redis", lambda: proxies["redis"].accepted > 0, every=0.05)
-        with open_database(distributed.database_url).connect() as connection:
-            states = connection.exec_driver_sql(
-                "SELECT state FROM pg_stat_activity WHERE application_name = %s", (name,)).scalars().all()
+        wait_for("the call to reach Redis", lambda: proxy.accepted > reached, every=0.05)
+        states = sessions_of(url, application)
         assert states and "idle in transaction" not in states, states
     finally:
-        proxies["redis"].restore()
-        sweeping.join(60)
+        proxy.restore()
+        stop()
+        thread.join(60)
+    assert not thread.is_alive() and ended
+
+
+def test_no_transaction_stays_open_while_redis_hangs(
+        distributed: Settings, distributed_env: dict[str, str],
+        proxies: dict[str, TcpProxy]) -> None:
+    """Issue 25.7: the reconcile sweep asks Redis how many messages wait, and `submit --wait`
+    / `sdq watch` which workers serve the job, with no database transaction open, so a Redis
+    that does not answer (every byte held back) leaves no session idle in transaction,
+    holding its locks, while they wait."""
+    name = f"sdq-hang-{os.getpid()}"
+    env = {**distributed_env,
+           "SDQ_DATABASE_URL": make_url(distributed.database_url).update_query_dict(
+               {"application_name": name}).render_as_string(hide_password=False),
+           "SDQ_BROKER_URL": proxies["redis"].url(distributed_env["SDQ_BROKER_URL"])}
+    settings = Settings.load(env)
+    engine = open_database(settings.database_url)
+    job_id, _ = queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open, past a grace of 0
+    try:
+        while_redis_hangs(proxies["redis"], lambda: sweep(
+            settings, engine, grace_s=0, waiting=Reconciler(settings, 0).waiting),
+            distributed.database_url, name, lambda: None)
+        while_redis_hangs(proxies["redis"], lambda: follow(
+            settings, job_id, poll_s=0.05, queues=[queue_name("7" * 64)]),
+            distributed.database_url, name, lambda: cancel_job(distributed, job_id))
+    finally:
         # Later tests share the database and the broker: nothing of this job is left to them.
         cancel_job(distributed, job_id)
         clear_queues(distributed.broker_url or "", queue_name("7" * 64))
         engine.dispose()
-    assert not sweeping.is_alive() and ended
