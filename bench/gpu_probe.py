@@ -421,6 +421,7 @@ class PremadeImages:
 
     def __init__(self, pipe, images) -> None:
         self.sha256, self.name, self.device, self.dtype = pipe.sha256, pipe.name, pipe.device, pipe.dtype
+        self.vae_dtype = pipe.vae_dtype
         self.default_batch_size = pipe.default_batch_size
         self.images = images
 

@@ -246,9 +246,11 @@ def follow(settings: Settings, job_id: int, *, poll_s: float = POLL_S,
                                _finished(progress))
             shown.callback(bar.close)
             while progress.remaining:
+                # No transaction held open over the broker check and the wait (and a fresh
+                # snapshot for the next read).
+                session.rollback()
                 unserved.check()
                 time.sleep(poll_s)
-                session.rollback()  # a fresh snapshot, and no transaction held open
                 progress = job_progress(session, job_id)
                 bar.advance(_finished(progress) - bar.done)
         except KeyboardInterrupt:

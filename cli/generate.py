@@ -98,7 +98,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         except ValueError as exc:
             raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     size = batch_size or settings.batch_size or min(num_images, pipe.default_batch_size(width, height))
-    environment = environment_fingerprint(pipe.device, pipe.dtype)
+    environment = environment_fingerprint(pipe.device, pipe.dtype, vae_dtype=pipe.vae_dtype)
     watermark = None if no_watermark else settings.watermark
     paths = output_paths(output, num_images)
     written: list[dict[str, Any]] = []
@@ -118,6 +118,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                     png = encode_judged(image, verdict, Provenance(
                         params=params[i], model_sha256=pipe.sha256, model_name=pipe.name,
                         environment=environment, batch_position=position, safety=verdict,
+                        redecoded="fp32" if position in produced.redecoded else None,
                     ), watermark=watermark, level=settings.png_level)
                     if png is None:
                         entry["path"] = None

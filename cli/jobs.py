@@ -9,7 +9,14 @@ import click
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
 from sdq.cli.progress import duration, rate_text
 from sdq.db.models import Job, Status
-from sdq.db.queries import failure_reasons, flagged_counts, get_job, job_progress, recent_jobs
+from sdq.db.queries import (
+    failure_reasons,
+    flagged_counts,
+    get_job,
+    job_progress,
+    recent_jobs,
+    unchecked_count,
+)
 
 _COLUMNS = ["id", "name", "status", "items", "done", "failed", "flagged", "created"]
 
@@ -60,6 +67,7 @@ def status(job_id: int, output: str | None) -> None:
         progress = job_progress(session, job_id)
         failures = failure_reasons(session, job_id)
         record = _job_record(job, progress.counts, flagged_counts(session, [job_id])[job_id])
+        record["not_checked"] = unchecked_count(session, job_id)
     if output == "json":
         click.echo(json.dumps({
             **{k: plain(v) for k, v in record.items()},
@@ -86,7 +94,10 @@ def status(job_id: int, output: str | None) -> None:
     for error, count, first in failures:
         click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
     if job.safety_checker:
-        click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})")
+        unchecked = (f", {record['not_checked']} not checked (reused before checks entered the "
+                     "cache key)" if record["not_checked"] else "")
+        click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})"
+                   f"{unchecked}")
     else:
         click.echo("  safety checker: none (images not checked)")
     if job.status == Status.PENDING and progress.remaining:

@@ -183,28 +183,32 @@ def get(item_ids: tuple[int, ...], job_id: int | None, directory: Path, output: 
     skipped: list[str] = []
     missing: list[dict[str, Any]] = []
     dropped: list[int] = []
-    with database_session(settings) as session:
+    # The rows are read, and the session closed, before any download: no transaction (nor
+    # SQLite's write lock) stays open over storage calls.
+    wanted: list[tuple[int, str, str | None, bytes]] = []
+    with database_session(settings, reads_only=True) as session:
         items = get_items(session, item_ids) if job_id is None else job_items(session, job_id)
         for item in items:
             if item.safety_action == "dropped":
                 dropped.append(item.id)
-                continue
-            if item.image_key is None:
+            elif item.image_key is None:
                 missing.append({"id": item.id, "status": item.status.value})
-                continue
-            path = directory / f"{item.id}.png"
-            sidecar = json.dumps({k: plain(v) for k, v in item_record(item).items()}, indent=2,
-                                 ensure_ascii=False).encode()
-            try:
-                if _same_file(path, item.image_sha256):
-                    skipped.append(str(path))
-                else:
-                    write_file(path, storage.get(item.image_key))
-                    written.append(str(path))
-                if not _same_file(path.with_suffix(".json"), hashlib.sha256(sidecar).hexdigest()):
-                    write_file(path.with_suffix(".json"), sidecar)
-            except StorageError as exc:
-                raise CommandFailed.of(exc, f"item {item.id}") from None
+            else:
+                wanted.append((item.id, item.image_key, item.image_sha256, json.dumps(
+                    {k: plain(v) for k, v in item_record(item).items()}, indent=2,
+                    ensure_ascii=False).encode()))
+    for item_id, key, sha256, sidecar in wanted:
+        path = directory / f"{item_id}.png"
+        try:
+            if _same_file(path, sha256):
+                skipped.append(str(path))
+            else:
+                write_file(path, storage.get(key))
+                written.append(str(path))
+            if not _same_file(path.with_suffix(".json"), hashlib.sha256(sidecar).hexdigest()):
+                write_file(path.with_suffix(".json"), sidecar)
+        except StorageError as exc:
+            raise CommandFailed.of(exc, f"item {item_id}") from None
     if output == "json":
         click.echo(json.dumps({"written": written, "skipped": skipped, "not_ready": missing,
                                "dropped": dropped}, indent=2))

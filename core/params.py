@@ -367,20 +367,29 @@ def adapter_record(entries: Any, *, weighted: bool) -> list[dict[str, Any]]:
 
 
 def cache_key(params: GenerationParams, *, model_sha256: str, watermark: str | None, device: str,
-              dtype: str, loras: Any = (), embeddings: Any = ()) -> str:
-    """The sha256 naming the image these inputs make: the parameters (prompt syntax and clip
-    skip among them), the model, the LoRAs and embeddings by name, weight and file hash (a file
-    changed under the same name makes another image), the watermark text and where it runs
-    (the device's kind, `cuda` for `cuda:1`, and the dtype, since the same seed gives other
-    pixels in fp16 than in fp32). Two items with one key make the same image, so the second
-    may reuse the first's."""
+              dtype: str, vae_dtype: str | None = None, safety_checker_sha256: str | None = None,
+              on_flag: str = "keep", loras: Any = (), embeddings: Any = ()) -> str:
+    """The sha256 naming the image these inputs make and the record it is stored with: the
+    parameters (prompt syntax and clip skip among them), the model, the LoRAs and embeddings
+    by name, weight and file hash (a file changed under the same name makes another image),
+    the watermark text, where it runs (the device's kind, `cuda` for `cuda:1`, and the dtype,
+    since the same seed gives other pixels in fp16 than in fp32, and the autoencoder's dtype
+    when it differs), and the safety checker by file hash with what becomes of a flagged
+    image (`on_flag`: a black substitute, no image, or the verdict in the PNG and row).
+    Two items with one key make the same stored image and record, so the second may reuse
+    the first's."""
     record = {**params.to_dict(), "model_sha256": model_sha256, "watermark": watermark or "",
               "device": device.split(":")[0], "dtype": dtype}
-    # What every key made before these fields existed meant: left out, so those keys still match.
+    # What every key made before these fields existed meant: left out, so those keys still
+    # match (an autoencoder in the model's dtype; no check, where `on_flag` does nothing).
     if record["prompt_syntax"] == LEGACY_PROMPT_SYNTAX:
         del record["prompt_syntax"]
     if record["clip_skip"] == 1:
         del record["clip_skip"]
+    if vae_dtype not in (None, dtype):
+        record["vae_dtype"] = vae_dtype
+    if safety_checker_sha256 is not None:
+        record["safety"] = {"checker_sha256": safety_checker_sha256, "on_flag": on_flag}
     if loras:
         record["loras"] = [{k: v for k, v in lora.items() if k != "a1111"}
                            for lora in adapter_record(loras, weighted=True)]

@@ -265,6 +265,14 @@ def flagged_counts(session: Session, job_ids: Iterable[int]) -> dict[int, int]:
     return counts
 
 
+def unchecked_count(session: Session, job_id: int) -> int:
+    """How many of the job's stored images carry no safety verdict: in a job that names a
+    checker, images reused before the check entered the cache key (never "not flagged")."""
+    return session.scalar(select(func.count()).where(
+        Item.job_id == job_id, Item.image_key.is_not(None),
+        Item.safety_checker_sha256.is_(None))) or 0
+
+
 def get_job(session: Session, job_id: int) -> Job:
     """The job, or NotFound naming the id."""
     job = session.get(Job, job_id)

@@ -44,9 +44,10 @@ def lock_for_claim(session: Session, ids: Collection[int]) -> list[Row[Any]]:
         .where(Item.id.in_(ids)).order_by(Item.id).with_for_update(of=Item)))
 
 
-def claim_item(item: Item, *, worker_host: str, batch_id: str, lease_s: float, cache_key: str,
-               now: datetime) -> None:
-    """Queued (or an expired lease) -> running under this claim: a lease, one more attempt."""
+def claim_item(item: Item, *, worker_host: str, batch_id: str, lease_s: float,
+               cache_key: str | None, now: datetime) -> None:
+    """Queued (or an expired lease) -> running under this claim: a lease, one more attempt
+    (`cache_key` None: none known, its safety checker was not found)."""
     item.status, item.attempts = Status.RUNNING, item.attempts + 1
     item.lease_expires_at = now + timedelta(seconds=lease_s)
     item.worker_host, item.started_at, item.batch_id = worker_host, now, batch_id
@@ -76,34 +77,53 @@ def renew_leases(session: Session, ids: Collection[int], *, worker_host: str,
         .returning(Item.id).execution_options(synchronize_session=False)))
 
 
+SAFETY_COLUMNS = ("safety_flagged", "safety_scores", "safety_checker_sha256", "safety_action")
+"""An item's safety verdict: all null when no check ran ("not checked")."""
+
+
 @dataclass(frozen=True)
 class Reuse:
-    """A stored image an item takes over: the item that made it, and what its row records."""
+    """A stored image an item takes over: the item that made it, the done item whose row it
+    is copied from (the maker itself, or an earlier reuse of its image), and what that row
+    records of the image and its safety verdict (`SAFETY_COLUMNS`)."""
 
     item_id: int
+    copied_from: int
     image_key: str
     image_sha256: str | None
     watermark: str | None
+    safety: Mapping[str, Any]
 
 
 def record_reused(session: Session, reuses: Mapping[int, tuple[str, Reuse]], *,
                   worker_host: str, device: str) -> set[int]:
     """Items -> done as reusing a stored image (`reuses`: item id -> its cache key and the
-    image), for those still free: not finished, not under a live lease. Their ids."""
+    image), for those still free: not finished, not under a live lease. Their ids.
+
+    The reuse takes its reference to the object in this transaction: the row it copies is
+    locked with the items (in id order, as a purge locks a job's items) and must still be
+    done with that image. A purge that committed first leaves the item to be generated; one
+    that comes after finds this row, so it keeps the object (`maintenance.purge_job`)."""
     now = utcnow()
-    rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at)
-                           .where(Item.id.in_(list(reuses))).order_by(Item.id)
+    sources = {reuse.copied_from for _, reuse in reuses.values()}
+    rows = session.execute(select(Item.id, Item.job_id, Item.status, Item.lease_expires_at,
+                                  Item.image_key)
+                           .where(Item.id.in_(set(reuses) | sources)).order_by(Item.id)
                            .with_for_update()).all()
-    free = [(item_id, job_id) for item_id, job_id, status, lease in rows
-            if status not in FINISHED and not leased(status, lease, now)]
+    held = {item_id: stored for item_id, _, status, _, stored in rows
+            if item_id in sources and status == Status.DONE}
+    free = [(item_id, job_id) for item_id, job_id, status, lease, _ in rows
+            if item_id in reuses and status not in FINISHED and not leased(status, lease, now)
+            and held.get(reuses[item_id][1].copied_from) == reuses[item_id][1].image_key]
     if free:
         session.execute(update(Item), [{
             "id": item_id, "status": Status.DONE, "cache_key": reuses[item_id][0],
             "reused_from": reuses[item_id][1].item_id,
             "image_key": reuses[item_id][1].image_key,
             "image_sha256": reuses[item_id][1].image_sha256,
-            "watermark": reuses[item_id][1].watermark, "device": device,
-            "worker_host": worker_host, "started_at": now, "finished_at": now,
+            "watermark": reuses[item_id][1].watermark,
+            **{column: reuses[item_id][1].safety.get(column) for column in SAFETY_COLUMNS},
+            "device": device, "worker_host": worker_host, "started_at": now, "finished_at": now,
             "duration_s": 0.0, "lease_expires_at": None, "last_error": None,
         } for item_id, _ in free])
     finish_jobs(session, {job_id for _, job_id in free})

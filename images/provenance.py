@@ -77,9 +77,12 @@ class Environment:
     dtype: str
     attention: str
     rng_device: str = "cpu"
+    vae_dtype: str | None = None
+    """The autoencoder's dtype where it is not `dtype` (`SDQ_VAE_DTYPE`); None: `dtype`."""
 
 
-def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa") -> Environment:
+def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa",
+                            vae_dtype: str | None = None) -> Environment:
     """The fingerprint of this process; torch is imported only to name a CUDA device, so
     reading or verifying images never pays for it."""
     gpu = None
@@ -95,6 +98,7 @@ def environment_fingerprint(device: str, dtype: str, attention: str = "sdpa") ->
         gpu=gpu,
         dtype=dtype.removeprefix("torch."),
         attention=attention,
+        vae_dtype=None if vae_dtype in (None, dtype) else vae_dtype,
     )
 
 
@@ -148,6 +152,9 @@ class Provenance:
     A1111's `Lora hashes` field and civitai look files up by."""
     embeddings: tuple[dict[str, Any], ...] = ()
     """The textual-inversion embeddings the prompts used: {name, sha256}."""
+    redecoded: str | None = None
+    """The dtype the image was decoded again in (`fp32`) because its decode in the
+    autoencoder's dtype gave NaN or Inf; None when its first decode stands."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(adapter_record(self.loras, weighted=True)))

@@ -90,16 +90,21 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
     with Session(engine) as session, session.begin():
         transitions.requeue_expired(session, now)
     stale = and_(Item.status.in_(WAITING), func.coalesce(Item.queued_at, Item.created_at) < cutoff)
+    # Read, commit, then ask the broker (a slow or cut Redis takes seconds per model), then
+    # write in a new transaction: no transaction, nor its locks, stays open over a network call.
+    with Session(engine) as session, session.begin():
+        candidates = list(session.scalars(
+            select(Model.sha256).join(Item, Item.model_id == Model.id).where(stale).distinct()))
+    models = [sha256 for sha256 in candidates if waiting(sha256) == 0]
+    if not models:
+        return Requeued(0, 0)
     with Session(engine) as session:
         with session.begin():
-            models = [sha256 for sha256 in session.scalars(
-                select(Model.sha256).join(Item, Item.model_id == Model.id).where(stale).distinct())
-                if waiting(sha256) == 0]
             taken = list(session.scalars(
                 update(Item).where(stale, Item.model_id.in_(
                     select(Model.id).where(Model.sha256.in_(models))))
                 .values(queued_at=now).returning(Item.id)
-                .execution_options(synchronize_session=False))) if models else []
+                .execution_options(synchronize_session=False)))
         if not taken:
             return Requeued(0, 0)
         return _requeue(settings, engine, session, Item.id.in_(taken), f"s{int(time.time())}")

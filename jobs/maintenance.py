@@ -12,7 +12,10 @@ names the objects left; they belong to no row, and since ids are never reused (m
 
 With the result cache, items of several jobs may point at one object (the job that made it
 and those that reused it): a purge deletes only the objects no item of another job points at
-(read under the same lock), so the last job to go takes the object with it.
+(read under the same lock), so the last job to go takes the object with it. A reuse in flight
+takes its reference in the transaction that writes its row, re-checking under lock that the row
+it copies is still there (`transitions.record_reused`): committed before this purge, it is among
+the rows read here and its object is kept; after, it finds its source gone and generates.
 """
 from __future__ import annotations
 

@@ -285,8 +285,9 @@ def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdent
 def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
                  settings: Settings) -> int:
     """How many of `items` have their image stored already (done items with the cache key
-    they would get), for `--dry-run`: an estimate, made for the device and dtype the settings
-    give here (a worker's decide), without checking that the objects are still there."""
+    they would get), for `--dry-run`: an estimate, made for the device and dtypes the settings
+    give here (a worker's decide) and without a safety check (a job with one reuses only
+    images its checker judged), without checking that the objects are still there."""
     from sdq.sdmodel.pipeline import default_device, default_dtype
 
     device = settings.device or default_device()
@@ -294,7 +295,8 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: Mo
     known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
                              model_sha256=known.get(item.get("model_id"), model.sha256),
-                             device=device, dtype=dtype) for item in items)
+                             device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
+                   for item in items)
     found: set[str] = set()
     ordered = list(keys)
     for start in range(0, len(ordered), _LOOKUP_CHUNK):

@@ -35,6 +35,8 @@ class Denoiser(Protocol):
     name: str
     device: str
     dtype: str
+    vae_dtype: str
+    """The autoencoder's dtype (the cache key names it)."""
 
     def default_batch_size(self, width: int = 512, height: int = 512) -> int: ...
 
@@ -51,6 +53,9 @@ class Produced:
     seconds: float = 0.0
     error: str | None = None
     """Why the one request failed, in the user's terms; None when `images` holds its image."""
+    redecoded: tuple[int, ...] = ()
+    """Positions, in `images`, of those decoded again in float32 (their decode in the
+    autoencoder's dtype gave NaN or Inf: `pipeline.Images.redecoded`)."""
 
 
 def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: int | None = None,
@@ -94,7 +99,9 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
                 log.warning("generating %d items failed (%s); trying them apart", len(indices), exc)
                 pending[:0] = [indices[:half], indices[half:]]
             continue
-        yield Produced(tuple(indices), tuple(images), time.perf_counter() - start)
+        # A stand-in model returns a plain list: nothing decoded again.
+        yield Produced(tuple(indices), tuple(images), time.perf_counter() - start,
+                       redecoded=getattr(images, "redecoded", ()))
 
 
 def _cut(indices: list[int], size: int) -> list[list[int]]:

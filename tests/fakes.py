@@ -19,6 +19,7 @@ class FakePipeline:
     def __init__(self, sha256: str = "f" * 64, *, batch_size: int = 8,
                  fail: Callable[[Sequence[Request]], None] | None = None) -> None:
         self.sha256, self.name, self.device, self.dtype = sha256, "fake", "cpu", "fp32"
+        self.vae_dtype = self.dtype
         self.batch_size, self.fail = batch_size, fail
         self.calls: list[tuple[int, ...]] = []
         self.called = threading.Condition()

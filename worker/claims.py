@@ -66,6 +66,10 @@ class Work:
         return self.params.shape
 
 
+KeyOf = Callable[[GenerationParams, tuple[str | None, str]], str | None]
+"""An item's cache key from its parameters and its job's (safety checker, on_flag)."""
+
+
 class Claims:
     """One worker's claims, under its name (`worker_host` on the rows it holds)."""
 
@@ -75,14 +79,15 @@ class Claims:
         self.lease_s, self.max_attempts = lease_s, max_attempts
         self._keeper: LeaseKeeper | None = None
 
-    def take(self, batch: Batch, model_sha256: str,
-             key_of: Callable[[GenerationParams], str], model_ref: str = "") -> list[Work]:
+    def take(self, batch: Batch, model_sha256: str, key_of: KeyOf, model_ref: str = "") -> list[Work]:
         """Claim the batch's free items for the model `model_sha256`, each recording its cache
-        key (`key_of`), and keep their leases from now on. Items under another worker's live
-        lease are waited for until it runs out; this worker's own (their images still being
-        stored, the batch delivered twice) are skipped at once. Items recorded for another
-        model fail, naming `model_ref`: their queue is this model's, so its file changed since
-        they were submitted, and other weights must not make images recorded under their hash."""
+        key (`key_of(params, (safety checker, on_flag))`, from what was read and hashed before
+        the transaction: it makes no call), and keep their leases from now on. Items under
+        another worker's live lease are waited for until it runs out; this worker's own (their
+        images still being stored, the batch delivered twice) are skipped at once. Items
+        recorded for another model fail, naming `model_ref`: their queue is this model's, so
+        its file changed since they were submitted, and other weights must not make images
+        recorded under their hash."""
         deadline = time.monotonic() + self.lease_s + 1
         while True:
             ours = self.held()
@@ -98,8 +103,7 @@ class Claims:
         return work
 
     def _take(self, session: Session, batch: Batch, rows: Sequence[Any], busy: set[int],
-              model_sha256: str, key_of: Callable[[GenerationParams], str],
-              model_ref: str) -> list[Work]:
+              model_sha256: str, key_of: KeyOf, model_ref: str) -> list[Work]:
         now = utcnow()
         order = {item_id: n for n, item_id in enumerate(batch.item_ids)}
         work = []
@@ -122,7 +126,8 @@ class Claims:
                 closing.add(item.job_id)
                 continue
             claim_item(item, worker_host=self.worker_name, batch_id=batch.id,
-                       lease_s=self.lease_s, cache_key=key_of(params), now=now)
+                       lease_s=self.lease_s, cache_key=key_of(params, (checker, on_flag)),
+                       now=now)
             work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts,
                              checker, on_flag))
         session.flush()

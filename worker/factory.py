@@ -22,6 +22,7 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
     return Runner(
         engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
         model_ref=model_ref, device=settings.device, dtype=settings.dtype,
+        vae_dtype=settings.vae_dtype,
         watermark=settings.watermark, hash_cache=settings.home / "hashes.json",
         max_attempts=settings.max_attempts, lease_s=min(LEASE_S, settings.visibility_timeout),
         micro_batch=settings.batch_size, worker_name=worker_name,

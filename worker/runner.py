@@ -41,7 +41,7 @@ from sdq.images.provenance import Environment, environment_fingerprint
 from sdq.images.storage import Storage
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.sdmodel.produce import Denoiser, produce
-from sdq.worker.cache import ResultCache, identify
+from sdq.worker.cache import Identity, ResultCache, identify
 from sdq.worker.claims import LEASE_S, Claims, Work
 from sdq.worker.outage import TransientError, retrying
 from sdq.worker.store_queue import QUEUED_CHUNKS, Chunk, StoreQueue, check, encode, record, settle
@@ -60,7 +60,8 @@ class Runner:
 
     def __init__(
         self, *, engine: Engine, storage: Storage, model_ref: str, device: str | None = None,
-        dtype: str | None = None, watermark: str | None = None, hash_cache: Any = None,
+        dtype: str | None = None, vae_dtype: str | None = None, watermark: str | None = None,
+        hash_cache: Any = None,
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
         worker_name: str | None = None, pipeline: Denoiser | None = None,
         png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None, fast: str | None = None,
@@ -68,7 +69,8 @@ class Runner:
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
         on the first run, with the fast path `fast` (a `FastPath.parse` string).
-        `store_threads`: None for one per core, up to 8."""
+        `store_threads`: None for one per core, up to 8. `vae_dtype`: the autoencoder's
+        dtype (`SDQ_VAE_DTYPE`; None: `dtype`)."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
         # lock up front (engine_from_url's default, the role FOR UPDATE plays on PostgreSQL),
         # so store threads recording at once queue on the busy timeout; the cache lookups
@@ -76,6 +78,7 @@ class Runner:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.storage = storage
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
+        self.vae_dtype = vae_dtype
         self.watermark, self.hash_cache = watermark, hash_cache
         self.micro_batch, self.outage_s = micro_batch, outage_s
         self.worker_name = worker_name or socket.gethostname()
@@ -84,7 +87,8 @@ class Runner:
         self.claims = Claims(self.sessions, worker_name=self.worker_name, lease_s=lease_s,
                              max_attempts=max_attempts)
         self.cache = ResultCache(sessionmaker(read_only(engine)), self.sessions, storage,
-                                 watermark=watermark, worker_name=self.worker_name)
+                                 watermark=watermark, worker_name=self.worker_name,
+                                 hash_cache=hash_cache)
         self.current_batch: str | None = None
         self.images_done = 0
         """Images this runner generated and recorded (reused ones not counted)."""
@@ -99,7 +103,8 @@ class Runner:
     def pipeline(self) -> Denoiser:
         if self._pipeline is None:
             self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
-                                           hash_cache=self.hash_cache, fast=self.fast)
+                                           vae_dtype=self.vae_dtype, hash_cache=self.hash_cache,
+                                           fast=self.fast)
         return self._pipeline
 
     def safety_checker(self, ref: str) -> SafetyChecker:
@@ -135,7 +140,7 @@ class Runner:
         pipe = self._load(left, report) if left else None
         if pipe is None:
             return report
-        environment = environment_fingerprint(pipe.device, pipe.dtype)
+        environment = environment_fingerprint(pipe.device, pipe.dtype, vae_dtype=pipe.vae_dtype)
         claimed: list[int] = []
         stores: list[Future[int]] = []
         try:
@@ -175,7 +180,7 @@ class Runner:
         """The result cache first, without loading the model: a message whose images are all
         stored already costs no model load."""
         model = identify(self._pipeline, self.model_ref, device=self.device, dtype=self.dtype,
-                         hash_cache=self.hash_cache)
+                         vae_dtype=self.vae_dtype, hash_cache=self.hash_cache)
         reused = set() if model is None else retrying(
             "reusing stored images", lambda: self.cache.reuse(batches, model), self.outage_s)
         report.done, report.reused = len(reused), len(reused)
@@ -200,8 +205,10 @@ class Runner:
         if not left:
             return []
         self.current_batch = batch.id
+        key_of = retrying("reading the jobs' safety checkers",
+                          lambda: self.cache.key_of(left, Identity.of(pipe)), self.outage_s)
         work = retrying("claiming items", lambda: self.claims.take(
-            batch, pipe.sha256, lambda params: self.cache.key(params, pipe), self.model_ref), self.outage_s)
+            batch, pipe.sha256, key_of, self.model_ref), self.outage_s)
         report.skipped += len(left) - len(work)
         return self._with_checkers(work, report)
 
@@ -234,7 +241,8 @@ class Runner:
                                           self.outage_s)
                 continue
             chunk_id = batch_id if len(items) == len(work) else f"{batch_id}.{items[0].row_index}"
-            yield Chunk(chunk_id, items, produced.images, produced.seconds)
+            yield Chunk(chunk_id, items, produced.images, produced.seconds,
+                        redecoded=frozenset(produced.redecoded))
 
     def _smaller(self, size: int) -> None:
         """Out of memory lowered the micro-batch: keep it lower for what follows."""

@@ -50,13 +50,16 @@ class Chunk:
     seconds: float
     first: int = 0
     """Batch position of the first item: a part of a chunk keeps its items' positions."""
+    redecoded: frozenset[int] = frozenset()
+    """Positions, in `images`, of those decoded again in float32 (recorded in provenance)."""
 
     def parts(self, count: int) -> list["Chunk"]:
         """The chunk cut into at most `count` runs of consecutive items, to be stored in
         parallel; each part carries its share of the denoising time."""
         size = math.ceil(len(self.items) / count)
         return [Chunk(self.batch_id, self.items[i:i + size], self.images[i:i + size],
-                      self.seconds * len(self.items[i:i + size]) / len(self.items), self.first + i)
+                      self.seconds * len(self.items[i:i + size]) / len(self.items), self.first + i,
+                      frozenset(n - i for n in self.redecoded if i <= n < i + size))
                 for i in range(0, len(self.items), size)]
 
 
@@ -118,6 +121,7 @@ def encode(chunk: Chunk, verdicts: Sequence[SafetyVerdict | None], *, model: Den
         params=w.params, model_sha256=model.sha256, model_name=model.name,
         environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
         batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
+        redecoded="fp32" if position in chunk.redecoded else None,
     ), watermark=watermark, level=level)
         for position, (w, image, verdict) in enumerate(zip(chunk.items, chunk.images, verdicts))]
 

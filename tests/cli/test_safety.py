@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from sdq.db.models import Item
 
@@ -63,6 +64,16 @@ def test_status_and_jobs_count_flagged_images(any_home: Home, tmp_path: Path) ->
     assert "safety checker: none (images not checked)" in any_home.run("status", str(unchecked.id)).output
     listed = {r["id"]: r["flagged"] for r in json.loads(any_home.run("jobs", "--json").output)}
     assert listed == {checked.id: 2, unchecked.id: 0}
+    # An image without a verdict in a checked job (reused before checks entered the cache
+    # key) is counted as not checked, never as checked and clean (issue 25.1).
+    with Session(any_home.engine) as session:
+        session.execute(update(Item).where(Item.job_id == checked.id, Item.row_index == 2).values(
+            safety_flagged=None, safety_scores=None, safety_checker_sha256=None, safety_action=None))
+        session.commit()
+    text = any_home.run("status", str(checked.id)).output
+    assert "safety checker: 2 flagged (on flag: black), 1 not checked (reused before checks " \
+           "entered the cache key)" in text
+    assert json.loads(any_home.run("status", str(checked.id), "--json").output)["not_checked"] == 1
 
 
 def test_gallery_and_sheet_show_the_flag_and_skip_dropped_images(home: Home, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import subprocess
 import sys
 
@@ -168,3 +169,57 @@ def test_keys_made_before_syntax_and_clip_skip_existed_still_match() -> None:
                   "model_sha256": "ab" * 32, "watermark": "", "device": "cpu", "dtype": "fp32"}
     old_key = hashlib.sha256(json.dumps(old_record, sort_keys=True).encode()).hexdigest()
     assert cache_key(params, **WHERE) == old_key
+    # An autoencoder in the model's dtype, and no check (where on_flag does nothing), as before.
+    assert cache_key(params, **WHERE, vae_dtype="fp32", on_flag="black") == old_key
+
+
+# What each input of a request may be, two or three values each, so that random pairs are often
+# equal in some fields and not others.
+CHOICES: dict[str, tuple[object, ...]] = {
+    "prompt": ("a fox", "a cat"), "negative_prompt": ("", "blur"), "seed": (1, 2),
+    "sampler": ("ddim", "euler"), "steps": (20, 30), "cfg": (7.5, 5.0), "eta": (0.0,),
+    "width": (512, 256), "height": (512, 256), "prompt_syntax": ("a1111", "plain"),
+    "clip_skip": (1, 2), "model_sha256": ("ab" * 32, "cd" * 32), "watermark": (None, "mark"),
+    "device": ("cpu", "cuda:0", "cuda:1"), "dtype": ("fp32", "fp16"),
+    "vae_dtype": (None, "fp32", "fp16"), "safety_checker_sha256": (None, "5" * 64, "6" * 64),
+    "on_flag": ("keep", "black", "drop"),
+    "loras": ((), (("detail", 0.8, "1" * 64),), (("detail", 0.8, "1" * 64), ("style", 0.5, "2" * 64))),
+    "embeddings": ((), (("easyneg", "3" * 64),)),
+}
+PARAMS = set(FIELDS)
+
+
+def what_it_makes(request: dict) -> tuple:
+    """The stored image and record a request makes, stated without the key: the device's kind
+    (not its index), the autoencoder's dtype (the model's when none is given), `on_flag` only
+    under a checker (without one nothing is checked), LoRAs in any order."""
+    made = dict(request)
+    made["device"] = request["device"].split(":")[0]
+    made["vae_dtype"] = request["vae_dtype"] or request["dtype"]
+    if request["safety_checker_sha256"] is None:
+        made["on_flag"] = None
+    made["loras"] = tuple(sorted(request["loras"]))
+    return tuple(sorted(made.items()))
+
+
+def key_of(request: dict) -> str:
+    params = GenerationParams(**{k: v for k, v in request.items() if k in PARAMS})
+    return cache_key(params, **{k: v for k, v in request.items() if k not in PARAMS})
+
+
+def test_two_requests_share_a_key_iff_they_make_the_same_image_and_record() -> None:
+    """Random pairs (seeded): the second is the first with a few inputs drawn again, so the
+    pairs cover every field changed alone, together, or respelt to the same meaning."""
+    rng = random.Random(25)
+    outcomes = {True: 0, False: 0}
+    for _ in range(3000):
+        first = {name: rng.choice(values) for name, values in CHOICES.items()}
+        second = dict(first)
+        for name in rng.sample(sorted(CHOICES), rng.randint(0, 3)):
+            second[name] = rng.choice(CHOICES[name])
+        if rng.random() < 0.3:
+            second["loras"] = tuple(reversed(second["loras"]))
+        same = what_it_makes(first) == what_it_makes(second)
+        assert (key_of(first) == key_of(second)) == same, (first, second)
+        outcomes[same] += 1
+    assert min(outcomes.values()) > 500  # both sides of "iff" are exercised

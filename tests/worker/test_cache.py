@@ -1,8 +1,10 @@
 """The result cache: an item whose image is already stored reuses it instead of generating."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -15,16 +17,19 @@ from sdq.db.session import open_database
 from sdq.core.params import GenerationParams, cache_key
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.images.provenance import ItemRecord, verify_png
-from sdq.images.storage import open_storage
+from sdq.core.batch import RunReport
+from sdq.images.storage import S3Storage, open_storage
 from sdq.jobs.maintenance import Purged, purge_job
 from sdq.jobs.submit import identify_model, plan_batches, submit
 from sdq.worker.runner import Runner
 from sdq.core.settings import Settings
 from sdq.worker.factory import runner_from_settings
 
+from tests.fakes import FakePipeline
+
 from ..conftest import build_tiny_networks, ldm_checkpoint
 from .cluster import WorkerProcess, wait_for
-from .conftest import job_items, specs
+from .conftest import job_items, queued_job, specs
 from .test_distributed import wait_until_done
 
 
@@ -151,3 +156,53 @@ def test_a_checkpoint_replaced_in_place_is_neither_reused_nor_run_under_its_old_
     assert items[0].last_error.startswith(f"model {path} changed since the job was submitted: "
                                           f"its sha256 is now {identify_model(path).short_hash}, "
                                           f"the job recorded {old.short_hash}")
+
+
+class HeldAfterLookup(S3Storage):
+    """The store on the S3 server, holding a worker between its cache lookup's HEAD request
+    (answered: the object is there) and its write, as a slow S3 answer does."""
+
+    def __init__(self, url: str) -> None:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        super().__init__(bucket, prefix)
+        self.looked_up, self.go = threading.Event(), threading.Event()
+
+    def exists(self, key: str) -> bool:
+        found = super().exists(key)
+        self.looked_up.set()
+        assert self.go.wait(60), "the test never let the lookup go on"
+        return found
+
+
+def test_a_purge_between_lookup_and_write_costs_a_generation_never_an_image(
+        distributed: Settings) -> None:
+    """Issue 25.2, on PostgreSQL and S3: the purge of the job whose images a second job is
+    about to reuse commits while that reuse waits on storage; the second job's items end done
+    with objects that are there (made again), not pointing at deleted ones."""
+    engine = open_database(distributed.database_url)
+    pipe = FakePipeline("9" * 64)
+    direct = open_storage(distributed.storage_url)
+    first_id, first = queued_job(engine, pipe.sha256, specs(3, steps=1), 8, prefix="made")
+    Runner(engine=engine, storage=direct, model_ref="", pipeline=pipe, worker_name="w1").run(first)
+    made = job_items(engine, first_id)
+    assert {i.status for i in made} == {Status.DONE}
+
+    held = HeldAfterLookup(distributed.storage_url)
+    second_id, second = queued_job(engine, pipe.sha256, specs(3, steps=1), 8, prefix="again")
+    runner = Runner(engine=engine, storage=held, model_ref="", pipeline=pipe, worker_name="w2")
+    reports: list[RunReport] = []
+    run = threading.Thread(target=lambda: reports.append(runner.run(second)), name="reusing-run")
+    run.start()
+    try:
+        assert held.looked_up.wait(60)
+        assert purge_job(engine, direct, first_id).images == 3
+    finally:
+        held.go.set()
+        run.join(120)
+    assert not run.is_alive() and reports
+    assert (reports[0].done, reports[0].reused) == (3, 0)
+    again = job_items(engine, second_id)
+    assert [(i.status, i.reused_from) for i in again] == [(Status.DONE, None)] * 3
+    for item in again:
+        assert item.image_key.startswith(f"{second_id}/")
+        assert hashlib.sha256(direct.get(item.image_key)).hexdigest() == item.image_sha256

@@ -35,7 +35,7 @@ def claims(engine: Engine, name: str = "w1", *, lease_s: float = 120, max_attemp
                   max_attempts=max_attempts)
 
 
-def key_of(params: GenerationParams) -> str:
+def key_of(params: GenerationParams, job: object) -> str:
     return f"key-{params.seed}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,6 +17,7 @@ from typing import Callable
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from sdq.db.base import utcnow
@@ -23,14 +25,16 @@ from sdq.db.models import Item, Status
 from sdq.db.session import open_database
 from sdq.jobs.broker import queue_name
 from sdq.images.storage import open_storage
-from sdq.jobs.lifecycle import cancel_job
+from sdq.jobs.lifecycle import cancel_job, sweep
 from sdq.jobs.submit import identify_model, submit
 from sdq.core.settings import Settings
+from sdq.worker.reconciler import Reconciler
 from tests.faults import TcpProxy
+from sdq.cli.common import follow
 from tests.services import clear_queues
 
 from .cluster import WorkerProcess, wait_for
-from .conftest import job_items, specs
+from .conftest import job_items, queued_job, specs
 from .test_distributed import assert_exactly_once, wait_until_done
 from .test_worker_loss import running_batch_of
 
@@ -130,3 +134,67 @@ def test_a_worker_recovers_lost_work_rides_out_each_service_cut_and_stops_cleanl
     # The rest stays queued: cancelled, so that later tests' workers (same database, same
     # model queue) do not reconcile it, make it, and offer it to their jobs' result cache.
     cancel_job(distributed, stopping.job_id)
+
+
+def sessions_of(url: str, application: str) -> list[str]:
+    """The states PostgreSQL shows for the sessions of `application`."""
+    with open_database(url).connect() as connection:
+        return list(connection.exec_driver_sql(
+            "SELECT state FROM pg_stat_activity WHERE application_name = %s",
+            (application,)).scalars())
+
+
+def while_redis_hangs(proxy: TcpProxy, call: Callable[[], object], url: str, application: str,
+                      stop: Callable[[], None]) -> None:
+    """Run `call` in a thread with every Redis byte held back; once it has reached Redis,
+    no session of `application` may be idle in transaction. `stop` lets `call` end."""
+    proxy.cut("blackhole")
+    reached = proxy.accepted
+    ended: list[object] = []
+
+    def run() -> None:
+        try:
+            ended.append(call())
+        except Exception as exc:  # noqa: BLE001 - Redis timing out is what the test expects
+            ended.append(exc)
+
+    thread = threading.Thread(target=run, name="hung-on-redis")
+    thread.start()
+    try:
+        wait_for("the call to reach Redis", lambda: proxy.accepted > reached, every=0.05)
+        states = sessions_of(url, application)
+        assert states and "idle in transaction" not in states, states
+    finally:
+        proxy.restore()
+        stop()
+        thread.join(60)
+    assert not thread.is_alive() and ended
+
+
+def test_no_transaction_stays_open_while_redis_hangs(
+        distributed: Settings, distributed_env: dict[str, str],
+        proxies: dict[str, TcpProxy]) -> None:
+    """Issue 25.7: the reconcile sweep asks Redis how many messages wait, and `submit --wait`
+    / `sdq watch` which workers serve the job, with no database transaction open, so a Redis
+    that does not answer (every byte held back) leaves no session idle in transaction,
+    holding its locks, while they wait."""
+    name = f"sdq-hang-{os.getpid()}"
+    env = {**distributed_env,
+           "SDQ_DATABASE_URL": make_url(distributed.database_url).update_query_dict(
+               {"application_name": name}).render_as_string(hide_password=False),
+           "SDQ_BROKER_URL": proxies["redis"].url(distributed_env["SDQ_BROKER_URL"])}
+    settings = Settings.load(env)
+    engine = open_database(settings.database_url)
+    job_id, _ = queued_job(engine, "7" * 64, specs(2), 8, prefix="stale")  # open, past a grace of 0
+    try:
+        while_redis_hangs(proxies["redis"], lambda: sweep(
+            settings, engine, grace_s=0, waiting=Reconciler(settings, 0).waiting),
+            distributed.database_url, name, lambda: None)
+        while_redis_hangs(proxies["redis"], lambda: follow(
+            settings, job_id, poll_s=0.05, queues=[queue_name("7" * 64)]),
+            distributed.database_url, name, lambda: cancel_job(distributed, job_id))
+    finally:
+        # Later tests share the database and the broker: nothing of this job is left to them.
+        cancel_job(distributed, job_id)
+        clear_queues(distributed.broker_url or "", queue_name("7" * 64))
+        engine.dispose()

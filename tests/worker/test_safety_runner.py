@@ -128,3 +128,30 @@ def test_a_distributed_worker_checks_with_the_jobs_checker(
         assert not np.asarray(Image.open(io.BytesIO(data))).any()
         assert read_png_metadata(data).provenance.safety.action == "blacked"
         assert verify_png(data, ItemRecord.of(item)).ok
+
+
+@pytest.mark.slow
+def test_the_cache_keeps_each_jobs_safety_promise(
+        embedded: Settings, tiny_checkpoint: Path, generated: list[Image.Image], tmp_path: Path) -> None:
+    """Issue 25.1 end to end: a job that drops flagged images, after an unchecked twin, reuses
+    none of its images (each is checked, the flagged one dropped); its own twin then reuses
+    every stored image with the verdict it carries, and makes the dropped one again (no image
+    to reuse), dropped again; an unchecked job after them reuses the unchecked twin's."""
+    vision, projection = TINY_CHECKERS["vit-l14-scaled"]
+    folder = save_safety_checker(tmp_path / "safety_checker", vision, projection)
+    flag_images(folder, generated, [FLAGGED])
+    unchecked = run_job(embedded, tiny_checkpoint)
+    dropping = run_job(embedded, tiny_checkpoint, safety_checker=str(folder), on_flag="drop")
+    twin = run_job(embedded, tiny_checkpoint, safety_checker=str(folder), on_flag="drop")
+    again = run_job(embedded, tiny_checkpoint)
+    engine = open_database(embedded.database_url)
+    first, second = job_items(engine, dropping), job_items(engine, twin)
+    assert [i.reused_from for i in first] == [None] * COUNT
+    assert [i.safety_action for i in first] == ["dropped" if n == FLAGGED else "kept" for n in range(COUNT)]
+    assert {i.safety_checker_sha256 for i in first} == {model_sha256(folder)}
+    assert [i.reused_from for i in second] == [None if n == FLAGGED else first[n].id for n in range(COUNT)]
+    safety = ("safety_flagged", "safety_scores", "safety_checker_sha256", "safety_action")
+    assert [[getattr(i, c) for c in safety] for i in second] == [[getattr(i, c) for c in safety] for i in first]
+    made = job_items(engine, unchecked)
+    assert [i.reused_from for i in job_items(engine, again)] == [i.id for i in made]
+    assert {i.safety_checker_sha256 for i in job_items(engine, again)} == {None}
