@@ -47,7 +47,7 @@ def add(ref: str, name: str, output: str | None) -> None:
     Example:
       sdq models add stable-diffusion-v1-5/stable-diffusion-v1-5 --name sd15
     """
-    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+    from sdq.sdmodel.modelfiles import model_sha256, resolve_model_ref
 
     settings = load_settings(need_broker=False)
     path = resolve_model_ref(ref)

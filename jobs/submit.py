@@ -89,10 +89,10 @@ class ModelIdentity:
 
 def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
     """Check a model cheaply and hash it without loading it (cached by path and file identity:
-    size, mtime, inode and ctime, `sdmodel.checkpoint.file_identity`);
+    size, mtime, inode and ctime, `sdmodel.modelfiles.file_identity`);
     raises ModelNotFound, or CheckpointError for what is not a model. A local model's `ref` is
     its absolute path, so the job can be reproduced, retried or resumed from any folder."""
-    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+    from sdq.sdmodel.modelfiles import model_sha256, resolve_model_ref
 
     path = resolve_model_ref(ref)
     local = Path(str(ref)).expanduser().exists()
@@ -286,10 +286,11 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: Mo
                  settings: Settings) -> int:
     """How many of `items` have their image stored already (done items with the cache key
     they would get), for `--dry-run`: an estimate, made for the device and dtype the settings
-    give here (a worker's decide), without checking that the objects are still there."""
-    from sdq.sdmodel.pipeline import default_device, default_dtype
+    give here (a worker's decide; unset, the device guessed without loading torch), without
+    checking that the objects are still there."""
+    from sdq.sdmodel.devices import default_dtype, likely_device
 
-    device = settings.device or default_device()
+    device = settings.device or likely_device()
     dtype = settings.dtype or default_dtype(device)
     known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job
-from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.modelfiles import CheckpointError
 from sdq.sdmodel.safety import load_safety_checker
 from sdq.images.provenance import read_png_metadata, verify_png
 from sdq.images.storage import open_storage
