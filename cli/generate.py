@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import load_settings, output_options
+from sdq.cli.common import database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
 from sdq.cli.options import as_option_errors, generation_options, safety_options
 from sdq.cli.progress import ProgressLine
@@ -63,7 +63,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     """
     from sdq.images.provenance import Provenance, environment_fingerprint
     from sdq.images.safety import encode_judged, judge
-    from sdq.jobs.submit import job_safety_checker
+    from sdq.jobs.submit import identify_model, job_safety_checker, may_be_model_name
     from sdq.sdmodel import clip
     from sdq.sdmodel.pipeline import DTYPES, load_pipeline
     from sdq.sdmodel.produce import produce
@@ -84,6 +84,9 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
+    if may_be_model_name(ref):
+        with database_session(settings) as session:
+            ref = identify_model(ref, settings.home / "hashes.json", session).ref
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
                              hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec,

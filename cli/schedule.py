@@ -122,10 +122,11 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     if model_ref is not None:
         if Path(model_ref).expanduser().exists():
             model_ref = str(Path(model_ref).expanduser().resolve())
-        try:
-            identify_model(model_ref, settings.home / "hashes.json")
-        except (ValueError, LookupError, OSError) as exc:
-            raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
+        with database_session(settings) as session:
+            try:
+                identify_model(model_ref, settings.home / "hashes.json", session)
+            except (ValueError, LookupError, OSError) as exc:
+                raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     if safety_checker is not None:  # `off` is kept: the scheduler's default must not apply
         try:
             safety_checker = job_safety_checker(safety_checker, None) or SAFETY_OFF

@@ -101,6 +101,8 @@ class PromptFile:
     rows: int
     items: Sequence[dict[str, Any]]
     """Made as they are read (see `ItemSpecs`)."""
+    needs_default_model: bool = True
+    """Whether some row names no model of its own, so the job's default model makes it."""
     warnings: list[Problem] = field(default_factory=list)
 
 
@@ -171,6 +173,7 @@ def parse_prompt_file(
     return PromptFile(
         source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
         rows=len(rows), items=ItemSpecs(rows, base + repeat * total, repeat),
+        needs_default_model=any(row.model_id is None for row in rows),
         warnings=_token_warnings(rows, source, tokenizer),
     )
 

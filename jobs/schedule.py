@@ -307,7 +307,8 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),
                                        expansion=expansion, repeat=repeat)
-        model = identify_model(spec.model or settings.model, settings.home / "hashes.json")
+            model = identify_model(spec.model or settings.model, settings.home / "hashes.json",
+                                   session) if spec.model or parsed.needs_default_model else None
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
         recorded = {**schedule.options, "base_seed": parsed.base_seed, "repeat": repeat,
                     "expansion": expansion.to_json()}
