@@ -101,7 +101,7 @@ def identify_model(ref: str | Path, hash_cache: Path | None = None,
 
     text = str(ref)
     if session is not None and not Path(text).expanduser().exists():
-        if (known := find_model(session, text)) is not None:
+        if (known := find_model(session, text)) is not None and known.source_uri:
             return ModelIdentity(known.source_uri, known.sha256, known.name, known.architecture)
     try:
         path = resolve_model_ref(ref)
