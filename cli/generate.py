@@ -10,7 +10,7 @@ import click
 
 from sdq.cli.common import database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options, safety_options
+from sdq.cli.options import as_option_errors, check_on_flag, generation_options, safety_options
 from sdq.cli.progress import ProgressLine
 from sdq.core.params import SEED_LIMIT, GenerationParams, draw_seed
 from sdq.core.settings import DTYPE_NAMES
@@ -82,6 +82,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         checker_ref = job_safety_checker(safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
+    check_on_flag(on_flag, checker_ref)
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
     if may_be_model_name(ref):

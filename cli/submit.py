@@ -25,6 +25,7 @@ from sdq.cli.options import (
     TAG,
     YES,
     as_option_errors,
+    check_on_flag,
     expansion_of,
     generation_options,
     safety_options,
@@ -148,6 +149,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
+    check_on_flag(spec.on_flag, checker)
     size = default_batch_size(spec.batch_size, settings.batch_size)
     if dry_run:
         with database_session(settings) as session:

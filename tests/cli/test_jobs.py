@@ -120,3 +120,16 @@ def test_resume_closes_a_job_left_queued_with_nothing_to_run(either_mode: Home) 
     result = either_mode.run("resume", str(job.id))
     assert (result.exit_code, result.stdout) == (0, f"nothing to resume. Job {job.id}: 2/2 done\n")
     assert job_status(either_mode, job.id) == Status.DONE
+
+
+def test_status_of_a_job_whose_checker_did_not_load_says_so(home: Home) -> None:
+    reason = "safety checker: /m/checker: no such safety checker folder, nor a Hugging Face repo id"
+    job = home.add_job(["a red fox", "a boat"], failed={0: reason, 1: reason},
+                       safety_checker="/m/checker", on_flag="drop")
+    result = home.run("status", str(job.id))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  safety checker: failed to load, 2 item(s) failed unchecked (on flag: drop)" in lines
+    assert not any("0 flagged" in line for line in lines)
+    record = json.loads(home.run("status", str(job.id), "--json").output)
+    assert (record["flagged"], record["checker_failed"]) == (0, 2)
