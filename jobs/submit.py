@@ -284,19 +284,22 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
     return session.scalars(by_hash).one()
 
 
+_NO_DEFAULT = "an item names no model, and the job has no default model"
+
+
 def _with_model(spec: Mapping[str, Any], default_id: int | None) -> Mapping[str, Any]:
     """An item spec with its model: its own, else the default (ValueError when there is none)."""
     if "model_id" in spec:
         return spec
     if default_id is None:
-        raise ValueError("an item names no model, and the job has no default model")
+        raise ValueError(_NO_DEFAULT)
     return {"model_id": default_id, **spec}
 
 
 def _default(model: ModelIdentity | None) -> tuple[str, str]:
     """The default model's name and sha256, for items without a model of their own."""
     if model is None:
-        raise ValueError("an item names no model, and the job has no default model")
+        raise ValueError(_NO_DEFAULT)
     return model.name, model.sha256
 
 
