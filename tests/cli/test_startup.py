@@ -37,6 +37,7 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
     model = stand_in_checkpoint(tmp_path / "sd15.safetensors")
     commands = [
         ["submit", str(prompts), "--model", str(model), "--dry-run"],
+        ["models", "add", "sd15", str(model)], ["submit", str(prompts), "--model", "sd15", "--dry-run"],
         ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
         ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],
         ["get", "2", "-o", str(tmp_path / "got")], ["verify", str(tmp_path / "one" / "1.png")],
