@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sdq.sdmodel import clip  # noqa: E402
-from sdq.sdmodel.checkpoint import PREFIXES  # noqa: E402
+from sdq.sdmodel.modelfiles import PREFIXES  # noqa: E402
 from sdq.sdmodel.configs import UNetConfig, VAEConfig  # noqa: E402
 from sdq.sdmodel.pipeline import DTYPES, Request, load_pipeline  # noqa: E402
 from sdq.sdmodel.samplers import SAMPLERS  # noqa: E402

@@ -17,7 +17,7 @@ from sdq.cli.errors import BAD_INPUT, CommandFailed
 from sdq.cli.progress import ProgressLine
 from sdq.db.queries import get_job
 from sdq.images.storage import StorageError, open_storage
-from sdq.jobs.export import FORMATS, export_items, select_item_ids
+from sdq.jobs.export import FORMATS, check_format, export_items, select_item_ids
 from sdq.jobs.schedule import describe_schedule, find_schedule
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -30,7 +30,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 @click.option("--schedule", "schedule_name", metavar="NAME",
               help="Every run of the schedule NAME, as one dataset (each image once).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
-              help="webdataset (tar shards), parquet (needs the sdq[export] extra) or "
+              help="webdataset (tar shards), parquet or "
                    "imagefolder (images/ + metadata.jsonl).")
 @click.option("-o", "--output", "dest", metavar="DEST", required=True,
               help="A folder, or s3://bucket/prefix.")
@@ -71,6 +71,7 @@ def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt
         raise click.BadParameter(f"{prefix!r}: the start of a file name, such as 'shard': "
                                  "letters, digits, '.', '_' and '-', not starting with '.'",
                                  param_hint="--prefix")
+    check_format(fmt)
     settings = load_settings(need_broker=False)
     try:
         target = open_storage(dest, max_attempts=settings.max_attempts)

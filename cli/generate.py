@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import load_settings, output_options
+from sdq.cli.common import database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, generation_options, safety_options
+from sdq.cli.options import as_option_errors, check_on_flag, generation_options, safety_options
 from sdq.cli.progress import ProgressLine
 from sdq.core.params import SEED_LIMIT, GenerationParams, draw_seed
 from sdq.core.settings import DTYPE_NAMES
@@ -63,7 +63,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     """
     from sdq.images.provenance import Provenance, environment_fingerprint
     from sdq.images.safety import encode_judged, judge
-    from sdq.jobs.submit import job_safety_checker
+    from sdq.jobs.submit import identify_model, job_safety_checker, may_be_model_name
     from sdq.sdmodel import clip
     from sdq.sdmodel.pipeline import DTYPES, load_pipeline
     from sdq.sdmodel.produce import produce
@@ -82,8 +82,12 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
         checker_ref = job_safety_checker(safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
+    check_on_flag(on_flag, checker_ref)
     ref = model_ref or settings.model
     click.echo(f"Loading {ref} ...", err=True)
+    if may_be_model_name(ref):
+        with database_session(settings) as session:
+            ref = identify_model(ref, settings.home / "hashes.json", session).ref
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
                              hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec,

@@ -8,6 +8,7 @@ import click
 
 from sdq.cli.common import database_session, emit, limit_option, output_options, plain
 from sdq.cli.progress import duration, rate_text
+from sdq.core.jobspec import CHECKER_FAILED
 from sdq.db.models import Job, Status
 from sdq.db.queries import (
     failure_reasons,
@@ -68,6 +69,8 @@ def status(job_id: int, output: str | None) -> None:
         failures = failure_reasons(session, job_id)
         record = _job_record(job, progress.counts, flagged_counts(session, [job_id])[job_id])
         record["not_checked"] = unchecked_count(session, job_id)
+    record["checker_failed"] = sum(count for error, count, _ in failures
+                                   if (error or "").startswith(CHECKER_FAILED))
     if output == "json":
         click.echo(json.dumps({
             **{k: plain(v) for k, v in record.items()},
@@ -93,9 +96,13 @@ def status(job_id: int, output: str | None) -> None:
     click.echo("  " + line)
     for error, count, first in failures:
         click.echo(f"  failed x{count} (first: item {first}): {error or 'no error recorded'}")
-    if job.safety_checker:
-        unchecked = (f", {record['not_checked']} not checked (reused before checks entered the "
-                     "cache key)" if record["not_checked"] else "")
+    unchecked = (f", {record['not_checked']} not checked (reused before checks entered the "
+                 "cache key)" if record["not_checked"] else "")
+    if job.safety_checker and record["checker_failed"]:
+        flagged = f"; {record['flagged']} flagged" if record["flagged"] else ""
+        click.echo(f"  safety checker: failed to load, {record['checker_failed']} item(s) failed "
+                   f"unchecked{flagged} (on flag: {job.on_flag}){unchecked}")
+    elif job.safety_checker:
         click.echo(f"  safety checker: {record['flagged']} flagged (on flag: {job.on_flag})"
                    f"{unchecked}")
     else:

@@ -38,7 +38,7 @@ def retry(job_id: int, output: str | None) -> None:
     """Re-enqueue the failed items of JOB_ID, each with a fresh set of attempts.
 
     With no broker (embedded mode) they run again here instead; the exit status is then 1
-    if any of them failed again.
+    if any of them failed again. A job without failed items is left as it is (exit status 0).
 
     \b
     Example:
@@ -47,8 +47,12 @@ def retry(job_id: int, output: str | None) -> None:
     from sdq.jobs.lifecycle import retry_job
     from sdq.worker.factory import runner_from_settings
 
-    _report_requeued(output, retry_job(load_settings(need_broker=False), job_id,
-                                       runner_from_settings), job_id, "failed item(s)")
+    done = retry_job(load_settings(need_broker=False), job_id, runner_from_settings)
+    if not done.items:
+        report({"job": job_id, "items": 0, "batches": 0},
+               f"Job {job_id} has no failed items; nothing to retry", output)
+        return
+    _report_requeued(output, done, job_id, "failed item(s)")
 
 
 @click.command()

@@ -3,6 +3,8 @@ so `sdq --help` and the read-side commands start without loading what they do no
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -113,15 +115,38 @@ class SdqGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click's `main`, with the output flushed before the interpreter exits, so that a pipe
+        that breaks on the last buffered line ends as one that breaks mid-command does (see
+        `invoke`), not with the interpreter's status 120 and its message."""
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            _reader_gone()
+            sys.exit(0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            _reader_gone()
+            raise click.exceptions.Exit(0) from None
         except Exception as exc:
             if ctx.params.get("debug") and exit_code_of(exc) is None:
                 raise
             raise CommandFailed.of(exc) from None
+
+
+def _reader_gone() -> None:
+    """The reader of standard output has gone (`sdq show 1 | head -1`): end quietly with status
+    0, as Unix tools do. What is left to print has no reader, so it goes to /dev/null, where
+    the interpreter's own flush at exit cannot fail on the same pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @click.group(cls=SdqGroup, lazy=COMMANDS,

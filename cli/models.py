@@ -35,20 +35,35 @@ def models() -> None:
     """
 
 
+_ADD_USAGE = "sdq models add NAME REF (or sdq models add REF --name NAME)"
+
+
+def _name_and_ref(given: tuple[str, ...], name: str | None) -> tuple[str, str]:
+    """`NAME REF` (the order people try first) or `REF --name NAME`; anything else is a usage
+    error that shows both calls."""
+    if len(given) == 2 and name is None:
+        return given[0], given[1]
+    if len(given) == 1 and name is not None:
+        return name, given[0]
+    raise click.UsageError(f"give a name and a model: {_ADD_USAGE}")
+
+
 @models.command("add")
-@click.argument("ref")
-@click.option("--name", required=True, help="The name to refer to the model by.")
+@click.argument("given", nargs=-1, metavar="[NAME] REF")
+@click.option("--name", help="The name to refer to the model by (or give it before REF).")
 @output_options("json")
-def add(ref: str, name: str, output: str | None) -> None:
+def add(given: tuple[str, ...], name: str | None, output: str | None) -> None:
     """Register REF (a checkpoint file, a diffusers folder or a Hugging Face repo id in the
     local cache) under NAME. Hashing a large file takes a while the first time only.
 
     \b
-    Example:
+    Examples:
+      sdq models add sd15 ~/models/v1-5-pruned-emaonly.safetensors
       sdq models add stable-diffusion-v1-5/stable-diffusion-v1-5 --name sd15
     """
-    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+    from sdq.sdmodel.modelfiles import model_sha256, resolve_model_ref
 
+    name, ref = _name_and_ref(given, name)
     settings = load_settings(need_broker=False)
     path = resolve_model_ref(ref)
     try:

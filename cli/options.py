@@ -135,6 +135,16 @@ def safety_options(*, fill_defaults: bool = True) -> Callable[[F], F]:
     return decorate
 
 
+def check_on_flag(on_flag: str | None, checker: str | None) -> None:
+    """`--on-flag black|drop` promises what only a safety checker does: with no checker to
+    run (none given, `off`, SDQ_SAFETY_CHECKER unset) it would silently do nothing, so it is
+    refused as a usage error (exit status 2) before any work."""
+    if checker is None and on_flag not in (None, ON_FLAG[0]):
+        raise click.BadParameter(
+            f"{on_flag!r} needs a safety checker (--safety-checker PATH, or SDQ_SAFETY_CHECKER); "
+            "without one no image is checked", param_hint="'--on-flag'")
+
+
 @contextmanager
 def as_option_errors() -> Iterator[None]:
     """Turn a ParamError raised inside (a combination of values no single option refuses,

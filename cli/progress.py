@@ -70,10 +70,11 @@ class ProgressLine:
             self.show(force=self.done == self.total)
 
     def step(self, units: int, i: int, steps: int) -> None:
-        """Step `i` of `steps` of the `units` images being denoised together."""
+        """Step `i` of `steps` of the `units` images being denoised together (a batch: said so,
+        since `of 3` alone reads as a count of steps or jobs)."""
         with self.lock:
             self.partial = units * i / steps if steps else 0.0
-            self.step_text = f", step {i}/{steps} of {units}"
+            self.step_text = f", step {i}/{steps} of a batch of {units}"
             self.show()
 
     def line(self) -> str:

@@ -16,12 +16,13 @@ from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed, Reported
 from sdq.cli.options import (
     TAG,
     as_option_errors,
+    check_on_flag,
     expansion_of,
     generation_options,
     safety_options,
     template_options,
 )
-from sdq.core.jobspec import PRIORITIES, SEED_POLICIES, JobSpec
+from sdq.core.jobspec import ON_FLAG, PRIORITIES, SEED_POLICIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.core.settings import SAFETY_OFF
 from sdq.db.models import Schedule
@@ -32,6 +33,7 @@ from sdq.jobs.schedule import (
     Clock,
     Run,
     add_schedule,
+    disable_schedule,
     next_run,
     parse_cron,
     remove_schedule,
@@ -70,7 +72,7 @@ def schedule() -> None:
       sdq schedule add nightly --cron "0 2 * * *" prompts.csv --model v1-5-pruned-emaonly.safetensors -n 4
       sdq schedule list
       sdq schedule run-now nightly
-      sdq schedule remove nightly
+      sdq schedule disable nightly
     """
 
 
@@ -122,10 +124,11 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     if model_ref is not None:
         if Path(model_ref).expanduser().exists():
             model_ref = str(Path(model_ref).expanduser().resolve())
-        try:
-            identify_model(model_ref, settings.home / "hashes.json")
-        except (ValueError, LookupError, OSError) as exc:
-            raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
+        with database_session(settings) as session:
+            try:
+                identify_model(model_ref, settings.home / "hashes.json", session)
+            except (ValueError, LookupError, OSError) as exc:
+                raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     if safety_checker is not None:  # `off` is kept: the scheduler's default must not apply
         try:
             safety_checker = job_safety_checker(safety_checker, None) or SAFETY_OFF
@@ -136,6 +139,12 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
     if grid or wildcards or expand != "combinatorial" or expand_seed is not None:
         # Stored with the wildcard lines it reads: a run never reads the folder again.
         expansion = expansion_of(grid, wildcards, expand, draws, expand_seed).to_json()
+    if safety_checker == SAFETY_OFF:
+        check_on_flag(on_flag, None)
+    elif safety_checker is None and settings.safety_checker is None and on_flag not in (None, ON_FLAG[0]):
+        # The scheduler's own SDQ_SAFETY_CHECKER is its default: not known here.
+        click.echo(f"Warning: --on-flag {on_flag} does nothing unless the scheduler has a safety "
+                   "checker (SDQ_SAFETY_CHECKER): none is given here", err=True)
     with as_option_errors():
         spec = JobSpec(
             model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
@@ -200,22 +209,42 @@ def list_(output: str | None) -> None:
     emit(records, _COLUMNS, output, empty="no schedules")
 
 
+@schedule.command("disable")
+@click.argument("name")
+@output_options("json")
+def disable(name: str, output: str | None) -> None:
+    """Stop running NAME, keeping it: `schedule list` shows it disabled, its runs stay linked
+    to it (`export --schedule`), and `schedule add` with the same file enables it again.
+
+    \b
+    Example:
+      sdq schedule disable nightly
+    """
+    with database_session() as session:
+        disable_schedule(session, name)
+        session.commit()
+    report({"schedule": name, "outcome": "disabled"},
+           f"schedule {name} disabled (`schedule add` with the same file enables it again)",
+           output)
+
+
 @schedule.command("remove")
 @click.argument("name")
 @output_options("json")
 def remove(name: str, output: str | None) -> None:
-    """Stop scheduling NAME. A schedule that has run is disabled rather than deleted, so its
-    jobs keep their record; `schedule add` with the same file re-enables it.
+    """Delete the schedule NAME. The jobs of its runs stay, as jobs of no schedule (their
+    names say which schedule and day made them; `export --schedule` no longer finds them:
+    `schedule disable` keeps the link).
 
     \b
     Example:
       sdq schedule remove nightly
     """
     with database_session() as session:
-        deleted = remove_schedule(session, name)
+        runs = remove_schedule(session, name)
         session.commit()
-    report({"schedule": name, "outcome": "removed" if deleted else "disabled"},
-           f"schedule {name} {'removed' if deleted else 'disabled (its runs stay)'}", output)
+    report({"schedule": name, "outcome": "removed", "jobs": runs},
+           f"schedule {name} removed; its {runs} job(s) stay, as jobs of no schedule", output)
 
 
 @schedule.command("run-now")

@@ -25,6 +25,7 @@ from sdq.cli.options import (
     TAG,
     YES,
     as_option_errors,
+    check_on_flag,
     expansion_of,
     generation_options,
     safety_options,
@@ -137,14 +138,18 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     if not dry_run:
         check_size(len(parsed.items), settings.confirm_items, confirmed=yes)
     ref = spec.model or settings.model
-    try:
-        model = identify_model(ref, settings.home / "hashes.json")
-    except (ValueError, LookupError, OSError) as exc:
-        raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
+    model = None
+    if spec.model is not None or parsed.needs_default_model:
+        with database_session(settings) as session:
+            try:
+                model = identify_model(ref, settings.home / "hashes.json", session)
+            except (ValueError, LookupError, OSError) as exc:
+                raise CommandFailed.of(exc, "--model", code=BAD_INPUT) from None
     try:
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
     except ValueError as exc:
         raise CommandFailed.of(exc, "--safety-checker", code=BAD_INPUT) from None
+    check_on_flag(spec.on_flag, checker)
     size = default_batch_size(spec.batch_size, settings.batch_size)
     if dry_run:
         with database_session(settings) as session:
@@ -155,7 +160,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     name = spec.name or (recorded_name(file.name) if file is not None else str(prompt)[:200])
     job = new_job(spec, parsed, name=name, safety_checker=checker,
                   defaults={**spec.row_defaults().to_json(), "base_seed": parsed.base_seed,
-                            "model": model.recorded_ref(ref), "batch_size": size,
+                            "model": model.recorded_ref(ref) if model else None,
+                            "batch_size": size,
                             "expansion": expansion.to_json()})
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
@@ -190,7 +196,7 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
         raise CommandFailed(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT) from None
 
 
-def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity, job: Job, size: int,
+def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity | None, job: Job, size: int,
             as_json: bool) -> tuple[dict[str, Any], int]:
     """Record and run (embedded, with a progress bar) or enqueue; the outcome and exit status."""
     from sdq.jobs.submit import submit as submit_items

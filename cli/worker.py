@@ -84,13 +84,15 @@ def worker(model_ref: str | None, gpus: str | None, batch_size: int | None, vae_
     from sdq.worker.broker_keys import upgrade_broker_keys
 
     settings = load_settings(need_broker=True)
-    with database_session(settings):
-        pass  # the database is reachable and at the right schema, or one readable line
-    configured_storage(settings).check()
-    try:
-        model = identify_model(model_ref or settings.model, settings.home / "hashes.json")
-    except (ValueError, LookupError, OSError) as exc:
-        raise CommandFailed.of(exc, code=BAD_INPUT) from None
+    # The database must be reachable and at the right schema (or one readable line); it also
+    # knows the names of registered models.
+    with database_session(settings) as session:
+        configured_storage(settings).check()
+        try:
+            model = identify_model(model_ref or settings.model, settings.home / "hashes.json",
+                                   session)
+        except (ValueError, LookupError, OSError) as exc:
+            raise CommandFailed.of(exc, code=BAD_INPUT) from None
     with create_app(settings).connection_for_write() as connection:
         try:
             connection.ensure_connection(max_retries=1)

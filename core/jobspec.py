@@ -34,6 +34,9 @@ black image of the same size instead, or store no image."""
 SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
 """An item's `safety_action` for each `on_flag` when its image was flagged; an image the
 checker passed is always `kept`."""
+CHECKER_FAILED = "safety checker: "
+"""How the error of an item failed because its job's safety checker could not be loaded begins
+(the runner fails them rather than run them unchecked; `sdq status` counts them by it)."""
 SEED_POLICIES = ("same", "fresh", "add")
 """How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
 free, and it adds what is new when the file grows), a fresh base seed each night (recorded

@@ -115,7 +115,7 @@ class Job(Base):
     item_count: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # A schedule that has run is disabled, not deleted: its runs keep pointing at it.
+    # Removing a schedule unlinks its runs first (schedule and run day null); disabling keeps them.
     schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"))
     run_day: Mapped[date | None] = mapped_column(Date)
     # The safety checker each image is scored with (a folder or a hub id; null: none), and

@@ -260,13 +260,16 @@ def requeue_expired(session: Session, now: datetime, job_id: int | None = None) 
                     .execution_options(synchronize_session=False))
 
 
-def retry_job(session: Session, job: Job) -> None:
-    """The job's failed items pending again, each with a fresh set of attempts; the job queued
-    until they are run."""
-    session.execute(update(Item).where(
+def retry_job(session: Session, job: Job) -> int:
+    """The job's failed items pending again, each with a fresh set of attempts, and the job
+    queued until they are run; how many items. With none failed nothing changes: a queued job
+    with nothing to run would stay queued for good."""
+    count = _rowcount(session.execute(update(Item).where(
         Item.job_id == job.id, Item.status.in_(ITEMS.sources([Status.FAILED], Status.PENDING)))
-        .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None))
-    job.status, job.finished_at = JOBS.check(job.status, Status.QUEUED), None
+        .values(status=Status.PENDING, attempts=0, last_error=None, finished_at=None)))
+    if count:
+        job.status, job.finished_at = JOBS.check(job.status, Status.QUEUED), None
+    return count
 
 
 def cancel_job(session: Session, job: Job) -> int:

@@ -51,6 +51,10 @@ A1111_HASH_LEN = 12
 """Hex digits of A1111's `Lora hashes` and `TI hashes` entries."""
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+"""The first eight bytes of every PNG file."""
+
+
 class MetadataError(InvalidInput):
     """The bytes are not a readable PNG."""
 
@@ -420,13 +424,19 @@ class PngMetadata:
 
 
 def _open_png(data: bytes) -> Image.Image:
+    """The image in `data`, decoded; MetadataError says what else it is. Pillow's own
+    message names its in-memory buffer (`<_io.BytesIO object at 0x...>`), which means
+    nothing to the user: the caller names the file."""
+    buffer = io.BytesIO(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(buffer)
         image.load()
     except Image.DecompressionBombError as exc:  # a few kB that would decode to gigabytes
         raise MetadataError(f"refused to decode: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise MetadataError(f"not a readable image: {exc}") from None
+        if not data.startswith(PNG_SIGNATURE):
+            raise MetadataError("not a PNG file (nor any other image)") from None
+        raise MetadataError(f"a damaged PNG: {str(exc).replace(f' {buffer!r}', '')}") from None
     if image.format != "PNG":
         raise MetadataError(f"not a PNG but {image.format}")
     return image

@@ -78,7 +78,7 @@ def _check_storage(settings: Settings) -> Finding:
 
 
 def _check_model(settings: Settings) -> Finding:
-    from sdq.sdmodel.checkpoint import ModelNotFound, resolve_model_ref
+    from sdq.sdmodel.modelfiles import ModelNotFound, resolve_model_ref
 
     try:
         path = resolve_model_ref(settings.model)

@@ -7,7 +7,7 @@ Formats, each readable with one call by the usual loaders (tests/cli/test_export
   `bytes` and `path`, declared a Hugging Face `Image` so `datasets` decodes it), the record's
   fields as typed columns and the whole record as JSON (`provenance`). One Arrow schema,
   declared here, for every shard of every export, so shards of different jobs read as one
-  table; needs pyarrow;
+  table (pyarrow, a dependency of sdq);
 - `imagefolder`: `images/{key}.png` and one `metadata.jsonl` with a `file_name` column, the
   Hugging Face imagefolder convention; a shard is here a group of images.
 
@@ -101,6 +101,19 @@ def plan_shards(ids: Sequence[int], shard_size: int) -> list[list[int]]:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
     ordered = sorted(ids)
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+def check_format(fmt: str) -> None:
+    """ExportError when the library that writes `fmt` is missing, for a command to call before
+    any work starts. pyarrow is one of sdq's dependencies, but an environment assembled by
+    hand (or a wheel installed with --no-deps) can lack it."""
+    if fmt != "parquet":
+        return
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ExportError("the parquet format needs pyarrow, which this environment lacks: "
+                          "pip install 'pyarrow>=14'") from None
 
 
 def export_items(
@@ -323,11 +336,8 @@ def card_features(fmt: str) -> list[dict[str, Any]] | None:
 class _Parquet(_Writer):
     def __init__(self, folder: str) -> None:
         super().__init__(folder)
-        try:
-            self.schema = parquet_schema()
-        except ImportError:
-            raise ExportError("the parquet format needs pyarrow: pip install 'sdq[export]'") \
-                from None
+        check_format("parquet")
+        self.schema = parquet_schema()
 
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
         return [f"{self.folder}{prefix}-{n:06d}.parquet"]

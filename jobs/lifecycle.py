@@ -113,12 +113,13 @@ def sweep(settings: Settings, engine: Engine, *, grace_s: float,
 def retry_job(settings: Settings, job_id: int, make_runner: RunnerFactory | None = None) -> Requeued:
     """Give the job's failed items a fresh set of attempts and enqueue them again (in
     embedded mode: run them again here, on a runner from `make_runner`; `Requeued.report`
-    says how that went)."""
+    says how that went). A job without failed items is left as it is (`Requeued(0, 0)`)."""
     check_runner(settings, make_runner)
     engine = open_database(settings.database_url)
     try:
         with Session(engine) as session:
-            transitions.retry_job(session, get_job(session, job_id))
+            if not transitions.retry_job(session, get_job(session, job_id)):
+                return Requeued(0, 0)
             where = and_(Item.job_id == job_id, Item.status == Status.PENDING)
             return _requeue(settings, engine, session, where, f"j{job_id}-retry{int(time.time())}",
                             make_runner)
@@ -144,7 +145,8 @@ def resume_job(settings: Settings, job_id: int,
                make_runner: RunnerFactory | None = None) -> Resumed:
     """Run again the job's items an interrupted run left: pending, queued, and running under
     an expired lease (their process is gone); items done, failed or cancelled stay as they
-    are, so nothing is generated twice. In embedded mode they run here, through the same
+    are, so nothing is generated twice. A job with nothing left to run is closed (done, or
+    failed if any item failed), whatever status it was left in. In embedded mode they run here, through the same
     runner as a submit, from `make_runner` (`on_planned(total, finished)` is called first and
     returns the `on_recorded` callback); with a broker they are enqueued."""
     check_runner(settings, make_runner)
@@ -162,6 +164,8 @@ def resume_job(settings: Settings, job_id: int,
                                    prefix=f"j{job_id}-resume{int(time.time())}")
             if planned:
                 transitions.resume_job(job, embedded=settings.embedded)
+            elif not leased:  # nothing open: close a job left pending, queued or running
+                transitions.finish_jobs(session, [job_id])
             total = job.item_count
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()

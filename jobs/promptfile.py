@@ -101,6 +101,8 @@ class PromptFile:
     rows: int
     items: Sequence[dict[str, Any]]
     """Made as they are read (see `ItemSpecs`)."""
+    needs_default_model: bool = True
+    """Whether some row names no model of its own, so the job's default model makes it."""
     warnings: list[Problem] = field(default_factory=list)
 
 
@@ -171,6 +173,7 @@ def parse_prompt_file(
     return PromptFile(
         source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
         rows=len(rows), items=ItemSpecs(rows, base + repeat * total, repeat),
+        needs_default_model=any(row.model_id is None for row in rows),
         warnings=_token_warnings(rows, source, tokenizer),
     )
 
@@ -518,14 +521,18 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
 def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | None
                     ) -> list[Problem]:
     """A warning per `plain` prompt that CLIP would cut, naming the words it would drop
-    (`a1111` prompts are encoded whole, in 75-token chunks)."""
+    (`a1111` prompts are encoded whole, in 75-token chunks). The tokenizer (transformers, and
+    with it torch) is loaded only for a file that has such prompts."""
+    plain = [row for row in rows if row.params.prompt_syntax == LEGACY_PROMPT_SYNTAX]
+    if not plain:
+        return []
     from sdq.sdmodel import clip
 
     tokenizer = tokenizer or clip.load_tokenizer()
     dropped: dict[str, str | None] = {}
     warnings = []
     seen: set[tuple[int, str, str]] = set()
-    for row in (row for row in rows if row.params.prompt_syntax == LEGACY_PROMPT_SYNTAX):
+    for row in plain:
         for variant in row.variants:
             for prompt_text, name in zip(variant[:2], ("prompt", "negative_prompt")):
                 if prompt_text not in dropped:

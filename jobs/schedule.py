@@ -22,7 +22,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -173,17 +173,24 @@ def find_schedule(session: Session, name: str) -> Schedule:
     return schedule
 
 
-def remove_schedule(session: Session, name: str) -> bool:
-    """Delete the schedule, or disable it when it has runs (their jobs keep pointing at it);
-    True when it was deleted."""
-    schedule = find_schedule(session, name)
-    if session.scalar(select(Job.id).where(Job.schedule_id == schedule.id).limit(1)) is None:
-        session.delete(schedule)
-        session.flush()
-        return True
-    schedule.enabled = False
+def disable_schedule(session: Session, name: str) -> None:
+    """Stop running the schedule, keeping it and the link of its runs (`export --schedule`
+    still finds them); `add_schedule` with the same file and options enables it again."""
+    find_schedule(session, name).enabled = False
     session.flush()
-    return False
+
+
+def remove_schedule(session: Session, name: str) -> int:
+    """Delete the schedule. The jobs of its runs stay, as jobs of no schedule (their names
+    still say which schedule and day made them); how many there were."""
+    schedule = find_schedule(session, name)
+    of_it = Job.schedule_id == schedule.id
+    runs = session.scalar(select(func.count()).select_from(Job).where(of_it)) or 0
+    session.execute(update(Job).where(of_it).values(schedule_id=None, run_day=None)
+                    .execution_options(synchronize_session=False))
+    session.delete(schedule)
+    session.flush()
+    return runs
 
 
 def schedules_with_last_run(session: Session) -> list[tuple[Schedule, date | None, int | None]]:
@@ -307,7 +314,8 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),
                                        expansion=expansion, repeat=repeat)
-        model = identify_model(spec.model or settings.model, settings.home / "hashes.json")
+            model = identify_model(spec.model or settings.model, settings.home / "hashes.json",
+                                   session) if spec.model or parsed.needs_default_model else None
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
         recorded = {**schedule.options, "base_seed": parsed.base_seed, "repeat": repeat,
                     "expansion": expansion.to_json()}

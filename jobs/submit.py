@@ -35,7 +35,7 @@ from sdq.core.params import (
 from sdq.core.settings import Settings, safety_checker_ref
 from sdq.db import transitions
 from sdq.db.models import Item, Job, Model, Status
-from sdq.db.queries import all_models, seconds_per_step, submit_job
+from sdq.db.queries import all_models, find_model, seconds_per_step, submit_job
 from sdq.db.session import open_database
 from sdq.jobs.broker import (
     TASK_NAME,
@@ -87,17 +87,40 @@ class ModelIdentity:
         return self.ref if self.local else given
 
 
-def identify_model(ref: str | Path, hash_cache: Path | None = None) -> ModelIdentity:
+def identify_model(ref: str | Path, hash_cache: Path | None = None,
+                   session: Session | None = None) -> ModelIdentity:
     """Check a model cheaply and hash it without loading it (cached by path and file identity:
-    size, mtime, inode and ctime, `sdmodel.checkpoint.file_identity`);
+    size, mtime, inode and ctime, `sdmodel.modelfiles.file_identity`);
     raises ModelNotFound, or CheckpointError for what is not a model. A local model's `ref` is
-    its absolute path, so the job can be reproduced, retried or resumed from any folder."""
-    from sdq.sdmodel.checkpoint import model_sha256, resolve_model_ref
+    its absolute path, so the job can be reproduced, retried or resumed from any folder.
 
-    path = resolve_model_ref(ref)
+    With the database's `session`, a `ref` that is no local file or folder may name a model
+    registered there (`sdq models add`: its name, or a prefix of its hash), as a prompt file's
+    `model` column does: that model, loaded from where it was registered, not hashed again."""
+    from sdq.sdmodel.modelfiles import ModelNotFound, model_sha256, resolve_model_ref
+
+    text = str(ref)
+    if session is not None and not Path(text).expanduser().exists():
+        if (known := find_model(session, text)) is not None and known.source_uri:
+            return ModelIdentity(known.source_uri, known.sha256, known.name, known.architecture)
+    try:
+        path = resolve_model_ref(ref)
+    except ModelNotFound as exc:
+        if session is None or not may_be_model_name(text):
+            raise
+        raise ModelNotFound(f"{exc}, nor a model name: `sdq models list` shows them, "
+                            "`sdq models add NAME PATH` adds one") from None
     local = Path(str(ref)).expanduser().exists()
     name = (path.stem if path.is_file() else path.name) if local else str(ref)
     return ModelIdentity(str(path), model_sha256(path, hash_cache), name, local=local)
+
+
+def may_be_model_name(ref: str) -> bool:
+    """Whether `ref` can only mean a registered model (`identify_model` with a session looks it
+    up): nothing on disk, and neither a path into a folder, a repo id nor a weights file name.
+    Commands that need no database otherwise (`generate`) open it for such a ref only."""
+    return ("/" not in ref and Path(ref).suffix.lower() not in (".safetensors", ".ckpt")
+            and not Path(ref).expanduser().exists())
 
 
 def check_size(images: int, limit: int, *, confirmed: bool) -> None:
@@ -157,7 +180,7 @@ class Submission:
 
 
 def submit(
-    settings: Settings, items: Iterable[Mapping[str, Any]], *, model: ModelIdentity,
+    settings: Settings, items: Iterable[Mapping[str, Any]], *, model: ModelIdentity | None,
     job: Job | None = None, batch_size: int | None = None,
     batches_per_message: int = BATCHES_PER_MESSAGE,
     on_recorded: Callable[[int], None] | None = None,
@@ -168,8 +191,9 @@ def submit(
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
     queues, or, with no broker configured, run them here (`on_recorded(n)` after each stored
-    chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with its own `model_id` (a prompt file row naming a
-    registered model) keeps it, and each model's batches go to that model's queue.
+    chunk, `on_step(images, i, steps)` as they denoise). `model` is the default: a spec with
+    its own `model_id` (a prompt file row naming a registered model) keeps it, and each
+    model's batches go to that model's queue; None when every spec names its model.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
     batch runs, so a caller can name the job even if the run is interrupted. `make_runner`
     builds the in-process runner; it is needed in embedded mode only.
@@ -183,12 +207,12 @@ def submit(
     engine = open_database(settings.database_url)
     try:
         with Session(engine, expire_on_commit=False) as session:
-            model_id = _model_id(session, model)
+            model_id = _model_id(session, model) if model is not None else None
             job = job or Job()
             if (job.priority or 0) not in PRIORITIES:
                 raise ValueError(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, got {job.priority}")
             transitions.start_job(job, embedded=settings.embedded)
-            submit_job(session, job, ({"model_id": model_id, **spec} for spec in items))
+            submit_job(session, job, (_with_model(spec, model_id) for spec in items))
             if job.item_count == 0:
                 raise ValueError("nothing to submit: no items")
             session.commit()
@@ -202,7 +226,8 @@ def submit(
             with handed_back_on_interrupt(engine, job.id):
                 report = dispatch(settings, engine, planned, Item.job_id == job.id,
                                   batches_per_message=batches_per_message,
-                                  model_refs={model.sha256: model.ref}, on_recorded=on_recorded,
+                                  model_refs={model.sha256: model.ref} if model else None,
+                                  on_recorded=on_recorded,
                                   on_step=on_step, make_runner=make_runner)
         except Exception as exc:
             if settings.embedded or not _broker_error(exc):
@@ -259,19 +284,40 @@ def _model_id(session: Session, model: ModelIdentity) -> int:
     return session.scalars(by_hash).one()
 
 
-def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
+_NO_DEFAULT = "an item names no model, and the job has no default model"
+
+
+def _with_model(spec: Mapping[str, Any], default_id: int | None) -> Mapping[str, Any]:
+    """An item spec with its model: its own, else the default (ValueError when there is none)."""
+    if "model_id" in spec:
+        return spec
+    if default_id is None:
+        raise ValueError(_NO_DEFAULT)
+    return {"model_id": default_id, **spec}
+
+
+def _default(model: ModelIdentity | None) -> tuple[str, str]:
+    """The default model's name and sha256, for items without a model of their own."""
+    if model is None:
+        raise ValueError(_NO_DEFAULT)
+    return model.name, model.sha256
+
+
+def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity | None,
          batch_size: int) -> list[dict[str, Any]]:
     """What submitting `items` would run, recording nothing: one group per model and batch
     shape (the same key `plan_batches` groups by), with its images, batches and an estimate
     from the finished images of the same model, sampler and size (seconds per image and step;
-    None without any). `model` is the default of items without a `model_id`."""
+    None without any). `model` is the default of items without a `model_id` (None: every
+    item has one)."""
     known = {m.id: (m.name, m.sha256) for m in all_models(session)}
-    default_id = next((i for i, (_, sha256) in known.items() if sha256 == model.sha256), None)
+    default_id = next((i for i, (_, sha256) in known.items()
+                       if model is not None and sha256 == model.sha256), None)
     groups = Counter((item.get("model_id", default_id), GenerationParams.of(item).shape)
                      for item in items)
     planned = []
     for (model_id, shape), images in groups.items():
-        label, sha256 = known.get(model_id, (model.name, model.sha256))
+        label, sha256 = known.get(model_id) or _default(model)
         per_step = None if model_id is None else seconds_per_step(
             session, model_id=model_id, sampler=shape.sampler, width=shape.width,
             height=shape.height)
@@ -282,19 +328,20 @@ def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdent
     return planned
 
 
-def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity,
-                 settings: Settings) -> int:
+def stored_count(session: Session, items: Sequence[Mapping[str, Any]],
+                 model: ModelIdentity | None, settings: Settings) -> int:
     """How many of `items` have their image stored already (done items with the cache key
     they would get), for `--dry-run`: an estimate, made for the device and dtypes the settings
-    give here (a worker's decide) and without a safety check (a job with one reuses only
-    images its checker judged), without checking that the objects are still there."""
-    from sdq.sdmodel.pipeline import default_device, default_dtype
+    give here (a worker's decide; unset, the device guessed without loading torch) and without
+    a safety check (a job with one reuses only images its checker judged), without checking
+    that the objects are still there."""
+    from sdq.sdmodel.devices import default_dtype, likely_device
 
-    device = settings.device or default_device()
+    device = settings.device or likely_device()
     dtype = settings.dtype or default_dtype(device)
     known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
-                             model_sha256=known.get(item.get("model_id"), model.sha256),
+                             model_sha256=known.get(item.get("model_id")) or _default(model)[1],
                              device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
                    for item in items)
     found: set[str] = set()

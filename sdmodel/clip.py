@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.activations import ACT2FN
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import load_weights
+from .modelfiles import CheckpointError
 
 MAX_LENGTH = 77
 """Token positions of SD v1's text encoder: BOS, up to 75 prompt tokens, EOS, then padding."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 LATENT_SCALE = 0.18215
 # The pipeline draws (4, H/8, W/8) latents: SD v1's autoencoder has 4 channels and 4 levels (f=8).

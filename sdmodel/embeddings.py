@@ -29,7 +29,8 @@ from torch import Tensor
 
 from sdq.core.errors import InvalidInput
 
-from .checkpoint import CheckpointError, unpickle
+from .checkpoint import unpickle
+from .modelfiles import CheckpointError
 from .prompts import CHUNK_TOKENS, EmbeddingMatch, prompt_chunks
 
 SUFFIXES = (".safetensors", ".pt", ".bin")

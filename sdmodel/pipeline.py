@@ -23,17 +23,10 @@ from sdq.core.params import BatchShape, Request, short_hash
 
 from . import clip
 from .checkpoint import (
-    PREFIXES,
-    CheckpointError,
     diffusers_unet_to_ldm,
     diffusers_vae_to_ldm,
-    folder_weights,
     load_weights,
-    model_identity,
-    model_sha256,
-    read_config,
     read_weights,
-    resolve_model_ref,
     split_ldm,
 )
 from .compiled import CompileBackend, compile_network
@@ -47,10 +40,20 @@ from .configs import (
     vae_config_from_state_dict,
 )
 from .conditioning import PromptText, encode_prompts
+from .devices import default_dtype
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
 from .guards import SdpaOrder, redecode_nonfinite, sdpa_priority
 from .lora import Adapters
+from .modelfiles import (
+    PREFIXES,
+    CheckpointError,
+    folder_weights,
+    model_identity,
+    model_sha256,
+    read_config,
+    resolve_model_ref,
+)
 from .samplers import sample
 from .unet import UNetModel, timestep_frequencies
 from .vae import AttnBlock, AutoencoderKL
@@ -64,11 +67,6 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def default_dtype(device: str) -> str:
-    """Half precision where the hardware is made for it; fp32 on the CPU."""
-    return "fp32" if device == "cpu" else "fp16"
 
 
 class Images(list):

@@ -27,14 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import (
-    CheckpointError,
-    ModelNotFound,
-    load_weights,
-    model_sha256,
-    read_weights,
-    resolve_model_ref,
-)
+from .checkpoint import load_weights, read_weights
+from .modelfiles import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from .checkpoint import PREFIXES
+from .modelfiles import PREFIXES
 from .configs import UNetConfig, VAEConfig
 from .unet import UNetModel
 from .vae import AutoencoderKL

@@ -25,8 +25,9 @@ from sdq.core.states import FINISHED
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.transitions import SAFETY_COLUMNS, Reuse, record_reused
 from sdq.images.storage import Storage
-from sdq.sdmodel.checkpoint import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
-from sdq.sdmodel.pipeline import default_device, default_dtype
+from sdq.sdmodel.devices import default_dtype
+from sdq.sdmodel.modelfiles import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
+from sdq.sdmodel.pipeline import default_device
 from sdq.sdmodel.produce import Denoiser
 
 REUSE_CHUNK = 500

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
 from sdq.core.params import BatchShape, GenerationParams, ParamError
-from sdq.sdmodel.checkpoint import model_changed
+from sdq.sdmodel.modelfiles import model_changed
 from sdq.core.states import FINISHED
 from sdq.db.base import utcnow
 from sdq.db.transitions import (

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sdq.core.batch import Batch, RunReport
+from sdq.core.jobspec import CHECKER_FAILED
 from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
@@ -220,7 +221,7 @@ class Runner:
             try:
                 self.safety_checker(ref)
             except Exception as exc:  # noqa: BLE001 - any load failure, as for the model
-                failed[ref] = f"safety checker: {exc}"
+                failed[ref] = f"{CHECKER_FAILED}{exc}"
         for ref, reason in failed.items():
             ids = [w.id for w in work if w.safety_checker == ref]
             report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from packaging.requirements import Requirement
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,6 +18,11 @@ from sdq.db.models import Item
 from sdq.images.storage import open_storage
 
 from .conftest import MODEL_SHA, Home
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PROMPTS = ["a red fox", "a lighthouse", "a red castle", "a boat", "a red dragon", "unfinished"]
 
@@ -122,14 +129,31 @@ def test_parquet_rows_carry_the_image_and_the_provenance(home: Home, tmp_path: P
     assert json.loads(table[0]["provenance"])["model_sha256"] == MODEL_SHA
 
 
-def test_parquet_without_pyarrow_names_the_extra(home: Home, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_quick_start_install_exports_parquet() -> None:
+    """README's quick start installs sdq with the extras it names (none), and docs/datasets.md
+    builds on parquet exports: pyarrow must come with that install."""
+    root = Path(__file__).parents[2]
+    [install] = re.findall(r"pip install (-e \S+) -c constraints.txt",
+                           root.joinpath("README.md").read_text().split("## Quick start")[1]
+                           .split("\n## ")[0])
+    extras = re.findall(r"\[([\w,]+)\]", install)
+    project = tomllib.loads(root.joinpath("pyproject.toml").read_text())["project"]
+    installed = [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(r) for extra in extras for name in extra.split(",")
+        for r in project["optional-dependencies"][name]]
+    [pyarrow] = [r for r in installed if r.name == "pyarrow"]
+    assert any(spec.operator == ">=" for spec in pyarrow.specifier), pyarrow
+
+
+def test_parquet_without_pyarrow_is_refused_before_any_work(home: Home, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     job = home.add_job(PROMPTS, done=1)
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an install without it sees
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # an environment that lost it
     result = home.run("export", str(job.id), "--format", "parquet", "-o", str(tmp_path / "out"))
     assert result.exit_code == 1
-    assert result.output.splitlines()[-1] == \
-        "Error: the parquet format needs pyarrow: pip install 'sdq[export]'"
+    assert result.output == ("Error: the parquet format needs pyarrow, which this environment "
+                             "lacks: pip install 'pyarrow>=14'\n")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import Session
+
+from sdq.db.models import Job, Status
+from tests.services import claimed_redis_db
 
 from .conftest import Home
 
@@ -76,3 +83,53 @@ def test_retry_without_a_broker_says_it_ran_here_and_fails_when_they_fail_again(
     assert "re-enqueued" not in result.output
     record = json.loads(home.run("retry", str(job.id), "--json").stdout)
     assert record == {"job": job.id, "items": 1, "batches": 1, "done": 0, "failed": 1}
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def either_mode(request: pytest.FixtureRequest, home: Home) -> Iterator[Home]:
+    """The embedded default, or the same home with a (real) broker configured."""
+    if request.param == "embedded":
+        yield home
+        return
+    with claimed_redis_db() as broker_url:
+        home.env["SDQ_BROKER_URL"] = broker_url
+        yield home
+
+
+def job_status(home: Home, job_id: int) -> Status:
+    with Session(home.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.status
+
+
+def test_retry_of_a_job_without_failed_items_changes_nothing(either_mode: Home) -> None:
+    job = either_mode.add_job(["a red fox", "a boat"], done=2, status=Status.DONE)
+    result = either_mode.run("retry", str(job.id))
+    assert (result.exit_code, result.stdout) == (
+        0, f"Job {job.id} has no failed items; nothing to retry\n")
+    assert job_status(either_mode, job.id) == Status.DONE
+    record = json.loads(either_mode.run("retry", str(job.id), "--json").stdout)
+    assert record == {"job": job.id, "items": 0, "batches": 0}
+    assert job_status(either_mode, job.id) == Status.DONE
+
+
+def test_resume_closes_a_job_left_queued_with_nothing_to_run(either_mode: Home) -> None:
+    """What `retry` of a job without failed items used to leave: queued, every item done."""
+    job = either_mode.add_job(["a red fox", "a boat"], done=2, status=Status.QUEUED)
+    result = either_mode.run("resume", str(job.id))
+    assert (result.exit_code, result.stdout) == (0, f"nothing to resume. Job {job.id}: 2/2 done\n")
+    assert job_status(either_mode, job.id) == Status.DONE
+
+
+def test_status_of_a_job_whose_checker_did_not_load_says_so(home: Home) -> None:
+    reason = "safety checker: /m/checker: no such safety checker folder, nor a Hugging Face repo id"
+    job = home.add_job(["a red fox", "a boat"], failed={0: reason, 1: reason},
+                       safety_checker="/m/checker", on_flag="drop")
+    result = home.run("status", str(job.id))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  safety checker: failed to load, 2 item(s) failed unchecked (on flag: drop)" in lines
+    assert not any("0 flagged" in line for line in lines)
+    record = json.loads(home.run("status", str(job.id), "--json").output)
+    assert (record["flagged"], record["checker_failed"]) == (0, 2)

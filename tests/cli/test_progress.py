@@ -41,7 +41,7 @@ def test_piped_progress_prints_whole_lines_every_tenth_and_every_few_seconds() -
     lines = out.getvalue().splitlines()
     assert lines == [
         "generating: 0/40 images (0%), 0s elapsed",
-        "generating: 0/40 images (8%), step 10/25 of 8, 12s elapsed, about 2m18s left, "
+        "generating: 0/40 images (8%), step 10/25 of a batch of 8, 12s elapsed, about 2m18s left, "
         "3.8 s/image",
         "generating: 8/40 images (20%), 20s elapsed, about 1m20s left, 2.5 s/image",
     ]
@@ -59,7 +59,7 @@ def test_a_piped_embedded_submit_logs_progress_lines(home: Home, tiny_checkpoint
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("generating: ")]
     assert lines[0] == "generating: 0/4 images (0%), 0s elapsed"
-    assert any(re.search(r", step \d/4 of 1, ", line) for line in lines)  # between images
+    assert any(re.search(r", step \d/4 of a batch of 1, ", line) for line in lines)  # between images
     assert re.fullmatch(r"generating: 4/4 images \(100%\), [\dhms]+ elapsed, "
                         r"(\d+\.\d\d images/s|\d+\.\d s/image)", lines[-1]), lines[-1]
     assert "\r" not in result.stderr

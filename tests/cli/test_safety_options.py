@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sdq.db.models import Item, Job
-from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.modelfiles import CheckpointError
 from sdq.sdmodel.safety import load_safety_checker
 from sdq.images.provenance import read_png_metadata, verify_png
 from sdq.images.storage import open_storage
@@ -129,3 +129,16 @@ def test_a_repo_id_without_a_network_is_one_clear_error() -> None:
     with pytest.raises(CheckpointError, match="nobody/no-such-checker: no such safety checker folder, "
                                               "and not a Hugging Face repo id in the cache or reachable"):
         load_safety_checker("nobody/no-such-checker")
+
+
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["submit", "--prompt", "a cat", "--dry-run"]])
+@pytest.mark.parametrize("checker", [[], ["--safety-checker", "off"]])
+def test_on_flag_without_a_checker_is_refused(home: Home, tiny_checkpoint: Path,
+                                              command: list[str], checker: list[str]) -> None:
+    """`--on-flag drop` promises what only a checker does: without one it would do nothing."""
+    result = home.run(*command, "--model", str(tiny_checkpoint), *SMALL, "--on-flag", "drop",
+                      *checker)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "Error: Invalid value for '--on-flag': 'drop' needs a safety checker "
+        "(--safety-checker PATH, or SDQ_SAFETY_CHECKER); without one no image is checked")

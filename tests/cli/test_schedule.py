@@ -117,11 +117,21 @@ def test_add_list_run_now_remove(home: Home, prompts: Path, tiny_checkpoint: Pat
     assert listed(home)[0]["last_run"] == today.isoformat()
     assert listed(home)[0]["last_job"] == job.id
 
-    removed = home.run("schedule", "remove", "nightly")
-    assert removed.exit_code == 0 and "disabled" in removed.output
+    disabled = home.run("schedule", "disable", "nightly")
+    assert (disabled.exit_code, disabled.output) == (
+        0, "schedule nightly disabled (`schedule add` with the same file enables it again)\n")
     assert not listed(home)[0]["enabled"] and listed(home)[0]["next_run"] is None
     readded = add(home, prompts, tiny_checkpoint, "--tag", "nightly", "--seed", "7")
     assert readded.exit_code == 0 and "re-enabled" in readded.output
+    assert home.run("schedule", "disable", "nope").exit_code == 3
+
+    removed = home.run("schedule", "remove", "nightly")
+    assert (removed.exit_code, removed.output) == (
+        0, "schedule nightly removed; its 1 job(s) stay, as jobs of no schedule\n")
+    assert listed(home) == []
+    with Session(home.engine) as session:
+        kept = session.get(Job, job.id)
+        assert (kept.name, kept.schedule_id, kept.run_day) == (f"nightly-{today}", None, None)
     assert home.run("schedule", "remove", "nope").exit_code == 3
 
 
@@ -133,7 +143,7 @@ def test_a_schedule_that_never_ran_is_deleted(home: Home, prompts: Path,
     assert listed(home) == []
     assert add(home, prompts, tiny_checkpoint).exit_code == 0
     result = home.run("schedule", "remove", "nightly", "--json")
-    assert json.loads(result.output) == {"schedule": "nightly", "outcome": "removed"}
+    assert json.loads(result.output) == {"schedule": "nightly", "outcome": "removed", "jobs": 0}
 
 
 @pytest.mark.parametrize("cron, reason", [

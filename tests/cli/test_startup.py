@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.cli.conftest import Home
+from tests.conftest import stand_in_checkpoint
 
 HEAVY = ["torch", "transformers", "celery"]
 _RUN = """
@@ -31,7 +32,12 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
         home: Home, tmp_path: Path) -> None:
     home.add_job(["a red fox", "a lighthouse"], done=2)
     assert home.run("get", "1", "-o", str(tmp_path / "one")).exit_code == 0
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,n\na red fox,2\na lighthouse,1\n")
+    model = stand_in_checkpoint(tmp_path / "sd15.safetensors")
     commands = [
+        ["submit", str(prompts), "--model", str(model), "--dry-run"],
+        ["models", "add", "sd15", str(model)], ["submit", str(prompts), "--model", "sd15", "--dry-run"],
         ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
         ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],
         ["get", "2", "-o", str(tmp_path / "got")], ["verify", str(tmp_path / "one" / "1.png")],

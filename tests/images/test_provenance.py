@@ -173,8 +173,12 @@ def test_read_from_a_path_and_refuse_non_png(tmp_path) -> None:  # type: ignore[
     photo(64, 64).save(jpeg, format="JPEG")
     with pytest.raises(MetadataError, match="not a PNG"):
         read_png_metadata(jpeg.getvalue())
-    with pytest.raises(MetadataError, match="not a readable image"):
+    with pytest.raises(MetadataError, match=r"^not a PNG file \(nor any other image\)$"):
         read_png_metadata(b"garbage")
+    damaged = encode_png(photo(64, 64), provenance(64, 64), watermark=None).data[:40]
+    with pytest.raises(MetadataError, match=r"^a damaged PNG: ") as refused:
+        read_png_metadata(damaged)
+    assert "BytesIO" not in str(refused.value)
 
 
 def test_a_foreign_png_has_no_sdq_record() -> None:

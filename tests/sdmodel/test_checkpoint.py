@@ -15,12 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdq.sdmodel.checkpoint import (
-    CheckpointError,
-    ModelNotFound,
-    model_sha256,
-    resolve_model_ref,
-)
+from sdq.sdmodel.modelfiles import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
 from sdq.sdmodel.pipeline import Request, load_pipeline
 
 from ..conftest import TINY_TEXT, TINY_UNET, TINY_VAE

@@ -19,7 +19,7 @@ import regex
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.modelfiles import CheckpointError
 from sdq.sdmodel.clip import (
     PromptTruncated,
     dropped_text,

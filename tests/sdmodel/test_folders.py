@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdq.sdmodel import clip
-from sdq.sdmodel.checkpoint import CheckpointError
+from sdq.sdmodel.modelfiles import CheckpointError
 from sdq.sdmodel.diffusers_reference import SD15_SCHEDULER
 from sdq.sdmodel.pipeline import Request, load_pipeline
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from sdq.sdmodel.checkpoint import CheckpointError, model_sha256
+from sdq.sdmodel.modelfiles import CheckpointError, model_sha256
 from sdq.sdmodel.safety import decoded_to_images, load_safety_checker, preprocess
 from sdq.sdmodel.tiny import photo
 

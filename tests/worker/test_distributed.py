@@ -160,6 +160,19 @@ def test_worker_refuses_a_queue_of_another_model(distributed_env: dict[str, str]
     assert outcome.output.startswith("Error: refusing queue 'sdq.0123456789': tiny-sd hashes to ")
 
 
+def test_worker_takes_a_registered_model_name(distributed_env: dict[str, str],
+                                             tiny_checkpoint: Path) -> None:
+    """`--model NAME` serves the queue of the model registered as NAME (here refused for the
+    wrong queue, so that no worker process starts)."""
+    added = CliRunner().invoke(cli, ["models", "add", "tinyd", str(tiny_checkpoint)],
+                               env=distributed_env)
+    assert added.exit_code == 0, added.output
+    outcome = CliRunner().invoke(
+        cli, ["worker", "--model", "tinyd", "--", "-Q", "sdq.0123456789"], env=distributed_env)
+    assert outcome.exit_code == 1
+    assert outcome.output.startswith("Error: refusing queue 'sdq.0123456789': tinyd hashes to ")
+
+
 def test_worker_refuses_a_database_at_another_schema_revision(
         distributed_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path) -> None:
     with scratch_database("postgresql", tmp_path) as empty:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.sdmodel.checkpoint import model_sha256
+from sdq.sdmodel.modelfiles import model_sha256
 from sdq.images.provenance import ItemRecord, read_png_metadata, verify_png
 from sdq.images.storage import open_storage
 from sdq.jobs.submit import identify_model, submit
