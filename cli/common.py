@@ -221,13 +221,6 @@ def item_record(item: Item) -> dict[str, Any]:
     }
 
 
-def safety_label(record: Mapping[str, Any]) -> str:
-    """The verdict in a word or two, as tables and galleries show it."""
-    if record["safety_flagged"] is None:
-        return "not checked"
-    return f"flagged ({record['safety_action']})" if record["safety_flagged"] else "passed"
-
-
 def safety_fields(item: Item) -> dict[str, Any]:
     """The safety checker's verdict as typed fields, all None when no check ran."""
     scores = item.safety_scores or {}

@@ -19,11 +19,11 @@ from sdq.cli.common import (
     load_settings,
     output_options,
     plain,
-    safety_label,
     write_file,
 )
 from sdq.cli.errors import CommandFailed, Reported
 from sdq.core.errors import CheckFailed
+from sdq.core.jobspec import safety_label
 from sdq.core.states import Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.core.params import SEED_LIMIT, ParamError

@@ -34,6 +34,15 @@ black image of the same size instead, or store no image."""
 SAFETY_ACTIONS = {"keep": "kept", "black": "blacked", "drop": "dropped"}
 """An item's `safety_action` for each `on_flag` when its image was flagged; an image the
 checker passed is always `kept`."""
+
+
+def safety_label(record: Mapping[str, Any]) -> str:
+    """An item record's verdict in a word or two, as tables, sheets and galleries show it."""
+    if record["safety_flagged"] is None:
+        return "not checked"
+    return f"flagged ({record['safety_action']})" if record["safety_flagged"] else "passed"
+
+
 SEED_POLICIES = ("same", "fresh", "add")
 """How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
 free, and it adds what is new when the file grows), a fresh base seed each night (recorded
