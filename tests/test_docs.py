@@ -90,7 +90,6 @@ NOT_RUN: dict[str, str] = {
     "sdq show 1": "a job history and a GPU",
     "sdq models add ~/models/v1-5-pruned-emaonly.safetensors --name sd15": "a job history",
     "sdq doctor": "a config naming an unreachable broker",
-    "sdq sheet 42 -o job42.png": "a job history",
     "sdq reproduce 7": "a job history",
     "sdq purge 42": "a job history",
     "sdq export 42 --format webdataset --shard-size 500 -o s3://datasets/castles": "S3 and a job history",
@@ -119,6 +118,8 @@ SETUP = {
     "sdq get --job 1 -o job1/": "printf 'a red fox\\na boat\\na lighthouse\\n' > three.txt && "
                                 "sdq submit three.txt --model sd15.safetensors --steps 1 --width 64 "
                                 "--height 64 >/dev/null 2>&1",
+    "sdq sheet 1 -o job1.png": "sdq submit -p 'a red dragon' -n 16 --model sd15.safetensors "
+                               "--steps 1 --width 64 --height 64 >/dev/null 2>&1",
     "sdq search fox": "mkdir -p ~/.config/sdq && echo \"max_attempts = 'x'\" > ~/.config/sdq/config.toml",
 }
 """Shell lines run before a block (by its first command), unseen."""
