@@ -7,11 +7,8 @@
 # exactly the base's CUDA build, and the build fails rather than replace it.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
-# The transformers version sdq is tested against: pyproject.toml's `test` extra pins the same.
-ARG TRANSFORMERS_VERSION=5.24.0
-
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY core core
 COPY sdmodel sdmodel
 COPY images images
@@ -20,11 +17,13 @@ COPY worker worker
 COPY cli cli
 COPY db db
 COPY migrations migrations
-# After the install: torch is still the base's, and transformers builds a (tiny) CLIP text
-# model, which it refuses to do when it has disabled PyTorch.
+# The install holds torch at the base's build and transformers at the version sdq is tested
+# against (constraints.txt's line: its torch line is the CPU build of the test machines). After
+# it: torch is still the base's, and transformers builds a (tiny) CLIP text model, which it
+# refuses to do when it has disabled PyTorch.
 RUN set -eu; \
     base_torch="$(python -c 'from importlib.metadata import version; print(version("torch"))')"; \
-    printf 'torch==%s\ntransformers==%s\n' "$base_torch" "$TRANSFORMERS_VERSION" > /tmp/constraints.txt; \
+    { printf 'torch==%s\n' "$base_torch"; grep -E '^transformers==' constraints.txt; } > /tmp/constraints.txt; \
     pip install --no-cache-dir --constraint /tmp/constraints.txt .; \
     test "$(python -c 'from importlib.metadata import version; print(version("torch"))')" = "$base_torch"; \
     python -c 'import transformers as t; t.CLIPTextModel(t.CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4))'; \

@@ -171,16 +171,18 @@ def csv_cell(value: Any) -> Any:
 
 
 def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
-         *, empty: str = "nothing found") -> None:
-    """Print records as a table (the given columns), JSON (every field) or CSV (every field)."""
+         *, fields: Sequence[str] | None = None, empty: str = "nothing found") -> None:
+    """Print records as a table (the given columns), JSON (every field) or CSV (`fields`,
+    every field of a record, so that the header is the same whether or not anything
+    matched: a script reading the CSV never meets another column set)."""
     if output == "json":
         click.echo(json.dumps([{k: plain(v) for k, v in r.items()} for r in records], indent=2,
                               ensure_ascii=False))
     elif output == "csv":
         buffer = io.StringIO()
-        fields = list(records[0]) if records else list(columns)
         # RFC 4180's CRLF rows: with them the writer also quotes a cell holding a lone CR.
-        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\r\n")
+        # A record field missing from `fields` raises, so the two cannot drift apart.
+        writer = csv.DictWriter(buffer, fields or columns, lineterminator="\r\n")
         writer.writeheader()
         for record in records:
             writer.writerow({k: csv_cell(v) for k, v in record.items()})
@@ -189,6 +191,15 @@ def emit(records: Sequence[Record], columns: Sequence[str], output: str | None,
         click.echo(render_table(records, columns))
     else:
         click.echo(empty, err=True)
+
+
+ITEM_FIELDS = (
+    "id", "job", "row", "status", *FIELDS, "model", "model_sha256", "tags", "attempts", "error",
+    "batch", "batch_position", "image_key", "image_sha256", "watermark", "worker", "device",
+    "created", "started", "finished", "duration_s", "template", "template_values", "cache_key",
+    "reused_from", "safety_flagged", "safety_action", "safety_checker_sha256",
+    "safety_concept_scores", "safety_special_scores")
+"""The fields of `item_record`, in order: the header of `search --csv`, matches or not."""
 
 
 def item_record(item: Item) -> dict[str, Any]:
@@ -208,13 +219,6 @@ def item_record(item: Item) -> dict[str, Any]:
         "reused_from": item.reused_from,
         **safety_fields(item),
     }
-
-
-def safety_label(record: Mapping[str, Any]) -> str:
-    """The verdict in a word or two, as tables and galleries show it."""
-    if record["safety_flagged"] is None:
-        return "not checked"
-    return f"flagged ({record['safety_action']})" if record["safety_flagged"] else "passed"
 
 
 def safety_fields(item: Item) -> dict[str, Any]:

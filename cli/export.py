@@ -52,7 +52,21 @@ def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt
 
     Shards hold items in id order. Run the same command again to resume an interrupted
     export: shards already written are kept, the rest are written. The folder loads with one
-    call in pyarrow, pandas, Hugging Face datasets (data_dir=) and webdataset.
+    call (pq: pyarrow.parquet, pd: pandas, load_dataset: Hugging Face datasets):
+
+    \b
+      parquet            pq.read_table("DEST")  pd.read_parquet("DEST")
+                         load_dataset("parquet", data_dir="DEST")
+      parquet --card     load_dataset("DEST")  pq.read_table("DEST/data")
+                         pd.read_parquet("DEST/data")
+      webdataset --card  load_dataset("DEST")
+      imagefolder --card load_dataset("DEST")
+      webdataset         load_dataset("webdataset", data_dir="DEST")
+      imagefolder        load_dataset("imagefolder", data_dir="DEST")
+
+    With --card the README.md declares every field's type, so load_dataset("DEST") reads
+    `tags` as a list of strings and `error` as a string even where every image has none;
+    without one, datasets guesses the types of a webdataset or imagefolder from its data.
 
     \b
     Examples:

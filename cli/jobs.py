@@ -22,6 +22,11 @@ from sdq.db.queries import (
 _COLUMNS = ["id", "name", "status", "items", "done", "failed", "flagged", "created"]
 
 
+_FIELDS = ("id", "name", "status", "items", "done", "failed", "flagged", "created", "finished",
+           "priority", "tags", "safety_checker", "on_flag")
+"""The fields of `_job_record`: the header of `jobs --csv`, with jobs or without."""
+
+
 def _job_record(job: Job, counts: dict[Status, int], flagged: int) -> dict[str, Any]:
     """`flagged`: images the safety checker flagged, whatever became of them; `safety_checker`
     is None for a job that runs none (its images are then not checked, not "not flagged")."""
@@ -47,7 +52,7 @@ def jobs(limit: int | None, output: str | None) -> None:
         listed = recent_jobs(session, limit)
         flagged = flagged_counts(session, (job.id for job, _ in listed))
         records = [_job_record(job, counts, flagged[job.id]) for job, counts in listed]
-    emit(records, _COLUMNS, output, empty="no jobs yet; submit one with `sdq submit FILE`")
+    emit(records, _COLUMNS, output, fields=_FIELDS, empty="no jobs yet; submit one with `sdq submit FILE`")
 
 
 @click.command()

@@ -14,6 +14,10 @@ from sdq.db.queries import all_models, model_item_counts, register_model, remove
 _COLUMNS = ["name", "hash", "items", "source", "added"]
 
 
+_FIELDS = ("name", "hash", "sha256", "items", "source", "architecture", "added")
+"""The fields of `_record`: the header of `models list --csv`, with models or without."""
+
+
 def _record(model: Model, items: int) -> dict[str, object]:
     return {"name": model.name, "hash": model.short_hash, "sha256": model.sha256,
             "items": items, "source": model.source_uri, "architecture": model.architecture,
@@ -92,7 +96,7 @@ def list_models(output: str | None) -> None:
     with database_session() as session:
         counts = model_item_counts(session)
         records = [_record(m, counts.get(m.id, 0)) for m in all_models(session)]
-    emit(records, _COLUMNS, output, empty="no models yet; add one with `sdq models add REF --name NAME`")
+    emit(records, _COLUMNS, output, fields=_FIELDS, empty="no models yet; add one with `sdq models add REF --name NAME`")
 
 
 @models.command("remove")

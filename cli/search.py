@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from sdq.cli.common import (
+    ITEM_FIELDS,
     configured_storage,
     database_session,
     emit,
@@ -18,11 +19,11 @@ from sdq.cli.common import (
     load_settings,
     output_options,
     plain,
-    safety_label,
     write_file,
 )
 from sdq.cli.errors import CommandFailed, Reported
 from sdq.core.errors import CheckFailed
+from sdq.core.jobspec import safety_label
 from sdq.core.states import Status
 from sdq.db.queries import get_item, get_items, job_items, search_items
 from sdq.core.params import SEED_LIMIT, ParamError
@@ -111,7 +112,7 @@ def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: 
                             tag=tag, flagged=flagged, values=chosen, before=before, limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
-         empty="no items match")
+         fields=ITEM_FIELDS, empty="no items match")
 
 
 @click.command()

@@ -37,6 +37,15 @@ checker passed is always `kept`."""
 CHECKER_FAILED = "safety checker: "
 """How the error of an item failed because its job's safety checker could not be loaded begins
 (the runner fails them rather than run them unchecked; `sdq status` counts them by it)."""
+
+
+def safety_label(record: Mapping[str, Any]) -> str:
+    """An item record's verdict in a word or two, as tables, sheets and galleries show it."""
+    if record["safety_flagged"] is None:
+        return "not checked"
+    return f"flagged ({record['safety_action']})" if record["safety_flagged"] else "passed"
+
+
 SEED_POLICIES = ("same", "fresh", "add")
 """How a schedule's runs choose seeds: the same each night (the result cache makes a re-run
 free, and it adds what is new when the file grows), a fresh base seed each night (recorded

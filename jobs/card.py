@@ -85,7 +85,9 @@ def dataset_card(session: Session, shards: Sequence[Sequence[int]], fmt: str,
         "---", f"pretty_name: {json.dumps(title)}", "task_categories:", "- text-to-image",
         "tags:", "- sdq", "- stable-diffusion", "- synthetic",
         "size_categories:", f"- {size_category(s.images)}",
-        *([f"dataset_info: {json.dumps({'features': features})}"] if features else []), "---",
+        *([f"dataset_info: {json.dumps({'features': features})}",
+           f"configs: {json.dumps([{'config_name': 'default', 'features': features}])}"]
+          if features else []), "---",
     ])
     table = [
         "| model | model sha256 | sampler | steps | cfg | size | images |",

@@ -317,10 +317,12 @@ def parquet_schema() -> Any:
 
 def card_features(fmt: str) -> list[dict[str, Any]] | None:
     """The `dataset_info.features` of a dataset card for `fmt`, as the hub's YAML writes them,
-    or None where the files carry their own types. `datasets` infers a webdataset's types from
-    its first five samples, so an export whose first samples have no tags or no error (null)
-    fails on a later one that has; declared features make the whole export load as typed."""
-    if fmt != "webdataset":
+    or None where the files carry their own types (parquet). `datasets` infers a
+    webdataset's types from its first five samples and an imagefolder's from its
+    `metadata.jsonl`, so a field null or empty throughout (no tags, no error) would load as
+    `null` or `List(null)`, or fail on a later sample that has one; declared features make
+    the whole export load as typed."""
+    if fmt == "parquet":
         return None
 
     def feature(name: str, dtype: str) -> dict[str, Any]:
@@ -328,9 +330,12 @@ def card_features(fmt: str) -> list[dict[str, Any]] | None:
             return {"name": name, "list": dtype.removeprefix("list[").removesuffix("]")}
         return {"name": name, "dtype": dtype}
 
+    record = [feature(n, t) for n, t in RECORD_TYPES.items()]
+    if fmt == "imagefolder":
+        return [{"name": "image", "dtype": "image"}, *record]
     return [feature("__key__", "string"), feature("__url__", "string"),
             {"name": "png", "dtype": "image"}, feature("txt", "string"),
-            {"name": "json", "struct": [feature(n, t) for n, t in RECORD_TYPES.items()]}]
+            {"name": "json", "struct": record}]
 
 
 class _Parquet(_Writer):

@@ -14,20 +14,27 @@ their `batch_position` order: the runner records the group it actually denoised 
 (after any split for shape or memory), so this is the same tensor shape and the same CFG
 batch. Alone, the image still comes from the same seed and generator, and differs only by
 the float rounding of another batch shape (within one 8-bit level, see DESIGN.md).
+
+So the recorded batch is what `sdq reproduce` replays by default, and it passes only on
+identical pixels; `alone` (`--alone`) regenerates the one image, and passes within one level,
+saying why a difference there is expected.
 """
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
 from sdq.core.errors import Refused
+from sdq.core.params import GenerationParams, short_hash
+from sdq.core.states import Status
 from sdq.db.models import Item
-from sdq.db.queries import batch_items
+from sdq.db.queries import batch_items, get_item
 from sdq.images import watermark as wm
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
 from sdq.sdmodel.pipeline import Pipeline
@@ -51,13 +58,119 @@ class Comparison:
     """The mark applied to the regenerated pixels before comparing (None: unmarked)."""
 
 
+ALONE_TOLERANCE = 1
+"""Largest difference, in 8-bit levels, that an image regenerated alone may show and still
+pass: one image and a batch round their matrix products in another order (DESIGN.md)."""
+
+WHY_ALONE_DIFFERS = ("a batch's matrix products are summed in another order than one "
+                     "image's, which can move the last bit of a float and so a few pixels "
+                     "by one level")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What `reproduce` regenerates, read from the index: the item, the batch it is made
+    with (in order), and the model and stored image to check it against."""
+
+    item_id: int
+    members: list[GenerationParams]
+    position: int
+    batch_id: str | None
+    """The recorded batch replayed; None when the image is regenerated alone."""
+    recorded_batch_size: int | None
+    model_sha256: str
+    source: str
+    image_key: str
+    recorded_device: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A reproduction: how it compared, and whether that counts as reproduced."""
+
+    target: Target
+    comparison: Comparison
+    device: str
+    dtype: str
+
+    @property
+    def passed(self) -> bool:
+        """Identical pixels in the recorded batch; within `ALONE_TOLERANCE` alone."""
+        if self.target.batch_id is not None:
+            return self.comparison.identical
+        return self.comparison.max_difference <= ALONE_TOLERANCE
+
+    def record(self) -> dict[str, Any]:
+        """The outcome as one JSON object (`--json`)."""
+        t = self.target
+        return {"item": t.item_id, "batch": t.batch_id, "batch_size": len(t.members),
+                "position": t.position, "recorded_batch_size": t.recorded_batch_size,
+                "device": self.device, "dtype": self.dtype, "recorded_device": t.recorded_device,
+                "passed": self.passed, **asdict(self.comparison)}
+
+    def summary(self) -> str:
+        """The outcome in one line for people."""
+        t, c = self.target, self.comparison
+        how = (f"in its batch {t.batch_id} (position {t.position} of {len(t.members)})"
+               if t.batch_id is not None else "alone")
+        where = f"regenerated {how} on {self.device} ({self.dtype})"
+        if c.identical:
+            return f"item {t.item_id}: identical pixels, {where}"
+        difference = (f"largest difference {c.max_difference} level(s) in "
+                      f"{c.differing_pixels} of {c.pixels} pixels, {where}")
+        if self.passed:
+            return (f"item {t.item_id}: within one level of the stored image ({difference}); "
+                    f"it was made in a batch of {t.recorded_batch_size}, and {WHY_ALONE_DIFFERS}; "
+                    f"`sdq reproduce {t.item_id}` replays that batch for identical pixels")
+        return (f"item {t.item_id}: differs, {difference}; recorded on "
+                f"{t.recorded_device or 'an unknown device'}")
+
+
+def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None) -> Target:
+    """What reproducing `item_id` regenerates: its recorded batch, or the image `alone`;
+    ReproduceError when there is nothing to compare with or no model to load."""
+    item = get_item(session, item_id)
+    if item.status is not Status.DONE or not item.image_key:
+        dropped = ", dropped by the safety checker" if item.safety_action == "dropped" else ""
+        raise ReproduceError(f"item {item_id} has no stored image "
+                             f"(status {item.status.value}{dropped})")
+    if item.safety_action == "blacked":
+        raise ReproduceError(f"item {item_id}'s stored image was blacked out by the safety "
+                             "checker: there is nothing to compare with")
+    if item.model is None:
+        raise ReproduceError(f"item {item_id} records no model")
+    source = model_ref or item.model.source_uri
+    if not source:
+        raise ReproduceError(f"model {short_hash(item.model.sha256)} has no recorded source; "
+                             "pass --model with a local copy")
+    members = composition(session, item, in_batch=not alone)
+    recorded_size = len(batch_items(session, item.batch_id)) if item.batch_id is not None else None
+    return Target(item_id, [member.params for member in members], members.index(item),
+                  None if alone else item.batch_id, recorded_size, item.model.sha256, source,
+                  item.image_key, item.device)
+
+
+def check_model(pipe: Pipeline, t: Target) -> None:
+    """ReproduceError unless the loaded model has the weights the item was made with."""
+    if pipe.sha256 != t.model_sha256:
+        raise ReproduceError(f"{t.source} is model {pipe.short_hash}, item {t.item_id} was made "
+                             f"with {short_hash(t.model_sha256)}; pass --model with that model")
+
+
+def replay(pipe: Pipeline, t: Target, stored_png: bytes) -> Outcome:
+    """Regenerate `t` on `pipe` and compare its image with the stored one."""
+    check_model(pipe, t)
+    regenerated = regenerate(pipe, t.members)[t.position]
+    return Outcome(t, compare(stored_png, regenerated), pipe.device, pipe.dtype)
+
+
 def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
     """The items to regenerate together: `item` alone, or its recorded batch, checked to be
     whole (positions 0..n-1) and of one shape."""
     if not in_batch:
         return [item]
     if item.batch_id is None:
-        raise ReproduceError(f"item {item.id} records no batch")
+        raise ReproduceError(f"item {item.id} records no batch; --alone regenerates it by itself")
     batch = batch_items(session, item.batch_id)
     positions = [member.batch_position for member in batch]
     if positions != list(range(len(batch))) or item not in batch:
@@ -69,10 +182,9 @@ def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
     return list(batch)
 
 
-def regenerate(pipe: Pipeline, items: Sequence[Item]) -> list[Image.Image]:
-    """The unmarked images of `items`, denoised as one batch in the given order (split in
+def regenerate(pipe: Pipeline, params: Sequence[GenerationParams]) -> list[Image.Image]:
+    """The unmarked images of `params`, denoised as one batch in the given order (split in
     halves only if the device runs out of memory: `produce`)."""
-    params = [item.params for item in items]
     images: list[Image.Image] = []
     for produced in produce(pipe, params, batch_size=len(params)):
         images.extend(produced.images)

@@ -1,5 +1,6 @@
 """docs/datasets.md, run: its shell blocks in order (real `sdq` processes, on the tiny model),
-then its Python block, which loads the exported dataset."""
+compared with what its console blocks show, then its Python block, which loads the exported
+dataset."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_docs import masked, matches
 
 WALKTHROUGH = Path(__file__).parents[2] / "docs" / "datasets.md"
 SMALL = " --steps 1 --width 64 --height 64 --sampler euler"
@@ -37,6 +40,9 @@ def test_the_walkthrough_runs(tmp_path: Path, tiny_checkpoint: Path,
     assert done.returncode == 0, done.stdout
     outputs = re.split(r"@@@ block \d+\n", done.stdout)[1:]
     dry_run, first, again = outputs[1], outputs[2], outputs[3]
+    # What the console blocks show (stdout and stderr, as a terminal shows them: tests/test_docs.py)
+    for printed, shown in zip((dry_run, again), blocks("console"), strict=True):
+        assert matches(masked(shown.splitlines()), masked(printed.splitlines())), printed
     assert "24 image(s)" in dry_run and "a photo of a fox in the snow  cfg=7.5" in dry_run
     assert "0 of 24 already generated" in dry_run and "nothing recorded" in dry_run
     assert "24/24 done" in first and "reused" not in first

@@ -80,7 +80,7 @@ def test_an_unknown_model_is_not_found_in_every_command(home: Home, tmp_path: Pa
         ["generate", "a fox", "--model", missing], ["submit", str(prompts), "--model", missing],
         ["schedule", "add", "n", "--cron", "0 2 * * *", str(prompts), "--model", missing],
         ["models", "add", missing, "--name", "x"], ["models", "remove", "gone"],
-        ["reproduce", "1"],
+        ["reproduce", "1", "--alone"],  # made outside a batch: alone is all it can be
     ]
     for args in commands:
         result = home.run(*args)
@@ -149,7 +149,7 @@ def test_what_is_not_a_model_is_refused_before_anything_is_recorded(
             ["generate", "a fox", "--model", model, "-o", str(tmp_path / "out.png")],
             ["schedule", "add", "n", "--cron", "0 2 * * *", str(prompts), "--model", model],
             ["models", "add", model, "--name", "x"],
-            ["reproduce", "1", "--model", model],
+            ["reproduce", "1", "--alone", "--model", model],
         ]
         for args in commands:
             result = home.run(*args)

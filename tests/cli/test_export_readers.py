@@ -2,6 +2,8 @@
 Hugging Face `datasets` (`data_dir=`) and `webdataset`, images decoded, fields typed."""
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -171,3 +173,49 @@ def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
 
     export(home, out, str(two_jobs[1]), "--format", fmt)  # and back: the card goes
     assert files(out) == [".shard-manifest.json", *data]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+def test_tags_load_as_a_list_of_strings_even_when_every_list_is_empty(
+        home: Home, tmp_path: Path, fmt: str) -> None:
+    home.add_job(["a red fox", "a boat"], done=2)  # no item has a tag
+    out = tmp_path / "out"
+    export(home, out, "--query", "a", "--format", fmt, "--card")
+    dataset = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    record = dataset.features["json"] if fmt == "webdataset" else dataset.features
+    assert (type(record["tags"]).__name__, record["tags"].feature.dtype) == ("List", "string")
+    assert record["error"].dtype == "string" and record["finished"].dtype == "timestamp[us, tz=UTC]"
+    rows = [row["json"] if fmt == "webdataset" else row for row in dataset]
+    assert sorted(row["prompt"] for row in rows) == ["a boat", "a red fox"]
+    assert [row["tags"] for row in rows] == [[], []]
+
+
+def help_calls(home: Home) -> dict[tuple[str, bool], list[str]]:
+    """The loading calls `export --help` lists, by format and --card."""
+    calls: dict[tuple[str, bool], list[str]] = {}
+    layout: tuple[str, bool] | None = None
+    for line in home.run("export", "--help").output.splitlines():
+        found = re.fullmatch(r"\s+(parquet|webdataset|imagefolder)( --card)?\s+(.*)", line)
+        if found:
+            layout = (found[1], bool(found[2]))
+        elif layout is None or not re.fullmatch(r"\s{10,}\S.*", line):
+            layout = None
+            continue
+        calls.setdefault(layout, []).extend(re.findall(r"\w+(?:\.\w+)?\([^)]*\)",
+                                                       found[3] if found else line))
+    return calls
+
+
+def test_each_call_export_help_names_loads_the_whole_export(
+        home: Home, tmp_path: Path, two_jobs: tuple[int, int]) -> None:
+    calls = help_calls(home)
+    assert set(calls) == {(fmt, card) for fmt in ("parquet", "webdataset", "imagefolder")
+                          for card in (False, True)}
+    for (fmt, card), layout_calls in calls.items():
+        out = tmp_path / f"{fmt}-{card}"
+        export(home, out, "--query", "a", "--format", fmt, *(["--card"] if card else []))
+        names = {"pq": pq, "pd": pd, "load_dataset": functools.partial(
+            load_dataset, split="train", cache_dir=str(tmp_path / "hf" / out.name))}
+        for call in layout_calls:
+            loaded = eval(call.replace("DEST", str(out)), names)  # noqa: S307 - the help's text
+            assert len(loaded) == 5, (fmt, card, call)

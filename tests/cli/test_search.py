@@ -177,3 +177,18 @@ def test_bare_words_dash_words_and_empty_queries_on_both_databases(any_home: Hom
     typo = any_home.run("search", "fox", "--lmit", "3")
     assert typo.exit_code == 2 and "no such option --lmit" in typo.output
     assert seeds('"--lmit"') == []
+
+
+@pytest.mark.parametrize("command", [["search", "--csv"], ["jobs", "--csv"],
+                                     ["models", "list", "--csv"]])
+def test_csv_has_one_column_set_whether_or_not_anything_matches(home: Home,
+                                                                command: list[str]) -> None:
+    empty = home.run(*command)
+    assert empty.exit_code == 0, empty.output
+    home.add_job(PROMPTS, done=1, item_tags=[["fantasy"], None, None])
+    full = home.run(*command)
+    header, *rows = list(csv.reader(io.StringIO(full.output)))
+    assert empty.output.rstrip("\r\n").split(",") == header and rows
+    assert all(len(row) == len(header) for row in rows)
+    if command[0] == "search":
+        assert set(header) == set(json.loads(home.run("search", "--json").output)[0])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdq.cli.sheet import contact_sheet
+from sdq.jobs.sheet import contact_sheet
 from sdq.images.provenance import read_png_metadata
 
 from .conftest import Home

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -16,11 +15,6 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from .test_compose import compose
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -35,9 +29,10 @@ def base_torch(dockerfile: str) -> Version:
 
 
 def pinned_transformers() -> Version:
-    """The transformers version sdq is tested against (the `test` extra's exact pin)."""
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    [pin] = [Requirement(r) for r in extra["test"] if Requirement(r).name == "transformers"]
+    """The transformers version sdq is tested against: constraints.txt's exact pin, the one
+    place that names it."""
+    [pin] = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
+             if line.startswith("transformers")]
     [spec] = pin.specifier
     assert spec.operator == "==", pin
     return Version(spec.version)
@@ -75,9 +70,9 @@ def test_the_previous_base_would_be_refused() -> None:
 
 
 def test_the_image_installs_the_pinned_transformers_and_keeps_the_base_torch() -> None:
-    arg = re.search(r"^ARG TRANSFORMERS_VERSION=(\S+)$", DOCKERFILE, re.M)
-    assert arg and Version(arg.group(1)) == pinned_transformers()
-    constraint = DOCKERFILE.index("printf 'torch==%s\\ntransformers==%s\\n'")
+    assert re.search(r"^COPY .*\bconstraints\.txt\b.* \./$", DOCKERFILE, re.M)
+    assert "TRANSFORMERS" not in DOCKERFILE, "the version comes from constraints.txt alone"
+    constraint = DOCKERFILE.index("grep -E '^transformers==' constraints.txt; } > /tmp/constraints.txt")
     install = DOCKERFILE.index("pip install --no-cache-dir --constraint /tmp/constraints.txt .")
     assert constraint < install, "the base's torch is written as a constraint before the install"
 
