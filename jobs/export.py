@@ -133,6 +133,7 @@ def export_items(
         where = "inside" if inside(dest, source) else "a parent of"
         raise InvalidInput(f"{dest} is {where} the image store {source}: shards there would "
                            "sit among the live images; export somewhere else")
+    session.rollback()  # the caller's reads: no transaction waits on storage below
     shards = plan_shards(ids, shard_size)
     folder = "data/" if card else ""
     writer = _WRITERS[fmt](folder)
@@ -143,17 +144,18 @@ def export_items(
         if n < len(reusable) and reusable[n] == shard and all(dest.exists(k) for k in keys):
             skipped += 1
         else:
-            items = list(session.scalars(select(Item).where(Item.id.in_(shard)).order_by(Item.id)))
+            rows = _read(session, shard, describe)
             # One image in memory at a time (parquet gathers its shard's rows regardless).
-            writer.write(dest, prefix, n, ((item, _image(source, item), describe(item))
-                                           for item in items))
+            writer.write(dest, prefix, n, ((item, _image(source, item), record)
+                                           for item, record in rows))
             written += 1
         if on_item:
             on_item(len(shard))
     writer.finish(session, dest, shards, describe)
     if card:
-        dest.put("README.md", dataset_card(session, shards, fmt, card_features(fmt), origin).encode(),
-                 content_type="text/markdown")
+        text = dataset_card(session, shards, fmt, card_features(fmt), origin)
+        session.rollback()
+        dest.put("README.md", text.encode(), content_type="text/markdown")
     return ExportReport(len(ids), len(shards), written, skipped)
 
 
@@ -202,6 +204,19 @@ def _read_manifest(dest: Storage, prefix: str, fmt: str) -> tuple[_Plan, str | N
         plan = _Plan([list(shard) for shard in manifest["shards"]], manifest.get("folder", ""))
         return plan, key if not key.startswith(".") else None
     return _Plan([]), None
+
+
+def _read(session: Session, ids: Sequence[int], describe: Describe) -> list[tuple[Item, Any]]:
+    """The items `ids` with their records, read in a transaction that ends here: downloading
+    and uploading the shard (minutes on a slow store) must not hold a database session idle
+    in transaction, and its locks, meanwhile. The items come back detached, their columns
+    loaded."""
+    items = list(session.scalars(select(Item).where(Item.id.in_(ids)).order_by(Item.id)))
+    rows = [(item, describe(item)) for item in items]
+    for item in items:
+        session.expunge(item)
+    session.rollback()
+    return rows
 
 
 def _image(source: Storage, item: Item) -> bytes:
@@ -385,8 +400,8 @@ class _ImageFolder(_Writer):
         """`metadata.jsonl` for every image, rewritten whole from the records."""
         lines = []
         for shard in shards:
-            for item in session.scalars(select(Item).where(Item.id.in_(shard)).order_by(Item.id)):
-                record = {"file_name": f"images/{item_key(item.id)}.png", **describe(item)}
+            for item, described in _read(session, shard, describe):
+                record = {"file_name": f"images/{item_key(item.id)}.png", **described}
                 lines.append(_json(record) + "\n")
         dest.put(self.common_keys()[0], "".join(lines).encode(),
                  content_type="application/jsonl")

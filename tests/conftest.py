@@ -13,12 +13,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Inductor compiles in the test process itself: its pool of compile threads would outlive the
 # test that first compiles (tests/leaks.py fails that test), and on two cores buys nothing.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Each test process (pytest-xdist runs two) keeps its own compiled-kernel cache: two processes
+# writing one entry at once leave a file the other reads short.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"sdq-tests-inductor-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# pytest-xdist's processes share the cores: each takes its part instead of all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 from safetensors.torch import save_file  # noqa: E402
 
 # The builders are imported here for the tests that take them from this module.

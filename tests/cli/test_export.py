@@ -256,3 +256,42 @@ def test_a_piped_export_prints_progress_lines(home: Home, tmp_path: Path) -> Non
     lines = [line for line in result.stderr.splitlines() if line.startswith("exporting: ")]
     assert lines[0] == "exporting: 0/5 images (0%), 0s elapsed"
     assert lines[-1].startswith("exporting: 5/5 images (100%), ")
+
+
+class WatchedStorage:
+    """A store that notes, at each call, whether the export's session was inside a
+    transaction (on PostgreSQL: a session idle in transaction, its locks held, for as long
+    as a slow store takes)."""
+
+    def __init__(self, inner, session: Session) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.session, self.in_transaction = inner, session, []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        attribute = getattr(self.inner, name)
+        if not callable(attribute) or name in ("root", "url"):
+            return attribute
+
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.in_transaction.append((name, self.session.in_transaction()))
+            return attribute(*args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+def test_no_transaction_is_open_while_the_stores_are_called(any_home: Home, tmp_path: Path,
+                                                            fmt: str) -> None:
+    from sdq.cli.common import item_record
+    from sdq.jobs.export import export_items
+
+    job = any_home.add_job(PROMPTS, done=5)
+    with Session(any_home.engine) as session:
+        ids = [i.id for i in done_items(any_home, job.id)]
+        session.get(Item, ids[0])  # the caller's own read, left open
+        store, dest = (WatchedStorage(s, session) for s in (
+            open_storage(str(any_home.path / "home" / "images")), open_storage(str(tmp_path / "out"))))
+        report = export_items(session, store, dest, ids, fmt=fmt, describe=item_record,
+                              shard_size=2, card=True)
+    assert report.written == 3
+    calls = store.in_transaction + dest.in_transaction
+    assert {name for name, _ in store.in_transaction} == {"get"}
+    assert calls and not any(open_ for _, open_ in calls), calls
