@@ -2,6 +2,9 @@
 
 Every function takes the caller's Session and leaves the transaction to the caller: a submit
 is committed (or rolled back) whole by whoever opened it.
+
+Over 400 lines on purpose: it is the index's list of questions, each a short function over
+the same models and dialect helpers; split by caller, the same question would be asked twice.
 """
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ record, because the A1111 line is lossy (prompt lines are stripped, ids and the 
 have no place in it). The JSON also holds a digest of the decoded pixels: unlike the file's
 sha256 it can live inside the file, so a file downloaded elsewhere still shows a changed pixel
 without the database.
+
+Over 400 lines on purpose: the record, its two encodings in the PNG (A1111's text, written
+and read back, and the JSON chunk) and the checks that compare them are one format; apart,
+the writer and the reader the checks rely on would drift.
 """
 from __future__ import annotations
 

@@ -23,6 +23,9 @@ that exists and whose planned ids are unchanged; each shard is written whole or 
 local temp file, then an atomic put), so an existing shard is a complete one. Files of an
 earlier plan that the new one does not make (the selection shrank, the layout changed) are
 deleted.
+
+Over 400 lines on purpose: three writers behind one interface, with the resumable shard
+plan and the transaction handling they share.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ the base seed plus their job-wide image index.
 
 Lives beside the worker rather than in `cli/` because the scheduler re-parses the prompt text
 a schedule stores, with no command line involved.
+
+Over 400 lines on purpose: the three formats feed one converter and one problem list, so
+that a row's checks are written once and a file is accepted or refused whole.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ through the same `dispatch`. Items are committed before any message is published
 can never receive an id that is not in the database yet; a crash between the two leaves items
 `pending`, which `reconcile` picks up. The model stack (torch) is imported only by the
 functions that hash or run a model, so commands can use the rest without loading it.
+
+Over 400 lines on purpose: the one path from parsed rows to recorded, planned and enqueued
+work, with the dry run's planning beside it, so that the estimate uses the keys and the
+batching the real run will.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ variant group is `v1`, `v2`, ... in the order its `{` is written, a wildcard its
 own inner choices are `NAME.v1`, ...).
 
 Nothing here reads settings or imports anything heavy: `promptfile` calls it for each row.
+
+Over 400 lines on purpose: parser, counter and expander of one syntax; the counting (done
+before anything is built) must follow the expansion node for node.
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ This is the seam with the worker: `load_pipeline(ref, device, dtype)` and
 `params.Request` carries its own prompt, negative prompt, seed and guidance scale; an image
 comes out the same alone or at any position of any batch because its noise comes only from its
 own CPU generator.
+
+Over 400 lines on purpose: the pipeline and the loaders that build it from either
+checkpoint layout, which must agree on how the networks are configured.
 """
 from __future__ import annotations
 
