@@ -294,7 +294,8 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]], model: Mo
     known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
                              model_sha256=known.get(item.get("model_id"), model.sha256),
-                             device=device, dtype=dtype) for item in items)
+                             device=device, dtype=dtype, loras=item.get("loras"),
+                             embeddings=item.get("embeddings")) for item in items)
     found: set[str] = set()
     ordered = list(keys)
     for start in range(0, len(ordered), _LOOKUP_CHUNK):
