@@ -59,9 +59,13 @@ class ResultCache:
         self.reads, self.sessions, self.storage = reads, sessions, storage
         self.watermark, self.worker_name = watermark, worker_name
 
-    def key(self, params: GenerationParams, model: Identity | Denoiser) -> str:
+    def key(self, params: GenerationParams, model: Identity | Denoiser, *, loras: Any = (),
+            embeddings: Any = ()) -> str:
+        """The item's cache key: its parameters, LoRA and embedding records (by file hash),
+        this model, watermark, device and dtype."""
         return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
-                         device=model.device, dtype=model.dtype)
+                         device=model.device, dtype=model.dtype, loras=loras or (),
+                         embeddings=embeddings or ())
 
     def reuse(self, batches: Sequence[Batch], model: Identity | Denoiser) -> set[int]:
         """Finish, as reusing the stored image, every item of the batches whose image is
@@ -83,7 +87,8 @@ class ResultCache:
             keys: dict[int, str] = {}
             for item in items:
                 with contextlib.suppress(ParamError):  # failed when a worker takes it
-                    keys[item.id] = self.key(item.params, model)
+                    keys[item.id] = self.key(item.params, model, loras=item.loras,
+                                             embeddings=item.embeddings)
             if not keys:
                 return set()
             found = session.execute(

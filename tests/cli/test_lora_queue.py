@@ -1,0 +1,112 @@
+"""LoRAs and embeddings from the user to the model and back, through the queue: `sdq submit`
+finds and hashes every file an item names before anything is recorded, the runner merges each
+LoRA set once per group, refuses a changed file, and the rows, the cache key and the PNG's
+provenance carry what made each image."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sdq.core.settings import Settings
+from sdq.db.models import Item, Job, Status
+from sdq.images.provenance import parse_parameters, read_png_metadata
+from sdq.images.storage import open_storage
+from sdq.jobs.submit import identify_model
+from sdq.jobs.submit import submit as submit_items
+from sdq.worker.factory import runner_from_settings
+from tests.adapters import sha256, write_embedding, write_loras
+
+from .conftest import Home
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--sampler", "euler"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_checkpoint) -> Path:
+    """loras/{detail,style}.safetensors and embeddings/badneg.safetensors."""
+    root = tmp_path_factory.mktemp("adapters")
+    write_loras(root / "loras", tiny_checkpoint, {"detail": 1, "style": 2})
+    write_embedding(root / "embeddings", "badneg")
+    return root
+
+
+def items_of(home: Home, job_id: int) -> list[Item]:
+    with Session(home.engine) as session:
+        return list(session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.row_index)))
+
+
+def submit(home: Home, checkpoint: Path, adapters: Path, prompts: Path, *extra: str):
+    return home.run("submit", str(prompts), "--model", str(checkpoint), *SMALL, "--seed", "5",
+                    "--lora-dir", str(adapters / "loras"),
+                    "--embeddings-dir", str(adapters / "embeddings"), "--json", *extra)
+
+
+def test_submit_records_each_items_loras_and_embeddings_and_the_png_says_so(
+        home: Home, tiny_checkpoint: Path, adapters: Path) -> None:
+    prompts = home.path / "prompts.csv"
+    prompts.write_text("prompt,negative_prompt\n"
+                       '"a fox <lora:detail:0.8>",badneg\n'
+                       "a plain fox,lowres\n")
+    result = submit(home, tiny_checkpoint, adapters, prompts, "--lora", "style:0.5")
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.stdout)["job_id"]
+    first, second = items_of(home, job_id)
+    detail = sha256(adapters / "loras" / "detail.safetensors")
+    style = sha256(adapters / "loras" / "style.safetensors")
+    assert [(r["name"], r["weight"], r["sha256"]) for r in first.loras] == [
+        ("detail", 0.8, detail), ("style", 0.5, style)]
+    assert [(r["name"], r["weight"], r["sha256"]) for r in second.loras] == [("style", 0.5, style)]
+    assert first.embeddings == [{"name": "badneg",
+                                 "sha256": sha256(adapters / "embeddings" / "badneg.safetensors")}]
+    assert second.embeddings is None
+    assert (first.status, second.status) == (Status.DONE, Status.DONE)
+    storage = open_storage(str(home.path / "home" / "images"))
+    meta = read_png_metadata(storage.get(first.image_key))
+    assert meta.provenance.loras == tuple(first.loras)
+    assert meta.provenance.embeddings == tuple(first.embeddings)
+    text = meta.parameters_text
+    assert text.startswith("a fox <lora:detail:0.8>\nNegative prompt: badneg\n")
+    fields = parse_parameters(text).settings
+    assert fields["Lora hashes"] == f"detail: {first.loras[0]['a1111']}, style: {first.loras[1]['a1111']}"
+    assert fields["TI hashes"] == f"badneg: {first.embeddings[0]['sha256'][:12]}"
+    with Session(home.engine) as session:
+        job = session.get(Job, job_id)
+        assert job.defaults["loras"] == ["style:0.5"]
+        assert job.defaults["lora_dirs"] == [str((adapters / "loras").resolve())]
+
+
+def test_an_unknown_lora_is_a_problem_of_its_line_and_nothing_is_recorded(
+        home: Home, tiny_checkpoint: Path, adapters: Path) -> None:
+    prompts = home.path / "prompts.csv"
+    prompts.write_text("prompt\na fox\n\"a cat <lora:nosuch:0.5>\"\n")
+    result = submit(home, tiny_checkpoint, adapters, prompts)
+    assert result.exit_code == 2, result.output
+    assert (f"prompts.csv:3: lora: no nosuch.safetensors in {(adapters / 'loras').resolve()}"
+            in result.stderr)
+    with Session(home.engine) as session:
+        assert session.scalar(select(Job.id)) is None
+
+
+def test_a_changed_lora_file_fails_its_items_and_never_makes_them_with_another(
+        home: Home, tiny_checkpoint: Path, adapters: Path) -> None:
+    """The worker's copy has another sha256 than the one recorded at submit: those items
+    fail with that reason, their batch-mates without the LoRA are made."""
+    settings = replace(Settings.load(home.env), lora_dir=(adapters / "loras",))
+    recorded = {"name": "detail", "weight": 1.0, "sha256": "0" * 64}
+    specs = [{"prompt": "a fox", "seed": 1, "sampler": "euler", "steps": 2, "cfg": 7.5,
+              "width": 64, "height": 64, "loras": [recorded]},
+             {"prompt": "a plain fox", "seed": 2, "sampler": "euler", "steps": 2, "cfg": 7.5,
+              "width": 64, "height": 64}]
+    done = submit_items(settings, specs, model=identify_model(str(tiny_checkpoint)),
+                        make_runner=runner_from_settings)
+    changed, plain = items_of(home, done.job_id)
+    assert (changed.status, plain.status) == (Status.FAILED, Status.DONE)
+    found = sha256(adapters / "loras" / "detail.safetensors")
+    assert changed.last_error == (f"lora detail: {adapters / 'loras' / 'detail.safetensors'} has "
+                                  f"sha256 {found[:12]}, not the {'0' * 12} the job recorded; "
+                                  "restore that file or resubmit")
