@@ -21,6 +21,8 @@ class FakePipeline:
         self.sha256, self.name, self.device, self.dtype = sha256, "fake", "cpu", "fp32"
         self.batch_size, self.fail = batch_size, fail
         self.calls: list[tuple[int, ...]] = []
+        self.lora_sets: list[Any] = []
+        """The `loras` each call asked for, as `Pipeline.generate` takes them."""
         self.called = threading.Condition()
 
     def default_batch_size(self, width: int = 512, height: int = 512) -> int:
@@ -29,6 +31,7 @@ class FakePipeline:
     def generate(self, requests: Sequence[Request], **settings: Any) -> list[Image.Image]:
         with self.called:
             self.calls.append(tuple(r.seed for r in requests))
+            self.lora_sets.append(tuple(settings.get("loras", ())))
             self.called.notify_all()
         if self.fail is not None:
             self.fail(requests)
