@@ -78,6 +78,48 @@ def test_submit_records_each_items_loras_and_embeddings_and_the_png_says_so(
         job = session.get(Job, job_id)
         assert job.defaults["loras"] == ["style:0.5"]
         assert job.defaults["lora_dirs"] == [str((adapters / "loras").resolve())]
+    # search by LoRA name, at any weight
+    found = json.loads(home.run("search", "--lora", "detail", "--json").stdout)
+    assert [r["id"] for r in found] == [first.id]
+    assert found[0]["loras"][0]["sha256"] == detail and found[0]["embeddings"][0]["name"] == "badneg"
+    assert [r["id"] for r in json.loads(home.run("search", "--lora", "style", "--json").stdout)] == [
+        second.id, first.id]
+    assert json.loads(home.run("search", "--lora", "sty", "--json").stdout) == []
+    # the same file again: every image is the one stored (same LoRA files, same key)
+    again = submit(home, tiny_checkpoint, adapters, prompts, "--lora", "style:0.5")
+    assert json.loads(again.stdout)["reused"] == 2
+    # another weight is another image
+    other = submit(home, tiny_checkpoint, adapters, prompts, "--lora", "style:0.6")
+    assert json.loads(other.stdout)["reused"] == 0
+
+
+def test_exports_carry_typed_lora_and_embedding_columns(home: Home, tiny_checkpoint: Path,
+                                                        adapters: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = home.path / "prompts.csv"
+    prompts.write_text('prompt,negative_prompt\n"a fox <lora:detail:0.8>",badneg\na plain fox,\n')
+    job_id = json.loads(submit(home, tiny_checkpoint, adapters, prompts).stdout)["job_id"]
+    first, _ = items_of(home, job_id)
+    for fmt in ("parquet", "webdataset", "imagefolder"):
+        result = home.run("export", str(job_id), "--format", fmt, "-o", str(tmp_path / fmt))
+        assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "parquet")
+    assert table.schema.field("loras").type == pa.list_(pa.struct(
+        [("name", pa.string()), ("weight", pa.float64()), ("sha256", pa.string()),
+         ("a1111", pa.string())]))
+    assert table.schema.field("embeddings").type == pa.list_(pa.struct(
+        [("name", pa.string()), ("sha256", pa.string())]))
+    rows = sorted(table.select(["id", "loras", "embeddings"]).to_pylist(), key=lambda r: r["id"])
+    assert rows[0]["loras"] == [{"name": "detail", "weight": 0.8, "sha256": first.loras[0]["sha256"],
+                                 "a1111": first.loras[0]["a1111"]}]
+    assert rows[0]["embeddings"] == first.embeddings
+    assert (rows[1]["loras"], rows[1]["embeddings"]) == ([], [])  # empty lists, not nulls
+    metadata = [json.loads(line) for line in
+                (tmp_path / "imagefolder" / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["loras"], m["embeddings"]) for m in metadata] == [
+        (rows[0]["loras"], rows[0]["embeddings"]), ([], [])]
 
 
 def test_an_unknown_lora_is_a_problem_of_its_line_and_nothing_is_recorded(
