@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
 
 from sdq.cli.common import configured_storage, database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
-from sdq.core.errors import CheckFailed
+from sdq.cli.options import adapter_settings
+from sdq.core.errors import CheckFailed, NotFound
 from sdq.db.models import Status
 from sdq.db.queries import get_item
 from sdq.core.params import short_hash
@@ -27,9 +29,15 @@ from sdq.core.settings import DTYPE_NAMES
 @click.option("--device", help="cpu, cuda, cuda:1, mps ... (default: SDQ_DEVICE, else the best).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Weights' precision (default: SDQ_DTYPE, else fp16 on GPUs, fp32 on the CPU).")
+@click.option("--lora-dir", "lora_dirs", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder the item's LoRAs are looked up in; repeatable [default: $SDQ_LORA_DIR].")
+@click.option("--embeddings-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of the item's embeddings [default: $SDQ_EMBEDDINGS_DIR].")
 @output_options("json")
 def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str | None,
-              dtype: str | None, output: str | None) -> None:
+              dtype: str | None, lora_dirs: tuple[Path, ...], embeddings_dir: Path | None,
+              output: str | None) -> None:
     """Regenerate ITEM from its recorded prompt, seed, sampler, steps, guidance, size and
     model (by sha256), and compare the pixels with the stored image.
 
@@ -37,7 +45,9 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
     it was made in a batch. With --batch, its whole recorded batch is regenerated in the
     recorded order, which on the same device and software gives identical pixels. The stored
     image's invisible watermark is applied to the new pixels before comparing. Exit status 0
-    when identical, 1 when not.
+    when identical, 1 when not; 3 when a LoRA or embedding the item was made with is not in
+    --lora-dir / --embeddings-dir with its recorded sha256 (another file would make another
+    image).
 
     \b
     Examples:
@@ -45,10 +55,10 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
       sdq reproduce 1234 --batch --json
       sdq reproduce 1234 --model ~/models/v1-5-pruned-emaonly.safetensors --device cuda
     """
-    from sdq.jobs.reproduce import compare, composition, regenerate
+    from sdq.jobs.reproduce import check_adapters, compare, composition, regenerate
     from sdq.sdmodel.pipeline import load_pipeline
 
-    settings = load_settings(need_broker=False)
+    settings = adapter_settings(load_settings(need_broker=False), lora_dirs, embeddings_dir)
     with database_session(settings) as session:
         item = get_item(session, item_id)
         if item.status is not Status.DONE or not item.image_key:
@@ -62,6 +72,10 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
             raise click.ClickException(f"item {item_id} records no model")
         members = composition(session, item, in_batch=in_batch)
         position = members.index(item)
+        try:
+            check_adapters(members, settings.lora_dir, settings.embeddings_dir)
+        except NotFound as exc:
+            raise CommandFailed.of(exc) from None
         sha256, source = item.model.sha256, model_ref or item.model.source_uri
         image_key, batch_id, recorded_device = item.image_key, item.batch_id, item.device
     if not source:
@@ -71,7 +85,8 @@ def reproduce(item_id: int, in_batch: bool, model_ref: str | None, device: str |
     try:
         pipe = load_pipeline(source, device=device or settings.device,
                              dtype=dtype or settings.dtype,
-                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec)
+                             hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec,
+                             lora_dirs=settings.lora_dir, embeddings_dir=settings.embeddings_dir)
     except (ValueError, LookupError, OSError) as exc:
         raise CommandFailed.of(exc, f"cannot load model {source}", code=BAD_INPUT) from None
     if pipe.sha256 != sha256:

@@ -20,16 +20,19 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from sdq.core.errors import Refused
+from sdq.core.errors import InvalidInput, NotFound, Refused
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
 from sdq.images import watermark as wm
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
+from sdq.sdmodel.embedding_files import embedding_files, file_sha256
+from sdq.sdmodel.lora_files import describe_lora, find_lora
 from sdq.sdmodel.pipeline import Pipeline
 from sdq.sdmodel.produce import produce
 
@@ -69,12 +72,47 @@ def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
     return list(batch)
 
 
+class MissingAdapter(NotFound):
+    """A LoRA or embedding an item was made with is not here with the recorded sha256: the
+    image cannot be made again (another file under the same name would make another image)."""
+
+
+def check_adapters(items: Sequence[Item], lora_dirs: Sequence[Path], embeddings_dir: Path | None
+                   ) -> None:
+    """Every LoRA and embedding the items record is here, with the recorded sha256: checked
+    before the model is loaded, without torch. MissingAdapter names the first that is not."""
+    for item in items:
+        for lora in item.loras or ():
+            name, sha256 = lora["name"], lora["sha256"]
+            try:
+                found = describe_lora(find_lora(name, lora_dirs), name).sha256
+            except (NotFound, InvalidInput) as exc:
+                raise MissingAdapter(f"item {item.id} was made with LoRA {name} (sha256 "
+                                     f"{sha256[:12]}), which is not here: {exc}; pass --lora-dir "
+                                     "with a folder that holds it") from None
+            if found != sha256:
+                raise MissingAdapter(f"item {item.id} was made with LoRA {name} sha256 {sha256[:12]}; "
+                                     f"{name} here has {found[:12]}: pass --lora-dir with the file it "
+                                     "was made with")
+        for embedding in item.embeddings or ():
+            name, sha256 = embedding["name"], embedding["sha256"]
+            paths = [p for p in (embedding_files(embeddings_dir) if embeddings_dir else ())
+                     if p.stem == name]
+            if [file_sha256(p) for p in paths] != [sha256]:
+                where = f"in {embeddings_dir}" if embeddings_dir else "(no embeddings folder)"
+                raise MissingAdapter(f"item {item.id} was made with embedding {name} (sha256 "
+                                     f"{sha256[:12]}), which is not {where} with that hash; pass "
+                                     "--embeddings-dir with the folder that holds it")
+
+
 def regenerate(pipe: Pipeline, items: Sequence[Item]) -> list[Image.Image]:
-    """The unmarked images of `items`, denoised as one batch in the given order (split in
-    halves only if the device runs out of memory: `produce`)."""
+    """The unmarked images of `items` (with their LoRAs), denoised as one batch in the given
+    order (split in halves only if the device runs out of memory: `produce`)."""
     params = [item.params for item in items]
+    loras = [[(r["name"], r["weight"], r["sha256"]) for r in item.loras or ()] for item in items]
     images: list[Image.Image] = []
-    for produced in produce(pipe, params, batch_size=len(params)):
+    for produced in produce(pipe, params, batch_size=len(params),
+                            loras=loras if any(loras) else None):
         images.extend(produced.images)
     return images
 

@@ -152,3 +152,26 @@ def test_a_changed_lora_file_fails_its_items_and_never_makes_them_with_another(
     assert changed.last_error == (f"lora detail: {adapters / 'loras' / 'detail.safetensors'} has "
                                   f"sha256 {found[:12]}, not the {'0' * 12} the job recorded; "
                                   "restore that file or resubmit")
+
+
+def test_reproduce_needs_the_files_with_the_recorded_hashes(home: Home, tiny_checkpoint: Path,
+                                                            adapters: Path, tmp_path: Path) -> None:
+    prompts = home.path / "prompts.csv"
+    prompts.write_text('prompt,negative_prompt\n"a fox <lora:detail:0.8>",badneg\n')
+    job_id = json.loads(submit(home, tiny_checkpoint, adapters, prompts).stdout)["job_id"]
+    (item,) = items_of(home, job_id)
+    made = home.run("reproduce", str(item.id), "--lora-dir", str(adapters / "loras"),
+                    "--embeddings-dir", str(adapters / "embeddings"), "--json")
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["identical"] is True
+    missing = home.run("reproduce", str(item.id))
+    assert missing.exit_code == 3, missing.output
+    assert (f"item {item.id} was made with LoRA detail (sha256 {item.loras[0]['sha256'][:12]}), "
+            "which is not here: lora: no detail.safetensors in no LoRA folder") in missing.output
+    write_loras(tmp_path / "other", tiny_checkpoint, {"detail": 9})
+    changed = home.run("reproduce", str(item.id), "--lora-dir", str(tmp_path / "other"))
+    assert changed.exit_code == 3, changed.output
+    assert f"LoRA detail sha256 {item.loras[0]['sha256'][:12]}; detail here has" in changed.output
+    no_embedding = home.run("reproduce", str(item.id), "--lora-dir", str(adapters / "loras"))
+    assert no_embedding.exit_code == 3, no_embedding.output
+    assert "embedding badneg (sha256" in no_embedding.output
