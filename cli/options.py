@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from sdq.core.params import (
     check_tag,
 )
 from sdq.core.params import text as text_check  # `text` names option help below
+from sdq.jobs.adapters import with_folders
 from sdq.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -162,9 +162,8 @@ def adapter_settings(settings: Settings, lora_dirs: Sequence[Path], embeddings_d
                      ) -> Settings:
     """The settings with --lora-dir and --embeddings-dir in place of SDQ_LORA_DIR and
     SDQ_EMBEDDINGS_DIR where given (absolute, so a job records where its files were)."""
-    return replace(settings,
-                   lora_dir=tuple(p.resolve() for p in lora_dirs) or settings.lora_dir,
-                   embeddings_dir=embeddings_dir.resolve() if embeddings_dir else settings.embeddings_dir)
+    return with_folders(settings, [p.resolve() for p in lora_dirs],
+                        embeddings_dir.resolve() if embeddings_dir else None)
 
 
 def safety_options(*, fill_defaults: bool = True) -> Callable[[F], F]:

@@ -12,12 +12,13 @@ text encoder's path matches them (`sdmodel.prompts.embedding_names`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sdq.core.errors import InvalidInput, NotFound
 from sdq.core.jobspec import JobSpec
+from sdq.core.settings import Settings
 from sdq.core.loratags import lora_tags, parse_lora_option
 from sdq.core.params import ParamError, adapter_record
 from sdq.sdmodel.embedding_files import EmbeddingNames, file_sha256
@@ -106,3 +107,12 @@ def adapter_finder(spec: JobSpec, lora_dirs: Sequence[Path | str] = (),
     the given ones (the settings')."""
     return AdapterFinder(spec.lora_dirs or tuple(lora_dirs), spec.embeddings_dir or embeddings_dir,
                          spec.loras)
+
+
+def with_folders(settings: Settings, lora_dirs: Sequence[Path | str] = (),
+                 embeddings_dir: Path | str | None = None) -> Settings:
+    """`settings` with the given LoRA and embeddings folders in place of SDQ_LORA_DIR and
+    SDQ_EMBEDDINGS_DIR, where given: a command's options, or the folders a job or schedule
+    recorded, so that a run here finds the files its items were resolved from."""
+    return replace(settings, lora_dir=tuple(Path(d) for d in lora_dirs) or settings.lora_dir,
+                   embeddings_dir=Path(embeddings_dir) if embeddings_dir else settings.embeddings_dir)

@@ -34,7 +34,7 @@ from sdq.core.settings import Settings
 from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database
-from sdq.jobs.adapters import adapter_finder
+from sdq.jobs.adapters import adapter_finder, with_folders
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
 
@@ -307,6 +307,9 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
             if policy == "fresh":
                 expansion = dataclasses.replace(expansion, seed=draw_seed())
             repeat = runs_before(session, schedule.id, day) if policy == "add" else 0
+            # The schedule's own folders, where it names them, for finding and (with no
+            # broker) for running.
+            settings = with_folders(settings, spec.lora_dirs, spec.embeddings_dir)
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),

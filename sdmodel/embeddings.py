@@ -129,18 +129,30 @@ class EmbeddingRegistry:
         return [self.get(name) for name in embedding_names(prompt, self.tokenizer, self.files)]
 
 
-def embedding_mismatch(embeddings: EmbeddingRegistry | None, record: Mapping[str, Any]) -> str | None:
-    """Why the embedding an item records ({name, sha256}) cannot be used here, or None: no
-    embeddings folder, no such file, an unusable one, or another file under that name (an item
-    is never made with other vectors than those it was submitted with)."""
-    name, sha256 = record["name"], record.get("sha256")
-    if embeddings is None:
-        return f"embedding {name}: no embeddings folder here (set SDQ_EMBEDDINGS_DIR)"
+def embeddings_problem(embeddings: EmbeddingRegistry | None, prompts: Sequence[str], syntax: str,
+                       records: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why an item cannot be made here with the embeddings it records ({name, sha256}), or None.
+
+    Its prompts must name here exactly the embeddings it recorded when it was submitted (a
+    worker with another embeddings folder would otherwise make an image its record does not
+    describe), each file with the recorded sha256 (never other vectors under the same name)."""
+    recorded = {record["name"]: record.get("sha256") for record in records}
+    used: dict[str, None] = {}
     try:
-        found = embeddings.get(name)
+        if embeddings is not None and syntax == "a1111":
+            for prompt in prompts:
+                used.update(dict.fromkeys(embedding_names(prompt, embeddings.tokenizer, embeddings.files)))
+        if set(used) != set(recorded):
+            here = f"in {embeddings.folder}" if embeddings is not None else "with no embeddings folder here"
+            return (f"embeddings: its prompts name {', '.join(used) or 'none'} {here}, the job "
+                    f"recorded {', '.join(recorded) or 'none'}; give workers the submitter's "
+                    "embeddings folder (SDQ_EMBEDDINGS_DIR)")
+        for name, sha256 in recorded.items():
+            assert embeddings is not None  # a recorded name was found there
+            found = embeddings.get(name)
+            if sha256 and found.sha256 != sha256:
+                return (f"embedding {name}: {found.path} has sha256 {found.sha256[:12]}, not the "
+                        f"{sha256[:12]} the job recorded; restore that file or resubmit")
     except InvalidInput as exc:
-        return f"embedding {name}: {exc}"
-    if sha256 and found.sha256 != sha256:
-        return (f"embedding {name}: {found.path} has sha256 {found.sha256[:12]}, not the "
-                f"{sha256[:12]} the job recorded; restore that file or resubmit")
+        return f"embeddings: {exc}"
     return None

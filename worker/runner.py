@@ -40,7 +40,7 @@ from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
 from sdq.images.storage import Storage
-from sdq.sdmodel.embeddings import embedding_mismatch
+from sdq.sdmodel.embeddings import embeddings_problem
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.sdmodel.produce import Denoiser, produce
 from sdq.worker.cache import ResultCache, identify
@@ -248,15 +248,18 @@ class Runner:
             yield Chunk(chunk_id, items, produced.images, produced.seconds)
 
     def _with_embeddings(self, pipe: Denoiser, work: list[Work], report: RunReport) -> list[Work]:
-        """The items whose embeddings are here with the recorded sha256; the others fail with
-        the reason (never made with another file under the same name)."""
+        """The items whose prompts name here the embeddings they recorded, with the recorded
+        sha256; the others fail with the reason (`embeddings_problem`)."""
+        registry = getattr(pipe, "embeddings", None)
         failed: dict[int, str] = {}
         for w in work:
-            for embedding in w.embeddings:
-                reason = embedding_mismatch(getattr(pipe, "embeddings", None), embedding)
-                if reason is not None:
-                    failed[w.id] = reason
-                    break
+            if registry is None and not w.embeddings:
+                continue
+            p = w.params
+            reason = embeddings_problem(registry, [p.prompt, p.negative_prompt], p.prompt_syntax,
+                                        w.embeddings)
+            if reason is not None:
+                failed[w.id] = reason
         for reason in set(failed.values()):
             ids = [i for i, why in failed.items() if why == reason]
             report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),

@@ -175,3 +175,32 @@ def test_reproduce_needs_the_files_with_the_recorded_hashes(home: Home, tiny_che
     no_embedding = home.run("reproduce", str(item.id), "--lora-dir", str(adapters / "loras"))
     assert no_embedding.exit_code == 3, no_embedding.output
     assert "embedding badneg (sha256" in no_embedding.output
+
+
+def test_a_worker_makes_an_item_only_with_the_embeddings_it_recorded(
+        home: Home, tiny_checkpoint: Path, adapters: Path) -> None:
+    """A worker whose embeddings folder differs from the submitter's (none, or another file)
+    fails the items whose prompts would read other vectors than their record says."""
+    folder = adapters / "embeddings"
+    recorded = {"name": "badneg", "sha256": sha256(folder / "badneg.safetensors")}
+    spec = {"prompt": "a fox", "negative_prompt": "badneg", "sampler": "euler", "steps": 2,
+            "cfg": 7.5, "width": 64, "height": 64}
+    cases = [({"seed": 1, "embeddings": [recorded]}, None, Status.FAILED),  # worker has no folder
+             ({"seed": 2}, folder, Status.FAILED),  # submitted without the folder the worker has
+             ({"seed": 3, "embeddings": [{**recorded, "sha256": "1" * 64}]}, folder, Status.FAILED),
+             ({"seed": 4, "embeddings": [recorded]}, folder, Status.DONE)]
+    reasons = []
+    for extra, worker_folder, expected in cases:
+        settings = replace(Settings.load(home.env), embeddings_dir=worker_folder)
+        done = submit_items(settings, [{**spec, **extra}], model=identify_model(str(tiny_checkpoint)),
+                            make_runner=runner_from_settings)
+        (item,) = items_of(home, done.job_id)
+        assert item.status == expected, item.last_error
+        reasons.append(item.last_error)
+    assert reasons[:3] == [
+        "embeddings: its prompts name none with no embeddings folder here, the job recorded "
+        "badneg; give workers the submitter's embeddings folder (SDQ_EMBEDDINGS_DIR)",
+        f"embeddings: its prompts name badneg in {folder}, the job recorded none; give workers "
+        "the submitter's embeddings folder (SDQ_EMBEDDINGS_DIR)",
+        f"embedding badneg: {folder / 'badneg.safetensors'} has sha256 {recorded['sha256'][:12]}, "
+        f"not the {'1' * 12} the job recorded; restore that file or resubmit"]
