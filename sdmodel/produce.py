@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from PIL import Image
 
 from sdq.core.params import BatchShape, GenerationParams, Request
 
-from .lora import LoraSet, canonical
+from .lora import canonical
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class Produced:
 def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: int | None = None,
             on_step: Callable[[int, int, int], None] | None = None,
             on_smaller: Callable[[int], None] | None = None,
-            isolate: bool = False, loras: Sequence[LoraSet] | None = None) -> Iterator[Produced]:
+            isolate: bool = False,
+            loras: Sequence[Iterable[tuple[str, float, str | None]]] | None = None,
+            ) -> Iterator[Produced]:
     """Denoise `params` in batches of one LoRA set and one shape (sets in order of first
     appearance, so each is merged once, then shapes in their sort order, requests in the order
     given) and at most
