@@ -150,8 +150,17 @@ def show(item_id: int, output: str | None) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
         elif isinstance(value, list):
-            value = ", ".join(map(str, value))
+            value = ", ".join(map(_entry, value))
         click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
+
+
+def _entry(value: Any) -> str:
+    """One entry of a list field as `show` prints it: a LoRA as `name:weight (sha256 ...)`, an
+    embedding as `name (sha256 ...)`, anything else as itself."""
+    if not isinstance(value, dict):
+        return str(value)
+    weight = f":{value['weight']:g}" if "weight" in value else ""
+    return f"{value['name']}{weight} (sha256 {str(value['sha256'])[:12]})"
 
 
 def _same_file(path: Path, sha256: str | None) -> bool:

@@ -85,6 +85,9 @@ def test_submit_records_each_items_loras_and_embeddings_and_the_png_says_so(
     assert [r["id"] for r in json.loads(home.run("search", "--lora", "style", "--json").stdout)] == [
         second.id, first.id]
     assert json.loads(home.run("search", "--lora", "sty", "--json").stdout) == []
+    shown = home.run("show", str(first.id)).stdout
+    assert f"detail:0.8 (sha256 {detail[:12]}), style:0.5 (sha256 {style[:12]})" in shown
+    assert f"badneg (sha256 {first.embeddings[0]['sha256'][:12]})" in shown
     # the same file again: every image is the one stored (same LoRA files, same key)
     again = submit(home, tiny_checkpoint, adapters, prompts, "--lora", "style:0.5")
     assert json.loads(again.stdout)["reused"] == 2
