@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -207,3 +208,24 @@ def test_a_worker_makes_an_item_only_with_the_embeddings_it_recorded(
         "the submitter's embeddings folder (SDQ_EMBEDDINGS_DIR)",
         f"embedding badneg: {folder / 'badneg.safetensors'} has sha256 {recorded['sha256'][:12]}, "
         f"not the {'1' * 12} the job recorded; restore that file or resubmit"]
+
+
+def test_generate_applies_and_records_them_too(home: Home, tiny_checkpoint: Path, adapters: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "fox.png"
+    made = home.run("generate", "a fox <lora:detail:0.8>", "--negative-prompt", "badneg",
+                    "--model", str(tiny_checkpoint), *SMALL, "--seed", "3", "--clip-skip", "2",
+                    "--lora-dir", str(adapters / "loras"), "--embeddings-dir",
+                    str(adapters / "embeddings"), "-o", str(out))
+    assert made.exit_code == 0, made.output
+    plain = home.run("generate", "a fox", "--negative-prompt", "badneg", "--model",
+                     str(tiny_checkpoint), *SMALL, "--seed", "3", "--clip-skip", "2",
+                     "-o", str(tmp_path / "plain.png"))
+    assert plain.exit_code == 0, plain.output
+    settings = parse_parameters(read_png_metadata(out.read_bytes()).parameters_text).settings
+    assert (settings["Clip skip"], settings["Lora hashes"].split(":")[0],
+            settings["TI hashes"].split(":")[0]) == ("2", "detail", "badneg")
+    with Image.open(out) as ours, Image.open(tmp_path / "plain.png") as theirs:
+        assert ours.tobytes() != theirs.tobytes()  # the LoRA and embedding changed the pixels
+    missing = home.run("generate", "a <lora:nosuch>", "--model", str(tiny_checkpoint), *SMALL)
+    assert missing.exit_code == 2 and "no nosuch.safetensors in no LoRA folder" in missing.output
