@@ -48,17 +48,15 @@ class AdapterFinder:
     def __post_init__(self) -> None:
         self._options = [parse_lora_option(lora) for lora in self.loras]
 
-    @property
-    def active(self) -> bool:
-        """Whether any item could name something: else resolving is skipped."""
-        return bool(self._options or self.lora_dirs or self.embeddings_dir)
-
     def resolve(self, prompt: str, negative_prompt: str, syntax: str) -> Records:
         """The records of one image; ParamError naming `lora` or `embeddings` for a name that
-        has no usable file. A `plain` prompt's tags are text: only `--lora` applies to it."""
+        has no usable file (a tag with no LoRA folder given too: it is never dropped
+        silently). A `plain` prompt's tags are text: only `--lora` applies to it."""
+        tags = lora_tags(prompt) if syntax == "a1111" else []
+        if not tags and not self._options and (self.embeddings_dir is None or syntax != "a1111"):
+            return [], []  # the common case, without keeping every prompt seen
         key = (prompt, negative_prompt, syntax)
         if key not in self._seen:
-            tags = lora_tags(prompt) if syntax == "a1111" else []
             named = dict(self._options) | dict(tags)
             loras = [self._lora(name, weight) for name, weight in named.items()]
             embeddings = self._used_embeddings(prompt, negative_prompt) if syntax == "a1111" else []

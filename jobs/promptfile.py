@@ -141,8 +141,8 @@ def parse_prompt_file(
     shipped CLIP one. A file of more than `max_items` images (SDQ_MAX_JOB_ITEMS) is a
     problem found by counting, before any row's prompts or items are made. `adapters` finds
     and hashes the LoRAs and embeddings each image names (`loras`, `embeddings` of its spec);
-    a name without a file is a problem of its line. Raises PromptFileError listing every
-    problem.
+    a name without a file is a problem of its line (default: no folders, so a `<lora:...>` tag
+    is one). Raises PromptFileError listing every problem.
     """
     problems: list[Problem] = []
     text = _decode(data, source, problems)
@@ -226,8 +226,7 @@ class _Row:
     cells: list[dict[str, Any]]
     template: str | None
     adapters: list[dict[str, Records]] | None = None
-    """Per variant and prompt syntax, the LoRAs and embeddings its images record (None:
-    nothing could be named)."""
+    """Per variant and prompt syntax, the LoRAs and embeddings its images record."""
 
     @property
     def images(self) -> int:
@@ -387,7 +386,7 @@ class _Converter:
                  problems: list[Problem], expansion: Expansion, max_items: int,
                  adapters: AdapterFinder | None = None) -> None:
         self.source, self.defaults, self.problems = source, defaults, problems
-        self.adapters = adapters if adapters is not None and adapters.active else None
+        self.adapters = adapters or AdapterFinder()
         self.expansion, self.cells = expansion, expansion.cells()
         self.rng = random.Random(expansion.seed)
         self.resolve_model = resolve_model
@@ -458,11 +457,9 @@ class _Converter:
                     template=params.prompt if templated else None, adapters=adapters)
 
     def _adapters(self, params: GenerationParams, variants: list[tuple[str, str, dict[str, str]]]
-                  ) -> list[dict[str, Records]] | None:
+                  ) -> list[dict[str, Records]]:
         """Each variant's LoRAs and embeddings by prompt syntax (a `--grid prompt_syntax=...`
         reads one prompt both ways); ParamError for the first name without a file."""
-        if self.adapters is None:
-            return None
         syntaxes = {cell.get("prompt_syntax", params.prompt_syntax) for cell in self.cells}
         return [{syntax: self.adapters.resolve(prompt, negative, syntax) for syntax in syntaxes}
                 for prompt, negative, _ in variants]
@@ -533,7 +530,8 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
                             "row_index": index, "seed": seed}
                     if row.adapters is not None:
                         loras, embeddings = row.adapters[number][spec["prompt_syntax"]]
-                        spec["loras"], spec["embeddings"] = loras or None, embeddings or None
+                        spec |= {"loras": loras} if loras else {}
+                        spec |= {"embeddings": embeddings} if embeddings else {}
                     if row.template is not None or cell:
                         spec["template"] = row.template
                         spec["template_values"] = {**values, **cell}

@@ -49,7 +49,7 @@ def test_each_image_records_the_loras_and_embeddings_it_names(folders) -> None:
     assert [e["name"] for e in made[0]["embeddings"]] == ["EasyNegative"]
     # plain: the tag is text, the option applies; no embedding is looked up
     assert [(r["name"], r["weight"]) for r in made[1]["loras"]] == [("detail", 0.3), ("style", 0.5)]
-    assert made[1]["embeddings"] is None
+    assert "embeddings" not in made[1]
     assert made[0]["prompt"] == "a fox <lora:detail:0.8>"  # recorded as written
 
 
@@ -58,7 +58,7 @@ def test_template_variants_and_grid_syntaxes_each_get_their_own(folders) -> None
     finder = AdapterFinder([first, second], embeddings)
     made = items('prompt\n"a {<lora:detail>|<lora:style:2>} fox"\n', finder,
                  expansion=Expansion(grid=parse_grid(["prompt_syntax=a1111,plain"])))
-    assert [(i["prompt_syntax"], [(r["name"], r["weight"]) for r in i["loras"] or ()])
+    assert [(i["prompt_syntax"], [(r["name"], r["weight"]) for r in i.get("loras", ())])
             for i in made] == [("a1111", [("detail", 1.0)]), ("plain", []),
                                ("a1111", [("style", 2.0)]), ("plain", [])]
 
@@ -83,3 +83,12 @@ def test_finding_and_hashing_import_no_model_stack(folders) -> None:
             "heavy = sorted(m for m in ('torch', 'transformers', 'celery') if m in sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_tag_is_never_dropped_silently() -> None:
+    """With no LoRA folder given anywhere, a prompt's tag is still a problem of its line."""
+    with pytest.raises(PromptFileError, match="p.csv:2: lora: no detail.safetensors in no LoRA folder"):
+        parse_prompt_file(b'prompt\n"a fox <lora:detail>"\n', "p.csv", Defaults(seed=1))
+    [item] = parse_prompt_file(b'prompt,prompt_syntax\n"a fox <lora:detail>",plain\n', "p.csv",
+                               Defaults(seed=1)).items
+    assert "loras" not in item  # plain: the tag is text
