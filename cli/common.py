@@ -217,8 +217,16 @@ def item_record(item: Item) -> dict[str, Any]:
         "duration_s": item.duration_s, "template": item.template,
         "template_values": item.template_values, "cache_key": item.cache_key,
         "reused_from": item.reused_from,
-        **safety_fields(item),
+        **safety_fields(item), **adapter_fields(item),
     }
+
+
+def adapter_fields(item: Item) -> dict[str, Any]:
+    """The LoRAs and embeddings an item used, each entry with every key (empty lists for
+    none), so every export format has one type for them (`jobs.export.STRUCTS`)."""
+    return {"loras": [{"name": r["name"], "weight": r["weight"], "sha256": r["sha256"],
+                       "a1111": r.get("a1111")} for r in item.loras or ()],
+            "embeddings": [{"name": r["name"], "sha256": r["sha256"]} for r in item.embeddings or ()]}
 
 
 def safety_fields(item: Item) -> dict[str, Any]:

@@ -10,9 +10,17 @@ import click
 
 from sdq.cli.common import database_session, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed
-from sdq.cli.options import as_option_errors, check_on_flag, generation_options, safety_options
+from sdq.cli.options import (
+    adapter_options,
+    adapter_settings,
+    as_option_errors,
+    check_on_flag,
+    generation_options,
+    safety_options,
+)
 from sdq.cli.progress import ProgressLine
 from sdq.core.params import SEED_LIMIT, GenerationParams, draw_seed
+from sdq.jobs.adapters import AdapterFinder
 from sdq.core.settings import DTYPE_NAMES
 from sdq.sdmodel.files import write_atomically
 from sdq.core.settings import VAE_DTYPES
@@ -41,20 +49,24 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--vae-dtype", type=click.Choice(VAE_DTYPES),
               help="The autoencoder's dtype [default: $SDQ_VAE_DTYPE, else --dtype's].")
 @click.option("--no-watermark", is_flag=True, help="Do not embed the invisible watermark (recorded).")
+@adapter_options
 @safety_options()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
               show_default=True, help="PNG to write; with -n N, OUT-0.png ... OUT-(N-1).png.")
 @output_options("json", dest="printed")
 def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int | None, sampler: str,
-             steps: int, cfg: float, eta: float, width: int, height: int, num_images: int,
-             batch_size: int | None, device: str | None, dtype: str | None, vae_dtype: str | None,
-             no_watermark: bool,
+             steps: int, cfg: float, eta: float, width: int, height: int, prompt_syntax: str,
+             clip_skip: int, num_images: int, batch_size: int | None, device: str | None,
+             dtype: str | None, vae_dtype: str | None, no_watermark: bool,
+             loras: tuple[str, ...], lora_dirs: tuple[Path, ...], embeddings_dir: Path | None,
              safety_checker: str | None, on_flag: str, output: Path, printed: str | None) -> None:
     """Generate images from PROMPT with a local model and write them as PNGs.
 
     Each PNG carries its provenance (an AUTOMATIC1111-style `parameters` chunk and an `sdq`
     JSON chunk) and, from 256x256 up, the invisible watermark. With a safety checker each
-    image's verdict is in its `sdq` chunk; a dropped image is not written.
+    image's verdict is in its `sdq` chunk; a dropped image is not written. LoRAs
+    (<lora:NAME:WEIGHT> in PROMPT, --lora) come from --lora-dir, embeddings from
+    --embeddings-dir; both are recorded with their hashes.
 
     \b
     Example:
@@ -76,8 +88,13 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     with as_option_errors():
         params = [GenerationParams(prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + i,
                                    sampler=sampler, steps=steps, cfg=cfg, eta=eta, width=width,
-                                   height=height) for i in range(num_images)]
-    settings = load_settings(need_broker=False)
+                                   height=height, prompt_syntax=prompt_syntax, clip_skip=clip_skip)
+                  for i in range(num_images)]
+    settings = adapter_settings(load_settings(need_broker=False), lora_dirs, embeddings_dir)
+    with as_option_errors():
+        found_loras, found_embeddings = AdapterFinder(
+            settings.lora_dir, settings.embeddings_dir, loras).resolve(prompt, negative_prompt,
+                                                                       prompt_syntax)
     try:
         checker_ref = job_safety_checker(safety_checker, settings.safety_checker)
     except ValueError as exc:
@@ -91,7 +108,8 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     try:
         pipe = load_pipeline(ref, device=device or settings.device, dtype=dtype or settings.dtype,
                              hash_cache=settings.home / "hashes.json", fast=settings.fast_path_spec,
-                             vae_dtype=vae_dtype or settings.vae_dtype)
+                             vae_dtype=vae_dtype or settings.vae_dtype, lora_dirs=settings.lora_dir,
+                             embeddings_dir=settings.embeddings_dir)
     except ValueError as exc:
         raise CommandFailed.of(exc, code=BAD_INPUT) from None
     checker = None
@@ -110,7 +128,9 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", clip.PromptTruncated)
-            for produced in produce(pipe, params, batch_size=size, on_step=bar.step):
+            lora_set = [(r["name"], r["weight"], r["sha256"]) for r in found_loras]
+            for produced in produce(pipe, params, batch_size=size, on_step=bar.step,
+                                    loras=[lora_set] * len(params) if lora_set else None):
                 images = produced.images
                 verdicts = judge(checker, images, [on_flag] * len(images)) if checker \
                     else [None] * len(images)
@@ -123,6 +143,7 @@ def generate(prompt: str, model_ref: str | None, negative_prompt: str, seed: int
                         params=params[i], model_sha256=pipe.sha256, model_name=pipe.name,
                         environment=environment, batch_position=position, safety=verdict,
                         redecoded="fp32" if position in produced.redecoded else None,
+                        loras=found_loras, embeddings=found_embeddings,
                     ), watermark=watermark, level=settings.png_level)
                     if png is None:
                         entry["path"] = None

@@ -15,14 +15,18 @@ import click
 
 from sdq.core.errors import InvalidInput
 from sdq.core.jobspec import ON_FLAG
+from sdq.core.loratags import parse_lora_option
+from sdq.core.settings import Settings
 from sdq.core.params import (
     CHECKS,
     DEFAULTS,
     MAX_CFG,
+    MAX_CLIP_SKIP,
     MAX_ETA,
     MAX_SIDE,
     MAX_STEPS,
     MAX_TAG_CHARS,
+    PROMPT_SYNTAXES,
     SAMPLERS,
     SEED_LIMIT,
     SIDE_MULTIPLE,
@@ -30,6 +34,7 @@ from sdq.core.params import (
     check_tag,
 )
 from sdq.core.params import text as text_check  # `text` names option help below
+from sdq.jobs.adapters import with_folders
 from sdq.jobs.templates import GRID_FIELDS, MODES, Expansion, Wildcards, parse_grid
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,6 +89,11 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], click.ParamType, str]] = {
               f"A multiple of {SIDE_MULTIPLE} up to {MAX_SIDE}."),
     "height": ((), ParamType("height", "INTEGER"),
                f"A multiple of {SIDE_MULTIPLE} up to {MAX_SIDE}."),
+    "prompt_syntax": ((), ParamType("prompt_syntax", f"[{'|'.join(PROMPT_SYNTAXES)}]"),
+                      "How prompts are read: a1111 (emphasis, BREAK, <lora:...> tags, "
+                      "embeddings; docs/prompts.md) or plain (literal text)."),
+    "clip_skip": ((), ParamType("clip_skip", "INTEGER"),
+                  f"A1111's clip skip, 1-{MAX_CLIP_SKIP}: 1 is CLIP's last layer, 2 the one before."),
 }
 SEED = ParamType("seed", f"INTEGER 0-{SEED_LIMIT - 1}")
 TAG = ParamType("tag", "TEXT", check_tag)
@@ -95,7 +105,8 @@ NAME = ParamType("name", "TEXT", text_check("name", MAX_TAG_CHARS))
 def generation_options(seed_help: str, *, scope: str = "", fill_defaults: bool = True
                        ) -> Callable[[F], F]:
     """Add --negative-prompt, --seed, --sampler, --steps, --cfg (alias --guidance-scale),
-    --eta, --width and --height, each passed to the command under its params field name.
+    --eta, --width, --height, --prompt-syntax and --clip-skip, each passed to the command
+    under its params field name.
 
     `scope` ends every help text but --seed's (e.g. " Of rows without one."). With
     `fill_defaults` False, options left out are None and the help names the default the
@@ -113,6 +124,46 @@ def generation_options(seed_help: str, *, scope: str = "", fill_defaults: bool =
                                    help=text + scope, **extra)(command)
         return click.option("--seed", type=SEED, help=seed_help)(command)
     return decorate
+
+
+class LoraType(click.ParamType):
+    """`--lora NAME[:WEIGHT]`, kept as given once checked (`loratags.parse_lora_option`)."""
+
+    name = "NAME[:WEIGHT]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            parse_lora_option(value)
+        except ParamError as exc:
+            self.fail(exc.reason, param, ctx)
+        return value
+
+
+def adapter_options(command: F) -> F:
+    """Add --lora NAME[:WEIGHT] (repeatable), --lora-dir DIR (repeatable) and --embeddings-dir
+    DIR, passed as `loras`, `lora_dirs` and `embeddings_dir`."""
+    for option in reversed([
+        click.option("--lora", "loras", multiple=True, type=LoraType(),
+                     help="Apply the LoRA NAME.safetensors at WEIGHT (default 1) to every image, "
+                          "as a <lora:NAME:WEIGHT> tag in the prompt would; repeatable."),
+        click.option("--lora-dir", "lora_dirs", multiple=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Folder LoRA names are looked up in; repeatable, searched in order "
+                          "[default: $SDQ_LORA_DIR, a path list]."),
+        click.option("--embeddings-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Folder of textual-inversion embeddings prompts may name "
+                          "[default: $SDQ_EMBEDDINGS_DIR]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def adapter_settings(settings: Settings, lora_dirs: Sequence[Path], embeddings_dir: Path | None
+                     ) -> Settings:
+    """The settings with --lora-dir and --embeddings-dir in place of SDQ_LORA_DIR and
+    SDQ_EMBEDDINGS_DIR where given (absolute, so a job records where its files were)."""
+    return with_folders(settings, [p.resolve() for p in lora_dirs],
+                        embeddings_dir.resolve() if embeddings_dir else None)
 
 
 def safety_options(*, fill_defaults: bool = True) -> Callable[[F], F]:

@@ -18,6 +18,7 @@ from sdq.cli.options import (
     as_option_errors,
     check_on_flag,
     expansion_of,
+    adapter_options,
     generation_options,
     safety_options,
     template_options,
@@ -98,13 +99,15 @@ def schedule() -> None:
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
 @click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for each run's job (repeatable).")
+@adapter_options
 @safety_options(fill_defaults=False)
 @click.option("--replace", is_flag=True, help="Replace a schedule of this name that differs.")
 @output_options("json")
 def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt: str | None,
         seed: int | None, sampler: str | None, steps: int | None, cfg: float | None,
         eta: float | None, width: int | None, height: int | None,
-        seed_policy: str | None, grid: tuple[str, ...], wildcards: Path | None, expand: str,
+        prompt_syntax: str | None, clip_skip: int | None, loras: tuple[str, ...],
+        lora_dirs: tuple[Path, ...], embeddings_dir: Path | None, seed_policy: str | None, grid: tuple[str, ...], wildcards: Path | None, expand: str,
         draws: int, expand_seed: int | None, num_images: int | None, batch_size: int | None,
         priority: int | None, tags: tuple[str, ...], safety_checker: str | None,
         on_flag: str | None, replace: bool, output: str | None) -> None:
@@ -149,10 +152,13 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         spec = JobSpec(
             model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
             safety_checker=safety_checker, on_flag=on_flag, seed_policy=seed_policy,
-            expansion=expansion,
+            expansion=expansion, loras=loras,
+            lora_dirs=tuple(str(p.resolve()) for p in lora_dirs),
+            embeddings_dir=str(embeddings_dir.resolve()) if embeddings_dir else None,
             defaults={"negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
                       "cfg": cfg, "eta": eta, "width": width, "height": height,
-                      "n": num_images, "seed": seed})
+                      "n": num_images, "seed": seed, "prompt_syntax": prompt_syntax,
+                      "clip_skip": clip_skip})
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -161,7 +167,9 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         try:
             with as_option_errors():
                 added = add_schedule(session, name=name, cron=cron, source=recorded_name(file), data=data,
-                                     spec=spec, replace=replace, wildcards=wildcards)
+                                     spec=spec, replace=replace, wildcards=wildcards,
+                                     lora_dirs=settings.lora_dir,
+                                     embeddings_dir=settings.embeddings_dir)
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

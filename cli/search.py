@@ -78,14 +78,15 @@ def _query(words: tuple[str, ...]) -> str | None:
 @click.option("--value", "values", multiple=True, metavar="LABEL=VALUE",
               help="Items whose template chose VALUE for LABEL (v1, a wildcard's name, a grid "
                    "field: animal=owl, cfg=7.5); repeatable.")
+@click.option("--lora", metavar="NAME", help="Items made with this LoRA (any weight).")
 @click.option("--before", metavar="ID", type=click.IntRange(1),
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
 def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           flagged: bool | None, values: tuple[str, ...], before: int | None, limit: int | None,
-           output: str | None) -> None:
+           flagged: bool | None, values: tuple[str, ...], lora: str | None, before: int | None,
+           limit: int | None, output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt, every one of them (`sdq search red fox`);
@@ -101,6 +102,7 @@ def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: 
       sdq search --job 42 --flagged --json
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
       sdq search --value animal=owl --value cfg=7.5
+      sdq search fox --lora add_detail
     """
     text = _query(words)
     chosen = dict(value.split("=", 1) for value in values if "=" in value)
@@ -109,7 +111,8 @@ def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: 
     with database_session() as session:
         page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
                             status=Status(status) if status else None, since=since, until=until,
-                            tag=tag, flagged=flagged, values=chosen, before=before, limit=limit)
+                            tag=tag, flagged=flagged, values=chosen, lora=lora, before=before,
+                            limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
          fields=ITEM_FIELDS, empty="no items match")
@@ -148,8 +151,17 @@ def show(item_id: int, output: str | None) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
         elif isinstance(value, list):
-            value = ", ".join(map(str, value))
+            value = ", ".join(map(_entry, value))
         click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
+
+
+def _entry(value: Any) -> str:
+    """One entry of a list field as `show` prints it: a LoRA as `name:weight (sha256 ...)`, an
+    embedding as `name (sha256 ...)`, anything else as itself."""
+    if not isinstance(value, dict):
+        return str(value)
+    weight = f":{value['weight']:g}" if "weight" in value else ""
+    return f"{value['name']}{weight} (sha256 {str(value['sha256'])[:12]})"
 
 
 def _same_file(path: Path, sha256: str | None) -> bool:

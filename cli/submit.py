@@ -24,6 +24,8 @@ from sdq.cli.options import (
     NAME,
     TAG,
     YES,
+    adapter_options,
+    adapter_settings,
     as_option_errors,
     check_on_flag,
     expansion_of,
@@ -33,6 +35,7 @@ from sdq.cli.options import (
 )
 from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES, Defaults, JobSpec, default_batch_size
 from sdq.core.params import MAX_IMAGES_PER_ROW
+from sdq.jobs.adapters import AdapterFinder
 from sdq.jobs.promptfile import (
     PromptFile,
     PromptFileError,
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1), default=0,
               show_default=True, help="0-9: idle workers take the highest-priority job's batches first.")
 @click.option("--tag", "tags", multiple=True, type=TAG, help="A tag for the job; repeatable.")
+@adapter_options
 @safety_options()
 @template_options
 @click.option("--no-reuse", is_flag=True,
@@ -83,8 +87,10 @@ if TYPE_CHECKING:
 @output_options("json")
 def submit(file: Path | None, prompt: str | None, model_ref: str | None, negative_prompt: str,
            seed: int | None, sampler: str, steps: int, cfg: float, eta: float, width: int,
-           height: int, num_images: int, batch_size: int | None, name: str | None,
-           priority: int, tags: tuple[str, ...], safety_checker: str | None, on_flag: str,
+           height: int, prompt_syntax: str, clip_skip: int, num_images: int,
+           batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
+           loras: tuple[str, ...], lora_dirs: tuple[Path, ...], embeddings_dir: Path | None,
+           safety_checker: str | None, on_flag: str,
            grid: tuple[str, ...], wildcards: Path | None, expand: str, draws: int,
            expand_seed: int | None, no_reuse: bool, dry_run: bool, yes: bool, wait: bool,
            output: str | None) -> None:
@@ -93,7 +99,9 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     The whole file is checked first; every problem is listed as FILE:LINE: field: reason,
     with exit status 2, and nothing is recorded. The options fill what rows leave out.
     Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
-    wildcard files, nested; --grid makes each prompt with several parameter values. More
+    wildcard files, nested; --grid makes each prompt with several parameter values. Every
+    LoRA named (<lora:NAME:WEIGHT> in a prompt, --lora) must be a file in --lora-dir, and is
+    recorded with its sha256, as is each embedding a prompt names. More
     than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes; more than SDQ_MAX_JOB_ITEMS
     (default 1,000,000) are refused, --yes or not. An image stored already with
     the same parameters, model and device is reused, not generated again (--no-reuse
@@ -107,6 +115,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
       sdq submit prompts.txt --seed 42 --dry-run
       sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
+      sdq submit civitai.csv --lora-dir ~/loras --embeddings-dir ~/embeddings --clip-skip 2
     """
     from sdq.jobs.submit import (
         check_size,
@@ -123,16 +132,19 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     with as_option_errors():
         spec = JobSpec(
             name=name, model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
-            safety_checker=safety_checker, on_flag=on_flag, reuse=not no_reuse,
+            safety_checker=safety_checker, on_flag=on_flag, reuse=not no_reuse, loras=loras,
+            lora_dirs=tuple(str(p.resolve()) for p in lora_dirs),
+            embeddings_dir=str(embeddings_dir.resolve()) if embeddings_dir else None,
             defaults={"negative_prompt": negative_prompt, "seed": seed, "n": num_images,
                       "steps": steps, "cfg": cfg, "eta": eta, "sampler": sampler, "width": width,
-                      "height": height})
-    settings = load_settings(need_broker=False)
+                      "height": height, "prompt_syntax": prompt_syntax, "clip_skip": clip_skip})
+    settings = adapter_settings(load_settings(need_broker=False), lora_dirs, embeddings_dir)
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
     source = recorded_name(file) if file is not None else "--prompt"
     with database_session(settings) as session:
-        parsed = _parse(file, prompt, spec.row_defaults(), expansion, session, settings.max_job_items)
+        parsed = _parse(file, prompt, spec.row_defaults(), expansion, session, settings.max_job_items,
+                        AdapterFinder(settings.lora_dir, settings.embeddings_dir, spec.loras))
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:
@@ -161,8 +173,8 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     job = new_job(spec, parsed, name=name, safety_checker=checker,
                   defaults={**spec.row_defaults().to_json(), "base_seed": parsed.base_seed,
                             "model": model.recorded_ref(ref) if model else None,
-                            "batch_size": size,
-                            "expansion": expansion.to_json()})
+                            "batch_size": size, "expansion": expansion.to_json(),
+                            **_adapter_defaults(spec, settings)})
     result, status = _submit(settings, parsed, model, job, size, as_json)
     if wait and result["queues"]:
         record, text, status = outcome(result["job_id"], follow(settings, result["job_id"],
@@ -175,8 +187,15 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     exit_status(result["job_id"], status)
 
 
+def _adapter_defaults(spec: JobSpec, settings: Any) -> dict[str, Any]:
+    """What a job records of where its LoRAs and embeddings came from (none: nothing)."""
+    values = {"loras": list(spec.loras), "lora_dirs": [str(p) for p in settings.lora_dir],
+              "embeddings_dir": str(settings.embeddings_dir) if settings.embeddings_dir else None}
+    return {k: v for k, v in values.items() if v}
+
+
 def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
-           session: Session, max_items: int) -> PromptFile:
+           session: Session, max_items: int, adapters: AdapterFinder) -> PromptFile:
     """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
     exit status 2."""
     source = recorded_name(file) if file is not None else "--prompt"
@@ -186,7 +205,7 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
         else:
             data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
         return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=model_resolver(session),
-                                 expansion=expansion, max_items=max_items)
+                                 expansion=expansion, max_items=max_items, adapters=adapters)
     except PromptFileError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)

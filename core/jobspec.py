@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdq.core.errors import InvalidInput
+from sdq.core.loratags import format_lora_option, parse_lora_option
 from sdq.core.params import (
     CHECKS,
     DEFAULTS,
@@ -120,6 +121,13 @@ class JobSpec:
     """A schedule's: one of SEED_POLICIES (None: same with a seed, else fresh)."""
     expansion: Mapping[str, Any] | None = None
     """How templates expand, as `jobs.templates.Expansion.to_json` writes it."""
+    loras: tuple[str, ...] = ()
+    """`--lora NAME[:WEIGHT]`: LoRAs every image gets besides its prompt's `<lora:...>` tags,
+    kept as `NAME:WEIGHT`."""
+    lora_dirs: tuple[str, ...] = ()
+    """`--lora-dir`: the folders LoRA names are looked up in (none given: `SDQ_LORA_DIR`)."""
+    embeddings_dir: str | None = None
+    """`--embeddings-dir`: the embeddings folder (None: `SDQ_EMBEDDINGS_DIR`)."""
 
     def __post_init__(self) -> None:
         if self.name is not None:
@@ -132,6 +140,9 @@ class JobSpec:
         checks = {**CHECKS, "n": whole("n", 1, MAX_IMAGES_PER_ROW)}
         object.__setattr__(self, "defaults", {k: checks[k](v) for k, v in given.items()})
         object.__setattr__(self, "tags", tuple(check_tag(tag) for tag in self.tags))
+        object.__setattr__(self, "loras", tuple(format_lora_option(*parse_lora_option(lora))
+                                                for lora in self.loras))
+        object.__setattr__(self, "lora_dirs", tuple(str(folder) for folder in self.lora_dirs))
         if self.batch_size is not None:
             whole("batch_size", 1, 2**31 - 1)(self.batch_size)
         if self.priority is not None and self.priority not in PRIORITIES:
@@ -160,18 +171,23 @@ class JobSpec:
             "safety_checker": self.safety_checker, "on_flag": self.on_flag,
             "seed_policy": self.seed_policy,
             "expansion": dict(self.expansion) if self.expansion is not None else None,
-            "name": self.name, "reuse": None if self.reuse else False}
+            "name": self.name, "reuse": None if self.reuse else False,
+            "loras": list(self.loras), "lora_dirs": list(self.lora_dirs),
+            "embeddings_dir": self.embeddings_dir}
         return {k: v for k, v in values.items() if v is not None and v != []}
 
     @classmethod
     def from_json(cls, options: Mapping[str, Any]) -> JobSpec:
         """A spec as `to_json` wrote it, or as a schedule stored it before the JobSpec (the same
-        keys, any of them absent); an unknown key is InvalidInput."""
+        keys, any of them absent: a schedule stored before LoRAs were options loads as having
+        none); an unknown key is InvalidInput."""
         own = {"model", "batch_size", "priority", "tags", "safety_checker", "on_flag",
-               "seed_policy", "expansion", "name", "reuse"}
+               "seed_policy", "expansion", "name", "reuse", "loras", "lora_dirs", "embeddings_dir"}
         unknown = sorted(options.keys() - own - set(DEFAULT_FIELDS))
         if unknown:
             raise InvalidInput(f"unknown job option(s): {', '.join(unknown)}")
         given = {k: v for k, v in options.items() if k in own}
         return cls(defaults={k: options[k] for k in DEFAULT_FIELDS if k in options},
-                   **{**given, "tags": tuple(given.get("tags") or ())})
+                   **{**given, "tags": tuple(given.get("tags") or ()),
+                      "loras": tuple(given.get("loras") or ()),
+                      "lora_dirs": tuple(given.get("lora_dirs") or ())})

@@ -167,6 +167,12 @@ class Settings:
     """`SDQ_VAE_DTYPE`: the autoencoder's dtype (fp16, bf16, fp32); None: the model's."""
     max_job_items: int = DEFAULT_MAX_JOB_ITEMS
     """`SDQ_MAX_JOB_ITEMS`: no job has more images, `--yes` or not."""
+    lora_dir: tuple[Path, ...] = ()
+    """`SDQ_LORA_DIR`: the folders LoRA names are looked up in, in order (a path list, split
+    at `os.pathsep`; `--lora-dir` overrides)."""
+    embeddings_dir: Path | None = None
+    """`SDQ_EMBEDDINGS_DIR`: the folder of textual-inversion embeddings (`--embeddings-dir`
+    overrides)."""
 
     @property
     def fast_path_spec(self) -> str:
@@ -222,6 +228,8 @@ class Settings:
             "confirm_items": get("confirm_items") or str(DEFAULT_CONFIRM_ITEMS),
             "vae_dtype": get("vae_dtype"),
             "max_job_items": get("max_job_items") or str(DEFAULT_MAX_JOB_ITEMS),
+            "lora_dir": path_list(get("lora_dir")),
+            "embeddings_dir": Path(folder).expanduser() if (folder := get("embeddings_dir")) else None,
         }
         for field in fields(cls):
             if field.type in ("int", "int | None") and raw[field.name] is not None:
@@ -248,6 +256,12 @@ class Settings:
             raise SettingsError(f"SDQ_BROKER_URL: {broker!r} has no scheme; expected "
                                 "redis://HOST:PORT/DB (rediss:// for TLS)")
         return cls(**raw)  # type: ignore[arg-type]
+
+
+def path_list(value: str | None) -> tuple[Path, ...]:
+    """Folders given as one string, separated by `os.pathsep` (`:`, `;` on Windows), as PATH
+    is; empty entries are skipped."""
+    return tuple(Path(part).expanduser() for part in (value or "").split(os.pathsep) if part)
 
 
 def _read_config(path: Path, keys: list[str]) -> dict[str, object]:

@@ -69,6 +69,7 @@ def search_items(
     tag: str | None = None,
     flagged: bool | None = None,
     values: Mapping[str, str] | None = None,
+    lora: str | None = None,
     before: int | None = None,
     limit: int | None = 50,
 ) -> Page:
@@ -81,7 +82,8 @@ def search_items(
     scan: tags are not indexed). `flagged` True or False keeps the items the safety checker
     flagged, or checked and passed; items never checked match neither. `values` are template
     choices the item was expanded with, label to value (compared as text, so a grid's `cfg`
-    is "7.5"; a scan too). Paging is by keyset (`before` an id), so a page costs the
+    is "7.5"; a scan too). `lora` keeps the items made with the LoRA of that name, at any
+    weight (a scan). Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit is not None and limit < 1:
@@ -115,6 +117,8 @@ def search_items(
         stmt = stmt.where(Item.safety_flagged.is_(flagged))
     for label, value in (values or {}).items():
         stmt = stmt.where(_template_value(label, dialect) == value)
+    if lora is not None:
+        stmt = stmt.where(_has_lora(lora, dialect))
     if before is not None:
         stmt = stmt.where(key < before)
     if limit is None:
@@ -132,6 +136,14 @@ def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
         return cast(column, JSONB).has_key(tag)
     each = func.json_each(column).table_valued("value")
     return exists(select(each.c.value).where(each.c.value == tag))
+
+
+def _has_lora(name: str, dialect: str) -> ColumnElement[bool]:
+    """Whether the item's LoRA records ([{name, weight, sha256}], or null) name `name`."""
+    if dialect == "postgresql":
+        return cast(Item.loras, JSONB).contains([{"name": name}])
+    each = func.json_each(Item.loras).table_valued("value")
+    return exists(select(each.c.value).where(func.json_extract(each.c.value, "$.name") == name))
 
 
 def _template_value(label: str, dialect: str) -> ColumnElement[Any]:

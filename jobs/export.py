@@ -309,9 +309,15 @@ RECORD_TYPES: dict[str, str] = {
     "safety_flagged": "bool",
     "safety_action": "string", "safety_checker_sha256": "string",
     "safety_concept_scores": "list[float64]", "safety_special_scores": "list[float64]",
+    "loras": "list[struct]", "embeddings": "list[struct]",
 }
 """The fixed type of each field of `sdq.cli.common.item_record`, named as Hugging Face
 `datasets` names dtypes: one table for the parquet schema and the dataset card's features."""
+STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "loras": (("name", "string"), ("weight", "float64"), ("sha256", "string"), ("a1111", "string")),
+    "embeddings": (("name", "string"), ("sha256", "string")),
+}
+"""The fields of each entry of a `list[struct]` field, with their types."""
 
 
 def parquet_schema() -> Any:
@@ -326,8 +332,11 @@ def parquet_schema() -> Any:
              "bool": pa.bool_(), "list[string]": pa.list_(pa.string()),
              "list[float64]": pa.list_(pa.float64()),
              "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    for name, entry in STRUCTS.items():
+        arrow[name] = pa.list_(pa.struct([(field, arrow[dtype]) for field, dtype in entry]))
     columns = [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-               *((name, arrow[dtype]) for name, dtype in RECORD_TYPES.items()),
+               *((name, arrow[name if dtype == "list[struct]" else dtype])
+                 for name, dtype in RECORD_TYPES.items()),
                ("provenance", pa.string())]
     features = {"info": {"features": {"image": {"_type": "Image"}}}}
     return pa.schema(columns, metadata={"huggingface": json.dumps(features)})
@@ -344,6 +353,8 @@ def card_features(fmt: str) -> list[dict[str, Any]] | None:
         return None
 
     def feature(name: str, dtype: str) -> dict[str, Any]:
+        if dtype == "list[struct]":
+            return {"name": name, "list": [feature(n, t) for n, t in STRUCTS[name]]}
         if dtype.startswith("list["):
             return {"name": name, "list": dtype.removeprefix("list[").removesuffix("]")}
         return {"name": name, "dtype": dtype}

@@ -22,6 +22,7 @@ from sdq.db import transitions
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Model
 from sdq.db.queries import get_job
+from sdq.jobs.adapters import with_folders
 from sdq.db.session import open_database
 from sdq.jobs.submit import (
     RunnerFactory,
@@ -158,8 +159,12 @@ def resume_job(settings: Settings, job_id: int,
             leased = session.scalar(select(func.count()).where(
                 Item.job_id == job_id, Item.status == Status.RUNNING)) or 0
             where = and_(Item.job_id == job_id, Item.status.in_(WAITING))
-            # The submit's own batch size, when it recorded one.
-            size = default_batch_size((job.defaults or {}).get("batch_size"), settings.batch_size)
+            # The submit's own batch size, when it recorded one, and its LoRA and embeddings
+            # folders, for a run here.
+            recorded = job.defaults or {}
+            size = default_batch_size(recorded.get("batch_size"), settings.batch_size)
+            settings = with_folders(settings, recorded.get("lora_dirs") or (),
+                                    recorded.get("embeddings_dir"))
             planned = plan_batches(session, where, int(size),
                                    prefix=f"j{job_id}-resume{int(time.time())}")
             if planned:

@@ -45,6 +45,7 @@ from sdq.core.params import (
 )
 from sdq.db.queries import find_model
 from sdq.core.settings import DEFAULT_MAX_JOB_ITEMS
+from sdq.jobs.adapters import AdapterFinder, Records
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def parse_prompt_file(
     data: bytes, source: str, defaults: Defaults, *, format: str | None = None,
     resolve_model: ModelResolver | None = None, tokenizer: CLIPTokenizer | None = None,
     rng: random.Random | None = None, expansion: Expansion | None = None, repeat: int = 0,
-    max_items: int = DEFAULT_MAX_JOB_ITEMS,
+    max_items: int = DEFAULT_MAX_JOB_ITEMS, adapters: AdapterFinder | None = None,
 ) -> PromptFile:
     """Validate a whole prompt file and expand it into one item spec per image.
 
@@ -143,8 +144,10 @@ def parse_prompt_file(
     model id; without it no row may name a model. Prompts longer than CLIP's window are
     warnings, not errors, since SD has always truncated them; `tokenizer` defaults to the
     shipped CLIP one. A file of more than `max_items` images (SDQ_MAX_JOB_ITEMS) is a
-    problem found by counting, before any row's prompts or items are made. Raises
-    PromptFileError listing every problem.
+    problem found by counting, before any row's prompts or items are made. `adapters` finds
+    and hashes the LoRAs and embeddings each image names (`loras`, `embeddings` of its spec);
+    a name without a file is a problem of its line (default: no folders, so a `<lora:...>` tag
+    is one). Raises PromptFileError listing every problem.
     """
     problems: list[Problem] = []
     text = _decode(data, source, problems)
@@ -153,7 +156,7 @@ def parse_prompt_file(
         raise ValueError(f"unknown prompt file format {fmt!r}; known: {', '.join(FORMATS)}")
     readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
     converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion(),
-                           max_items)
+                           max_items, adapters)
     rows = [row for line, record in readers[fmt](text, source, problems)
             if (row := converter.row(line, record)) is not None]
     if converter.over_at is not None:
@@ -228,6 +231,8 @@ class _Row:
     variants: list[tuple[str, str, dict[str, str]]]
     cells: list[dict[str, Any]]
     template: str | None
+    adapters: list[dict[str, Records]] | None = None
+    """Per variant and prompt syntax, the LoRAs and embeddings its images record."""
 
     @property
     def images(self) -> int:
@@ -384,8 +389,10 @@ class _Converter:
     """Turns raw records into rows, filling defaults and collecting every problem."""
 
     def __init__(self, source: str, defaults: Defaults, resolve_model: ModelResolver | None,
-                 problems: list[Problem], expansion: Expansion, max_items: int) -> None:
+                 problems: list[Problem], expansion: Expansion, max_items: int,
+                 adapters: AdapterFinder | None = None) -> None:
         self.source, self.defaults, self.problems = source, defaults, problems
+        self.adapters = adapters or AdapterFinder()
         self.expansion, self.cells = expansion, expansion.cells()
         self.rng = random.Random(expansion.seed)
         self.resolve_model = resolve_model
@@ -444,11 +451,24 @@ class _Converter:
         if (unstorable := _unstorable_expansion(variants)) is not None:
             self._problem(line, *unstorable)
             return None
+        try:
+            adapters = self._adapters(params, variants)
+        except ParamError as exc:
+            self._problem(line, exc.field, exc.reason)
+            return None
         self.next_index += len(variants) * n
         templated = is_template(params.prompt) or is_template(params.negative_prompt)
         return _Row(line=line, first_index=first_index, params=params, seed=seed, n=n,
                     model_id=model_id, tags=tags, variants=variants, cells=self.cells,
-                    template=params.prompt if templated else None)
+                    template=params.prompt if templated else None, adapters=adapters)
+
+    def _adapters(self, params: GenerationParams, variants: list[tuple[str, str, dict[str, str]]]
+                  ) -> list[dict[str, Records]]:
+        """Each variant's LoRAs and embeddings by prompt syntax (a `--grid prompt_syntax=...`
+        reads one prompt both ways); ParamError for the first name without a file."""
+        syntaxes = {cell.get("prompt_syntax", params.prompt_syntax) for cell in self.cells}
+        return [{syntax: self.adapters.resolve(prompt, negative, syntax) for syntax in syntaxes}
+                for prompt, negative, _ in variants]
 
     def _problem(self, line: int, name: str, reason: str) -> str:
         self.problems.append(Problem(self.source, line, name, reason))
@@ -514,6 +534,10 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
                     seed = cell["seed"] + k if "seed" in cell else first + number * row.n + k
                     spec = {**common, "prompt": prompt, "negative_prompt": negative, **cell,
                             "row_index": index, "seed": seed}
+                    if row.adapters is not None:
+                        loras, embeddings = row.adapters[number][spec["prompt_syntax"]]
+                        spec |= {"loras": loras} if loras else {}
+                        spec |= {"embeddings": embeddings} if embeddings else {}
                     if row.template is not None or cell:
                         spec["template"] = row.template
                         spec["template_values"] = {**values, **cell}

@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from sdq.core.errors import Refused
+from sdq.core.errors import InvalidInput, NotFound, Refused
 from sdq.core.params import GenerationParams, short_hash
 from sdq.core.states import Status
 from sdq.db.models import Item
 from sdq.db.queries import batch_items, get_item
 from sdq.images import watermark as wm
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
+from sdq.sdmodel.embedding_files import embedding_files, file_sha256
+from sdq.sdmodel.lora_files import describe_lora, find_lora
 from sdq.sdmodel.pipeline import Pipeline
 from sdq.sdmodel.produce import produce
 
@@ -82,6 +85,8 @@ class Target:
     source: str
     image_key: str
     recorded_device: str | None
+    loras: list[LoraSet] = field(default_factory=list)
+    """Each member's LoRAs, in `members`' order."""
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,11 @@ class Outcome:
                 f"{t.recorded_device or 'an unknown device'}")
 
 
-def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None) -> Target:
+def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None,
+           lora_dirs: Sequence[Path] = (), embeddings_dir: Path | None = None) -> Target:
     """What reproducing `item_id` regenerates: its recorded batch, or the image `alone`;
-    ReproduceError when there is nothing to compare with or no model to load."""
+    ReproduceError when there is nothing to compare with or no model to load, MissingAdapter
+    when a LoRA or embedding it was made with is not in `lora_dirs` / `embeddings_dir`."""
     item = get_item(session, item_id)
     if item.status is not Status.DONE or not item.image_key:
         dropped = ", dropped by the safety checker" if item.safety_action == "dropped" else ""
@@ -144,10 +151,11 @@ def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None
         raise ReproduceError(f"model {short_hash(item.model.sha256)} has no recorded source; "
                              "pass --model with a local copy")
     members = composition(session, item, in_batch=not alone)
+    check_adapters(members, lora_dirs, embeddings_dir)
     recorded_size = len(batch_items(session, item.batch_id)) if item.batch_id is not None else None
     return Target(item_id, [member.params for member in members], members.index(item),
                   None if alone else item.batch_id, recorded_size, item.model.sha256, source,
-                  item.image_key, item.device)
+                  item.image_key, item.device, [lora_set(member) for member in members])
 
 
 def check_model(pipe: Pipeline, t: Target) -> None:
@@ -160,7 +168,7 @@ def check_model(pipe: Pipeline, t: Target) -> None:
 def replay(pipe: Pipeline, t: Target, stored_png: bytes) -> Outcome:
     """Regenerate `t` on `pipe` and compare its image with the stored one."""
     check_model(pipe, t)
-    regenerated = regenerate(pipe, t.members)[t.position]
+    regenerated = regenerate(pipe, t.members, t.loras)[t.position]
     return Outcome(t, compare(stored_png, regenerated), pipe.device, pipe.dtype)
 
 
@@ -182,11 +190,54 @@ def composition(session: Session, item: Item, *, in_batch: bool) -> list[Item]:
     return list(batch)
 
 
-def regenerate(pipe: Pipeline, params: Sequence[GenerationParams]) -> list[Image.Image]:
-    """The unmarked images of `params`, denoised as one batch in the given order (split in
-    halves only if the device runs out of memory: `produce`)."""
+class MissingAdapter(NotFound):
+    """A LoRA or embedding an item was made with is not here with the recorded sha256: the
+    image cannot be made again (another file under the same name would make another image)."""
+
+
+def check_adapters(items: Sequence[Item], lora_dirs: Sequence[Path], embeddings_dir: Path | None
+                   ) -> None:
+    """Every LoRA and embedding the items record is here, with the recorded sha256: checked
+    before the model is loaded, without torch. MissingAdapter names the first that is not."""
+    for item in items:
+        for lora in item.loras or ():
+            name, sha256 = lora["name"], lora["sha256"]
+            try:
+                found = describe_lora(find_lora(name, lora_dirs), name).sha256
+            except (NotFound, InvalidInput) as exc:
+                raise MissingAdapter(f"item {item.id} was made with LoRA {name} (sha256 "
+                                     f"{sha256[:12]}), which is not here: {exc}; pass --lora-dir "
+                                     "with a folder that holds it") from None
+            if found != sha256:
+                raise MissingAdapter(f"item {item.id} was made with LoRA {name} sha256 {sha256[:12]}; "
+                                     f"{name} here has {found[:12]}: pass --lora-dir with the file it "
+                                     "was made with")
+        for embedding in item.embeddings or ():
+            name, sha256 = embedding["name"], embedding["sha256"]
+            paths = [p for p in (embedding_files(embeddings_dir) if embeddings_dir else ())
+                     if p.stem == name]
+            if [file_sha256(p) for p in paths] != [sha256]:
+                where = f"in {embeddings_dir}" if embeddings_dir else "(no embeddings folder)"
+                raise MissingAdapter(f"item {item.id} was made with embedding {name} (sha256 "
+                                     f"{sha256[:12]}), which is not {where} with that hash; pass "
+                                     "--embeddings-dir with the folder that holds it")
+
+
+LoraSet = list[tuple[str, float, str]]
+"""One image's LoRAs as `produce` takes them: (name, weight, sha256)."""
+
+
+def lora_set(item: Item) -> LoraSet:
+    return [(r["name"], r["weight"], r["sha256"]) for r in item.loras or ()]
+
+
+def regenerate(pipe: Pipeline, params: Sequence[GenerationParams],
+               loras: Sequence[LoraSet] = ()) -> list[Image.Image]:
+    """The unmarked images of `params` (with their `loras`), denoised as one batch in the given
+    order (split in halves only if the device runs out of memory: `produce`)."""
     images: list[Image.Image] = []
-    for produced in produce(pipe, params, batch_size=len(params)):
+    for produced in produce(pipe, params, batch_size=len(params),
+                            loras=list(loras) if any(loras) else None):
         images.extend(produced.images)
     return images
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -34,6 +34,7 @@ from sdq.core.settings import Settings
 from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database
+from sdq.jobs.adapters import adapter_finder, with_folders
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
 
@@ -92,12 +93,14 @@ class Added:
 
 def add_schedule(session: Session, *, name: str, cron: str, source: str, data: bytes,
                  spec: JobSpec, replace: bool = False,
-                 now: datetime | None = None, wildcards: Path | None = None) -> Added:
+                 now: datetime | None = None, wildcards: Path | None = None,
+                 lora_dirs: Sequence[Path] = (), embeddings_dir: Path | None = None) -> Added:
     """Validate and store (in the session's transaction) a schedule of the prompt file `data`,
     its runs' options `spec` stored as JSON (`JobSpec.to_json`).
 
     The file is parsed as `sdq submit` would (PromptFileError lists its problems), its
-    templates expanded as `spec.expansion` says, wildcard files read from `wildcards`;
+    templates expanded as `spec.expansion` says, wildcard files read from `wildcards`, LoRAs
+    and embeddings found in the spec's folders, else `lora_dirs` and `embeddings_dir`;
     the lines read are stored, so that runs never read the folder. A name that
     exists is left as it is unless it is identical (a removed one is then re-enabled) or
     `replace` is given; otherwise ScheduleError says what differs.
@@ -110,7 +113,8 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
     spec = _seeded(spec, JobSpec.from_json(existing.options) if existing else JobSpec())
     expansion = Expansion.from_json(spec.expansion or {}, wildcards)
     parsed = parse_prompt_file(data, source, spec.row_defaults(),
-                               resolve_model=model_resolver(session), expansion=expansion)
+                               resolve_model=model_resolver(session), expansion=expansion,
+                               adapters=adapter_finder(spec, lora_dirs, embeddings_dir))
     if spec.expansion is not None:  # with the lines of the wildcard files it read
         spec = dataclasses.replace(spec, expansion=expansion.to_json())
     values = {"cron": cron, "prompt_file_name": source, "prompt_text": data.decode("utf-8"),
@@ -310,10 +314,15 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
             if policy == "fresh":
                 expansion = dataclasses.replace(expansion, seed=draw_seed())
             repeat = runs_before(session, schedule.id, day) if policy == "add" else 0
+            # The schedule's own folders, where it names them, for finding and (with no
+            # broker) for running.
+            settings = with_folders(settings, spec.lora_dirs, spec.embeddings_dir)
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),
-                                       expansion=expansion, repeat=repeat)
+                                       expansion=expansion, repeat=repeat,
+                                       adapters=adapter_finder(spec, settings.lora_dir,
+                                                               settings.embeddings_dir))
             model = identify_model(spec.model or settings.model, settings.home / "hashes.json",
                                    session) if spec.model or parsed.needs_default_model else None
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)

@@ -346,7 +346,8 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]],
     known: dict[int | None, str] = {m.id: m.sha256 for m in all_models(session)}
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
                              model_sha256=known.get(item.get("model_id")) or _default(model)[1],
-                             device=device, dtype=dtype, vae_dtype=settings.vae_dtype)
+                             device=device, dtype=dtype, vae_dtype=settings.vae_dtype,
+                             loras=item.get("loras"), embeddings=item.get("embeddings"))
                    for item in items)
     found: set[str] = set()
     ordered = list(keys)

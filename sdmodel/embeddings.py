@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,9 @@ from torch import Tensor
 from sdq.core.errors import InvalidInput
 
 from .checkpoint import unpickle
+from .embedding_files import EmbeddingNames
 from .modelfiles import CheckpointError
-from .prompts import CHUNK_TOKENS, EmbeddingMatch, prompt_chunks
-
-SUFFIXES = (".safetensors", ".pt", ".bin")
-
+from .prompts import CHUNK_TOKENS, EmbeddingMatch, embedding_names
 
 @dataclass(frozen=True, eq=False)
 class Embedding:
@@ -94,15 +92,6 @@ def read_embedding(path: Path, width: int | None = None) -> Embedding:
     return Embedding(path.stem, path, hashlib.sha256(content).hexdigest(), vectors)
 
 
-def _embedding_files(folder: Path) -> Iterator[Path]:
-    """The folder's embedding files, subfolders included (A1111 reads them too); hidden ones
-    and empty files (A1111 skips those) left out."""
-    for path in sorted(folder.rglob("*")):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in SUFFIXES and path.is_file() and path.stat().st_size:
-            yield path
-
-
 class EmbeddingRegistry:
     """The embeddings of one folder for one tokenizer (and, given `width`, one text encoder):
     what a prompt's tokens name, and the files behind the names.
@@ -112,54 +101,59 @@ class EmbeddingRegistry:
     """
 
     def __init__(self, folder: Path | str, tokenizer: Any, width: int | None = None) -> None:
-        self.folder = Path(folder).expanduser()
-        if not self.folder.is_dir():
-            raise InvalidInput(f"embeddings folder {self.folder}: not a directory")
-        self.tokenizer, self.width = tokenizer, width
-        self._files: dict[str, list[Path]] = {}
-        for path in _embedding_files(self.folder):
-            self._files.setdefault(path.stem, []).append(path)
-        names = sorted(self._files)
-        name_ids = tokenizer(names, add_special_tokens=False, verbose=False)["input_ids"] if names else []
-        spelled: dict[tuple[int, ...], list[str]] = {}
-        for name, ids in zip(names, name_ids):
-            if ids:
-                spelled.setdefault(tuple(ids), []).append(name)
-        self._by_first: dict[int, list[tuple[tuple[int, ...], list[str]]]] = {}
-        for ids, same in sorted(spelled.items(), key=lambda item: -len(item[0])):
-            self._by_first.setdefault(ids[0], []).append((ids, same))
+        self.files = EmbeddingNames(folder, tokenizer)
+        self.folder, self.tokenizer, self.width = self.files.folder, tokenizer, width
         self._loaded: dict[str, Embedding] = {}
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._files)
+        return sorted(self.files.files)
 
     def get(self, name: str) -> Embedding:
         """The embedding `name`, read on first use; InvalidInput for a name that two files
         share, or a file that is not a usable embedding."""
         if name not in self._loaded:
-            paths = self._files.get(name)
-            if not paths:
-                raise InvalidInput(f"no embedding {name!r} in {self.folder}")
-            if len(paths) > 1:
-                raise InvalidInput(f"embedding {name!r} is ambiguous: {', '.join(str(p) for p in paths)}")
-            self._loaded[name] = read_embedding(paths[0], self.width)
+            self._loaded[name] = read_embedding(self.files.path(name), self.width)
         return self._loaded[name]
 
     def find(self, tokens: Sequence[int], position: int) -> EmbeddingMatch | None:
         """The embedding whose name's tokens start at `position`, the longest name first."""
-        for ids, names in self._by_first.get(tokens[position], ()):
-            if tuple(tokens[position: position + len(ids)]) == ids:
-                if len(names) > 1:
-                    raise InvalidInput(f"embedding names {', '.join(names)} read as the same tokens "
-                                       f"in {self.folder}: rename one")
-                embedding = self.get(names[0])
-                return EmbeddingMatch(embedding.name, len(ids), len(embedding.vectors))
-        return None
+        found = self.files.match(tokens, position)
+        if found is None:
+            return None
+        embedding = self.get(found[0])
+        return EmbeddingMatch(embedding.name, found[1], len(embedding.vectors))
 
     def used_in(self, prompt: str) -> list[Embedding]:
         """The embeddings `prompt` uses when read with the `a1111` syntax, in order of first
         use (`plain` prompts use none)."""
-        used = {name: None for chunk in prompt_chunks(prompt, self.tokenizer, self)
-                for _, name in chunk.embeddings}
-        return [self.get(name) for name in used]
+        return [self.get(name) for name in embedding_names(prompt, self.tokenizer, self.files)]
+
+
+def embeddings_problem(embeddings: EmbeddingRegistry | None, prompts: Sequence[str], syntax: str,
+                       records: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why an item cannot be made here with the embeddings it records ({name, sha256}), or None.
+
+    Its prompts must name here exactly the embeddings it recorded when it was submitted (a
+    worker with another embeddings folder would otherwise make an image its record does not
+    describe), each file with the recorded sha256 (never other vectors under the same name)."""
+    recorded = {record["name"]: record.get("sha256") for record in records}
+    used: dict[str, None] = {}
+    try:
+        if embeddings is not None and syntax == "a1111":
+            for prompt in prompts:
+                used.update(dict.fromkeys(embedding_names(prompt, embeddings.tokenizer, embeddings.files)))
+        if set(used) != set(recorded):
+            here = f"in {embeddings.folder}" if embeddings is not None else "with no embeddings folder here"
+            return (f"embeddings: its prompts name {', '.join(used) or 'none'} {here}, the job "
+                    f"recorded {', '.join(recorded) or 'none'}; give workers the submitter's "
+                    "embeddings folder (SDQ_EMBEDDINGS_DIR)")
+        for name, sha256 in recorded.items():
+            assert embeddings is not None  # a recorded name was found there
+            found = embeddings.get(name)
+            if sha256 and found.sha256 != sha256:
+                return (f"embedding {name}: {found.path} has sha256 {found.sha256[:12]}, not the "
+                        f"{sha256[:12]} the job recorded; restore that file or resubmit")
+    except InvalidInput as exc:
+        return f"embeddings: {exc}"
+    return None

@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from PIL import Image
 
 from sdq.core.params import BatchShape, GenerationParams, Request
+
+from .lora import canonical
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,25 @@ class Produced:
 def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: int | None = None,
             on_step: Callable[[int, int, int], None] | None = None,
             on_smaller: Callable[[int], None] | None = None,
-            isolate: bool = False) -> Iterator[Produced]:
-    """Denoise `params` in batches of one shape (shapes in their sort order, requests of one
-    shape in the order given) and at most `batch_size` requests (None: what the device holds
-    at that size). `on_step(images, i,
-    steps)` as a batch of `images` reaches step i; `on_smaller(size)` when running out of
-    memory lowers the batch size."""
-    order = sorted(range(len(params)), key=lambda i: params[i].shape)
+            isolate: bool = False,
+            loras: Sequence[Iterable[tuple[str, float, str | None]]] | None = None,
+            ) -> Iterator[Produced]:
+    """Denoise `params` in batches of one LoRA set and one shape (sets in order of first
+    appearance, so each is merged once, then shapes in their sort order, requests in the order
+    given) and at most
+    `batch_size` requests (None: what the device holds at that size). `loras[i]` is the LoRA
+    set of `params[i]` ((name, weight, sha256) triples; None: no LoRAs anywhere): each set is
+    merged once, never per image. `on_step(images, i, steps)` as a batch of `images` reaches step i;
+    `on_smaller(size)` when running out of memory lowers the batch size."""
+    sets = [canonical(s) for s in loras] if loras is not None else [()] * len(params)
+    rank = {s: n for n, s in reversed(list(enumerate(sets)))}
+
+    def key(i: int) -> tuple[int, BatchShape]:
+        return rank[sets[i]], params[i].shape
+
+    order = sorted(range(len(params)), key=key)
     pending: list[list[int]] = []
-    for shape, group in groupby(order, key=lambda i: params[i].shape):
+    for (_, shape), group in groupby(order, key=key):
         members = list(group)
         size = batch_size or pipe.default_batch_size(shape.width, shape.height)
         pending.extend(_cut(members, size))
@@ -79,8 +91,9 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
         start = time.perf_counter()
         try:
             steps = None if on_step is None else partial(on_step, len(indices))
+            extra = {"loras": sets[indices[0]]} if loras is not None else {}
             images = pipe.generate([params[i].request for i in indices], **shape.settings(),
-                                   on_step=steps)
+                                   on_step=steps, **extra)
         except Exception as exc:  # noqa: BLE001 - out of memory is split; the rest as asked
             oom = out_of_memory(exc)
             if not isolate and (len(indices) == 1 or not oom):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from sdq.core.errors import InvalidInput
+from sdq.core.loratags import strip_tags
 
 ROUND_BRACKET = 1.1
 SQUARE_BRACKET = 1 / 1.1
@@ -128,6 +129,12 @@ class EmbeddingMatch(NamedTuple):
     """How many of the prompt's tokens its name takes."""
     vectors: int
     """How many token positions its vectors take instead."""
+
+
+class NameMatcher(Protocol):
+    def match(self, tokens: Sequence[int], position: int) -> tuple[str, int] | None:
+        """(name, tokens its name takes) of the embedding named at `tokens[position]`, the
+        longest name first; None when none is."""
 
 
 class EmbeddingFinder(Protocol):
@@ -236,8 +243,32 @@ def comma_id(tokenizer: Any) -> int | None:
 def prompt_chunks(prompt: str, tokenizer: Any, finder: EmbeddingFinder | None = None) -> list[Chunk]:
     """`prompt` read as A1111 reads it, in chunks ready for CLIP. InvalidInput for a weight
     that is not a number (A1111 fails on it too)."""
-    parts = parse_emphasis(prompt)
+    tokenized = _tokenized(prompt, tokenizer)
+    return pack_chunks(tokenized, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
+                       comma=comma_id(tokenizer), finder=finder)
+
+
+def _tokenized(prompt: str, tokenizer: Any) -> list[tuple[Sequence[int], Part]]:
+    """Each weighted part of `prompt` with its tokens; extra-network tags (`<lora:...>`) are
+    taken out first, as A1111 does, so they are never read as words."""
+    parts = parse_emphasis(strip_tags(prompt))
     # verbose=False: a long part is no mistake here, it is what chunks are for.
     ids = tokenizer([p.text for p in parts], add_special_tokens=False, verbose=False)["input_ids"]
-    return pack_chunks(list(zip(ids, parts)), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
-                       comma=comma_id(tokenizer), finder=finder)
+    return list(zip(ids, parts))
+
+
+def embedding_names(prompt: str, tokenizer: Any, matcher: NameMatcher) -> list[str]:
+    """The embeddings `prompt` names when read with the `a1111` syntax, in order of first use:
+    the tokens of each part scanned as `pack_chunks` scans them (a name found, its tokens
+    skipped), without reading any embedding file."""
+    used: dict[str, None] = {}
+    for tokens, part in _tokenized(prompt, tokenizer):
+        position = 0
+        while not part.is_break and position < len(tokens):
+            found = matcher.match(tokens, position)
+            if found is None:
+                position += 1
+                continue
+            used[found[0]] = None
+            position += found[1]
+    return list(used)

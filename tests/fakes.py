@@ -22,6 +22,8 @@ class FakePipeline:
         self.vae_dtype = self.dtype
         self.batch_size, self.fail = batch_size, fail
         self.calls: list[tuple[int, ...]] = []
+        self.lora_sets: list[Any] = []
+        """The `loras` each call asked for, as `Pipeline.generate` takes them."""
         self.called = threading.Condition()
 
     def default_batch_size(self, width: int = 512, height: int = 512) -> int:
@@ -30,6 +32,7 @@ class FakePipeline:
     def generate(self, requests: Sequence[Request], **settings: Any) -> list[Image.Image]:
         with self.called:
             self.calls.append(tuple(r.seed for r in requests))
+            self.lora_sets.append(tuple(settings.get("loras", ())))
             self.called.notify_all()
         if self.fail is not None:
             self.fail(requests)

@@ -12,7 +12,7 @@ an image."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from sdq.sdmodel.devices import default_dtype
 from sdq.sdmodel.modelfiles import CheckpointError, ModelNotFound, model_sha256, resolve_model_ref
 from sdq.sdmodel.pipeline import default_device
 from sdq.sdmodel.produce import Denoiser
+from sdq.worker.claims import KeyOf, Work
 
 REUSE_CHUNK = 500
 """Items looked up in the result cache at once: one read, one lookup and one write each."""
@@ -101,10 +102,14 @@ class ResultCache:
         self.reads, self.sessions, self.storage = reads, sessions, storage
         self.watermark, self.worker_name, self.hash_cache = watermark, worker_name, hash_cache
 
-    def key(self, params: GenerationParams, model: Identity, check: Check = UNCHECKED) -> str:
+    def key(self, params: GenerationParams, model: Identity, check: Check = UNCHECKED, *,
+            loras: Any = (), embeddings: Any = ()) -> str:
+        """The item's cache key: its parameters, LoRA and embedding records (by file hash),
+        this model, watermark, device and dtypes, and its job's check."""
         return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
                          device=model.device, dtype=model.dtype, vae_dtype=model.vae_dtype,
-                         safety_checker_sha256=check.checker_sha256, on_flag=check.on_flag)
+                         safety_checker_sha256=check.checker_sha256, on_flag=check.on_flag,
+                         loras=loras or (), embeddings=embeddings or ())
 
     def checks(self, jobs: Iterable[JobCheck]) -> dict[JobCheck, Check | None]:
         """Each job's (checker reference, on_flag) as a `Check`; None for a checker that cannot
@@ -114,19 +119,20 @@ class ResultCache:
         return {(ref, on_flag): UNCHECKED if not ref else
                 Check(hashes[ref], on_flag) if ref in hashes else None for ref, on_flag in pairs}
 
-    def key_of(self, ids: Sequence[int],
-               model: Identity) -> Callable[[GenerationParams, JobCheck], str | None]:
-        """The cache key of each of these items as a claim records it, from the parameters and
-        the job's (checker, on_flag) it reads in its transaction; the checkers are hashed here,
-        before it (None: a checker that cannot be found, whose items then fail)."""
+    def key_of(self, ids: Sequence[int], model: Identity) -> KeyOf:
+        """The cache key of each of these items as a claim records it, from what the claim reads
+        in its transaction (parameters, LoRAs, embeddings, the job's checker and on_flag); the
+        checkers are hashed here, before it (None: a checker that cannot be found, whose items
+        then fail)."""
         with self.reads() as session:
             jobs = session.execute(select(Job.safety_checker, Job.on_flag).distinct()
                                    .join(Item, Item.job_id == Job.id).where(Item.id.in_(ids))).all()
         checks = self.checks((ref, on_flag) for ref, on_flag in jobs)
 
-        def key(params: GenerationParams, job: JobCheck) -> str | None:
-            check = checks.get(job)
-            return None if check is None else self.key(params, model, check)
+        def key(work: Work) -> str | None:
+            check = checks.get((work.safety_checker, work.on_flag))
+            return None if check is None else self.key(work.params, model, check,
+                                                       loras=work.loras, embeddings=work.embeddings)
         return key
 
     def reuse(self, batches: Sequence[Batch], model: Identity) -> set[int]:
@@ -147,16 +153,17 @@ class ResultCache:
                 .join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
                 .where(Item.id.in_(ids), Item.status.not_in(sorted(FINISHED)), Job.reuse,
                        Model.sha256 == model.sha256)).all()
-            params: dict[int, tuple[GenerationParams, JobCheck]] = {}
+            params: dict[int, tuple[GenerationParams, JobCheck, Any, Any]] = {}
             for item, checker, on_flag in items:
                 with contextlib.suppress(ParamError):  # failed when a worker takes it
-                    params[item.id] = (item.params, (checker, on_flag))
-        checks = self.checks(job for _, job in params.values())
+                    params[item.id] = (item.params, (checker, on_flag), item.loras or (),
+                                       item.embeddings or ())
+        checks = self.checks(job for _, job, _, _ in params.values())
         keys: dict[int, str] = {}
         wanted: dict[str, str | None] = {}
-        for item_id, (request, job) in params.items():
+        for item_id, (request, job, loras, embeddings) in params.items():
             if (check := checks[job]) is not None:
-                keys[item_id] = self.key(request, model, check)
+                keys[item_id] = self.key(request, model, check, loras=loras, embeddings=embeddings)
                 wanted[keys[item_id]] = check.checker_sha256
         if not keys:
             return set()

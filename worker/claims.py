@@ -59,15 +59,25 @@ class Work:
     safety_checker: str | None = None
     """The job's checker (a folder or hub id), None for no check."""
     on_flag: str = "keep"
+    loras: tuple[dict[str, Any], ...] = ()
+    """The LoRAs the item records: {name, weight, sha256, a1111}."""
+    embeddings: tuple[dict[str, Any], ...] = ()
+    """The embeddings its prompts name: {name, sha256}."""
 
     @property
     def shape(self) -> BatchShape:
         """What items must share to be denoised in one batch."""
         return self.params.shape
 
+    @property
+    def lora_set(self) -> tuple[tuple[str, float, str | None], ...]:
+        """The LoRAs as `Pipeline.generate(loras=...)` takes them: (name, weight, sha256)."""
+        return tuple((lora["name"], lora["weight"], lora["sha256"]) for lora in self.loras)
 
-KeyOf = Callable[[GenerationParams, tuple[str | None, str]], str | None]
-"""An item's cache key from its parameters and its job's (safety checker, on_flag)."""
+
+KeyOf = Callable[[Work], str | None]
+"""A claimed item's cache key, from its parameters, LoRAs, embeddings and its job's safety
+checker and on_flag (None: a checker that cannot be found, whose items then fail)."""
 
 
 class Claims:
@@ -81,8 +91,8 @@ class Claims:
 
     def take(self, batch: Batch, model_sha256: str, key_of: KeyOf, model_ref: str = "") -> list[Work]:
         """Claim the batch's free items for the model `model_sha256`, each recording its cache
-        key (`key_of(params, (safety checker, on_flag))`, from what was read and hashed before
-        the transaction: it makes no call), and keep their leases from now on. Items under
+        key (`key_of(work)`, from what was read and hashed before the transaction: it makes no
+        call), and keep their leases from now on. Items under
         another worker's live lease are waited for until it runs out; this worker's own (their
         images still being stored, the batch delivered twice) are skipped at once. Items
         recorded for another model fail, naming `model_ref`: their queue is this model's, so
@@ -125,11 +135,12 @@ class Claims:
                 fail_item(item, str(exc), now)
                 closing.add(item.job_id)
                 continue
+            # `attempt`: this claim's number, as claiming counts it.
+            taken = Work(item.id, item.job_id, item.row_index, params, item.attempts + 1,
+                         checker, on_flag, tuple(item.loras or ()), tuple(item.embeddings or ()))
             claim_item(item, worker_host=self.worker_name, batch_id=batch.id,
-                       lease_s=self.lease_s, cache_key=key_of(params, (checker, on_flag)),
-                       now=now)
-            work.append(Work(item.id, item.job_id, item.row_index, params, item.attempts,
-                             checker, on_flag))
+                       lease_s=self.lease_s, cache_key=key_of(taken), now=now)
+            work.append(taken)
         session.flush()
         finish_jobs(session, closing)
         return work

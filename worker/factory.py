@@ -28,4 +28,5 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
         micro_batch=settings.batch_size, worker_name=worker_name,
         png_level=settings.png_level, store_threads=settings.store_threads,
         fast=settings.fast_path_spec, outage_s=settings.outage_timeout,
+        lora_dirs=settings.lora_dir, embeddings_dir=settings.embeddings_dir,
     )

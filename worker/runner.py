@@ -28,6 +28,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
 from sdq.images.storage import Storage
+from sdq.sdmodel.embeddings import embeddings_problem
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.sdmodel.produce import Denoiser, produce
 from sdq.worker.cache import Identity, ResultCache, identify
@@ -66,10 +68,11 @@ class Runner:
         max_attempts: int = 3, lease_s: float = LEASE_S, micro_batch: int | None = None,
         worker_name: str | None = None, pipeline: Denoiser | None = None,
         png_level: int = DEFAULT_PNG_LEVEL, store_threads: int | None = None, fast: str | None = None,
-        outage_s: float = OUTAGE_S,
+        outage_s: float = OUTAGE_S, lora_dirs: Sequence[Path] = (), embeddings_dir: Path | None = None,
     ) -> None:
         """`pipeline`: one already loaded (benchmarks, tests); otherwise `model_ref` is loaded
-        on the first run, with the fast path `fast` (a `FastPath.parse` string).
+        on the first run, with the fast path `fast` (a `FastPath.parse` string), LoRAs looked
+        up in `lora_dirs` and embeddings in `embeddings_dir`.
         `store_threads`: None for one per core, up to 8. `vae_dtype`: the autoencoder's
         dtype (`SDQ_VAE_DTYPE`; None: `dtype`)."""
         # Every runner transaction reads rows, then writes them: on SQLite it takes the write
@@ -97,6 +100,7 @@ class Runner:
         self._done_lock = threading.Lock()  # store threads add to `images_done` at once
         self._pipeline = pipeline
         self.fast = fast
+        self.lora_dirs, self.embeddings_dir = tuple(lora_dirs), embeddings_dir
         self._checkers: dict[str, SafetyChecker] = {}
         """Safety checkers by the reference jobs name them with, loaded once, on first use."""
         self._queue: StoreQueue | None = None
@@ -105,7 +109,8 @@ class Runner:
         if self._pipeline is None:
             self._pipeline = load_pipeline(self.model_ref, device=self.device, dtype=self.dtype,
                                            vae_dtype=self.vae_dtype, hash_cache=self.hash_cache,
-                                           fast=self.fast)
+                                           fast=self.fast, lora_dirs=self.lora_dirs,
+                                           embeddings_dir=self.embeddings_dir)
         return self._pipeline
 
     def safety_checker(self, ref: str) -> SafetyChecker:
@@ -233,8 +238,11 @@ class Runner:
         """The claimed items as chunks of images (`produce`), each recorded under the batch's
         id when it ran whole, else under `BATCH.ROW` of its first item; an item that fails
         alone is failed with the reason."""
+        work = self._with_embeddings(pipe, work, report)
+        loras = [w.lora_set for w in work] if any(w.loras for w in work) else None
         for produced in produce(pipe, [w.params for w in work], batch_size=self.micro_batch,
-                                on_step=on_step, on_smaller=self._smaller, isolate=True):
+                                on_step=on_step, on_smaller=self._smaller, isolate=True,
+                                loras=loras):
             items = tuple(work[i] for i in produced.indices)
             if produced.error is not None:
                 ids, reason = [w.id for w in items], produced.error
@@ -244,6 +252,25 @@ class Runner:
             chunk_id = batch_id if len(items) == len(work) else f"{batch_id}.{items[0].row_index}"
             yield Chunk(chunk_id, items, produced.images, produced.seconds,
                         redecoded=frozenset(produced.redecoded))
+
+    def _with_embeddings(self, pipe: Denoiser, work: list[Work], report: RunReport) -> list[Work]:
+        """The items whose prompts name here the embeddings they recorded, with the recorded
+        sha256; the others fail with the reason (`embeddings_problem`)."""
+        registry = getattr(pipe, "embeddings", None)
+        failed: dict[int, str] = {}
+        for w in work:
+            if registry is None and not w.embeddings:
+                continue
+            p = w.params
+            reason = embeddings_problem(registry, [p.prompt, p.negative_prompt], p.prompt_syntax,
+                                        w.embeddings)
+            if reason is not None:
+                failed[w.id] = reason
+        for reason in set(failed.values()):
+            ids = [i for i, why in failed.items() if why == reason]
+            report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
+                                      self.outage_s)
+        return [w for w in work if w.id not in failed]
 
     def _smaller(self, size: int) -> None:
         """Out of memory lowered the micro-batch: keep it lower for what follows."""

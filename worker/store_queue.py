@@ -122,6 +122,7 @@ def encode(chunk: Chunk, verdicts: Sequence[SafetyVerdict | None], *, model: Den
         environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
         batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
         redecoded="fp32" if position in chunk.redecoded else None,
+        loras=w.loras, embeddings=w.embeddings,
     ), watermark=watermark, level=level)
         for position, (w, image, verdict) in enumerate(zip(chunk.items, chunk.images, verdicts))]
 

@@ -19,9 +19,12 @@ LATER_SCHEDULES = {"negative_prompt": "blurry", "cfg": 6.0, "width": 768, "heigh
                    "safety_checker": "off", "on_flag": "black", "seed_policy": "add",
                    "expansion": {"mode": "random", "draws": 2, "seed": 11, "grid": {},
                                  "wildcards": {}}}
+# ... and with the prompt syntax, clip skip, LoRAs and embeddings.
+ADAPTER_SCHEDULES = {"prompt_syntax": "plain", "clip_skip": 2, "loras": ["detail:0.8", "style:1"],
+                     "lora_dirs": ["/loras", "/more"], "embeddings_dir": "/emb"}
 
 
-@pytest.mark.parametrize("stored", [FIRST_SCHEDULES, LATER_SCHEDULES, {}])
+@pytest.mark.parametrize("stored", [FIRST_SCHEDULES, LATER_SCHEDULES, ADAPTER_SCHEDULES, {}])
 def test_stored_schedule_options_load_and_round_trip(stored: dict) -> None:
     spec = JobSpec.from_json(json.loads(json.dumps(stored)))
     assert spec.to_json() == stored
@@ -48,6 +51,8 @@ def test_what_was_not_given_is_not_stored() -> None:
 def test_values_are_recorded_as_sdq_spells_them() -> None:
     assert JobSpec(defaults={"sampler": "Euler a", "cfg": "7"}).defaults == {
         "sampler": "euler_a", "cfg": 7.0}
+    spec = JobSpec(loras=("detail", "style:0.50"), defaults={"prompt_syntax": "A1111"})
+    assert (spec.loras, spec.defaults) == (("detail:1", "style:0.5"), {"prompt_syntax": "a1111"})
 
 
 @pytest.mark.parametrize(("fields", "error", "message"), [
@@ -61,6 +66,9 @@ def test_values_are_recorded_as_sdq_spells_them() -> None:
     ({"defaults": {"prompt": "x"}}, InvalidInput, "unknown default(s): prompt"),
     ({"batch_size": 0}, ParamError, "batch_size: must be between 1 and"),
     ({"tags": ("a\x00b",)}, ParamError, "tag: contains a NUL character"),
+    ({"loras": ("detail:strong",)}, ParamError, "lora: weight 'strong' in 'detail:strong' is not a number"),
+    ({"loras": (":0.5",)}, ParamError, "lora: expected NAME[:WEIGHT], got ':0.5'"),
+    ({"defaults": {"clip_skip": 13}}, ParamError, "clip_skip: must be between 1 and 12"),
 ])
 def test_bad_options_are_refused_with_the_reason(fields: dict, error: type, message: str) -> None:
     with pytest.raises(error) as info:

@@ -55,3 +55,22 @@ def test_a_request_that_fails_alone_is_isolated_or_raised() -> None:
         list(produce(FakePipeline(fail=small_device), batch))
     with pytest.raises(torch.OutOfMemoryError):  # alone and still too big: nothing to split
         list(produce(FakePipeline(fail=lambda requests: small_device([*requests] * 3)), params(1)))
+
+
+def test_batches_group_by_lora_set_so_each_set_is_merged_once() -> None:
+    """64 items alternating 4 LoRA sets (and none) at batch size 8: one run of batches per set,
+    each batch of one set, the sets in order of first appearance; a set given in another order
+    is the same set."""
+    pipe = FakePipeline(batch_size=8)
+    sets = [(), (("a", 1.0, "h1"),), (("b", 0.5, "h2"),), (("a", 1.0, "h1"), ("b", 0.5, "h2")),
+            (("b", 0.5, "h2"), ("a", 1.0, "h1"))]
+    loras = [sets[n % 4 + (n % 8 == 7)] for n in range(64)]
+    produced = list(produce(pipe, params(64), loras=loras))
+    assert sum(len(p.indices) for p in produced) == 64
+    for p, asked in zip(produced, pipe.lora_sets):
+        assert {tuple(sorted(loras[i])) for i in p.indices} == {tuple(sorted(asked))}
+    switches = [s for n, s in enumerate(pipe.lora_sets) if n == 0 or s != pipe.lora_sets[n - 1]]
+    assert [tuple(sorted(s)) for s in switches] == [(), (("a", 1.0, "h1"),), (("b", 0.5, "h2"),),
+                                                    (("a", 1.0, "h1"), ("b", 0.5, "h2"))]
+    list(produce(pipe, params(2)))
+    assert pipe.lora_sets[-1] == ()  # no LoRAs given: the pipeline's own default (none)

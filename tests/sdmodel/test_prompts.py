@@ -179,3 +179,10 @@ def test_reading_prompts_imports_no_torch() -> None:
     """Prompt files are checked by commands that must not pay for torch."""
     code = "import sys, sdq.sdmodel.prompts; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_lora_tags_are_not_read_as_words(tok) -> None:
+    """A1111 takes `<lora:...>` (any extra-network tag) out before parsing: the chunks are those
+    of the prompt without it, emphasis around it included."""
+    assert table(tok, "a (red:1.5) fox <lora:detail:0.8>, in snow <hypernet:x:1>") == \
+        table(tok, "a (red:1.5) fox , in snow ")

@@ -11,12 +11,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
-from sdq.core.params import GenerationParams
 from sdq.core.settings import Settings
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
 from sdq.db.session import open_database
-from sdq.worker.claims import Claims, LeaseKeeper
+from sdq.worker.claims import Claims, LeaseKeeper, Work
 from sdq.worker.outage import TransientError
 
 from .conftest import job_items, queued_job, specs
@@ -35,8 +34,8 @@ def claims(engine: Engine, name: str = "w1", *, lease_s: float = 120, max_attemp
                   max_attempts=max_attempts)
 
 
-def key_of(params: GenerationParams, job: object) -> str:
-    return f"key-{params.seed}"
+def key_of(work: Work) -> str:
+    return f"key-{work.params.seed}"
 
 
 def set_items(engine: Engine, ids: list[int], **values: object) -> None:

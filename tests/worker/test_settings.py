@@ -1,6 +1,7 @@
 """Where sdq keeps its files when nothing says otherwise: the XDG base directories."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,14 @@ def test_a_compile_value_that_is_no_switch_is_refused_not_read_as_off(tmp_path: 
     config.write_text('compile = "fast"\n')
     with pytest.raises(SettingsError, match=rf"{config}: compile: expected one of .* got 'fast'"):
         Settings.load({"XDG_CONFIG_HOME": str(tmp_path)})
+
+
+def test_lora_and_embedding_folders_come_from_the_environment(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path),
+           "SDQ_LORA_DIR": f"{tmp_path / 'a'}{os.pathsep}{os.pathsep}~/loras",
+           "SDQ_EMBEDDINGS_DIR": str(tmp_path / "emb")}
+    settings = Settings.load(env)
+    assert settings.lora_dir == (tmp_path / "a", Path("~/loras").expanduser())
+    assert settings.embeddings_dir == tmp_path / "emb"
+    assert (Settings.load({"XDG_CONFIG_HOME": str(tmp_path)}).lora_dir,
+            Settings.load({"XDG_CONFIG_HOME": str(tmp_path)}).embeddings_dir) == ((), None)

@@ -46,7 +46,7 @@ def claimed(engine: Engine, count: int) -> tuple[int, list[Work]]:
     claims = Claims(sessionmaker(engine, expire_on_commit=False), worker_name="w1", lease_s=120,
                     max_attempts=3)
     try:
-        return job_id, claims.take(batch, PIPE.sha256, lambda params, job: f"key-{params.seed}")
+        return job_id, claims.take(batch, PIPE.sha256, lambda work: f"key-{work.params.seed}")
     finally:
         claims.close()
 
@@ -96,7 +96,7 @@ def test_a_later_attempt_that_records_removes_the_objects_of_earlier_ones(
     claims = Claims(sessionmaker(engine, expire_on_commit=False), worker_name="w1", lease_s=120,
                     max_attempts=3)
     try:
-        work = claims.take(batch, PIPE.sha256, lambda params, job: "key")
+        work = claims.take(batch, PIPE.sha256, lambda work: "key")
     finally:
         claims.close()
     assert stored(engine, storage, work) == 1
