@@ -5,6 +5,7 @@ storage, the way the worker records them, so `show` and `get` read what a worker
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,13 @@ from tests.services import scratch_database
 
 MODEL_SHA = "ab" * 32
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def as_from_a_terminal() -> None:
+    """`preexec_fn` for a command a test interrupts as Ctrl-C does: a shell starts background
+    jobs (CI's runner, a `cmd &`) with SIGINT ignored, their children inherit that, and a
+    Python started so never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from sdq.jobs.schedule import (
 from sdq.jobs.submit import identify_model
 from sdq.core.settings import Settings
 from sdq.worker.factory import runner_from_settings
-from tests.cli.conftest import Home
+from tests.cli.conftest import Home, as_from_a_terminal
 from tests.services import clear_queues, in_queue
 
 UTC = timezone.utc
@@ -280,7 +280,7 @@ def test_the_scheduler_service_runs_until_interrupted(home: Home, prompts: Path,
         [sys.executable, "-c", "from sdq.cli.main import cli; cli()", "scheduler",
          "--max-interval", "1", "--now", "2031-03-04T01:59:57Z"],
         env={**os.environ, **home.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while not finished(home) and process.poll() is None and time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from sdq.cli.main import SdqGroup, cli
 from sdq.db.models import Item, Job, Model, Status
 from sdq.images.storage import open_storage
 
-from .conftest import Home
+from .conftest import Home, as_from_a_terminal
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--sampler", "euler"]
 
@@ -169,7 +169,8 @@ def test_ctrl_c_stops_watching_with_one_line(home: Home) -> None:
     job = home.add_job(["never runs"])
     sdq = Path(sys.executable).parent / "sdq"
     process = subprocess.Popen([str(sdq), "watch", str(job.id)], env={**os.environ, **home.env},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_from_a_terminal)
     try:
         assert process.stderr is not None
         # the first progress line (plain when piped) is out: polling
@@ -211,7 +212,8 @@ def test_ctrl_c_or_sigterm_hands_the_unfinished_items_back_for_an_immediate_resu
     process = subprocess.Popen(
         [str(sdq), "submit", str(prompts), "--model", str(tiny_checkpoint), "--width", "64",
          "--height", "64", "--steps", "4", "--batch-size", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
         done = 0
