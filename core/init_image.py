@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .params import ParamError
+from .params import SIDE_MULTIPLE, ParamError
 
 DEFAULT_STRENGTH = 0.75
 """AUTOMATIC1111's default denoising strength (diffusers' is 0.8)."""
@@ -42,6 +42,13 @@ def steps_run(steps: int, strength: float) -> int:
         raise ParamError("strength", f"{strength:g} of {steps} steps runs no step "
                                      f"(int(steps * strength) = 0); raise either")
     return run
+
+
+def own_size(width: int, height: int) -> tuple[int, int]:
+    """The size an init image is used at when none is asked for: its own, each side rounded
+    down to a multiple of 8, as diffusers' `VaeImageProcessor` rounds it (the image is then
+    resized to it, not cropped)."""
+    return width - width % SIDE_MULTIPLE, height - height % SIDE_MULTIPLE
 
 
 @dataclass(frozen=True)

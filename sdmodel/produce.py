@@ -25,6 +25,8 @@ from PIL import Image
 
 from sdq.core.params import BatchShape, GenerationParams, Request
 
+from .img2img import Init
+
 log = logging.getLogger(__name__)
 
 
@@ -56,15 +58,24 @@ class Produced:
 def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: int | None = None,
             on_step: Callable[[int, int, int], None] | None = None,
             on_smaller: Callable[[int], None] | None = None,
-            isolate: bool = False) -> Iterator[Produced]:
+            isolate: bool = False, inits: Sequence[Init | None] | None = None) -> Iterator[Produced]:
     """Denoise `params` in batches of one shape (shapes in their sort order, requests of one
     shape in the order given) and at most `batch_size` requests (None: what the device holds
-    at that size). `on_step(images, i,
-    steps)` as a batch of `images` reaches step i; `on_smaller(size)` when running out of
-    memory lowers the batch size."""
-    order = sorted(range(len(params)), key=lambda i: params[i].shape)
+    at that size). `inits`, beside `params`, makes an item image-to-image (None for one that
+    starts from noise); a batch shares the strength too, as it decides where the schedule
+    starts. `on_step(images, i, steps)` as a batch of `images` reaches step i; `on_smaller(size)`
+    when running out of memory lowers the batch size."""
+    starts = list(inits) if inits is not None else [None] * len(params)
+    if len(starts) != len(params):
+        raise ValueError(f"got {len(starts)} inits for {len(params)} parameters")
+
+    def batch_key(i: int) -> tuple[BatchShape, float]:
+        init = starts[i]
+        return params[i].shape, 0.0 if init is None else init.strength
+
+    order = sorted(range(len(params)), key=batch_key)
     pending: list[list[int]] = []
-    for shape, group in groupby(order, key=lambda i: params[i].shape):
+    for (shape, _strength), group in groupby(order, key=batch_key):
         members = list(group)
         size = batch_size or pipe.default_batch_size(shape.width, shape.height)
         pending.extend(_cut(members, size))
@@ -75,7 +86,7 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
         try:
             steps = None if on_step is None else partial(on_step, len(indices))
             images = pipe.generate([params[i].request for i in indices], **shape.settings(),
-                                   on_step=steps)
+                                   **_img2img([starts[i] for i in indices]), on_step=steps)
         except Exception as exc:  # noqa: BLE001 - out of memory is split; the rest as asked
             oom = out_of_memory(exc)
             if not isolate and (len(indices) == 1 or not oom):
@@ -95,6 +106,14 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
                 pending[:0] = [indices[:half], indices[half:]]
             continue
         yield Produced(tuple(indices), tuple(images), time.perf_counter() - start)
+
+
+def _img2img(starts: Sequence[Init | None]) -> dict[str, Any]:
+    """`Pipeline.generate`'s img2img arguments for a batch (none for text-to-image)."""
+    if starts[0] is None:
+        return {}
+    return {"init_images": [start.image for start in starts if start is not None],
+            "strength": starts[0].strength}
 
 
 def _cut(indices: list[int], size: int) -> list[list[int]]:
