@@ -58,8 +58,10 @@ def _load(job_id: int | None, query: str | None, limit: int | None) -> list[tupl
     return [(r, storage.get(r["image_key"])) for r in records]
 
 
-def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def _image(data: bytes, name: str) -> Image.Image:
+    from sdq.images.imagefile import open_image
+
+    return open_image(data, name).convert("RGB")
 
 
 def _caption(record: dict[str, Any]) -> str:
@@ -115,7 +117,7 @@ def sheet(job_id: int | None, query: str | None, output: Path, columns: int | No
     """
     loaded = _load(job_id, query, limit)
     columns = columns or math.ceil(math.sqrt(len(loaded)))
-    image = contact_sheet([(_image(data), _caption(r)) for r, data in loaded], columns=columns,
+    image = contact_sheet([(_image(data, r["image_key"]), _caption(r)) for r, data in loaded], columns=columns,
                           tile=tile)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -173,7 +175,7 @@ def gallery(job_id: int | None, query: str | None, directory: Path, limit: int |
     loaded = _load(job_id, query, limit)
     for record, data in loaded:
         thumb = io.BytesIO()
-        small = _image(data)
+        small = _image(data, record["image_key"])
         small.thumbnail((GALLERY_THUMB, GALLERY_THUMB))
         small.save(thumb, format="JPEG", quality=85)
         # The stored bytes, not a re-encoding: the PNG keeps its provenance chunks.

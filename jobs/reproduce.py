@@ -17,7 +17,6 @@ the float rounding of another batch shape (within one 8-bit level, see DESIGN.md
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from sdq.core.errors import Refused
 from sdq.db.models import Item
 from sdq.db.queries import batch_items
 from sdq.images import watermark as wm
+from sdq.images.imagefile import open_image
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
 from sdq.sdmodel.pipeline import Pipeline
 from sdq.sdmodel.produce import produce
@@ -86,8 +86,7 @@ def compare(stored_png: bytes, regenerated: Image.Image) -> Comparison:
     image = regenerated.convert("RGB")
     if mark:
         image = wm.embed(image, mark)
-    with Image.open(io.BytesIO(stored_png)) as stored_file:
-        stored = np.asarray(stored_file.convert("RGB"), dtype=np.int16)
+    stored = np.asarray(open_image(stored_png, "the stored image").convert("RGB"), dtype=np.int16)
     ours = np.asarray(image, dtype=np.int16)
     if stored.shape != ours.shape:
         raise ReproduceError(f"the stored image is {stored.shape[1]}x{stored.shape[0]}, the "
