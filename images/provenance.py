@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from PIL import Image, PngImagePlugin
 
 from sdq.core.errors import InvalidInput
+from sdq.core.init_image import InitImage
 from sdq.core.params import (
     LEGACY_PROMPT_SYNTAX,
     SAMPLERS,
@@ -36,6 +37,7 @@ from sdq.core.params import (
 from sdq.core.settings import DEFAULT_PNG_LEVEL
 
 from . import watermark as wm
+from .imagefile import ImageFileError, open_image
 
 PARAMETERS_CHUNK = "parameters"
 SDQ_CHUNK = "sdq"
@@ -148,6 +150,9 @@ class Provenance:
     A1111's `Lora hashes` field and civitai look files up by."""
     embeddings: tuple[dict[str, Any], ...] = ()
     """The textual-inversion embeddings the prompts used: {name, sha256}."""
+    init: InitImage | None = None
+    """Image-to-image: the init file's sha256, its source name and the strength (the chunk
+    says `"init": null` for an image made from noise)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(adapter_record(self.loras, weighted=True)))
@@ -165,6 +170,7 @@ class Provenance:
         record["created"] = self.created.isoformat()
         record["safety"] = self.safety.to_json() if self.safety else None
         record["loras"], record["embeddings"] = list(self.loras), list(self.embeddings)
+        record["init"] = self.init.to_json() if self.init else None
         return {**self.params.to_dict(), **record}
 
     @classmethod
@@ -176,6 +182,7 @@ class Provenance:
         values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
         values["created"] = datetime.fromisoformat(record["created"])
         values["safety"] = SafetyVerdict.from_json(record["safety"]) if record.get("safety") else None
+        values["init"] = InitImage.from_json(record["init"]) if record.get("init") else None
         return cls(**values)
 
 
@@ -241,6 +248,8 @@ def format_parameters(provenance: Provenance) -> str:
         "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
         "Model hash": short_hash(provenance.model_sha256), "Model": provenance.model_name,
     })
+    if provenance.init:
+        settings["Denoising strength"] = repr(provenance.init.strength)
     if p.clip_skip != 1:
         settings["Clip skip"] = p.clip_skip
     settings["RNG"] = provenance.environment.rng_device.upper()
@@ -414,12 +423,9 @@ class PngMetadata:
 
 def _open_png(data: bytes) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Image.DecompressionBombError as exc:  # a few kB that would decode to gigabytes
-        raise MetadataError(f"refused to decode: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise MetadataError(f"not a readable image: {exc}") from None
+        image = open_image(data, "image")
+    except ImageFileError as exc:
+        raise MetadataError(f"not a readable image: {exc.reason}") from None
     if image.format != "PNG":
         raise MetadataError(f"not a PNG but {image.format}")
     return image
