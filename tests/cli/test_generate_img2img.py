@@ -68,6 +68,8 @@ def test_size_options_resize_the_init_image(tmp_path, env, tiny_checkpoint):
     meta = read_png_metadata(out)
     assert meta.provenance.init.strength == 0.75
     assert meta.parameters.settings["Denoising strength"] == "0.75"
+    verified = CliRunner().invoke(cli, ["verify", str(out)], env=env, catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output
 
 
 def test_exif_orientation_is_applied(tmp_path, env, tiny_checkpoint):
