@@ -118,7 +118,8 @@ def test_image_is_the_same_alone_or_anywhere_in_a_batch(pipe, sampler):
 
 
 def test_the_init_image_and_strength_shape_the_result(pipe):
-    """Low strength stays near the init image; another init image or strength changes it."""
+    """Another init image or another strength makes another image. (Nearness to the init
+    image cannot be asked of random weights: their autoencoder reconstructs nothing.)"""
     request = Request("a red cube", seed=1)
     settings = dict(sampler="euler", steps=10, width=64, height=64)
     start = init_image(64, 64, seed=10)
@@ -126,9 +127,8 @@ def test_the_init_image_and_strength_shape_the_result(pipe):
     def run(image: Image.Image, strength: float) -> np.ndarray:
         return pixels(pipe.generate([request], init_images=[image], strength=strength, **settings))[0]
 
-    low, high = run(start, 0.2), run(start, 1.0)
-    source = np.asarray(start).astype(np.int16)
-    assert np.abs(low - source).mean() < np.abs(high - source).mean()
+    low = run(start, 0.2)
+    assert np.abs(run(start, 1.0) - low).mean() > 1.0
     assert np.abs(run(init_image(64, 64, seed=11), 0.2) - low).mean() > 1.0
 
 
