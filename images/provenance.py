@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from PIL import Image, PngImagePlugin
 
 from sdq.core.errors import InvalidInput
+from sdq.core.init_image import InitImage
 from sdq.core.params import (
     LEGACY_PROMPT_SYNTAX,
     SAMPLERS,
@@ -40,6 +41,7 @@ from sdq.core.params import (
 from sdq.core.settings import DEFAULT_PNG_LEVEL
 
 from . import watermark as wm
+from .imagefile import ImageFileError, open_image
 
 PARAMETERS_CHUNK = "parameters"
 SDQ_CHUNK = "sdq"
@@ -163,6 +165,9 @@ class Provenance:
     redecoded: str | None = None
     """The dtype the image was decoded again in (`fp32`) because its decode in the
     autoencoder's dtype gave NaN or Inf; None when its first decode stands."""
+    init: InitImage | None = None
+    """Image-to-image: the init file's sha256, its source name and the strength (the chunk
+    says `"init": null` for an image made from noise)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple(adapter_record(self.loras, weighted=True)))
@@ -180,6 +185,7 @@ class Provenance:
         record["created"] = self.created.isoformat()
         record["safety"] = self.safety.to_json() if self.safety else None
         record["loras"], record["embeddings"] = list(self.loras), list(self.embeddings)
+        record["init"] = self.init.to_json() if self.init else None
         return {**self.params.to_dict(), **record}
 
     @classmethod
@@ -191,6 +197,7 @@ class Provenance:
         values["environment"] = Environment(**_known_fields(Environment, record["environment"]))
         values["created"] = datetime.fromisoformat(record["created"])
         values["safety"] = SafetyVerdict.from_json(record["safety"]) if record.get("safety") else None
+        values["init"] = InitImage.from_json(record["init"]) if record.get("init") else None
         return cls(**values)
 
 
@@ -256,6 +263,8 @@ def format_parameters(provenance: Provenance) -> str:
         "CFG scale": format_number(p.cfg), "Seed": p.seed, "Size": f"{p.width}x{p.height}",
         "Model hash": short_hash(provenance.model_sha256), "Model": provenance.model_name,
     })
+    if provenance.init:
+        settings["Denoising strength"] = repr(provenance.init.strength)
     if p.clip_skip != 1:
         settings["Clip skip"] = p.clip_skip
     settings["RNG"] = provenance.environment.rng_device.upper()
@@ -428,19 +437,16 @@ class PngMetadata:
 
 
 def _open_png(data: bytes) -> Image.Image:
-    """The image in `data`, decoded; MetadataError says what else it is. Pillow's own
-    message names its in-memory buffer (`<_io.BytesIO object at 0x...>`), which means
-    nothing to the user: the caller names the file."""
-    buffer = io.BytesIO(data)
+    """The image in `data`, decoded; MetadataError says what else it is (the caller names
+    the file)."""
     try:
-        image = Image.open(buffer)
-        image.load()
-    except Image.DecompressionBombError as exc:  # a few kB that would decode to gigabytes
-        raise MetadataError(f"refused to decode: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        image = open_image(data, "image")
+    except ImageFileError as exc:
+        if exc.reason.startswith("refused to decode"):  # a few kB that would decode to gigabytes
+            raise MetadataError(exc.reason) from None
         if not data.startswith(PNG_SIGNATURE):
             raise MetadataError("not a PNG file (nor any other image)") from None
-        raise MetadataError(f"a damaged PNG: {str(exc).replace(f' {buffer!r}', '')}") from None
+        raise MetadataError(f"a damaged PNG: {exc.reason}") from None
     if image.format != "PNG":
         raise MetadataError(f"not a PNG but {image.format}")
     return image

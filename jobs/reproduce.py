@@ -21,7 +21,6 @@ saying why a difference there is expected.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from sdq.core.states import Status
 from sdq.db.models import Item
 from sdq.db.queries import batch_items, get_item
 from sdq.images import watermark as wm
+from sdq.images.imagefile import open_image
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
 from sdq.sdmodel.embedding_files import embedding_files, file_sha256
 from sdq.sdmodel.lora_files import describe_lora, find_lora
@@ -249,8 +249,7 @@ def compare(stored_png: bytes, regenerated: Image.Image) -> Comparison:
     image = regenerated.convert("RGB")
     if mark:
         image = wm.embed(image, mark)
-    with Image.open(io.BytesIO(stored_png)) as stored_file:
-        stored = np.asarray(stored_file.convert("RGB"), dtype=np.int16)
+    stored = np.asarray(open_image(stored_png, "the stored image").convert("RGB"), dtype=np.int16)
     ours = np.asarray(image, dtype=np.int16)
     if stored.shape != ours.shape:
         raise ReproduceError(f"the stored image is {stored.shape[1]}x{stored.shape[0]}, the "

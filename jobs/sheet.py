@@ -23,6 +23,7 @@ from sdq.core.jobspec import safety_label
 from sdq.core.states import Status
 from sdq.db.models import Item
 from sdq.db.queries import get_job, search_items
+from sdq.images.imagefile import open_image
 from sdq.images.storage import Storage
 
 CAPTION_LINES = 3
@@ -51,8 +52,8 @@ def select_shown(session: Session, storage: Storage, describe: Callable[[Item], 
     return [(r, storage.get(r["image_key"])) for r in records]
 
 
-def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def _image(data: bytes, name: str) -> Image.Image:
+    return open_image(data, name).convert("RGB")
 
 
 def caption(record: Record) -> str:
@@ -91,7 +92,7 @@ def contact_sheet(tiles: Sequence[tuple[Image.Image, str]], *, columns: int, til
 def sheet_of(shown: Sequence[Shown], *, columns: int | None, tile: int) -> Image.Image:
     """The contact sheet of the shown images, captioned; about square unless `columns`."""
     columns = columns or math.ceil(math.sqrt(len(shown)))
-    return contact_sheet([(_image(data), caption(r)) for r, data in shown], columns=columns,
+    return contact_sheet([(_image(data, r["image_key"]), caption(r)) for r, data in shown], columns=columns,
                          tile=tile)
 
 
@@ -129,7 +130,7 @@ def gallery_files(shown: Sequence[Shown], title: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for record, data in shown:
         thumb = io.BytesIO()
-        small = _image(data)
+        small = _image(data, record["image_key"])
         small.thumbnail((GALLERY_THUMB, GALLERY_THUMB))
         small.save(thumb, format="JPEG", quality=85)
         files[f"images/{record['id']}.png"] = data

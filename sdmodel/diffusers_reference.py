@@ -85,8 +85,10 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor], unet: UNetConfig, vae: VAE
     return d_unet.eval(), d_vae.eval(), d_text.eval()
 
 
-def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms"):
-    """diffusers' StableDiffusionPipeline on a tiny sdq checkpoint (tiny.py's architecture),
+def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms", *,
+                       img2img: bool = False):
+    """diffusers' StableDiffusionPipeline (StableDiffusionImg2ImgPipeline with `img2img`) on a
+    tiny sdq checkpoint (tiny.py's architecture),
     built afresh with its own copy of the text encoder, for tests that change it
     (`load_textual_inversion` changes it in place, and the tokenizer, so pass a copy of sdq's
     where that is called; `load_lora_weights` merges adapters into it)."""
@@ -98,7 +100,8 @@ def reference_pipeline(checkpoint: Path, tokenizer=None, sampler: str = "plms"):
 
     unet, vae, text = to_diffusers(load_file(str(checkpoint)), TINY_UNET, TINY_VAE,
                                    CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
-    ref = diffusers.StableDiffusionPipeline(
+    kind = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    ref = kind(
         vae=vae, text_encoder=text, tokenizer=tokenizer or clip.load_tokenizer(), unet=unet,
         scheduler=reference_scheduler(sampler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,

@@ -2,10 +2,10 @@
 
 This is the seam with the worker: `load_pipeline(ref, device, dtype)` and
 `Pipeline.generate(requests, **shape.settings())`: a batch shares a `params.BatchShape`
-(sampler, steps, size, eta) and a LoRA set (`loras=`, see `lora.py`) while each
-`params.Request` carries its own prompt, negative prompt, seed and guidance scale; an image
-comes out the same alone or at any position of any batch because its noise comes only from its
-own CPU generator.
+(sampler, steps, size, eta), a LoRA set (`loras=`, see `lora.py`) and, for image-to-image, a
+strength, while each `params.Request` carries its own prompt, negative prompt, seed and
+guidance scale (and its own init image); an image comes out the same alone or at any position
+of any batch because its randomness comes only from its own CPU generator.
 
 Over 400 lines on purpose: the pipeline and the loaders that build it from either
 checkpoint layout, which must agree on how the networks are configured.
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdq.core.init_image import steps_run
 from sdq.core.params import BatchShape, Request, short_hash
 
 from . import clip
@@ -47,6 +48,7 @@ from .devices import default_dtype
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
 from .guards import SdpaOrder, redecode_nonfinite, sdpa_priority
+from .img2img import posterior_sample, to_pixels
 from .lora import Adapters
 from .modelfiles import (
     PREFIXES,
@@ -192,9 +194,26 @@ class Pipeline:
                              lambda: self._unet(self._layout(x), t, context))
 
     @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image], generators: Sequence[torch.Generator],
+               width: int, height: int) -> Tensor:
+        """Init images' scaled latents (float32), as diffusers' img2img pipeline makes them:
+        resized to width x height, encoded, and sampled from the posterior with each image's
+        generator (its first draw). On the CPU one image at a time, as `decode` and as diffusers
+        encodes with a list of generators; GPUs take the batch."""
+        x = torch.cat([to_pixels(image, width, height) for image in images])
+        x = self._layout(x.to(self.device, DTYPES[self.vae_dtype]))
+        parts = x.split(1) if torch.device(self.device).type == "cpu" else [x]
+        moments = self._kernels(("encode", tuple(x.shape)), lambda: torch.cat(
+            [torch.cat(self.vae.encode(part), dim=1) for part in parts]).float())
+        mean, logvar = moments.chunk(2, dim=1)
+        return posterior_sample(mean, logvar, generators)
+
+    @torch.inference_mode()
     def denoise(
         self, requests: Sequence[Request], *, on_step: Callable[[int, int], None] | None = None,
-        loras: Iterable[tuple[str, float, str | None]] = (), **settings: Any,
+        loras: Iterable[tuple[str, float, str | None]] = (),
+        init_images: Sequence[Image.Image] | None = None, strength: float | None = None,
+        **settings: Any,
     ) -> Tensor:
         """The final latents (float32, unscaled by the VAE factor) of a batch of requests.
 
@@ -203,7 +222,9 @@ class Pipeline:
         checked when built, except against this model: InvalidInput for a clip skip deeper
         than its text encoder or an embedding it cannot use (`conditioning.encode_prompts`).
         `loras`, the batch's LoRA set ((name, weight, sha256) triples), is merged unless it is
-        merged already; none restores the base weights."""
+        merged already; none restores the base weights. `init_images` (RGB, one per request)
+        make it image-to-image at `strength` (ParamError outside (0, 1] or for no step run):
+        each image's generator draws its latent sample, then its start noise."""
         if not requests:
             raise ValueError("no requests to generate")
         shape = BatchShape(**settings)
@@ -211,6 +232,15 @@ class Pipeline:
         sampler, steps, width, height, eta = (shape.sampler, shape.steps, shape.width,
                                               shape.height, shape.eta)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        start, init = 0, None
+        if init_images is not None:
+            if len(init_images) != len(requests) or strength is None:
+                raise ValueError(f"img2img needs a strength and one init image per request, got "
+                                 f"{len(init_images)} for {len(requests)} (strength {strength})")
+            start = steps - steps_run(steps, strength)
+            init = self.encode(init_images, generators, width, height)
+        elif strength is not None:
+            raise ValueError("a strength without init images")
         noise = torch.cat([
             torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32)
             for g in generators
@@ -237,7 +267,7 @@ class Pipeline:
             return torch.where(cfg > 1, e_uncond + cfg * (e_cond - e_uncond), e_cond)
 
         return sample(sampler, eps_model, noise, steps, eta=eta, generators=generators,
-                      on_step=on_step, predraw=self.fast.device_loop)
+                      on_step=on_step, predraw=self.fast.device_loop, init=init, start=start)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Images:
@@ -258,16 +288,19 @@ class Pipeline:
         images.redecoded = tuple(redecoded)
         return images
 
-    def generate(self, requests: Sequence[Request], **settings) -> Images:
+    def generate(self, requests: Sequence[Request], *,
+                 init_images: Sequence[Image.Image] | None = None, **settings) -> Images:
         """Unwatermarked images, one per request; CUDA out-of-memory reaches the caller so it
         can split the batch. Settings are those of `denoise`.
 
         With `pad_sizes` the batch is filled up to its bucket with copies of its last request
-        (so it costs no new prompt), and those images are dropped."""
+        (and init image), so it costs no new prompt, and those images are dropped."""
         n = len(requests)
         if self.fast.pad_sizes and requests:
             requests = [*requests, *[requests[-1]] * (bucket_size(n) - n)]
-        decoded = self.decode(self.denoise(requests, **settings))
+            if init_images is not None:
+                init_images = [*init_images, *[init_images[-1]] * (bucket_size(n) - n)]
+        decoded = self.decode(self.denoise(requests, init_images=init_images, **settings))
         images = Images(decoded[:n])
         images.redecoded = tuple(i for i in decoded.redecoded if i < n)
         return images

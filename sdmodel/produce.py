@@ -25,6 +25,7 @@ from PIL import Image
 
 from sdq.core.params import BatchShape, GenerationParams, Request
 
+from .img2img import Init
 from .lora import canonical
 
 log = logging.getLogger(__name__)
@@ -65,23 +66,30 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
             on_smaller: Callable[[int], None] | None = None,
             isolate: bool = False,
             loras: Sequence[Iterable[tuple[str, float, str | None]]] | None = None,
+            inits: Sequence[Init | None] | None = None,
             ) -> Iterator[Produced]:
-    """Denoise `params` in batches of one LoRA set and one shape (sets in order of first
-    appearance, so each is merged once, then shapes in their sort order, requests in the order
-    given) and at most
-    `batch_size` requests (None: what the device holds at that size). `loras[i]` is the LoRA
-    set of `params[i]` ((name, weight, sha256) triples; None: no LoRAs anywhere): each set is
-    merged once, never per image. `on_step(images, i, steps)` as a batch of `images` reaches step i;
-    `on_smaller(size)` when running out of memory lowers the batch size."""
+    """Denoise `params` in batches of one LoRA set, one shape and one strength (sets in order
+    of first appearance, so each is merged once, then shapes in their sort order, requests in
+    the order given) and at most `batch_size` requests (None: what the device holds at that
+    size). `loras[i]` is the LoRA set of `params[i]` ((name, weight, sha256) triples; None: no
+    LoRAs anywhere): each set is merged once, never per image. `inits`, beside `params`, makes
+    an item image-to-image (None for one that starts from noise); a batch shares the strength
+    too, as it decides where the schedule starts. `on_step(images, i, steps)` as a batch of
+    `images` reaches step i; `on_smaller(size)` when running out of memory lowers the batch
+    size."""
     sets = [canonical(s) for s in loras] if loras is not None else [()] * len(params)
     rank = {s: n for n, s in reversed(list(enumerate(sets)))}
+    starts = list(inits) if inits is not None else [None] * len(params)
+    if len(starts) != len(params):
+        raise ValueError(f"got {len(starts)} inits for {len(params)} parameters")
 
-    def key(i: int) -> tuple[int, BatchShape]:
-        return rank[sets[i]], params[i].shape
+    def key(i: int) -> tuple[int, BatchShape, float]:
+        init = starts[i]
+        return rank[sets[i]], params[i].shape, 0.0 if init is None else init.strength
 
     order = sorted(range(len(params)), key=key)
     pending: list[list[int]] = []
-    for (_, shape), group in groupby(order, key=key):
+    for (_, shape, _strength), group in groupby(order, key=key):
         members = list(group)
         size = batch_size or pipe.default_batch_size(shape.width, shape.height)
         pending.extend(_cut(members, size))
@@ -93,7 +101,8 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
             steps = None if on_step is None else partial(on_step, len(indices))
             extra = {"loras": sets[indices[0]]} if loras is not None else {}
             images = pipe.generate([params[i].request for i in indices], **shape.settings(),
-                                   on_step=steps, **extra)
+                                   **_img2img([starts[i] for i in indices]), on_step=steps,
+                                   **extra)
         except Exception as exc:  # noqa: BLE001 - out of memory is split; the rest as asked
             oom = out_of_memory(exc)
             if not isolate and (len(indices) == 1 or not oom):
@@ -115,6 +124,14 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
         # A stand-in model returns a plain list: nothing decoded again.
         yield Produced(tuple(indices), tuple(images), time.perf_counter() - start,
                        redecoded=getattr(images, "redecoded", ()))
+
+
+def _img2img(starts: Sequence[Init | None]) -> dict[str, Any]:
+    """`Pipeline.generate`'s img2img arguments for a batch (none for text-to-image)."""
+    if starts[0] is None:
+        return {}
+    return {"init_images": [start.image for start in starts if start is not None],
+            "strength": starts[0].strength}
 
 
 def _cut(indices: list[int], size: int) -> list[list[int]]:

@@ -7,11 +7,14 @@ does: DDIM, PLMS and DPM-Solver++ on VP latents x = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)�
 samplers on VE latents x = x0 + σ·ε. ``eps_model(x_in, t)`` is the network; ``t`` is the
 timestep value the reference feeds the UNet, fractional or rounded as it is.
 
-Every sampler takes the same arguments (k-diffusion's contract): the model, the latents, the
-timesteps, their noise levels (ᾱ for the VP methods, σ with a final 0 for the VE ones), a
-callback, and keyword-only ``eta`` (read by DDIM alone) and ``noise_sampler`` (by those that
-draw noise). A row of ``params.SAMPLERS`` names its update rule (``METHODS``) and its timestep
-spacing (``SPACINGS``), so `sample` looks both up.
+Every sampler takes the same arguments (k-diffusion's contract): the model, the latents at the
+first noise level, the timesteps, their noise levels (ᾱ for the VP methods, σ with a final 0
+for the VE ones, a (from, to) pair per evaluation for PLMS), a callback, and keyword-only
+``eta`` (read by DDIM alone) and ``noise_sampler`` (by those that draw noise). A row of
+``params.SAMPLERS`` names its update rule (``METHODS``) and its timestep spacing
+(``SPACINGS``), so `sample` looks both up. Image-to-image runs the same loops on the tail of
+the schedule: `sample` slices it from step ``start`` and noises the image's latents to the
+first level kept (`start_latents`), as diffusers' img2img pipeline does.
 
 Randomness is per image: ancestral noise comes from each item's own CPU generator, drawn in the
 reference's order, so an image is the same alone or at any position of any batch.
@@ -86,27 +89,27 @@ def sample_plms(
     eta: float = 0.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
-    """PLMS (Liu et al. 2022, eq. 12) started with a second-order step in place of the RK warm-up.
+    """PLMS (Liu et al. 2022, eq. 12) started with a second-order step in place of the RK warm-up,
+    one network evaluation per timestep, as diffusers' PNDMScheduler (skip_prk_steps) runs it.
 
-    The first step probes ε at its own end point and redoes itself with the mean ε, so n steps
-    cost n + 1 network evaluations (n >= 2); ``callback`` counts evaluations.
+    ``alphas`` holds each evaluation's transfer (ᾱ from, ᾱ to), so it has one row per timestep
+    (`_plms_calls`). The first evaluation transfers x and so probes ε at its end point; the
+    second evaluates ε there and redoes the transfer from the first x with the mean ε.
     """
-    # a_t, a_prev = ᾱ_t, ᾱ_{t-δ}; e_t = ε_θ(x_t, t); e_prime = ε' of eq. 12; past = ε history.
+    # e_t = ε_θ(x_t, t); e_prime = ε' of eq. 12; past = ε history (the probe's ε is not kept).
     n = len(timesteps)
-    total = n + 1 if n > 1 else 1
     past: list[Tensor] = []
+    x_first = x
     for i, t in enumerate(timesteps):
-        a_t, a_prev = alphas[i], alphas[i + 1]
+        a_from, a_to = alphas[i]
         e_t = eps_model(x, t)
-        if i == 0 and n > 1:
-            callback(1, total)
-            x_probe = _pndm_transfer(x, e_t, a_t, a_prev)
-            e_prime = (eps_model(x_probe, timesteps[1]) + e_t) / 2
+        if i == 1:
+            e_prime, x = (e_t + past[-1]) / 2, x_first
         else:
             e_prime = _linear_multistep(e_t, past)
-        past = [*past[-2:], e_t]
-        x = _pndm_transfer(x, e_prime, a_t, a_prev)
-        callback(i + 1 + (total - n), total)
+            past = [*past[-2:], e_t]
+        x = _pndm_transfer(x, e_prime, a_from, a_to)
+        callback(i + 1, n)
     return x
 
 
@@ -132,8 +135,7 @@ def sample_euler(
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn),
-    from unit noise ``x`` scaled to the first (largest) σ."""
-    x = x * sigmas[0]
+    from latents ``x`` at noise level ``sigmas[0]``."""
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         denoised = _denoise(eps_model, x, sigmas[i], t)
@@ -153,10 +155,9 @@ def sample_euler_ancestral(
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral Euler (k-diffusion sample_euler_ancestral): deterministic step to σ_down, noise σ_up,
-    from unit noise ``x`` scaled to the first (largest) σ."""
+    from latents ``x`` at noise level ``sigmas[0]``."""
     # σ_up² + σ_down² = σ_{i+1}², σ_up² = σ_{i+1}²(σ_i² - σ_{i+1}²)/σ_i² (DDPM posterior variance in VE).
     assert noise_sampler is not None  # `sample` passes one to every ancestral sampler
-    x = x * sigmas[0]
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
@@ -277,13 +278,47 @@ METHODS: dict[str, Callable[..., Tensor]] = {
 """Each update rule, by the name sampler rows give it."""
 
 
+def _plms_calls(timesteps: Tensor, alphas: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """PNDMScheduler's evaluations from call ``start`` on: leading ``timesteps`` with the second
+    one repeated (its first is the probe), each with its transfer (ᾱ from, ᾱ to) as
+    `step_plms` computes it from its own timestep: t to t - δ, but the second call from t + δ
+    to t. ``alphas`` are ᾱ at ``timesteps`` and a final ᾱ_0 (`_leading`).
+
+    diffusers' img2img slices that list, repeat included, at ``start``, so from ``start`` >= 1
+    its redo step and the levels after it are not the leading schedule's: reproduced here as
+    the reference runs it, since matching it is the contract."""
+    calls = [0] if len(timesteps) == 1 else [0, 1, *range(1, len(timesteps))]
+    calls = calls[start:]
+    pairs = [(alphas[m - 1], alphas[m]) if j == 1 else (alphas[m], alphas[m + 1])
+             for j, m in enumerate(calls)]
+    return timesteps[calls], torch.stack([torch.stack(pair) for pair in pairs])
+
+
+def start_latents(method: str, noise: Tensor, level: Tensor, init: Tensor | None = None) -> Tensor:
+    """The latents a sampler starts from at its first noise ``level`` (ᾱ for ddim/plms, σ for
+    the rest): unit ``noise`` scaled as the reference's `init_noise_sigma` scales it, or with
+    ``init`` (an image's scaled latents) noised as its scheduler's `add_noise` does, in the
+    space the sampler works in and in the reference's operation order."""
+    if method in ("ddim", "plms"):
+        return noise if init is None else level**0.5 * init + (1 - level) ** 0.5 * noise
+    if method == "dpmpp_2m":
+        if init is None:
+            return noise
+        alpha_t, sigma_t, _ = _vp_coefficients(level)
+        return alpha_t * init + sigma_t * noise
+    return noise * level if init is None else init + noise * level
+
+
 def _check_tensors(name: str, noise: Tensor, eta: float,
-                   generators: Sequence[torch.Generator] | None) -> None:
+                   generators: Sequence[torch.Generator] | None, init: Tensor | None) -> None:
     """Refuse latents or generators the per-image seed contract cannot run with (the sampler,
     steps and eta were checked as `params.BatchShape` checks them)."""
     if noise.dtype != torch.float32 or noise.ndim != 4:
         shape = tuple(noise.shape)
         raise ValueError(f"noise must be a float32 (B, C, h, w) tensor, got {noise.dtype} {shape}")
+    if init is not None and (init.shape != noise.shape or init.dtype != torch.float32):
+        raise ValueError(f"init latents must be float32 like the noise {tuple(noise.shape)}, "
+                         f"got {init.dtype} {tuple(init.shape)}")
     stochastic = SAMPLERS[name].ancestral or eta > 0
     if stochastic and generators is None:
         raise ValueError(f"{name!r} with eta={eta} draws noise: pass one CPU generator per image")
@@ -303,23 +338,37 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     on_step: Callback | None = None,
     predraw: bool = False,
+    init: Tensor | None = None,
+    start: int = 0,
 ) -> Tensor:
     """Run sampler ``name`` from unit ``noise`` for ``steps`` steps; return the final latents.
 
     ``name``, ``steps`` and ``eta`` are as a `params.BatchShape` holds them (a canonical name,
-    checked values). ``on_step(i, total)`` follows network evaluations, which is one more than
-    ``steps`` for plms. ``generators`` (one CPU generator per image, having drawn ``noise``)
+    checked values). Image-to-image: ``init``, the images' scaled latents, noised to the level
+    of step ``start`` (steps - int(steps * strength)), from which the rest of the schedule
+    runs. ``on_step(i, total)`` follows network evaluations, which is one more than the steps
+    run for plms. ``generators`` (one CPU generator per image, having drawn ``noise``)
     feed euler_a and ddim with eta > 0, one draw per step; ``predraw`` makes those draws before
     the loop (same values) so that a GPU loop never waits for them. The per-step coefficients
     stay CPU scalars, as in diffusers: PyTorch passes them to device kernels by value, without
     a sync.
     """
-    _check_tensors(name, noise, eta, generators)
+    _check_tensors(name, noise, eta, generators, init)
+    if not 0 <= start < steps:
+        raise ValueError(f"start must be in [0, {steps}), got {start}")
     row = SAMPLERS[name]
+    timesteps, levels = SPACINGS[row.spacing](steps, schedule.alphas_cumprod(schedule.betas()))
+    if row.method == "plms":
+        timesteps, levels = _plms_calls(timesteps, levels, start)
+        first = levels[0, 0]
+    else:
+        timesteps, levels = timesteps[start:], levels[start:]
+        first = levels[0]
     callback = on_step or (lambda i, total: None)
     draw = None
     if generators is not None and (row.ancestral or eta > 0):
-        draw = _predrawn_noise(generators, noise, steps) if predraw else _per_item_noise(generators, noise)
-    timesteps, levels = SPACINGS[row.spacing](steps, schedule.alphas_cumprod(schedule.betas()))
+        draw = (_predrawn_noise(generators, noise, len(timesteps)) if predraw
+                else _per_item_noise(generators, noise))
+    x = start_latents(row.method, noise, first, init)
     t_in = timesteps.to(noise.device, torch.float32)
-    return METHODS[row.method](eps_model, noise, t_in, levels, callback, eta=eta, noise_sampler=draw)
+    return METHODS[row.method](eps_model, x, t_in, levels, callback, eta=eta, noise_sampler=draw)

@@ -196,10 +196,12 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """The mean of the latent distribution (deterministic; sampling is the caller's choice)."""
-        mean, _logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of the latent distribution (the log-variance clamped to
+        [-30, 20] as LDM and diffusers clamp it); sampling from it is the caller's, with each
+        image's own generator."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(z))

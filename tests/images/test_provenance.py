@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sd_parsers import ParserManager
 
+from sdq.core.init_image import InitImage
 from sdq.images import watermark as wm
 from sdq.images.provenance import (
     MetadataError,
@@ -267,3 +268,20 @@ def test_the_sdq_chunk_keeps_adapters_and_older_chunks_read_as_plain() -> None:
              if k not in ("prompt_syntax", "clip_skip", "loras", "embeddings")}
     old = Provenance.from_json(older)
     assert (old.params.prompt_syntax, old.params.clip_skip, old.loras) == ("plain", 1, ())
+
+
+def test_img2img_records_its_init_image_as_a1111_and_in_the_sdq_chunk() -> None:
+    """`Denoising strength` where A1111 writes it (after the model, before clip skip), read by
+    sd-parsers; the sdq chunk keeps the init file's sha256 and name, and says null without."""
+    init = InitImage("ab" * 32, "harbour.jpg", 0.6)
+    p = provenance(256, 256, clip_skip=2, init=init)
+    text = format_parameters(p)
+    assert "Model: v1-5-pruned-emaonly, Denoising strength: 0.6, Clip skip: 2, RNG: CPU" in text
+    assert format_parameters(provenance(init=InitImage("ab" * 32, "a.png", 1))).count(
+        "Denoising strength: 1.0,") == 1
+    info = ParserManager().parse(Image.open(io.BytesIO(
+        encode_png(photo(256, 256), p, watermark=None).data)))
+    assert info is not None and info.metadata["Denoising strength"] == "0.6"
+    assert p.to_json()["init"] == {"sha256": "ab" * 32, "source": "harbour.jpg", "strength": 0.6}
+    assert Provenance.from_json(p.to_json()) == p
+    assert provenance().to_json()["init"] is None and "Denoising" not in format_parameters(provenance())
