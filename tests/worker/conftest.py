@@ -18,7 +18,8 @@ from sdq.core.batch import Batch
 from sdq.core.settings import Settings
 from sdq.db.models import Item, Job
 from sdq.db.queries import register_model, submit_job
-from sdq.db.session import upgrade
+from sdq.db.session import open_database, upgrade
+from sdq.images.storage import LocalStorage
 from sdq.jobs.submit import plan_batches
 from tests.s3server import S3Server
 from tests.services import scratch_database
@@ -61,6 +62,18 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def embedded(embedded_env: dict[str, str]) -> Settings:
     return Settings.load(embedded_env)
+
+
+@pytest.fixture
+def engine(embedded: Settings) -> Engine:
+    """The embedded home's index, for the runner parts' tests that drive it directly."""
+    return open_database(embedded.database_url)
+
+
+@pytest.fixture
+def storage(embedded: Settings) -> LocalStorage:
+    """The embedded home's image folder."""
+    return LocalStorage(Path(embedded.storage_url))
 
 
 # -- distributed mode: real Redis, PostgreSQL, S3 endpoint and worker processes -------------

@@ -7,16 +7,14 @@ import random
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.params import GenerationParams
-from sdq.core.settings import Settings
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.db.session import open_database, read_only
+from sdq.db.session import read_only
 from sdq.images.storage import LocalStorage
 from sdq.worker.cache import UNCHECKED, Check, Identity, ResultCache, identify
 from tests.fakes import FakePipeline
@@ -24,16 +22,6 @@ from tests.fakes import FakePipeline
 from .conftest import job_items, queued_job, specs
 
 MODEL = Identity("c" * 64, "cpu", "fp32", "fp32")
-
-
-@pytest.fixture
-def engine(embedded: Settings) -> Engine:
-    return open_database(embedded.database_url)
-
-
-@pytest.fixture
-def storage(embedded: Settings) -> LocalStorage:
-    return LocalStorage(Path(embedded.storage_url))
 
 
 def result_cache(engine: Engine, storage: LocalStorage, watermark: str | None = "mark") -> ResultCache:

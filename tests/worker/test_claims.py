@@ -5,16 +5,13 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
-from sdq.core.settings import Settings
 from sdq.db.base import utcnow
 from sdq.db.models import Item, Job, Status
-from sdq.db.session import open_database
 from sdq.worker.claims import Claims, LeaseKeeper, Work
 from sdq.worker.outage import TransientError
 
@@ -22,11 +19,6 @@ from .conftest import job_items, queued_job, specs
 
 MODEL = "a" * 64
 OTHER_MODEL = "b" * 64
-
-
-@pytest.fixture
-def engine(embedded: Settings) -> Engine:
-    return open_database(embedded.database_url)
 
 
 def claims(engine: Engine, name: str = "w1", *, lease_s: float = 120, max_attempts: int = 3) -> Claims:

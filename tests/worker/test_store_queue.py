@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -17,7 +16,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from sdq.core.params import GenerationParams
 from sdq.core.settings import Settings
 from sdq.db.models import Item, Job, Status
-from sdq.db.session import open_database
 from sdq.images.provenance import environment_fingerprint, read_png_metadata
 from sdq.images.storage import LocalStorage, image_key
 from sdq.worker.claims import Claims, Work
@@ -28,16 +26,6 @@ from tests.fakes import FakePipeline
 from .conftest import job_items, queued_job, specs
 
 PIPE = FakePipeline("e" * 64)
-
-
-@pytest.fixture
-def engine(embedded: Settings) -> Engine:
-    return open_database(embedded.database_url)
-
-
-@pytest.fixture
-def storage(embedded: Settings) -> LocalStorage:
-    return LocalStorage(Path(embedded.storage_url))
 
 
 def claimed(engine: Engine, count: int) -> tuple[int, list[Work]]:
