@@ -198,7 +198,7 @@ ITEM_FIELDS = (
     "batch", "batch_position", "image_key", "image_sha256", "watermark", "worker", "device",
     "created", "started", "finished", "duration_s", "template", "template_values", "cache_key",
     "reused_from", "safety_flagged", "safety_action", "safety_checker_sha256",
-    "safety_concept_scores", "safety_special_scores")
+    "safety_concept_scores", "safety_special_scores", "loras", "embeddings")
 """The fields of `item_record`, in order: the header of `search --csv`, matches or not."""
 
 
