@@ -56,7 +56,8 @@ class Block:
 
     @property
     def first(self) -> str:
-        return self.commands[0].line if self.commands else ""
+        """Its first command without a trailing `# comment`: what `SETUP` and `ON_*` name."""
+        return re.sub(r"\s+#[^'\"]*$", "", self.commands[0].line) if self.commands else ""
 
 
 def console_blocks() -> list[Block]:
@@ -158,7 +159,7 @@ HISTORY = ("printf 'prompt\\na red dragon over the sea\\na red fox in the snow\\
 ON_HISTORY = {"sdq jobs", "sdq status 1", "sdq search red", "sdq show 1",
               "sdq models add ~/models/v1-5-pruned-emaonly.safetensors --name sd15",
               "sdq reproduce 1", "sdq purge 1 --yes --json", "sdq resume 2",
-              "sdq verify 1                      # an item id: fetched from storage, checked against its row",
+              "sdq verify 1",
               "sdq export 1 --format webdataset --shard-size 2 -o s3://datasets/castles",
               "sdq watch 1 && sdq gallery 1 -o job1/"}
 """The blocks that start from `HISTORY`, by their first command."""
