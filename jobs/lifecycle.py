@@ -148,8 +148,9 @@ def resume_job(settings: Settings, job_id: int,
     an expired lease (their process is gone); items done, failed or cancelled stay as they
     are, so nothing is generated twice. A job with nothing left to run is closed (done, or
     failed if any item failed), whatever status it was left in. In embedded mode they run here, through the same
-    runner as a submit, from `make_runner` (`on_planned(total, finished)` is called first and
-    returns the `on_recorded` callback); with a broker they are enqueued."""
+    runner as a submit, from `make_runner` (`on_planned(total, finished)` is called first, when
+    there is something to run, and returns the `on_recorded` callback); with a broker they are
+    enqueued."""
     check_runner(settings, make_runner)
     engine = open_database(settings.database_url)
     try:
@@ -174,7 +175,9 @@ def resume_job(settings: Settings, job_id: int,
             total = job.item_count
             open_count = sum(len(b.item_ids) for group in planned.values() for b in group)
             session.commit()
-        on_recorded = on_planned(total, total - open_count - leased) if on_planned else None
+        # No progress for nothing to run: a bar at 100% over "nothing to resume" misleads.
+        on_recorded = (on_planned(total, total - open_count - leased)
+                       if on_planned and planned else None)
         report = None
         if planned:
             with handed_back_on_interrupt(engine, job_id):
