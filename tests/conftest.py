@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Inductor compiles in the test process itself: its pool of compile threads would outlive the
 # test that first compiles (tests/leaks.py fails that test), and on two cores buys nothing.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-# Each test process (pytest-xdist runs two) keeps its own compiled-kernel cache: two processes
+# Each test process (pytest-xdist runs several) keeps its own compiled-kernel cache: two processes
 # writing one entry at once leave a file the other reads short.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"sdq-tests-inductor-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
