@@ -8,12 +8,13 @@ a prompt by the tokens of that name (`EasyNegative` matches `easynegative,` but 
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sdq.core.errors import InvalidInput
+
+from . import modelfiles
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 
@@ -28,15 +29,11 @@ def embedding_files(folder: Path) -> Iterator[Path]:
 
 
 def file_sha256(path: Path) -> str:
-    """An embedding's identity: the sha256 of its file."""
-    digest = hashlib.sha256()
+    """An embedding's identity: the sha256 of its file (InvalidInput when it cannot be read)."""
     try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
+        return modelfiles.file_sha256(path)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return digest.hexdigest()
 
 
 class EmbeddingNames:
