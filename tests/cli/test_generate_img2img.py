@@ -16,15 +16,7 @@ from sdq.images.provenance import read_png_metadata
 from sdq.sdmodel.diffusers_reference import reference_pipeline, reference_scheduler
 
 from ..sdmodel.test_img2img import init_image
-
-
-@pytest.fixture
-def env(tmp_path) -> dict[str, str]:
-    return {"SDQ_HOME": str(tmp_path / "home"), "SDQ_CONFIG": str(tmp_path / "none.toml")}
-
-
-def run(env, *args: str):
-    return CliRunner().invoke(cli, ["generate", *args], env=env, catch_exceptions=False)
+from .test_generate import env, run  # noqa: F401 - `env` is a fixture
 
 
 def test_matches_diffusers_and_records_the_init_image(tmp_path, env, tiny_checkpoint):
