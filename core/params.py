@@ -368,15 +368,17 @@ def adapter_record(entries: Any, *, weighted: bool) -> list[dict[str, Any]]:
 
 def cache_key(params: GenerationParams, *, model_sha256: str, watermark: str | None, device: str,
               dtype: str, vae_dtype: str | None = None, safety_checker_sha256: str | None = None,
-              on_flag: str = "keep", loras: Any = (), embeddings: Any = ()) -> str:
+              on_flag: str = "keep", loras: Any = (), embeddings: Any = (),
+              init: Any = None) -> str:
     """The sha256 naming the image these inputs make and the record it is stored with: the
     parameters (prompt syntax and clip skip among them), the model, the LoRAs and embeddings
     by name, weight and file hash (a file changed under the same name makes another image),
     the watermark text, where it runs (the device's kind, `cuda` for `cuda:1`, and the dtype,
     since the same seed gives other pixels in fp16 than in fp32, and the autoencoder's dtype
     when it differs), and the safety checker by file hash with what becomes of a flagged
-    image (`on_flag`: a black substitute, no image, or the verdict in the PNG and row).
-    Two items with one key make the same stored image and record, so the second may reuse
+    image (`on_flag`: a black substitute, no image, or the verdict in the PNG and row), and
+    for image-to-image the init image (`init_image.InitImage`: file hash, strength, and the
+    source name, which its PNG records). Two items with one key make the same stored image and record, so the second may reuse
     the first's."""
     record = {**params.to_dict(), "model_sha256": model_sha256, "watermark": watermark or "",
               "device": device.split(":")[0], "dtype": dtype}
@@ -395,4 +397,6 @@ def cache_key(params: GenerationParams, *, model_sha256: str, watermark: str | N
                            for lora in adapter_record(loras, weighted=True)]
     if embeddings:
         record["embeddings"] = adapter_record(embeddings, weighted=False)
+    if init is not None:
+        record["init"] = init.to_json()
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""The tables: models, jobs (one submission each), items (one image each) and schedules.
+"""The tables: models, jobs (one submission each), items (one image each), the init images
+img2img items start from, and schedules.
 
 Items are self-contained: each row carries every parameter needed to reproduce its image, so
 a job's defaults are a record of what the user asked for, never read back to fill gaps.
@@ -88,6 +89,24 @@ class Schedule(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class InitImageFile(Base):
+    """An init image, stored once under `storage.init_key(sha256)` however many items and jobs
+    start from it; a purge removes it with the last item that points at it."""
+
+    __tablename__ = "init_images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int]
+    height: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def short_hash(self) -> str:
+        return short_hash(self.sha256)
+
+
 class Job(Base):
     """One submission: a prompt file (or a schedule's run) and the items it expanded into.
 
@@ -147,6 +166,7 @@ class Item(Base):
         Index(None, "reused_from", **_partial("reused_from IS NOT NULL")),
         Index(None, "batch_id", **_partial("batch_id IS NOT NULL")),
         Index(None, "model_id", **_partial("model_id IS NOT NULL")),
+        Index(None, "init_sha256", **_partial("init_sha256 IS NOT NULL")),
         # The uncommon statuses, across jobs: "all failed items", and for the queue, "running
         # items whose lease expired". Pending and done, the bulk, are left to scans.
         Index(None, "status", "lease_expires_at",
@@ -177,6 +197,12 @@ class Item(Base):
     # prompts used, [{name, sha256}] (`params.adapter_record`); null for none.
     loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     embeddings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # Image-to-image: the init image the item starts from (an `InitImageFile`; no foreign key,
+    # see migration 0009), the name it was given (a file name, `s3://...` or `item:ID`) and
+    # the denoising strength, in (0, 1]. All null for text-to-image.
+    init_sha256: Mapped[str | None] = mapped_column(String(64))
+    init_source: Mapped[str | None] = mapped_column(Text)
+    strength: Mapped[float | None] = mapped_column(Float)
     # The model that made (or will make) the image; null until a worker has resolved it.
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     tags: Mapped[list[str] | None] = mapped_column(JSON)

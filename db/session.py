@@ -20,7 +20,7 @@ from sdq.core.settings import mask_url
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 """The newest migration under migrations/versions (a test keeps them equal)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0

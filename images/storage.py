@@ -51,6 +51,19 @@ def image_key(job_id: int, item_id: int, attempt: int = 1) -> str:
     return f"{job_id}/{item_id}.png" if attempt == 1 else f"{job_id}/{item_id}-{attempt}.png"
 
 
+INIT_PREFIX = "init/"
+"""Where init images are stored, each under its sha256: a prefix no job's images use (their
+keys begin with the job id)."""
+
+
+def init_key(sha256: str) -> str:
+    """The key of an init image's file: `init/{sha256}`, content-addressed, so the same bytes
+    submitted by any job, any night, are one object."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"init sha256: expected 64 lower-case hex digits, got {sha256!r}")
+    return f"{INIT_PREFIX}{sha256}"
+
+
 def check_key(key: str) -> str:
     """Refuse keys that could escape the root or differ between backends (`..`, absolute
     paths, backslashes, empty segments, temp-file names)."""

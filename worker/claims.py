@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
+from sdq.core.init_image import InitImage
 from sdq.core.params import BatchShape, GenerationParams, ParamError
 from sdq.sdmodel.modelfiles import model_changed
 from sdq.core.states import FINISHED
@@ -63,6 +64,8 @@ class Work:
     """The LoRAs the item records: {name, weight, sha256, a1111}."""
     embeddings: tuple[dict[str, Any], ...] = ()
     """The embeddings its prompts name: {name, sha256}."""
+    init: InitImage | None = None
+    """Image-to-image: the init image (by sha256, read from `storage.init_key`) and strength."""
 
     @property
     def shape(self) -> BatchShape:

@@ -22,7 +22,7 @@ from sdq.db.session import (
 )
 from tests.services import scratch_database
 
-SDQ_TABLES = {"models", "schedules", "jobs", "items"}
+SDQ_TABLES = {"models", "schedules", "jobs", "items", "init_images"}
 
 
 def tables(engine: Engine) -> set[str]:
