@@ -7,6 +7,10 @@ current one, which every command does, costs one query.
 """
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +164,11 @@ def open_database(url: str | URL) -> Engine:
     step (`sdq db upgrade`), so here it is only checked.
     """
     engine = engine_from_url(url)
+    with _first_use_lock(engine):
+        return _checked(engine)
+
+
+def _checked(engine: Engine) -> Engine:
     if _stamped_revision(engine) == HEAD_REVISION:
         return engine
     current, head = current_revision(engine), head_revision()
@@ -179,6 +188,25 @@ def open_database(url: str | URL) -> Engine:
         f"{shown} is at schema revision {current or 'none'}, sdq needs {head}:"
         " run `sdq db upgrade`"
     )
+
+
+@contextmanager
+def _first_use_lock(engine: Engine) -> Iterator[None]:
+    """Held while an embedded database is checked (and created or upgraded): an exclusive
+    lock on its folder, so two processes opening a new file at once take turns, the second
+    finding it at head. Without it, one's connection set-up (the switch to WAL) could meet the
+    other's migration and fail with "database is locked" instead of waiting. A server database
+    needs none (its upgrade is an operator's step), nor does an in-memory one."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    folder = os.open(Path(database).expanduser().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _stamped_revision(engine: Engine) -> str | None:

@@ -88,7 +88,7 @@ def test_embedded_database_is_created_and_upgraded_on_first_use(tmp_path: Path) 
             errors.append(exc)
 
     # Two processes' first use at once: the migration lock makes one wait for the other.
-    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    threads = [threading.Thread(target=first_use) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
