@@ -77,7 +77,9 @@ class InitImage:
     def of(cls, record: Any) -> "InitImage | None":
         """The init of anything that records one as items do (`init_sha256`, `init_source`,
         `strength`): a mapping or a database row; None for a text-to-image record."""
-        get = record.get if isinstance(record, Mapping) else lambda name: getattr(record, name, None)
+        def get(name: str) -> Any:
+            return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
+
         if get("init_sha256") is None:
             return None
         return cls(get("init_sha256"), get("init_source") or "", get("strength"))

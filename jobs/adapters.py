@@ -82,9 +82,9 @@ class AdapterFinder:
         try:
             if self._embeddings is None:
                 if self.tokenizer is None:
-                    from sdq.sdmodel.clip import load_tokenizer
+                    from sdq.sdmodel.tokenizer import prompt_tokenizer
 
-                    self.tokenizer = load_tokenizer()
+                    self.tokenizer = prompt_tokenizer()
                 self._embeddings = EmbeddingNames(self.embeddings_dir, self.tokenizer)
             names = dict.fromkeys(embedding_names(prompt, self.tokenizer, self._embeddings)
                                   + embedding_names(negative_prompt, self.tokenizer, self._embeddings))

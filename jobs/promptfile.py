@@ -548,14 +548,14 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
 def _token_warnings(rows: list[_Row], source: str, tokenizer: CLIPTokenizer | None
                     ) -> list[Problem]:
     """A warning per `plain` prompt that CLIP would cut, naming the words it would drop
-    (`a1111` prompts are encoded whole, in 75-token chunks). The tokenizer (transformers, and
-    with it torch) is loaded only for a file that has such prompts."""
+    (`a1111` prompts are encoded whole, in 75-token chunks). The tokenizer (transformers'; no
+    torch) is loaded only for a file that has such prompts."""
     plain = [row for row in rows if row.params.prompt_syntax == LEGACY_PROMPT_SYNTAX]
     if not plain:
         return []
-    from sdq.sdmodel import clip
+    from sdq.sdmodel import tokenizer as clip
 
-    tokenizer = tokenizer or clip.load_tokenizer()
+    tokenizer = tokenizer or clip.prompt_tokenizer()
     dropped: dict[str, str | None] = {}
     warnings = []
     seen: set[tuple[int, str, str]] = set()

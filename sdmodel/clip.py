@@ -1,19 +1,14 @@
-"""The CLIP ViT-L/14 text side of SD v1: an offline tokenizer and a text encoder built from weights.
-
-The tokenizer is rebuilt from OpenAI's BPE merges shipped with the package, so no model hub is
-ever needed to turn a prompt into the ids openai/clip-vit-large-patch14 would give. The text
-encoder's architecture comes from a diffusers folder's `text_encoder/config.json` when there is
+"""The CLIP ViT-L/14 text side of SD v1: prompts to ids (with `tokenizer`'s offline, torch-free
+tokenizer) and a text encoder built from weights. The text encoder's architecture comes from a diffusers folder's `text_encoder/config.json` when there is
 one, and from tensor shapes for single-file checkpoints, so a tiny random test model and the
 real checkpoint go through the same code.
 """
 from __future__ import annotations
 
-import gzip
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +20,21 @@ from transformers.activations import ACT2FN
 
 from .checkpoint import load_weights
 from .modelfiles import CheckpointError
+from .tokenizer import (  # noqa: F401 - the tokenizer's names, used with the encoder's
+    BOS, CONTENT_LENGTH, EOS, MAX_LENGTH, PromptTruncated, _dropped, _prompt_tokens,
+    dropped_text, vocabulary,
+)
 
-MAX_LENGTH = 77
-"""Token positions of SD v1's text encoder: BOS, up to 75 prompt tokens, EOS, then padding."""
-CONTENT_LENGTH = MAX_LENGTH - 2
 HEAD_DIM = 64
 """OpenAI's CLIP text towers use 64-channel heads: how a single file's head count is inferred."""
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-_BPE_DATA = "clip_bpe_16e6.txt.gz"
-_N_MERGES = 49152 - 256 - 2
-"""OpenAI keeps only this many merges, so that byte symbols + merges + 2 specials make 49408."""
-
-
-class PromptTruncated(UserWarning):
-    """A prompt overflowed the 77-token window: its tail cannot influence the image.
-
-    Warned rather than raised because SD has always silently truncated and users rely on it;
-    the dropped words are carried so a job report can show exactly what was lost.
-    """
-
-    def __init__(self, prompt: str, dropped: str) -> None:
-        # Both fields as args (not a formatted message) so the warning pickles across processes.
-        super().__init__(prompt, dropped)
-        self.prompt = prompt
-        self.dropped = dropped
-
-    def __str__(self) -> str:
-        return f"prompt longer than {CONTENT_LENGTH} CLIP tokens; dropped: {self.dropped!r}"
-
-
-def _byte_symbols() -> list[str]:
-    """OpenAI's printable stand-ins for the 256 bytes, in the order that fixes ids 0-255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = {byte: chr(byte) for byte in printable}
-    for n, byte in enumerate(b for b in range(256) if b not in symbols):
-        symbols[byte] = chr(256 + n)
-    return list(symbols.values())
 
 
 @lru_cache(maxsize=1)
 def _shipped_tokenizer() -> CLIPTokenizer:
-    """Build the vocabulary exactly as OpenAI's simple_tokenizer does; cached as it takes ~0.2 s."""
-    packed = (resources.files(__package__) / "data" / _BPE_DATA).read_bytes()
-    lines = gzip.decompress(packed).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 1 + _N_MERGES]]  # line 0: version header
-    symbols = _byte_symbols()
-    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS, EOS]
-    return CLIPTokenizer(
-        vocab={token: i for i, token in enumerate(vocab)},
-        merges=merges,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        unk_token=EOS,
-        model_max_length=MAX_LENGTH,
-    )
+    """transformers' CLIPTokenizer on the shipped vocabulary (`tokenizer.vocabulary`)."""
+    vocab, merges = vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                         unk_token=EOS, model_max_length=MAX_LENGTH)
 
 
 def load_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
@@ -96,32 +50,6 @@ def load_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
         raise CheckpointError(Path(path) / "tokenizer_config.json",
                               f"model_max_length = {tokenizer.model_max_length}: sdq's prompts are {MAX_LENGTH} tokens")
     return tokenizer
-
-
-def _prompt_tokens(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Untruncated ids and character offsets: one pass gives both the ids and what gets cut."""
-    if not prompts:
-        return []
-    # verbose=False: overlong prompts are reported as PromptTruncated, not as a transformers log line.
-    batch = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    return list(zip(batch["input_ids"], batch["offset_mapping"]))
-
-
-def _dropped(prompt: str, offsets: list[tuple[int, int]]) -> str | None:
-    """The user's own text past the window, sliced from the prompt rather than decoded.
-
-    Decoding would lowercase and re-space punctuation; the original words are what a user
-    recognises in a report. A word split by the cut is reported from the cut on.
-    """
-    if len(offsets) <= CONTENT_LENGTH:
-        return None
-    return prompt[offsets[CONTENT_LENGTH][0] :].strip()
-
-
-def dropped_text(tokenizer: CLIPTokenizer, prompt: str) -> str | None:
-    """What truncation would drop from `prompt`, or None; lets validators warn before queueing."""
-    ((_, offsets),) = _prompt_tokens(tokenizer, [prompt])
-    return _dropped(prompt, offsets)
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.LongTensor:

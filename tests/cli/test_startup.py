@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.cli.conftest import Home
+from tests.adapters import write_embedding
 from tests.conftest import stand_in_checkpoint
 
 HEAVY = ["torch", "transformers", "celery"]
@@ -35,8 +36,16 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,n\na red fox,2\na lighthouse,1\n")
     model = stand_in_checkpoint(tmp_path / "sd15.safetensors")
+    # Reading prompts takes a tokenizer: the embeddings a negative prompt names, the words a
+    # long `plain` prompt loses.
+    community = tmp_path / "community.csv"
+    community.write_text("prompt,negative_prompt\n" + f'"{", ".join(["a red fox"] * 30)}",badneg\n')
+    write_embedding(tmp_path / "embeddings", "badneg")
     commands = [
         ["submit", str(prompts), "--model", str(model), "--dry-run"],
+        ["submit", str(community), "--model", str(model), "--dry-run",
+         "--embeddings-dir", str(tmp_path / "embeddings")],
+        ["submit", str(community), "--model", str(model), "--dry-run", "--prompt-syntax", "plain"],
         ["models", "add", "sd15", str(model)], ["submit", str(prompts), "--model", "sd15", "--dry-run"],
         ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
         ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],
