@@ -31,7 +31,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
               help="Every run of the schedule NAME, as one dataset (each image once).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="webdataset (tar shards), parquet or "
-                   "imagefolder (images/ + metadata.jsonl).")
+                   "imagefolder (images/ + metadata.parquet).")
 @click.option("-o", "--output", "dest", metavar="DEST", required=True,
               help="A folder, or s3://bucket/prefix.")
 @click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
@@ -59,14 +59,22 @@ def export(job_id: int | None, query: str | None, schedule_name: str | None, fmt
                          load_dataset("parquet", data_dir="DEST")
       parquet --card     load_dataset("DEST")  pq.read_table("DEST/data")
                          pd.read_parquet("DEST/data")
+      webdataset         load_dataset("DEST")
       webdataset --card  load_dataset("DEST")
-      imagefolder --card load_dataset("DEST")
-      webdataset         load_dataset("webdataset", data_dir="DEST")
       imagefolder        load_dataset("imagefolder", data_dir="DEST")
+                         load_dataset("DEST")
+                         pq.read_table("DEST/metadata.parquet")
+                         pd.read_parquet("DEST/metadata.parquet")
+      imagefolder --card load_dataset("DEST")
+                         pq.read_table("DEST/data/metadata.parquet")
+                         pd.read_parquet("DEST/data/metadata.parquet")
 
-    With --card the README.md declares every field's type, so load_dataset("DEST") reads
-    `tags` as a list of strings and `error` as a string even where every image has none;
-    without one, datasets guesses the types of a webdataset or imagefolder from its data.
+    Each field has one type whatever the values, so exports of different days concatenate:
+    `tags` loads as a list of strings and `error` as a string even where every image has
+    none. A webdataset declares the types in a hidden .huggingface.yaml, which
+    load_dataset("DEST") reads (load_dataset("webdataset", data_dir="DEST") guesses them from
+    the first five samples instead); parquet files carry their own. pyarrow and pandas read
+    an imagefolder's records (metadata.parquet), not its images.
 
     \b
     Examples:

@@ -1,15 +1,25 @@
 """Dataset exports of finished images with their prompts and provenance, for training.
 
-Formats, each readable with one call by the usual loaders (tests/cli/test_export_readers.py):
+Formats, each readable with one call by the usual loaders (tests/cli/test_export_readers.py),
+every field with one type whatever the values (a list empty or a field null throughout loads
+with the type it has where it is set), so that exports of different days concatenate:
 - `webdataset`: tar shards `{prefix}-{n:06d}.tar`, each item as `{key}.png`, `{key}.txt` (the
-  prompt) and `{key}.json` (its record), the layout the `webdataset` loader groups by key;
+  prompt) and `{key}.json` (its record), the layout the `webdataset` loader groups by key, and
+  at the top a hidden `.huggingface.yaml` declaring the Hugging Face `datasets` features
+  (`datasets` reads it with `load_dataset(folder)`; it would otherwise guess the types of the
+  JSON from the first five samples);
 - `parquet`: shards `{prefix}-{n:06d}.parquet`, one row per item: `image` (a struct of PNG
   `bytes` and `path`, declared a Hugging Face `Image` so `datasets` decodes it), the record's
   fields as typed columns and the whole record as JSON (`provenance`). One Arrow schema,
   declared here, for every shard of every export, so shards of different jobs read as one
   table (pyarrow, a dependency of sdq);
-- `imagefolder`: `images/{key}.png` and one `metadata.jsonl` with a `file_name` column, the
-  Hugging Face imagefolder convention; a shard is here a group of images.
+- `imagefolder`: `images/{key}.png` and one `metadata.parquet` with a `file_name` column, the
+  Hugging Face imagefolder convention; a parquet file, not `metadata.jsonl`, because its schema
+  carries the types (a JSON Lines file's are guessed from its values). A shard is here a
+  group of images.
+
+Every format holds the same typed record (`typed_record`): enums as their values and
+`template_values` as JSON text.
 
 With a dataset card (`card=True`) the layout is a Hugging Face hub dataset's: `README.md`
 (see `sdq.jobs.card`) at the top, the files above under `data/`, since folder readers
@@ -47,11 +57,14 @@ from sdq.core.errors import InvalidInput, Refused
 from sdq.db.models import Item, Job, Status
 from sdq.db.queries import search_items
 from sdq.images.storage import ObjectNotFound, Storage, inside
-from sdq.jobs.card import dataset_card
+from sdq.jobs.card import dataset_card, declared_features
 
 FORMATS = ("webdataset", "parquet", "imagefolder")
 Describe = Callable[[Item], Mapping[str, Any]]
 _PAGE = 1000
+HF_YAML = ".huggingface.yaml"
+"""The YAML that `datasets` reads beside a dataset's README.md (and merges over its front
+matter) when loading a folder: hidden, so pyarrow, pandas and `webdataset` skip it."""
 
 
 class ExportError(Refused):
@@ -107,15 +120,16 @@ def plan_shards(ids: Sequence[int], shard_size: int) -> list[list[int]]:
 
 
 def check_format(fmt: str) -> None:
-    """ExportError when the library that writes `fmt` is missing, for a command to call before
-    any work starts. pyarrow is one of sdq's dependencies, but an environment assembled by
-    hand (or a wheel installed with --no-deps) can lack it."""
-    if fmt != "parquet":
+    """ExportError when the library that writes `fmt` (pyarrow, for parquet and imagefolder's
+    metadata) is missing, for a command to call before any work starts. pyarrow is one of
+    sdq's dependencies, but an environment assembled by hand (or a wheel installed with
+    --no-deps) can lack it."""
+    if fmt == "webdataset":
         return
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ExportError("the parquet format needs pyarrow, which this environment lacks: "
+        raise ExportError(f"the {fmt} format needs pyarrow, which this environment lacks: "
                           "pip install 'pyarrow>=14'") from None
 
 
@@ -181,8 +195,9 @@ def _replace_plan(dest: Storage, writer: _Writer, fmt: str, prefix: str, shard_s
     planned = {*writer.common_keys(),
                *(key for n, shard in enumerate(shards) for key in writer.keys(prefix, n, shard))}
     earlier = _WRITERS[fmt](previous.folder)
-    for key in {*earlier.common_keys(), *(key for n, shard in enumerate(previous.shards)
-                                          for key in earlier.keys(prefix, n, shard))} - planned:
+    for key in {*earlier.common_keys(), *earlier.replaced_keys(), *writer.replaced_keys(),
+                *(key for n, shard in enumerate(previous.shards)
+                  for key in earlier.keys(prefix, n, shard))} - planned:
         dest.delete(key)
     if previous.folder == writer.folder:
         return previous.shards
@@ -264,6 +279,11 @@ class _Writer:
         """The files `finish` writes."""
         return []
 
+    def replaced_keys(self) -> list[str]:
+        """Files that earlier sdq versions wrote in place of `common_keys`, deleted on every
+        run: a reader would find the old file beside the new one."""
+        return []
+
     def finish(self, session: Session, dest: Storage, shards: list[list[int]],
                describe: Describe) -> None:
         """Anything written once for the whole export (nothing for most formats)."""
@@ -287,12 +307,22 @@ class _WebDataset(_Writer):
                 for item, png, record in entries:
                     key = item_key(item.id)
                     for suffix, data in (("png", png), ("txt", item.prompt.encode()),
-                                         ("json", _json(record).encode())):
+                                         ("json", _json(typed_record(record)).encode())):
                         info = tarfile.TarInfo(f"{key}.{suffix}")
                         info.size, info.mode = len(data), 0o644
                         info.mtime = int(item.finished_at.timestamp()) if item.finished_at else 0
                         tar.addfile(info, io.BytesIO(data))
         _upload(dest, self.keys(prefix, n, [])[0], fill, "application/x-tar")
+
+    def common_keys(self) -> list[str]:
+        return [HF_YAML]  # at the top in either layout: where `load_dataset(folder)` looks
+
+    def finish(self, session: Session, dest: Storage, shards: list[list[int]],
+               describe: Describe) -> None:
+        """The features for `datasets`, which has no other way to learn a webdataset's types."""
+        text = ("# The type of each field of this sdq export, for load_dataset(folder).\n"
+                f"{json.dumps(declared_features(webdataset_features()), indent=1)}\n")
+        dest.put(HF_YAML, text.encode(), content_type="application/yaml")
 
 
 RECORD_TYPES: dict[str, str] = {
@@ -320,12 +350,24 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
 """The fields of each entry of a `list[struct]` field, with their types."""
 
 
-def parquet_schema() -> Any:
-    """The one Arrow schema of every parquet shard: the record's fields with fixed types (a
-    column that is null throughout a shard keeps its type), around `key`, `image` and
-    `provenance`. The schema metadata carries the Hugging Face `datasets` features of `image`
-    (the `huggingface` key, as `datasets` itself writes it), so that it loads as an image
-    rather than a dict; `datasets` reads every other column's type from Arrow."""
+def typed_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record as every export format holds it, each value of its field's type in
+    `RECORD_TYPES`: enums as their values, `template_values` as JSON text (`datasets` has no
+    map type, and a struct of each template's own names would type every export its own way).
+    Raises ValueError for a field the table lacks: a field added to the record must get its
+    type, or one export would carry it untyped."""
+    unknown = set(record) - set(RECORD_TYPES)
+    if unknown:
+        raise ValueError(f"record field(s) without a declared type: {', '.join(sorted(unknown))}")
+    values = {name: value.value if isinstance(value, Enum) else value
+              for name, value in record.items()}
+    if values.get("template_values") is not None:
+        values["template_values"] = _json(values["template_values"])
+    return values
+
+
+def _arrow_record() -> list[tuple[str, Any]]:
+    """The record's fields as Arrow columns, with their declared types."""
     import pyarrow as pa
 
     arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
@@ -334,24 +376,43 @@ def parquet_schema() -> Any:
              "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
     for name, entry in STRUCTS.items():
         arrow[name] = pa.list_(pa.struct([(field, arrow[dtype]) for field, dtype in entry]))
+    return [(name, arrow[name if dtype == "list[struct]" else dtype])
+            for name, dtype in RECORD_TYPES.items()]
+
+
+def parquet_schema() -> Any:
+    """The one Arrow schema of every parquet shard: the record's fields with fixed types (a
+    column that is null throughout a shard keeps its type), around `key`, `image` and
+    `provenance`. The schema metadata carries the Hugging Face `datasets` features of `image`
+    (the `huggingface` key, as `datasets` itself writes it), so that it loads as an image
+    rather than a dict; `datasets` reads every other column's type from Arrow."""
+    import pyarrow as pa
+
     columns = [("key", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-               *((name, arrow[name if dtype == "list[struct]" else dtype])
-                 for name, dtype in RECORD_TYPES.items()),
-               ("provenance", pa.string())]
+               *_arrow_record(), ("provenance", pa.string())]
     features = {"info": {"features": {"image": {"_type": "Image"}}}}
     return pa.schema(columns, metadata={"huggingface": json.dumps(features)})
 
 
-def card_features(fmt: str) -> list[dict[str, Any]] | None:
-    """The `dataset_info.features` of a dataset card for `fmt`, as the hub's YAML writes them,
-    or None where the files carry their own types (parquet). `datasets` infers a
-    webdataset's types from its first five samples and an imagefolder's from its
-    `metadata.jsonl`, so a field null or empty throughout (no tags, no error) would load as
-    `null` or `List(null)`, or fail on a later sample that has one; declared features make
-    the whole export load as typed."""
-    if fmt == "parquet":
-        return None
+def metadata_schema() -> Any:
+    """The Arrow schema of an imagefolder's `metadata.parquet`: `file_name` (which `datasets`
+    turns into the `image` column) and the record's fields, typed as in `parquet_schema`."""
+    import pyarrow as pa
 
+    return pa.schema([("file_name", pa.string()), *_arrow_record()])
+
+
+def card_features(fmt: str) -> list[dict[str, Any]] | None:
+    """The features a dataset card of `fmt` declares: a webdataset's, or None where the files
+    carry their own types (parquet; imagefolder's `metadata.parquet`)."""
+    return webdataset_features() if fmt == "webdataset" else None
+
+
+def webdataset_features() -> list[dict[str, Any]]:
+    """A webdataset export's `dataset_info.features`, as the hub's YAML writes them.
+    `datasets` infers a webdataset's types from its first five samples, so a field null or
+    empty throughout them (no tags, no error) would load as `null` or `List(null)`, or fail
+    on a later sample that has one; declared features make the whole export load typed."""
     def feature(name: str, dtype: str) -> dict[str, Any]:
         if dtype == "list[struct]":
             return {"name": name, "list": [feature(n, t) for n, t in STRUCTS[name]]}
@@ -360,8 +421,6 @@ def card_features(fmt: str) -> list[dict[str, Any]] | None:
         return {"name": name, "dtype": dtype}
 
     record = [feature(n, t) for n, t in RECORD_TYPES.items()]
-    if fmt == "imagefolder":
-        return [{"name": "image", "dtype": "image"}, *record]
     return [feature("__key__", "string"), feature("__url__", "string"),
             {"name": "png", "dtype": "image"}, feature("txt", "string"),
             {"name": "json", "struct": record}]
@@ -386,19 +445,16 @@ class _Parquet(_Writer):
                 "application/vnd.apache.parquet")
 
     def _row(self, item: Item, png: bytes, record: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = set(record) - set(self.schema.names)
-        if unknown:  # a field added to the record must get its column, with its type
-            raise ValueError(f"record field(s) without a parquet column: {', '.join(sorted(unknown))}")
         key = item_key(item.id)
-        values = {name: value.value if isinstance(value, Enum) else value
-                  for name, value in record.items()}
-        if values.get("template_values") is not None:  # `datasets` has no map type: JSON text
-            values["template_values"] = _json(values["template_values"])
-        return {**values, "key": key, "image": {"bytes": png, "path": f"{key}.png"},
-                "provenance": _json(record)}
+        return {**typed_record(record), "key": key,
+                "image": {"bytes": png, "path": f"{key}.png"}, "provenance": _json(record)}
 
 
 class _ImageFolder(_Writer):
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder)
+        check_format("imagefolder")
+
     def keys(self, prefix: str, n: int, ids: Sequence[int]) -> list[str]:
         return [f"{self.folder}images/{item_key(i)}.png" for i in ids]
 
@@ -407,18 +463,22 @@ class _ImageFolder(_Writer):
             dest.put(f"{self.folder}images/{item_key(item.id)}.png", png)
 
     def common_keys(self) -> list[str]:
-        return [f"{self.folder}metadata.jsonl"]
+        return [f"{self.folder}metadata.parquet"]
+
+    def replaced_keys(self) -> list[str]:
+        return [f"{self.folder}metadata.jsonl"]  # `datasets` refuses two metadata formats
 
     def finish(self, session: Session, dest: Storage, shards: list[list[int]],
                describe: Describe) -> None:
-        """`metadata.jsonl` for every image, rewritten whole from the records."""
-        lines = []
-        for shard in shards:
-            for item, described in _read(session, shard, describe):
-                record = {"file_name": f"images/{item_key(item.id)}.png", **described}
-                lines.append(_json(record) + "\n")
-        dest.put(self.common_keys()[0], "".join(lines).encode(),
-                 content_type="application/jsonl")
+        """`metadata.parquet` for every image, rewritten whole from the records."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{"file_name": f"images/{item_key(item.id)}.png", **typed_record(described)}
+                for shard in shards for item, described in _read(session, shard, describe)]
+        table = pa.Table.from_pylist(rows, schema=metadata_schema())
+        _upload(dest, self.common_keys()[0], lambda path: pq.write_table(table, path),
+                "application/vnd.apache.parquet")
 
 
 _WRITERS: dict[str, Callable[[str], _Writer]] = {

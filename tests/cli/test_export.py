@@ -107,8 +107,7 @@ def test_imagefolder_by_query(home: Home, tmp_path: Path) -> None:
     result = home.run("export", "--query", "red", "--format", "imagefolder", "-o",
                       str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text()
-             .splitlines()]
+    lines = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
     assert [(r["file_name"], r["prompt"]) for r in lines] == [
         (f"images/{i.id:010d}.png", i.prompt) for i in red]
     for item in red:
@@ -181,7 +180,8 @@ def test_a_grown_selection_rewrites_only_the_shards_that_changed(home: Home,
     assert result.output.endswith("6 image(s) in 3 shard(s) to "
                                   f"{tmp_path / 'out'}: 2 written, 1 already there\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        ".shard-manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        ".huggingface.yaml", ".shard-manifest.json", "shard-000000.tar", "shard-000001.tar",
+        "shard-000002.tar"]
 
 
 def test_an_export_of_an_earlier_sdq_resumes_and_hides_its_manifest(home: Home,

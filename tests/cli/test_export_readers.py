@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -13,7 +14,7 @@ import pytest
 import webdataset as wds
 import yaml
 from datasets import Image as ImageFeature
-from datasets import load_dataset
+from datasets import concatenate_datasets, load_dataset
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -105,12 +106,12 @@ def test_webdataset_loads_in_webdataset_and_datasets(home: Home, tmp_path: Path,
     assert isinstance(samples[3]["png"], Image.Image)
     assert samples[3]["json"]["tags"] == ["castle", "red"]
 
-    # datasets infers the record's types from the first five samples (docs/cli.md): one job's.
-    one = tmp_path / "one"
-    export(home, one, str(two_jobs[1]), "--format", "webdataset")
-    dataset = hf("webdataset", one, tmp_path / "hf")
-    assert dataset.num_rows == 2 and dataset[0]["txt"] == "a red castle"
-    assert isinstance(dataset[0]["png"], Image.Image) and dataset[0]["json"]["tags"] == ["castle", "red"]
+    # The first samples have no tags and no error: the declared types (.huggingface.yaml) hold.
+    dataset = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert dataset.num_rows == 5 and dataset[3]["txt"] == "a red castle"
+    assert isinstance(dataset[3]["png"], Image.Image)
+    assert (dataset[3]["json"]["tags"], dataset[3]["json"]["error"]) == (
+        ["castle", "red"], "CUDA out of memory")
 
 
 def test_a_webdataset_with_a_card_loads_typed_whatever_its_first_samples_hold(
@@ -145,6 +146,23 @@ def test_imagefolder_loads_in_datasets(home: Home, tmp_path: Path,
     assert isinstance(dataset[0]["image"], Image.Image) and dataset[0]["tags"] == ["castle", "red"]
 
 
+def test_an_imagefolder_of_an_earlier_sdq_loses_its_metadata_jsonl(
+        home: Home, tmp_path: Path, two_jobs: tuple[int, int]) -> None:
+    """Earlier versions wrote `metadata.jsonl`; `datasets` refuses a folder with two metadata
+    formats, so a rerun replaces it with `metadata.parquet` (and keeps the images)."""
+    out = tmp_path / "out"
+    export(home, out, str(two_jobs[1]), "--format", "imagefolder")
+    (out / "metadata.parquet").unlink()
+    (out / "metadata.jsonl").write_text("".join(
+        f'{{"file_name": "images/{item.id:010d}.png", "prompt": "{item.prompt}"}}\n'
+        for item in items(home, two_jobs[1])))
+    result = home.run("export", str(two_jobs[1]), "--format", "imagefolder", "-o", str(out))
+    assert result.output.endswith("0 written, 1 already there\n"), result.output
+    assert "metadata.jsonl" not in files(out)
+    dataset = hf("imagefolder", out, tmp_path / "hf")
+    assert dataset[0]["tags"] == ["castle", "red"] and isinstance(dataset[0]["image"], Image.Image)
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset", "imagefolder"])
 def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
         home: Home, tmp_path: Path, two_jobs: tuple[int, int], fmt: str) -> None:
@@ -153,8 +171,9 @@ def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
     export(home, out, str(two_jobs[1]), "--format", fmt, "--card")
     data = {"parquet": ["shard-000000.parquet"], "webdataset": ["shard-000000.tar"],
             "imagefolder": [*(f"images/{i.id:010d}.png" for i in items(home, two_jobs[1])),
-                            "metadata.jsonl"]}[fmt]
-    assert files(out) == [".shard-manifest.json", "README.md", *(f"data/{f}" for f in data)]
+                            "metadata.parquet"]}[fmt]
+    typed = [".huggingface.yaml"] if fmt == "webdataset" else []  # at the top in both layouts
+    assert files(out) == [*typed, ".shard-manifest.json", "README.md", *(f"data/{f}" for f in data)]
 
     card = (out / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
@@ -162,6 +181,14 @@ def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
     assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-to-image"]
     assert f"# sdq images of job {two_jobs[1]}" in body
     assert "| tiny | ababababab | euler | 20 | 7.5 | 64x64 | 2 |" in body
+
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]  # the card's "Loading" code
+    shown: dict[str, Any] = {"load_dataset": functools.partial(
+        load_dataset, cache_dir=str(tmp_path / "card")), "pq": pq}
+    exec("\n".join(line for line in code.replace("THIS_FOLDER", str(out)).splitlines()  # noqa: S102
+                   if not line.startswith(("from ", "import "))), shown)
+    assert [len(shown[name]) for name in ("images", "table") if name in shown] == (
+        [2, 2] if fmt != "webdataset" else [2])
 
     dataset = hf(fmt, out, tmp_path / "hf")
     assert dataset.num_rows == 2
@@ -172,22 +199,7 @@ def test_a_dataset_card_beside_the_data_keeps_every_reader_working(
         assert isinstance(hub[0]["image"], Image.Image)
 
     export(home, out, str(two_jobs[1]), "--format", fmt)  # and back: the card goes
-    assert files(out) == [".shard-manifest.json", *data]
-
-
-@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
-def test_tags_load_as_a_list_of_strings_even_when_every_list_is_empty(
-        home: Home, tmp_path: Path, fmt: str) -> None:
-    home.add_job(["a red fox", "a boat"], done=2)  # no item has a tag
-    out = tmp_path / "out"
-    export(home, out, "--query", "a", "--format", fmt, "--card")
-    dataset = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
-    record = dataset.features["json"] if fmt == "webdataset" else dataset.features
-    assert (type(record["tags"]).__name__, record["tags"].feature.dtype) == ("List", "string")
-    assert record["error"].dtype == "string" and record["finished"].dtype == "timestamp[us, tz=UTC]"
-    rows = [row["json"] if fmt == "webdataset" else row for row in dataset]
-    assert sorted(row["prompt"] for row in rows) == ["a boat", "a red fox"]
-    assert [row["tags"] for row in rows] == [[], []]
+    assert files(out) == [*typed, ".shard-manifest.json", *data]
 
 
 def help_calls(home: Home) -> dict[tuple[str, bool], list[str]]:
@@ -219,3 +231,59 @@ def test_each_call_export_help_names_loads_the_whole_export(
         for call in layout_calls:
             loaded = eval(call.replace("DEST", str(out)), names)  # noqa: S307 - the help's text
             assert len(loaded) == 5, (fmt, card, call)
+
+
+def fill_every_field(home: Home, job_id: int) -> None:
+    """Give each item of the job a value in every field that is empty or null by default."""
+    with Session(home.engine) as session:
+        for item in session.scalars(select(Item).where(Item.job_id == job_id)):
+            item.tags, item.last_error, item.attempts = ["castle", "red"], "CUDA out of memory", 2
+            item.loras = [{"name": "ink", "weight": 0.8, "sha256": "ef" * 32,
+                           "a1111": "<lora:ink:0.8>"}]
+            item.embeddings = [{"name": "bad-hands", "sha256": "12" * 32}]
+            item.template, item.template_values = "a {color} castle", {"color": "red"}
+            item.watermark, item.worker_host, item.duration_s = "StableDiffusionV1", "gpu-1", 1.5
+            item.batch_id, item.batch_position = "b-1", item.row_index
+            item.cache_key, item.reused_from = "34" * 32, 1
+            item.init_sha256, item.init_source, item.strength = "56" * 32, "castle.png", 0.6
+        session.commit()
+    home.judge(job_id, {0: True, 1: False})
+
+
+@pytest.mark.parametrize("card", [False, True])
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+def test_an_export_of_empty_and_null_fields_loads_with_the_types_of_a_full_one(
+        home: Home, tmp_path: Path, fmt: str, card: bool) -> None:
+    """No tags, LoRAs, embeddings, template, error, watermark or safety verdict anywhere in
+    one export; all of them in another: `export --help`'s calls load both with the parquet
+    export's types (each field typed, none `null`), with or without a card, so the two
+    concatenate."""
+    bare = home.add_job(["a red fox", "a boat"], done=2)
+    full = home.add_job(["a red castle", "a dragon"], done=2)
+    fill_every_field(home, full.id)
+    with Session(home.engine) as session:
+        record = item_record(session.scalars(select(Item).where(Item.job_id == full.id)).first())
+    assert all(value not in (None, [], {}) for value in record.values()), record
+    export(home, tmp_path / "typed", str(full.id), "--format", "parquet")
+    typed = {name: feature for name, feature in hf("parquet", tmp_path / "typed", tmp_path / "hf")
+             .features.items() if name not in ("key", "image", "provenance")}
+
+    calls = [call for call in help_calls(home)[(fmt, card)] if call.startswith("load_dataset")]
+    assert calls
+    loaded = []
+    for job in (bare, full):
+        out = tmp_path / f"{fmt}-{job.id}"
+        export(home, out, str(job.id), "--format", fmt, *(["--card"] if card else []))
+        for call in calls:
+            dataset = eval(call.replace("DEST", str(out)), {"load_dataset": functools.partial(  # noqa: S307
+                load_dataset, split="train", cache_dir=str(tmp_path / "hf" / out.name))})
+            features = dataset.features["json"] if fmt == "webdataset" else {
+                name: feature for name, feature in dataset.features.items() if name != "image"}
+            assert features == typed, (job.id, call)
+        loaded.append(dataset)
+    both = concatenate_datasets(loaded)
+    rows = [row["json"] if fmt == "webdataset" else row for row in both]
+    assert [(row["prompt"], row["tags"], row["template_values"]) for row in rows] == [
+        ("a red fox", [], None), ("a boat", [], None),
+        ("a red castle", ["castle", "red"], '{"color": "red"}'),
+        ("a dragon", ["castle", "red"], '{"color": "red"}')]

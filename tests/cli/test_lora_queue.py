@@ -120,8 +120,7 @@ def test_exports_carry_typed_lora_and_embedding_columns(home: Home, tiny_checkpo
                                  "a1111": first.loras[0]["a1111"]}]
     assert rows[0]["embeddings"] == first.embeddings
     assert (rows[1]["loras"], rows[1]["embeddings"]) == ([], [])  # empty lists, not nulls
-    metadata = [json.loads(line) for line in
-                (tmp_path / "imagefolder" / "metadata.jsonl").read_text().splitlines()]
+    metadata = pq.read_table(tmp_path / "imagefolder" / "metadata.parquet").to_pylist()
     assert [(m["loras"], m["embeddings"]) for m in metadata] == [
         (rows[0]["loras"], rows[0]["embeddings"]), ([], [])]
 

@@ -48,7 +48,7 @@ def test_export_exclude_flagged(any_home: Home, tmp_path: Path) -> None:
     result = any_home.run("export", "--query", "red", "--format", "imagefolder",
                           "--exclude-flagged", "-o", str(by_query))
     assert result.exit_code == 0, result.output
-    metadata = [json.loads(line) for line in (by_query / "metadata.jsonl").read_text().splitlines()]
+    metadata = pq.read_table(by_query / "metadata.parquet").to_pylist()
     assert sorted((m["row"], m["safety_flagged"]) for m in metadata) == [(1, False), (2, None)]
 
 
