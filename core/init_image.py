@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,8 @@ class InitImage:
     def of(cls, record: Any) -> "InitImage | None":
         """The init of anything that records one as items do (`init_sha256`, `init_source`,
         `strength`): a mapping or a database row; None for a text-to-image record."""
-        get = record.get if isinstance(record, Mapping) else lambda name: getattr(record, name, None)
+        get: Callable[[str], Any] = record.get if isinstance(record, Mapping) \
+            else lambda name: getattr(record, name, None)
         if get("init_sha256") is None:
             return None
         return cls(get("init_sha256"), get("init_source") or "", get("strength"))

@@ -36,6 +36,7 @@ from pathlib import Path
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -285,7 +286,8 @@ class Runner:
         """The items whose init image reads from storage, each beside its `Init` (None for
         text-to-image); the others fail with the reason (`UnusableInit`). Read here, after the
         claim's transaction and outside any other; storage outages are waited out."""
-        images, failed = {}, {}
+        images: dict[str, Image.Image] = {}
+        failed: dict[str, str] = {}
         for sha256 in dict.fromkeys(w.init.sha256 for w in work if w.init):
             try:
                 images[sha256] = retrying(f"reading init image {sha256[:10]}",
