@@ -25,8 +25,8 @@ from sdq.core.params import short_hash
 from .imagefile import ImageFileError, init_rgb, open_image
 from .storage import ObjectNotFound, Storage, init_key
 
-CACHE_BYTES = 512 * 1024 * 1024
-"""Decoded RGB bytes `InitImages` keeps at most (eight 4K photos, or thousands of dataset-sized
+CACHE_BYTES = 256 * 1024 * 1024
+"""Decoded RGB bytes `InitImages` keeps at most (ten 4K photos, or over three hundred 512x512
 images); one larger than this is used without being kept."""
 
 

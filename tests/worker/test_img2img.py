@@ -13,7 +13,7 @@ import io
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -34,6 +34,7 @@ from sdq.db.session import open_database
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import LocalStorage, Storage, StorageError, init_key, open_storage
 from sdq.images.stored_init import InitImages, UnusableInit, read_stored_init
+from sdq.jobs.submit import dispatch
 from sdq.sdmodel.img2img import Init
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.sdmodel.produce import produce
@@ -41,7 +42,9 @@ from sdq.worker.runner import Runner
 from tests.s3server import S3Server
 
 from ..sdmodel.test_img2img import init_image
+from .cluster import WorkerProcess
 from .conftest import job_items, queued_job, specs
+from .test_distributed import wait_until_done
 
 STEPS = 5
 """int(5 * 0.6) = 3 steps run, int(5 * 0.3) = 1, int(5 * 1.0) = 5."""
@@ -343,3 +346,29 @@ def test_a_worker_reads_inits_from_s3(embedded: Settings, tiny_pipeline: Pipelin
     item = job_items(engine, job_id)[0]
     expected = pixels(alone(tiny_pipeline, item.params, Init(picture, 0.6)))
     assert np.abs(stored_pixels(storage, item) - expected).max() <= 1
+
+
+def test_a_worker_process_runs_img2img_from_s3_without_the_files(
+        distributed: Settings, start_worker: Callable[[str], WorkerProcess],
+        tiny_pipeline: Pipeline, tmp_path: Path) -> None:
+    """Distributed: PostgreSQL, Redis, S3 (moto) and an `sdq worker` process that never saw
+    the init files (they are deleted here once stored): its images are the pipeline's."""
+    worker = start_worker("i2i")
+    storage = open_storage(distributed.storage_url)
+    engine = open_database(distributed.database_url)
+    picture = init_image(64, 64, seed=12)
+    source = tmp_path / "gone.png"
+    picture.save(source)
+    sha256 = store_init(engine, storage, source.read_bytes())
+    source.unlink()
+    inits = [InitImage(sha256, "gone.png", 0.6), InitImage(sha256, "gone.png", 0.3), None]
+    job_id, batches = img2img_job(engine, tiny_pipeline.sha256, specs(3, steps=STEPS), inits, 8)
+    worker.wait_ready()
+    dispatch(distributed, engine, {tiny_pipeline.sha256: batches}, Item.job_id == job_id)
+    wait_until_done(distributed, job_id)
+    for item, init in zip(job_items(engine, job_id), inits):
+        assert item.status == Status.DONE, item.last_error
+        start = None if init is None else Init(picture, init.strength)
+        expected = pixels(alone(tiny_pipeline, item.params, start))
+        assert np.abs(stored_pixels(storage, item) - expected).max() <= 1
+        assert read_png_metadata(storage.get(item.image_key)).provenance.init == init
