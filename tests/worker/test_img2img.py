@@ -38,6 +38,7 @@ from sdq.jobs.submit import dispatch
 from sdq.sdmodel.img2img import Init
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.sdmodel.produce import produce
+from sdq.worker.cache import Identity, ResultCache
 from sdq.worker.runner import Runner
 from tests.s3server import S3Server
 
@@ -258,6 +259,25 @@ def test_the_result_cache_tells_inits_and_strengths_apart(
     assert items[3].cache_key not in {i.cache_key for i in first_items}
     # What was generated carries its own init in its file.
     assert read_png_metadata(storage.get(items[3].image_key)).provenance.init == again[3]
+
+
+def test_every_init_file_source_and_strength_has_its_own_key(tmp_path: Path) -> None:
+    """Over every combination: text-to-image, two files, two source names, three strengths,
+    with and without a LoRA. Equal inputs give equal keys, and no two combinations share one."""
+    cache = ResultCache(None, None, LocalStorage(tmp_path), watermark="sdq",  # type: ignore[arg-type]
+                        worker_name="w")
+    model = Identity("ab" * 32, "cpu", "fp32", "fp32")
+    params = GenerationParams(prompt="a harbour", seed=3, steps=STEPS)
+    starts = [None] + [InitImage(sha, source, strength) for sha in ("1" * 64, "2" * 64)
+                       for source in ("a.png", "b.png") for strength in (0.3, 0.6, 1.0)]
+    lora = {"name": "detail", "weight": 0.8, "sha256": "c" * 64}
+    keys = [cache.key(params, model, loras=loras, init=init) for init in starts
+            for loras in ((), (lora,))]
+    assert len(set(keys)) == len(keys) == 26
+    assert keys == [cache.key(params, model, loras=loras, init=InitImage.of(
+        None if init is None else {"init_sha256": init.sha256, "init_source": init.source,
+                                   "strength": init.strength}))
+        for init in starts for loras in ((), (lora,))]
 
 
 def test_reproduce_and_verify_replay_img2img_items(
