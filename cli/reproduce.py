@@ -42,7 +42,8 @@ def reproduce(item_id: int, alone: bool, model_ref: str | None, device: str | No
     applied to the new pixels before comparing. Exit status 0 when identical (within one
     level with --alone), 1 when not; 3 when a LoRA or embedding the item was made with is not
     in --lora-dir / --embeddings-dir with its recorded sha256 (another file would make
-    another image).
+    another image). An image-to-image item starts from its init image as stored with the
+    job (by sha256), not from the file it was submitted from.
 
     \b
     Examples:
@@ -57,7 +58,9 @@ def reproduce(item_id: int, alone: bool, model_ref: str | None, device: str | No
     with database_session(settings) as session:
         wanted = target(session, item_id, alone=alone, model_ref=model_ref,
                         lora_dirs=settings.lora_dir, embeddings_dir=settings.embeddings_dir)
-    stored = configured_storage(settings).get(wanted.image_key)
+    storage = configured_storage(settings)
+    stored = storage.get(wanted.image_key)
+    starts = wanted.starts(storage)
     try:
         pipe = load_pipeline(wanted.source, device=device or settings.device,
                              dtype=dtype or settings.dtype,
@@ -65,7 +68,7 @@ def reproduce(item_id: int, alone: bool, model_ref: str | None, device: str | No
                              lora_dirs=settings.lora_dir, embeddings_dir=settings.embeddings_dir)
     except (ValueError, LookupError, OSError) as exc:
         raise CommandFailed.of(exc, f"cannot load model {wanted.source}", code=BAD_INPUT) from None
-    outcome = replay(pipe, wanted, stored)
+    outcome = replay(pipe, wanted, stored, starts)
     report(outcome.record(), outcome.summary(), output)
     if not outcome.passed:
         raise Reported(CheckFailed(f"item {item_id} differs from its stored image"))

@@ -9,8 +9,8 @@ import click
 from sdq.cli.common import configured_storage, load_settings, output_options
 from sdq.cli.errors import BAD_INPUT, CommandFailed, Reported
 from sdq.core.errors import CheckFailed
-from sdq.images.provenance import Check, Verification, verify_png
-from sdq.images.verify import stored_image, verify_file
+from sdq.images.provenance import Check, Verification
+from sdq.images.verify import verify_file, verify_item
 
 _LABELS = {True: "ok", False: "MISMATCH", None: "-"}
 _STATUS = {True: "ok", False: "mismatch", None: "skipped"}
@@ -43,7 +43,8 @@ def verify(target: str, output: str | None) -> None:
     TARGET is a PNG file (from anywhere) or an item id. The file is checked against itself:
     the A1111 `parameters` text must agree with the sdq JSON chunk, the pixels must match the
     recorded digest and the recorded watermark must read back. When the database knows the
-    item, the file's sha256 and parameters are checked against it too. Exits with status 1
+    item, the file's sha256 and parameters are checked against it too; for an image-to-image
+    item verified by id, that its init image is still stored as recorded. Exits with status 1
     on any mismatch.
 
     \b
@@ -59,8 +60,8 @@ def verify(target: str, output: str | None) -> None:
         if path.is_file():
             result, skipped = verify_file(path, settings.database_url)
         else:
-            record, key = stored_image(settings.database_url, int(target))
-            result, skipped = verify_png(configured_storage(settings).get(key), record), None
+            result = verify_item(configured_storage(settings), settings.database_url, int(target))
+            skipped = None
     except (ValueError, OSError) as exc:
         raise CommandFailed.of(exc, target, code=BAD_INPUT) from None
     _print(target, result, [*result.checks, *([skipped] if skipped else [])], output)

@@ -513,20 +513,28 @@ class ItemRecord:
     watermark: str | None
     safety_flagged: bool | None = None
     """None: no safety check ran."""
+    init: InitImage | None = None
+    """Image-to-image: the init image and strength; None for text-to-image."""
 
     @classmethod
     def of(cls, item: Any) -> "ItemRecord":
         """The record of a database item (`db.models.Item`). An item that reuses another's
         image (`reused_from`) is recorded as that item: the file names the item that made it,
-        and the reusing row has the same parameters, model and watermark (the same cache key)."""
+        and the reusing row has the same parameters, model and watermark (the same cache key,
+        which covers the init image too)."""
         return cls(item_id=getattr(item, "reused_from", None) or item.id, params=item.params,
                    model_sha256=item.model.sha256 if item.model is not None else None,
                    image_sha256=item.image_sha256, watermark=item.watermark,
-                   safety_flagged=item.safety_flagged)
+                   safety_flagged=item.safety_flagged, init=InitImage.of(item))
 
     def flat(self) -> dict[str, Any]:
-        """The parameters beside the other fields, each compared (and named) on its own."""
-        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        """The parameters beside the other fields, each compared (and named) on its own: the
+        init image as its sha256, source and strength."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("params", "init")}
+        init = self.init.to_json() if self.init else {}
+        record.update({"init_sha256": init.get("sha256"), "init_source": init.get("source"),
+                       "strength": init.get("strength")})
         return {**self.params.to_dict(), **record}
 
 
@@ -604,7 +612,7 @@ def _check_watermark(meta: PngMetadata, image: Image.Image) -> tuple[Check, floa
 def _file_record(meta: PngMetadata, p: Provenance) -> ItemRecord:
     return ItemRecord(item_id=p.item_id, params=p.params, model_sha256=p.model_sha256,
                       image_sha256=meta.sha256, watermark=meta.watermark,
-                      safety_flagged=p.safety.flagged if p.safety else None)
+                      safety_flagged=p.safety.flagged if p.safety else None, init=p.init)
 
 
 def _check_record(meta: PngMetadata, record: ItemRecord) -> list[Check]:

@@ -1,6 +1,10 @@
 """Is this image what sdq says it made? A PNG is checked against itself (`provenance.verify_png`)
 and, when the index knows the item it names, against the item's record.
 
+An item verified by id is read from storage, and so is the init image an image-to-image item
+started from: it must still be stored under its sha256 and decode, or the image can no longer
+be made again (`sdq reproduce`).
+
 A file is verified wherever it is, so the index is optional: a database that cannot answer
 (or, for SQLite, does not exist: verifying a downloaded image on a machine that never ran sdq
 must leave no database behind) only skips the comparison with the record.
@@ -18,6 +22,8 @@ from sdq.db.models import Item
 from sdq.db.session import SchemaMismatch, open_database
 
 from .provenance import Check, ItemRecord, Verification, read_png_metadata, verify_png
+from .storage import Storage
+from .stored_init import UnusableInit, read_stored_init
 
 
 class _Unavailable(Exception):
@@ -80,3 +86,21 @@ def stored_image(database_url: str, item_id: int) -> tuple[ItemRecord, str]:
     if key is None:
         raise CheckFailed(f"item {item_id} has no image yet (status: {status})")
     return record, key
+
+
+def verify_item(storage: Storage, database_url: str, item_id: int) -> Verification:
+    """Verify an item's stored image against its record (`stored_image`), and for an
+    image-to-image item that its init image is still stored as recorded."""
+    record, key = stored_image(database_url, item_id)
+    result = verify_png(storage.get(key), record)
+    if record.init is None:
+        return result
+    try:
+        image = read_stored_init(storage, record.init.sha256)
+    except UnusableInit as exc:
+        check = Check("init image", False, f"{exc.reason}: the image cannot be made again")
+    else:
+        check = Check("init image", True, f"stored, sha256 {record.init.sha256[:16]}..., "
+                                          f"{image.width}x{image.height}, strength "
+                                          f"{record.init.strength:g}")
+    return Verification(result.metadata, result.watermark_ber, (*result.checks, check))

@@ -18,6 +18,10 @@ the float rounding of another batch shape (within one 8-bit level, see DESIGN.md
 So the recorded batch is what `sdq reproduce` replays by default, and it passes only on
 identical pixels; `alone` (`--alone`) regenerates the one image, and passes within one level,
 saying why a difference there is expected.
+
+An image-to-image member starts from its init image as the worker did: read from storage under
+its recorded sha256 (`images.stored_init`), never from the file it was submitted from, which may
+be gone or changed; a missing or altered one refuses the replay, naming it.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from sdq.core.errors import InvalidInput, NotFound, Refused
+from sdq.core.init_image import InitImage
 from sdq.core.params import GenerationParams, short_hash
 from sdq.core.states import Status
 from sdq.db.models import Item
@@ -38,7 +43,10 @@ from sdq.db.queries import batch_items, get_item
 from sdq.images import watermark as wm
 from sdq.images.imagefile import open_image
 from sdq.images.provenance import WatermarkStatus, read_png_metadata
+from sdq.images.storage import Storage
+from sdq.images.stored_init import InitImages
 from sdq.sdmodel.embedding_files import embedding_files, file_sha256
+from sdq.sdmodel.img2img import Init
 from sdq.sdmodel.lora_files import describe_lora, find_lora
 from sdq.sdmodel.pipeline import Pipeline
 from sdq.sdmodel.produce import produce
@@ -87,6 +95,16 @@ class Target:
     recorded_device: str | None
     loras: list[LoraSet] = field(default_factory=list)
     """Each member's LoRAs, in `members`' order."""
+    inits: list[InitImage | None] = field(default_factory=list)
+    """Each member's init image and strength (None: text-to-image), in `members`' order."""
+
+    def starts(self, storage: Storage) -> list[Init | None]:
+        """Each member's img2img start, its init image read from `storage` (each distinct one
+        once): UnusableInit when one is missing or not as recorded, StorageError when storage
+        fails. Read before the model is loaded, so a missing init costs no load."""
+        images = InitImages(storage)
+        return [None if init is None else Init(images.get(init.sha256), init.strength)
+                for init in self.inits]
 
 
 @dataclass(frozen=True)
@@ -155,7 +173,8 @@ def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None
     recorded_size = len(batch_items(session, item.batch_id)) if item.batch_id is not None else None
     return Target(item_id, [member.params for member in members], members.index(item),
                   None if alone else item.batch_id, recorded_size, item.model.sha256, source,
-                  item.image_key, item.device, [lora_set(member) for member in members])
+                  item.image_key, item.device, [lora_set(member) for member in members],
+                  [InitImage.of(member) for member in members])
 
 
 def check_model(pipe: Pipeline, t: Target) -> None:
@@ -165,10 +184,15 @@ def check_model(pipe: Pipeline, t: Target) -> None:
                              f"with {short_hash(t.model_sha256)}; pass --model with that model")
 
 
-def replay(pipe: Pipeline, t: Target, stored_png: bytes) -> Outcome:
-    """Regenerate `t` on `pipe` and compare its image with the stored one."""
+def replay(pipe: Pipeline, t: Target, stored_png: bytes,
+           starts: Sequence[Init | None] = ()) -> Outcome:
+    """Regenerate `t` on `pipe`, its img2img members from `starts` (`Target.starts`), and
+    compare its image with the stored one."""
     check_model(pipe, t)
-    regenerated = regenerate(pipe, t.members, t.loras)[t.position]
+    if any(t.inits) and len(starts) != len(t.members):
+        raise ValueError(f"item {t.item_id}'s batch has image-to-image members: pass their "
+                         "starts (Target.starts)")
+    regenerated = regenerate(pipe, t.members, t.loras, starts)[t.position]
     return Outcome(t, compare(stored_png, regenerated), pipe.device, pipe.dtype)
 
 
@@ -232,12 +256,15 @@ def lora_set(item: Item) -> LoraSet:
 
 
 def regenerate(pipe: Pipeline, params: Sequence[GenerationParams],
-               loras: Sequence[LoraSet] = ()) -> list[Image.Image]:
-    """The unmarked images of `params` (with their `loras`), denoised as one batch in the given
-    order (split in halves only if the device runs out of memory: `produce`)."""
+               loras: Sequence[LoraSet] = (), starts: Sequence[Init | None] = ()
+               ) -> list[Image.Image]:
+    """The unmarked images of `params` (with their `loras`, and img2img `starts`), denoised as
+    one batch in the given order (split in halves only if the device runs out of memory:
+    `produce`)."""
     images: list[Image.Image] = []
     for produced in produce(pipe, params, batch_size=len(params),
-                            loras=list(loras) if any(loras) else None):
+                            loras=list(loras) if any(loras) else None,
+                            inits=list(starts) if any(starts) else None):
         images.extend(produced.images)
     return images
 

@@ -83,21 +83,23 @@ def nonfinite_rows(x: Tensor) -> list[int]:
     return (~torch.isfinite(x).flatten(1).all(1)).nonzero().flatten().tolist()
 
 
-def redecode_nonfinite(x: Tensor, decode_fp32: Callable[[list[int]], Tensor] | None) -> list[int]:
-    """Decode again in float32 the images of `x` (float32 pixels, a batch) that came out NaN
-    or Inf, in place; returns their positions. `decode_fp32(positions)` decodes those images
-    of the batch from their float32 latents; None means `x` was decoded in float32 already.
+def redo_nonfinite(x: Tensor, redo_fp32: Callable[[list[int]], Tensor] | None, *, step: str,
+                   cause: str) -> list[int]:
+    """Run again in float32 the rows of `x` (a batch's float32 output of the autoencoder's
+    `step`, decoding or encoding) that came out NaN or Inf, in place; returns their positions.
+    `redo_fp32(positions)` runs those rows again from their float32 inputs; None means `x` was
+    made in float32 already.
 
-    An image that is not finite in float32 either is refused with an error, which the caller
-    reports against its item: its latents themselves hold NaN/Inf, and storing it would store
-    a black image as done."""
+    A row that is not finite in float32 either is refused with an error naming `cause`, which
+    the caller reports against its item: storing what it makes would store a black image (or
+    one made from a broken start) as done."""
     bad = nonfinite_rows(x)
-    if bad and decode_fp32 is not None:
-        x[bad] = decode_fp32(bad).float()
-        log.warning("decoding overflowed in half precision for %d image(s) of %d; decoded them again "
-                    "in float32", len(bad), len(x))
+    if bad and redo_fp32 is not None:
+        x[bad] = redo_fp32(bad).float()
+        log.warning("%s overflowed in half precision for %d image(s) of %d; redid them in float32",
+                    step, len(bad), len(x))
     still = nonfinite_rows(x[bad]) if bad else []
     if still:
-        raise ValueError(f"image(s) {[bad[i] for i in still]} of the batch decode to NaN/Inf in float32 "
-                         "too: their latents are not finite (the UNet overflowed?)")
+        raise ValueError(f"image(s) {[bad[i] for i in still]} of the batch: {step} gives NaN/Inf "
+                         f"in float32 too: {cause}")
     return bad

@@ -47,7 +47,7 @@ from .conditioning import PromptText, encode_prompts
 from .devices import default_dtype
 from .embeddings import EmbeddingRegistry
 from .fastpath import CPU_BATCH_SIZE, FastPath, auto_batch_size, bucket_size
-from .guards import SdpaOrder, redecode_nonfinite, sdpa_priority
+from .guards import SdpaOrder, redo_nonfinite, sdpa_priority
 from .img2img import posterior_sample, to_pixels
 from .lora import Adapters
 from .modelfiles import (
@@ -169,12 +169,23 @@ class Pipeline:
             torch.backends.cudnn.benchmark = self.fast.cudnn_benchmark
         return self.sdpa.run(key, work) if self.fast.sdpa_order else work()
 
-    def _decode_fp32(self, latents: Tensor) -> Tensor:
-        """The autoencoder's decode in float32, from a copy made on first use (it costs the
-        memory of a float32 autoencoder, so only a model that overflows ever pays it)."""
+    def _fp32_vae(self) -> AutoencoderKL:
+        """The autoencoder in float32, copied on first use (it costs the memory of a float32
+        autoencoder, so only a model that overflows ever pays it)."""
         if self._vae_fp32 is None:
             self._vae_fp32 = copy.deepcopy(self.vae).float()
-        return self._vae_fp32.decode(self._layout(latents.to(self.device, torch.float32) / LATENT_SCALE))
+        return self._vae_fp32
+
+    def _decode_fp32(self, latents: Tensor) -> Tensor:
+        """The autoencoder's decode in float32."""
+        return self._fp32_vae().decode(self._layout(latents.to(self.device, torch.float32) / LATENT_SCALE))
+
+    def _encode_fp32(self, pixels: Tensor) -> Tensor:
+        """The autoencoder's posterior moments (mean, log-variance) in float32, one image at a
+        time as on the CPU."""
+        vae = self._fp32_vae()
+        return torch.cat([torch.cat(vae.encode(self._layout(part.to(self.device, torch.float32))),
+                                    dim=1) for part in pixels.split(1)])
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x
@@ -199,12 +210,17 @@ class Pipeline:
         """Init images' scaled latents (float32), as diffusers' img2img pipeline makes them:
         resized to width x height, encoded, and sampled from the posterior with each image's
         generator (its first draw). On the CPU one image at a time, as `decode` and as diffusers
-        encodes with a list of generators; GPUs take the batch."""
-        x = torch.cat([to_pixels(image, width, height) for image in images])
-        x = self._layout(x.to(self.device, DTYPES[self.vae_dtype]))
+        encodes with a list of generators; GPUs take the batch. An image whose posterior comes
+        out NaN or Inf in the autoencoder's dtype is encoded again in float32, as `decode` does
+        (the same input gives the same outcome, so a replay takes the same path)."""
+        pixels = torch.cat([to_pixels(image, width, height) for image in images])
+        x = self._layout(pixels.to(self.device, DTYPES[self.vae_dtype]))
         parts = x.split(1) if torch.device(self.device).type == "cpu" else [x]
         moments = self._kernels(("encode", tuple(x.shape)), lambda: torch.cat(
             [torch.cat(self.vae.encode(part), dim=1) for part in parts]).float())
+        redo_nonfinite(moments, None if self.vae_dtype == "fp32"
+                       else lambda rows: self._encode_fp32(pixels[rows]),
+                       step="encoding", cause="the autoencoder overflows on this init image")
         mean, logvar = moments.chunk(2, dim=1)
         return posterior_sample(mean, logvar, generators)
 
@@ -280,8 +296,9 @@ class Pipeline:
         parts = z.split(1) if torch.device(self.device).type == "cpu" else [z]
         x = self._kernels(("decode", tuple(z.shape)),
                           lambda: torch.cat([self._decode(part) for part in parts]).float())
-        redecoded = redecode_nonfinite(
-            x, None if self.vae_dtype == "fp32" else lambda rows: self._decode_fp32(latents[rows]))
+        redecoded = redo_nonfinite(
+            x, None if self.vae_dtype == "fp32" else lambda rows: self._decode_fp32(latents[rows]),
+            step="decoding", cause="their latents are not finite (the UNet overflowed?)")
         pixels = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
         images = Images(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)

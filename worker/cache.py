@@ -3,7 +3,9 @@ object still stored, is finished at once as reusing that object (`reused_from`),
 call. It runs before the model is loaded, so a message whose images are all stored already
 costs no model load; jobs submitted with `--no-reuse` look nothing up.
 
-The key covers the safety check too (the checker's hash and the job's `on_flag`), so a reused
+The key covers the init image of an image-to-image item (file hash, source name and strength),
+so such an item reuses only an image made from the same init at the same strength, never a
+text-to-image one. The key covers the safety check too (the checker's hash and the job's `on_flag`), so a reused
 item carries a verdict made by its own job's checker, copied with the image. A lookup never
 holds a transaction across a network call: it reads, hashes checkers and asks storage whether
 the objects are there outside any, and the write re-checks, under lock, that the row it copies
@@ -20,7 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
-from sdq.core.params import GenerationParams, ParamError, cache_key
+from sdq.core.init_image import InitImage
+from sdq.core.params import GenerationParams, cache_key
 from sdq.core.states import FINISHED
 from sdq.db.models import Item, Job, Model, Status
 from sdq.db.transitions import SAFETY_COLUMNS, Reuse, record_reused
@@ -103,13 +106,14 @@ class ResultCache:
         self.watermark, self.worker_name, self.hash_cache = watermark, worker_name, hash_cache
 
     def key(self, params: GenerationParams, model: Identity, check: Check = UNCHECKED, *,
-            loras: Any = (), embeddings: Any = ()) -> str:
+            loras: Any = (), embeddings: Any = (), init: InitImage | None = None) -> str:
         """The item's cache key: its parameters, LoRA and embedding records (by file hash),
-        this model, watermark, device and dtypes, and its job's check."""
+        its init image and strength, this model, watermark, device and dtypes, and its job's
+        check."""
         return cache_key(params, model_sha256=model.sha256, watermark=self.watermark,
                          device=model.device, dtype=model.dtype, vae_dtype=model.vae_dtype,
                          safety_checker_sha256=check.checker_sha256, on_flag=check.on_flag,
-                         loras=loras or (), embeddings=embeddings or ())
+                         loras=loras or (), embeddings=embeddings or (), init=init)
 
     def checks(self, jobs: Iterable[JobCheck]) -> dict[JobCheck, Check | None]:
         """Each job's (checker reference, on_flag) as a `Check`; None for a checker that cannot
@@ -121,7 +125,8 @@ class ResultCache:
 
     def key_of(self, ids: Sequence[int], model: Identity) -> KeyOf:
         """The cache key of each of these items as a claim records it, from what the claim reads
-        in its transaction (parameters, LoRAs, embeddings, the job's checker and on_flag); the
+        in its transaction (parameters, LoRAs, embeddings, init image, the job's checker and
+        on_flag); the
         checkers are hashed here, before it (None: a checker that cannot be found, whose items
         then fail)."""
         with self.reads() as session:
@@ -132,7 +137,8 @@ class ResultCache:
         def key(work: Work) -> str | None:
             check = checks.get((work.safety_checker, work.on_flag))
             return None if check is None else self.key(work.params, model, check,
-                                                       loras=work.loras, embeddings=work.embeddings)
+                                                       loras=work.loras, embeddings=work.embeddings,
+                                                       init=work.init)
         return key
 
     def reuse(self, batches: Sequence[Batch], model: Identity) -> set[int]:
@@ -153,17 +159,18 @@ class ResultCache:
                 .join(Job, Item.job_id == Job.id).join(Model, Item.model_id == Model.id)
                 .where(Item.id.in_(ids), Item.status.not_in(sorted(FINISHED)), Job.reuse,
                        Model.sha256 == model.sha256)).all()
-            params: dict[int, tuple[GenerationParams, JobCheck, Any, Any]] = {}
+            params: dict[int, tuple[GenerationParams, JobCheck, Any, Any, InitImage | None]] = {}
             for item, checker, on_flag in items:
-                with contextlib.suppress(ParamError):  # failed when a worker takes it
+                with contextlib.suppress(ValueError):  # failed when a worker takes it
                     params[item.id] = (item.params, (checker, on_flag), item.loras or (),
-                                       item.embeddings or ())
-        checks = self.checks(job for _, job, _, _ in params.values())
+                                       item.embeddings or (), InitImage.of(item))
+        checks = self.checks(job for _, job, _, _, _ in params.values())
         keys: dict[int, str] = {}
         wanted: dict[str, str | None] = {}
-        for item_id, (request, job, loras, embeddings) in params.items():
+        for item_id, (request, job, loras, embeddings, init) in params.items():
             if (check := checks[job]) is not None:
-                keys[item_id] = self.key(request, model, check, loras=loras, embeddings=embeddings)
+                keys[item_id] = self.key(request, model, check, loras=loras, embeddings=embeddings,
+                                         init=init)
                 wanted[keys[item_id]] = check.checker_sha256
         if not keys:
             return set()

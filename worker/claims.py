@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sdq.core.batch import Batch
 from sdq.core.init_image import InitImage
-from sdq.core.params import BatchShape, GenerationParams, ParamError
+from sdq.core.params import BatchShape, GenerationParams
 from sdq.sdmodel.modelfiles import model_changed
 from sdq.core.states import FINISHED
 from sdq.db.base import utcnow
@@ -133,14 +133,15 @@ class Claims:
                 closing.add(item.job_id)
                 continue
             try:
-                params = item.params
-            except ParamError as exc:  # recorded by something that skipped the checks
+                params, init = item.params, InitImage.of(item)
+            except ValueError as exc:  # recorded by something that skipped the checks
                 fail_item(item, str(exc), now)
                 closing.add(item.job_id)
                 continue
             # `attempt`: this claim's number, as claiming counts it.
             taken = Work(item.id, item.job_id, item.row_index, params, item.attempts + 1,
-                         checker, on_flag, tuple(item.loras or ()), tuple(item.embeddings or ()))
+                         checker, on_flag, tuple(item.loras or ()), tuple(item.embeddings or ()),
+                         init)
             claim_item(item, worker_host=self.worker_name, batch_id=batch.id,
                        lease_s=self.lease_s, cache_key=key_of(taken), now=now)
             work.append(taken)

@@ -16,6 +16,10 @@ The parts, each in its own module:
   chunks while the next ones denoise, at most a few chunks at a time;
 - `outage`: storage and database failures are waited out, never charged to an item.
 
+Image-to-image items start from an init image read from storage (`images.stored_init`), kept
+in memory by sha256 for the next items that start from it; one that is missing or not as
+recorded fails only its items.
+
 A job that names a safety checker has each image scored on the store threads too; the checker
 is loaded once per runner (per worker process), before the batch that first needs it is
 denoised, and a job whose checker cannot be loaded fails its items instead of running them
@@ -32,6 +36,7 @@ from pathlib import Path
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -41,7 +46,9 @@ from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
 from sdq.images.storage import Storage
+from sdq.images.stored_init import InitImages, UnusableInit
 from sdq.sdmodel.embeddings import embeddings_problem
+from sdq.sdmodel.img2img import Init
 from sdq.sdmodel.pipeline import load_pipeline
 from sdq.sdmodel.produce import Denoiser, produce
 from sdq.worker.cache import Identity, ResultCache, identify
@@ -104,6 +111,8 @@ class Runner:
         self._checkers: dict[str, SafetyChecker] = {}
         """Safety checkers by the reference jobs name them with, loaded once, on first use."""
         self._queue: StoreQueue | None = None
+        self.inits = InitImages(storage)
+        """Init images read lately, by sha256: a job starts many items from each."""
 
     def pipeline(self) -> Denoiser:
         if self._pipeline is None:
@@ -239,10 +248,11 @@ class Runner:
         id when it ran whole, else under `BATCH.ROW` of its first item; an item that fails
         alone is failed with the reason."""
         work = self._with_embeddings(pipe, work, report)
+        work, inits = self._with_inits(work, report)
         loras = [w.lora_set for w in work] if any(w.loras for w in work) else None
         for produced in produce(pipe, [w.params for w in work], batch_size=self.micro_batch,
                                 on_step=on_step, on_smaller=self._smaller, isolate=True,
-                                loras=loras):
+                                loras=loras, inits=inits if any(inits) else None):
             items = tuple(work[i] for i in produced.indices)
             if produced.error is not None:
                 ids, reason = [w.id for w in items], produced.error
@@ -271,6 +281,26 @@ class Runner:
             report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
                                       self.outage_s)
         return [w for w in work if w.id not in failed]
+
+    def _with_inits(self, work: list[Work], report: RunReport) -> tuple[list[Work], list[Init | None]]:
+        """The items whose init image reads from storage, each beside its `Init` (None for
+        text-to-image); the others fail with the reason (`UnusableInit`). Read here, after the
+        claim's transaction and outside any other; storage outages are waited out."""
+        images: dict[str, Image.Image] = {}
+        failed: dict[str, str] = {}
+        for sha256 in dict.fromkeys(w.init.sha256 for w in work if w.init):
+            try:
+                images[sha256] = retrying(f"reading init image {sha256[:10]}",
+                                          partial(self.inits.get, sha256), self.outage_s)
+            except UnusableInit as exc:
+                failed[sha256] = str(exc)
+        for sha256, reason in failed.items():
+            ids = [w.id for w in work if w.init and w.init.sha256 == sha256]
+            report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
+                                      self.outage_s)
+        kept = [w for w in work if not (w.init and w.init.sha256 in failed)]
+        return kept, [Init(images[w.init.sha256], w.init.strength) if w.init else None
+                      for w in kept]
 
     def _smaller(self, size: int) -> None:
         """Out of memory lowered the micro-batch: keep it lower for what follows."""

@@ -116,13 +116,14 @@ def check(chunk: Chunk, checker_of: Callable[[str], SafetyChecker]) -> list[Safe
 
 def encode(chunk: Chunk, verdicts: Sequence[SafetyVerdict | None], *, model: Denoiser,
            environment: Environment, watermark: str | None, level: int) -> list[EncodedPng | None]:
-    """Each image as the PNG to store, its provenance inside (None: dropped by its verdict)."""
+    """Each image as the PNG to store, its provenance inside (None: dropped by its verdict):
+    for image-to-image the init image and strength too, as `sdq generate` records them."""
     return [encode_judged(image, verdict, Provenance(
         params=w.params, model_sha256=model.sha256, model_name=model.name,
         environment=environment, job_id=w.job_id, item_id=w.id, row=w.row_index,
         batch_id=chunk.batch_id, batch_position=chunk.first + position, safety=verdict,
         redecoded="fp32" if position in chunk.redecoded else None,
-        loras=w.loras, embeddings=w.embeddings,
+        loras=w.loras, embeddings=w.embeddings, init=w.init,
     ), watermark=watermark, level=level)
         for position, (w, image, verdict) in enumerate(zip(chunk.items, chunk.images, verdicts))]
 

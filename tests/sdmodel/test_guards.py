@@ -97,6 +97,12 @@ class OverflowingVAE(nn.Module):
         h = z[:, :3] * self.gain * self.gain
         return (h / self.gain / self.gain).repeat_interleave(8, 2).repeat_interleave(8, 3)
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean = the red channel at every 8th pixel, through the same overflowing
+        intermediate: pixels beyond ±0.41 (in [-1, 1]) give ±Inf in fp16; log-variance 0."""
+        mean = (x[:, :1, ::8, ::8] * self.gain * self.gain / self.gain / self.gain).repeat(1, 4, 1, 1)
+        return mean, torch.zeros_like(mean)
+
 
 def vae_pipeline(vae_dtype: str, **options) -> Pipeline:
     unet, _, text = build_tiny_networks()
@@ -129,6 +135,27 @@ def test_latents_that_are_not_finite_fail_instead_of_storing_black():
     latents[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"image\(s\) \[1\] .* not finite"):
         vae_pipeline("fp16").decode(latents)
+
+
+def test_an_init_image_that_overflows_in_fp16_is_encoded_again_in_fp32(caplog):
+    """img2img's encode has decode's guard: a white init image (pixels 1.0) overflows the fp16
+    autoencoder, so its posterior is computed again in float32 and matches the fp32 pipeline
+    exactly, not a latent of Inf; a grey one (0.0) stays in fp16."""
+    from PIL import Image
+
+    images = [Image.new("RGB", (16, 16), (128, 128, 128)), Image.new("RGB", (16, 16), "white")]
+
+    def encoded(vae_dtype: str) -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in (1, 2)]
+        return vae_pipeline(vae_dtype).encode(images, generators, 16, 16)
+
+    with caplog.at_level(logging.WARNING, logger="sdq.sdmodel.guards"):
+        half = encoded("fp16")
+    full = encoded("fp32")
+    assert torch.isfinite(half).all()
+    assert torch.equal(half[1], full[1])
+    assert torch.allclose(half[0], full[0], atol=1e-2)
+    assert "encoding overflowed in half precision for 1 image(s) of 2" in caplog.text
 
 
 def test_the_vae_dtype_setting_reaches_the_pipeline(tiny_checkpoint, tmp_path):
