@@ -31,7 +31,8 @@ REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "
 OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None,
                         "template": None, "template_values": None,
                         "prompt_syntax": DEFAULTS["prompt_syntax"],
-                        "clip_skip": DEFAULTS["clip_skip"], "loras": None, "embeddings": None}
+                        "clip_skip": DEFAULTS["clip_skip"], "loras": None, "embeddings": None,
+                        "init_sha256": None, "init_source": None, "strength": None}
 """What a submitted item may carry, besides `row_index` (default: its position in the
 submission); every other column is the queue's to fill in."""
 
@@ -41,7 +42,8 @@ _COPY_TYPES = {
     "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
     "width": "int4", "height": "int4", "model_id": "int4", "tags": "json", "template": "text",
     "template_values": "json", "prompt_syntax": "varchar", "clip_skip": "int4", "loras": "json",
-    "embeddings": "json", "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
+    "embeddings": "json", "init_sha256": "varchar", "init_source": "text", "strength": "float8",
+    "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
 }
 _CHUNK = 10_000
 PHRASE_WINDOW = 20_000
