@@ -14,7 +14,8 @@ from sdq.cli.common import configured_storage, database_session, load_settings, 
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @output_options("json")
 def purge(job_id: int, yes: bool, output: str | None) -> None:
-    """Delete JOB for good: its items, their records and their stored images.
+    """Delete JOB for good: its items, their records and their stored images, and the init
+    images its items started from that no other job's items start from.
 
     Asks first, showing what will go (--yes skips the question). Refused while items of the
     job are running: cancel it first. If storage fails midway, nothing is removed from the
@@ -42,5 +43,6 @@ def purge(job_id: int, yes: bool, output: str | None) -> None:
     else:
         kept = (f"; {purged.kept} image(s) kept, reused by other jobs' items" if purged.kept
                 else "")
+        kept += f"; {purged.inits} init image(s) deleted" if purged.inits else ""
         click.echo(f"Job {job_id} purged: {purged.items} item(s) and {purged.images} image(s) "
                    f"deleted{kept}")

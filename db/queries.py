@@ -8,6 +8,7 @@ the same models and dialect helpers; split by caller, the same question would be
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,7 @@ def search_items(
     flagged: bool | None = None,
     values: Mapping[str, str] | None = None,
     lora: str | None = None,
+    init: str | None = None,
     before: int | None = None,
     limit: int | None = 50,
 ) -> Page:
@@ -85,7 +87,9 @@ def search_items(
     flagged, or checked and passed; items never checked match neither. `values` are template
     choices the item was expanded with, label to value (compared as text, so a grid's `cfg`
     is "7.5"; a scan too). `lora` keeps the items made with the LoRA of that name, at any
-    weight (a scan). Paging is by keyset (`before` an id), so a page costs the
+    weight (a scan). `init` keeps img2img items by their init image: `item:ID`, those started
+    from item ID's stored image (whatever name it came under: images are compared by
+    sha256), or a prefix of the init image's sha256. Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit is not None and limit < 1:
@@ -121,6 +125,8 @@ def search_items(
         stmt = stmt.where(_template_value(label, dialect) == value)
     if lora is not None:
         stmt = stmt.where(_has_lora(lora, dialect))
+    if init is not None:
+        stmt = stmt.where(_started_from(init))
     if before is not None:
         stmt = stmt.where(key < before)
     if limit is None:
@@ -130,6 +136,19 @@ def search_items(
     else:
         rows = list(session.scalars(stmt.order_by(key.desc()).limit(limit + 1)))
     return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
+
+
+def _started_from(init: str) -> ColumnElement[bool]:
+    """`search_items`' `init` filter; InvalidInput for what is neither form."""
+    if (number := init.removeprefix("item:")) != init:
+        if not number.isdigit():
+            raise InvalidInput(f"--init {init!r}: expected item:ID or a sha256 prefix")
+        return Item.init_sha256.in_(select(Item.image_sha256).where(Item.id == int(number))
+                                    .scalar_subquery())
+    if not re.fullmatch(r"[0-9a-fA-F]{4,64}", init):
+        raise InvalidInput(f"--init {init!r}: expected item:ID or a sha256 prefix of 4 to 64 "
+                           "hex digits")
+    return Item.init_sha256.startswith(init.lower())
 
 
 def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
