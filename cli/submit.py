@@ -170,9 +170,6 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
         parsed = _parse(file, prompt, spec.row_defaults(), expansion, session, settings.max_job_items,
                         AdapterFinder(settings.lora_dir, settings.embeddings_dir, spec.loras),
                         inits, starts)
-    if strength is not None and not parsed.inits:
-        raise click.BadParameter("applies to image-to-image only: give --init-dir or an "
-                                 "init_image column", param_hint="'--strength'")
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:

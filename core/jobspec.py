@@ -135,6 +135,9 @@ class JobSpec:
     """`--lora-dir`: the folders LoRA names are looked up in (none given: `SDQ_LORA_DIR`)."""
     embeddings_dir: str | None = None
     """`--embeddings-dir`: the embeddings folder (None: `SDQ_EMBEDDINGS_DIR`)."""
+    init_base: str | None = None
+    """The folder a schedule's prompt file was in (absolute), where its runs read the local
+    files its `init_image` column names; None for a file that names none."""
 
     def __post_init__(self) -> None:
         if self.name is not None:
@@ -180,7 +183,7 @@ class JobSpec:
             "expansion": dict(self.expansion) if self.expansion is not None else None,
             "name": self.name, "reuse": None if self.reuse else False,
             "loras": list(self.loras), "lora_dirs": list(self.lora_dirs),
-            "embeddings_dir": self.embeddings_dir}
+            "embeddings_dir": self.embeddings_dir, "init_base": self.init_base}
         return {k: v for k, v in values.items() if v is not None and v != []}
 
     @classmethod
@@ -189,7 +192,8 @@ class JobSpec:
         keys, any of them absent: a schedule stored before LoRAs were options loads as having
         none); an unknown key is InvalidInput."""
         own = {"model", "batch_size", "priority", "tags", "safety_checker", "on_flag",
-               "seed_policy", "expansion", "name", "reuse", "loras", "lora_dirs", "embeddings_dir"}
+               "seed_policy", "expansion", "name", "reuse", "loras", "lora_dirs", "embeddings_dir",
+               "init_base"}
         unknown = sorted(options.keys() - own - set(DEFAULT_FIELDS))
         if unknown:
             raise InvalidInput(f"unknown job option(s): {', '.join(unknown)}")

@@ -126,14 +126,15 @@ class InitReader:
         return read_path(path, ref)
 
     def _stored(self, ref: str, key: str) -> InitSource:
-        store = self.storage()
+        store = self.storage(ref)
         data = store.get(key)
         return checked(data, ref, ref, lambda: store.get(key))
 
-    def storage(self) -> Storage:
+    def storage(self, ref: str) -> Storage:
+        """The configured storage, opened once; InvalidInput naming `ref` without one."""
         if self._store is None:
             if self._storage is None:
-                raise InvalidInput("no storage is configured to read it from")
+                raise InvalidInput(f"{ref}: no storage is configured to read it from")
             self._store = self._storage()
         return self._store
 
@@ -142,7 +143,7 @@ class InitReader:
         bucket, under its prefix: sdq reads no other bucket (no credentials of its own for
         it, and a job would depend on an object it does not control)."""
         url = urlparse(ref)
-        store = self.storage()
+        store = self.storage(ref)
         if not isinstance(store, S3Storage):
             raise InvalidInput(f"{ref}: the configured storage is a folder ({store}), not S3; "
                                "give a local path instead")

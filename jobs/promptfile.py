@@ -76,7 +76,7 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        if self.line == 0:  # not of a line: an --init-dir file, named by `source`
+        if self.line == 0:  # of the whole file, not of a line
             return f"{self.source}: {self.field}: {self.reason}"
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
 
@@ -183,6 +183,9 @@ def parse_prompt_file(
     base = defaults.seed if defaults.seed is not None else \
         rng.randrange(room) if rng is not None else draw_seed(room)
     _check_seed_ranges(rows, base, defaults.seed is not None, source, problems, repeat, total)
+    if defaults.strength is not None and rows and all(row.init is None for row in rows):
+        problems.append(Problem(source, 0, "strength", "the job's strength applies to "
+                                "image-to-image only, and no row has an init_image"))
     if problems:
         # A line that is not UTF-8 shows only that: what else fails there follows from it.
         garbled = {p.line for p in problems if p.field == "encoding"}
