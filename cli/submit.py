@@ -323,7 +323,10 @@ def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str,
     click.echo(f"{source}: {parsed.rows} row(s), {len(parsed.items):,} image(s), "
                f"{sum(g['batches'] for g in plan)} batch(es) of up to {size}, "
                f"base seed {parsed.base_seed}")
-    if len(parsed.items) > parsed.rows:
+    if parsed.inits:
+        click.echo(f"{len(parsed.inits):,} distinct init image(s), stored by sha256 when "
+                   "submitted")
+    if len(parsed.items) > parsed.rows or parsed.inits:
         click.echo(f"first {len(sample)} of {len(parsed.items):,} expanded prompt(s):")
         for text in sample:
             click.echo(f"  {text}")
