@@ -14,8 +14,9 @@ from sdq.cli.common import configured_storage, database_session, load_settings, 
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @output_options("json")
 def purge(job_id: int, yes: bool, output: str | None) -> None:
-    """Delete JOB for good: its items, their records and their stored images, and the init
-    images its items started from that no other job's items start from.
+    """Delete JOB for good: its items, their records and their stored images.
+
+    Init images its items started from go too, unless items of another job start from them.
 
     Asks first, showing what will go (--yes skips the question). Refused while items of the
     job are running: cancel it first. If storage fails midway, nothing is removed from the
