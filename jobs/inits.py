@@ -96,7 +96,8 @@ class InitReader:
     def __init__(self, base: Path | str = ".", *, storage: Callable[[], Storage] | None = None,
                  item_image: ItemImage | None = None) -> None:
         self.base = Path(base)
-        self._storage, self._store = storage, None
+        self._storage = storage
+        self._store: Storage | None = None
         self._item_image = item_image
         self._seen: dict[str, InitSource | str] = {}
 

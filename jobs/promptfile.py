@@ -169,8 +169,9 @@ def parse_prompt_file(
     readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
     converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion(),
                            max_items, adapters, inits)
+    each: list[InitSource | None] = [*starts] or [None]
     rows = [row for line, record in readers[fmt](text, source, problems)
-            for start in (starts or [None])
+            for start in each
             if (row := converter.row(line, record, start)) is not None]
     if converter.over_at is not None:
         problems.append(Problem(source, converter.over_at, "images", f"the file makes "
@@ -443,7 +444,7 @@ class _Converter:
                 failed.append(self._problem(line, name, str(exc)))
         if not values.get("prompt") and "prompt" not in failed:
             failed.append(self._problem(line, "prompt", "missing"))
-        init, strength = self._init(line, values, start, failed)
+        begins = self._init(line, values, start, failed)
         model_id = None
         if (model := values.pop("model", None)) is not None:
             found = self._model_id(model)
@@ -461,8 +462,8 @@ class _Converter:
             params = GenerationParams(**{**self.defaults.params, **values, "seed": seed or 0})
             for cell in self.cells:  # a grid value that does not go with the row (eta, euler)
                 shaped = replace(params, **{k: v for k, v in cell.items() if k != "strength"})
-                if init is not None:
-                    steps_run(shaped.steps, cell.get("strength", strength))
+                if begins is not None:
+                    steps_run(shaped.steps, cell.get("strength", begins[1]))
         except ParamError as exc:  # fields that do not go together (eta with euler)
             self._problem(line, exc.field, exc.reason)
             return None
@@ -489,12 +490,13 @@ class _Converter:
         return _Row(line=line, first_index=first_index, params=params, seed=seed, n=n,
                     model_id=model_id, tags=tags, variants=variants, cells=self.cells,
                     template=params.prompt if templated else None, adapters=adapters,
-                    init=init, strength=strength)
+                    init=begins[0] if begins else None, strength=begins[1] if begins else None)
 
     def _init(self, line: int, values: dict[str, Any], start: InitSource | None,
-              failed: list[str]) -> tuple[InitSource | None, float | None]:
-        """The row's init image (its `init_image`, else `start`) and strength, taking the
-        init's own size into `values` for the sides nobody gave; problems into `failed`."""
+              failed: list[str]) -> tuple[InitSource, float] | None:
+        """The row's init image (its `init_image`, else `start`) and strength, or None for
+        text to image, taking the init's own size into `values` for the sides nobody gave;
+        problems into `failed`."""
         ref, strength = values.pop("init_image", None), values.pop("strength", None)
         init = start
         if ref is not None and start is not None:
@@ -505,12 +507,12 @@ class _Converter:
                 init = self.inits.read(ref)
             except ParamError as exc:
                 failed.append(self._problem(line, exc.field, exc.reason))
-                return None, None
+                return None
         if init is None:
             if strength is not None or any("strength" in cell for cell in self.cells):
                 failed.append(self._problem(line, "strength", "applies to image-to-image only: "
                                             "give the row an init_image"))
-            return None, None
+            return None
         own = dict(zip(("width", "height"), own_size(init.width, init.height)))
         for side, size in own.items():
             if side in values or side in self.defaults.sized:
@@ -521,7 +523,9 @@ class _Converter:
                 failed.append(self._problem(line, "init_image", f"{init.source} is "
                                             f"{init.width}x{init.height}, so its own {side} "
                                             f"{exc.reason}; give width and height"))
-        return init, strength if strength is not None else self.defaults.strength or DEFAULT_STRENGTH
+        if strength is None:
+            strength = self.defaults.strength or DEFAULT_STRENGTH
+        return init, strength
 
     def _adapters(self, params: GenerationParams, variants: list[tuple[str, str, dict[str, str]]]
                   ) -> list[dict[str, Records]]:
