@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from tests.cli.conftest import Home
 from tests.conftest import stand_in_checkpoint
 
@@ -35,8 +37,12 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,n\na red fox,2\na lighthouse,1\n")
     model = stand_in_checkpoint(tmp_path / "sd15.safetensors")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
     commands = [
         ["submit", str(prompts), "--model", str(model), "--dry-run"],
+        ["submit", str(prompts), "--init-dir", str(tmp_path / "photos"), "--model", str(model),
+         "--dry-run"],
         ["models", "add", "sd15", str(model)], ["submit", str(prompts), "--model", "sd15", "--dry-run"],
         ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
         ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],
