@@ -231,3 +231,30 @@ def test_init_images_from_the_configured_bucket(queued: Home, model: Path, bucke
         f"(s3://{bucket}/images); sdq reads init images from that bucket and prefix only"]
     assert lines[2].startswith(f"{prompts}:4: init_image: ") and "none.png" in lines[2]
     assert count(home, Job) == 1
+
+
+def test_a_schedule_reads_its_files_init_images_on_each_run(queued: Home, model: Path,
+                                                             tmp_path: Path) -> None:
+    home = queued
+    folder = tmp_path / "nightly"
+    photo = photos(folder / "photos", {"a.png": (64, 48)}) / "a.png"
+    prompts = folder / "variations.csv"
+    prompts.write_text("prompt,init_image\na watercolour,photos/a.png\n")
+    added = home.run("schedule", "add", "variations", "--cron", "0 2 * * *", str(prompts),
+                     "--model", str(model), "--strength", "0.4", "--steps", "10", "--json")
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.stdout)["options"]["init_base"] == str(folder.resolve())
+    run = home.run("schedule", "run-now", "variations", "--json")
+    assert run.exit_code == 0, run.output
+    [made] = items(home, json.loads(run.stdout)["job"])
+    assert (made.init_sha256, made.init_source, made.strength, made.width, made.height) == (
+        sha(photo), "photos/a.png", 0.4, 64, 48)
+    assert storage_of(home).get(init_key(sha(photo))) == photo.read_bytes()
+    plain = home.path / "p.csv"
+    plain.write_text("prompt\nx\n")
+    refused = home.run("schedule", "add", "plain", "--cron", "0 2 * * *", str(plain),
+                       "--strength", "0.4")
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[0] == (f"{plain}: strength: the job's strength "
+                                             "applies to image-to-image only, and no row has an "
+                                             "init_image")
