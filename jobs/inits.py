@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -40,7 +39,6 @@ from sqlalchemy.orm import Session
 from sdq.core.errors import InvalidInput
 from sdq.core.params import ParamError
 from sdq.db.models import InitImageFile, Item
-from sdq.images.imagefile import ImageFileError, init_rgb, open_image, read_file
 from sdq.images.storage import S3Storage, Storage, StorageError, check_key, init_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -65,9 +63,17 @@ class InitSource:
 
 def checked(data: bytes, label: str, source: str, read: Callable[[], bytes]) -> InitSource:
     """The InitSource of bytes decoded as img2img will decode them; ImageFileError if they
-    are no image sdq will use."""
+    are no image sdq will use. (PIL is imported here, not with the module: prompt files
+    without init images, which import this, need none of it.)"""
+    from PIL import Image
+
+    from sdq.images.imagefile import ImageFileError, init_rgb, open_image
+
     image = open_image(data, label)
-    width, height = init_rgb(image).size
+    try:
+        width, height = init_rgb(image).size
+    except (OSError, ValueError) as exc:
+        raise ImageFileError(label, f"cannot be made RGB: {exc}") from None
     return InitSource(hashlib.sha256(data).hexdigest(), source, width, height, len(data),
                       Image.MIME.get(image.format or "", "application/octet-stream"), read)
 
@@ -106,7 +112,7 @@ class InitReader:
         if ref not in self._seen:
             try:
                 self._seen[ref] = self._read(ref)
-            except (ImageFileError, LookupError, InvalidInput, StorageError) as exc:
+            except (LookupError, InvalidInput, StorageError) as exc:  # InvalidInput: ImageFileError too
                 self._seen[ref] = str(exc)
         found = self._seen[ref]
         if isinstance(found, str):
@@ -160,6 +166,8 @@ class InitReader:
 
 def read_path(path: Path, source: str) -> InitSource:
     """A local init image file (ImageFileError naming `source`)."""
+    from sdq.images.imagefile import read_file
+
     data = read_file(path, source)
     return checked(data, source, source, lambda: read_file(path, source))
 
@@ -185,6 +193,8 @@ def read_init_dir(folder: Path, label: str | None = None) -> InitDir:
     its file name; hidden files and names without an image suffix (IMAGE_SUFFIXES) are
     skipped and counted, a file with one that is no usable image is refused (InitDirError
     listing them all), as is a folder with no image."""
+    from sdq.images.imagefile import ImageFileError
+
     label = label or str(folder)
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
