@@ -192,8 +192,10 @@ def read_init_dir(folder: Path, label: str | None = None) -> InitDir:
     """Every image file of `folder` (not its subfolders), sorted by name, each recorded under
     its file name; hidden files and names without an image suffix (IMAGE_SUFFIXES) are
     skipped and counted, a file with one that is no usable image is refused (InitDirError
-    listing them all), as is a folder with no image."""
+    listing them all), as is a folder with no image. A name that is not UTF-8 is recorded
+    with its bytes escaped (`promptfile.recorded_name`), as every database stores it."""
     from sdq.images.imagefile import ImageFileError
+    from sdq.jobs.promptfile import recorded_name  # here: promptfile imports this module
 
     label = label or str(folder)
     try:
@@ -207,9 +209,9 @@ def read_init_dir(folder: Path, label: str | None = None) -> InitDir:
             skipped += 1
             continue
         try:
-            images.append(read_path(path, path.name))
+            images.append(read_path(path, recorded_name(path.name)))
         except ImageFileError as exc:
-            problems.append(f"{label.rstrip('/')}/{path.name}: {FIELD}: {exc.reason}")
+            problems.append(f"{label.rstrip('/')}/{recorded_name(path.name)}: {FIELD}: {exc.reason}")
     if not images and not problems:
         problems.append(f"{label}: {FIELD}: no image files (names ending in "
                         f"{', '.join(IMAGE_SUFFIXES)})")

@@ -4,6 +4,7 @@ and every bad init image or strength refused as `FILE:LINE: field: reason` (or
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,9 @@ def test_s3_and_item_sources_need_a_storage_and_the_database(tmp_path: Path) -> 
         "p.csv:2: init_image: s3://bucket/a.png: no storage is configured to read it from",
         "p.csv:3: init_image: item:7: items are not known here",
         "p.csv:4: init_image: item:x: expected item:ID, an item's number"]
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_with_its_bytes_escaped(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    save(folder / os.fsdecode(b"caf\xe9.png"), (64, 64))
+    assert [i.source for i in read_init_dir(folder).images] == ["caf\\xe9.png"]
