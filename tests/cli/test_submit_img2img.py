@@ -212,12 +212,17 @@ def test_init_images_from_the_configured_bucket(queued: Home, model: Path, bucke
     png = photos(home.path / "p", {"a.png": (64, 64)}) / "a.png"
     storage = storage_of(home)
     storage.put("uploads/a.png", png.read_bytes())
+    maker = home.add_job(["a red fox"], done=1)  # its image in the bucket
+    [source] = items(home, maker.id)
     prompts = home.path / "prompts.csv"
-    prompts.write_text(f"prompt,init_image\nfrom the bucket,s3://{bucket}/images/uploads/a.png\n")
+    prompts.write_text(f"prompt,init_image\nfrom the bucket,s3://{bucket}/images/uploads/a.png\n"
+                       f"from an item,item:{source.id}\n")
     job = submit(home, model, str(prompts))
-    [made] = items(home, job)
+    made, from_item = items(home, job)
     assert (made.init_sha256, made.init_source) == (sha(png), f"s3://{bucket}/images/uploads/a.png")
+    assert (from_item.init_sha256, from_item.init_source) == (source.image_sha256, f"item:{source.id}")
     assert storage.get(init_key(sha(png))) == png.read_bytes()
+    assert storage.get(init_key(source.image_sha256)) == storage.get(source.image_key)
     s3_server.client().create_bucket(Bucket=f"{bucket}-other")
     prompts.write_text(f"prompt,init_image\nx,s3://{bucket}-other/a.png\n"
                        f"y,s3://{bucket}/elsewhere/a.png\nz,s3://{bucket}/images/uploads/none.png\n")
@@ -230,7 +235,7 @@ def test_init_images_from_the_configured_bucket(queued: Home, model: Path, bucke
         f"{prompts}:3: init_image: s3://{bucket}/elsewhere/a.png: not in the configured storage "
         f"(s3://{bucket}/images); sdq reads init images from that bucket and prefix only"]
     assert lines[2].startswith(f"{prompts}:4: init_image: ") and "none.png" in lines[2]
-    assert count(home, Job) == 1
+    assert count(home, Job) == 2
 
 
 def test_a_schedule_reads_its_files_init_images_on_each_run(queued: Home, model: Path,
