@@ -44,6 +44,8 @@ from sdq.images.storage import S3Storage, Storage, StorageError, check_key, init
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """The files `--init-dir` takes; others there (a README, `.DS_Store`) are skipped and counted."""
 FIELD = "init_image"
+MAX_REF_CHARS = 1024
+"""The longest `init_image` cell: a path, an `s3://` URL or `item:ID`."""
 
 
 @dataclass(frozen=True)

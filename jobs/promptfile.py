@@ -47,7 +47,7 @@ from sdq.core.params import (
 from sdq.db.queries import find_model
 from sdq.core.settings import DEFAULT_MAX_JOB_ITEMS
 from sdq.jobs.adapters import AdapterFinder, Records
-from sdq.jobs.inits import InitReader, InitSource, distinct
+from sdq.jobs.inits import MAX_REF_CHARS, InitReader, InitSource, distinct
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
@@ -401,7 +401,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     **CHECKS, "prompt": _trimmed(CHECKS["prompt"]),
     "negative_prompt": _trimmed(CHECKS["negative_prompt"]),
     "n": whole("n", 1, MAX_IMAGES_PER_ROW), "model": _trimmed(text("model", MAX_TAG_CHARS)),
-    "tags": _tags, "init_image": _trimmed(text("init_image", MAX_TAG_CHARS * 5)),
+    "tags": _tags, "init_image": _trimmed(text("init_image", MAX_REF_CHARS)),
     "strength": check_strength,
 }
 """Each field's cell or JSON value to its recorded value: the parameters' own checks, and
