@@ -319,6 +319,9 @@ def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str,
                                "batches": sum(g["batches"] for g in plan),
                                "base_seed": parsed.base_seed, "groups": plan,
                                "estimated_s": total, "already_generated": stored,
+                               "init_images": [{"sha256": i.sha256, "source": i.source,
+                                                "width": i.width, "height": i.height}
+                                               for i in parsed.inits],
                                "sample": sample}))
         return
     click.echo(f"{source}: {parsed.rows} row(s), {len(parsed.items):,} image(s), "

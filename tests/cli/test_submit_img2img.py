@@ -108,6 +108,11 @@ def test_a_dry_run_reads_the_images_but_stores_and_records_nothing(home: Home, m
                       str(model), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "a watercolour  init=a.png" in result.stdout
+    planned = json.loads(home.run("submit", "-p", "a watercolour", "--init-dir", str(folder),
+                                  "--model", str(model), "--dry-run", "--json").stdout)
+    assert planned["init_images"] == [{"sha256": sha(folder / "a.png"), "source": "a.png",
+                                       "width": 64, "height": 64}]
+    assert planned["sample"] == ["a watercolour  init=a.png"]
     assert (count(home, Job), count(home, InitImageFile)) == (0, 0)
     assert list(storage_of(home).list("init/")) == []
 
