@@ -198,7 +198,8 @@ ITEM_FIELDS = (
     "batch", "batch_position", "image_key", "image_sha256", "watermark", "worker", "device",
     "created", "started", "finished", "duration_s", "template", "template_values", "cache_key",
     "reused_from", "safety_flagged", "safety_action", "safety_checker_sha256",
-    "safety_concept_scores", "safety_special_scores", "loras", "embeddings")
+    "safety_concept_scores", "safety_special_scores", "loras", "embeddings", "init_sha256",
+    "init_source", "strength")
 """The fields of `item_record`, in order: the header of `search --csv`, matches or not."""
 
 
@@ -218,6 +219,8 @@ def item_record(item: Item) -> dict[str, Any]:
         "template_values": item.template_values, "cache_key": item.cache_key,
         "reused_from": item.reused_from,
         **safety_fields(item), **adapter_fields(item),
+        "init_sha256": item.init_sha256, "init_source": item.init_source,
+        "strength": item.strength,
     }
 
 

@@ -16,6 +16,8 @@ from sdq.cli.common import configured_storage, database_session, load_settings, 
 def purge(job_id: int, yes: bool, output: str | None) -> None:
     """Delete JOB for good: its items, their records and their stored images.
 
+    Init images its items started from go too, unless items of another job start from them.
+
     Asks first, showing what will go (--yes skips the question). Refused while items of the
     job are running: cancel it first. If storage fails midway, nothing is removed from the
     database and the same command can be run again.
@@ -42,5 +44,6 @@ def purge(job_id: int, yes: bool, output: str | None) -> None:
     else:
         kept = (f"; {purged.kept} image(s) kept, reused by other jobs' items" if purged.kept
                 else "")
+        kept += f"; {purged.inits} init image(s) deleted" if purged.inits else ""
         click.echo(f"Job {job_id} purged: {purged.items} item(s) and {purged.images} image(s) "
                    f"deleted{kept}")

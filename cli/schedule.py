@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from sdq.cli.common import database_session, emit, load_settings, output_options, plain, report
+from sdq.cli.common import (
+    configured_storage,
+    database_session,
+    emit,
+    load_settings,
+    output_options,
+    plain,
+    report,
+)
 from sdq.cli.errors import BAD_INPUT, FAILED, CommandFailed, Reported
 from sdq.cli.options import (
     TAG,
@@ -23,11 +31,13 @@ from sdq.cli.options import (
     safety_options,
     template_options,
 )
+from sdq.core.init_image import DEFAULT_STRENGTH
 from sdq.core.jobspec import ON_FLAG, PRIORITIES, SEED_POLICIES, JobSpec
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.core.settings import SAFETY_OFF
 from sdq.db.models import Schedule
 from sdq.jobs.cron import parse_firing_cron
+from sdq.jobs.inits import InitReader, item_images
 from sdq.jobs.promptfile import PromptFileError, recorded_name
 from sdq.jobs.schedule import (
     NAME_PATTERN,
@@ -95,6 +105,9 @@ def schedule() -> None:
 @template_options
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
               help="Images per row without an `n` [default: 1].")
+@click.option("--strength", type=float, metavar="F",
+              help="Denoising strength of rows with an init_image and none of their own, in "
+                   f"(0, 1] [default: {DEFAULT_STRENGTH}].")
 @click.option("--batch-size", type=click.IntRange(1), help="Images denoised together.")
 @click.option("--priority", type=click.IntRange(PRIORITIES.start, PRIORITIES.stop - 1),
               help="0-9, each run's job priority (see `sdq submit --help`).")
@@ -108,7 +121,8 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
         eta: float | None, width: int | None, height: int | None,
         prompt_syntax: str | None, clip_skip: int | None, loras: tuple[str, ...],
         lora_dirs: tuple[Path, ...], embeddings_dir: Path | None, seed_policy: str | None, grid: tuple[str, ...], wildcards: Path | None, expand: str,
-        draws: int, expand_seed: int | None, num_images: int | None, batch_size: int | None,
+        draws: int, expand_seed: int | None, num_images: int | None, strength: float | None,
+        batch_size: int | None,
         priority: int | None, tags: tuple[str, ...], safety_checker: str | None,
         on_flag: str | None, replace: bool, output: str | None) -> None:
     """Schedule the prompt FILE (checked now, as `sdq submit` checks it) under NAME.
@@ -158,7 +172,7 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
             defaults={"negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
                       "cfg": cfg, "eta": eta, "width": width, "height": height,
                       "n": num_images, "seed": seed, "prompt_syntax": prompt_syntax,
-                      "clip_skip": clip_skip})
+                      "clip_skip": clip_skip, "strength": strength})
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -169,7 +183,10 @@ def add(name: str, cron: str, file: Path, model_ref: str | None, negative_prompt
                 added = add_schedule(session, name=name, cron=cron, source=recorded_name(file), data=data,
                                      spec=spec, replace=replace, wildcards=wildcards,
                                      lora_dirs=settings.lora_dir,
-                                     embeddings_dir=settings.embeddings_dir)
+                                     embeddings_dir=settings.embeddings_dir,
+                                     inits=InitReader(file.parent,
+                                                      storage=lambda: configured_storage(settings),
+                                                      item_image=item_images(session)))
         except PromptFileError as exc:
             for problem in exc.problems:
                 click.echo(str(problem), err=True)

@@ -79,14 +79,16 @@ def _query(words: tuple[str, ...]) -> str | None:
               help="Items whose template chose VALUE for LABEL (v1, a wildcard's name, a grid "
                    "field: animal=owl, cfg=7.5); repeatable.")
 @click.option("--lora", metavar="NAME", help="Items made with this LoRA (any weight).")
+@click.option("--init", metavar="item:ID|SHA", help="Image-to-image items started from item ID's "
+              "image, or from the init image of this sha256 (a prefix will do).")
 @click.option("--before", metavar="ID", type=click.IntRange(1),
               help="Only ids below ID: the next page starts below the last id shown.")
 @limit_option(50)
 @output_options("json", "csv")
 def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: int | None,
            status: str | None, since: datetime | None, until: datetime | None, tag: str | None,
-           flagged: bool | None, values: tuple[str, ...], lora: str | None, before: int | None,
-           limit: int | None, output: str | None) -> None:
+           flagged: bool | None, values: tuple[str, ...], lora: str | None, init: str | None,
+           before: int | None, limit: int | None, output: str | None) -> None:
     """Find items by prompt TEXT and filters, newest first.
 
     TEXT matches words anywhere in the prompt, every one of them (`sdq search red fox`);
@@ -103,6 +105,7 @@ def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: 
       sdq search lighthouse --before 5121    # the next page, when the last id shown was 5121
       sdq search --value animal=owl --value cfg=7.5
       sdq search fox --lora add_detail
+      sdq search --init item:1234          # variations made from item 1234's image
     """
     text = _query(words)
     chosen = dict(value.split("=", 1) for value in values if "=" in value)
@@ -111,8 +114,8 @@ def search(words: tuple[str, ...], seed: int | None, model: str | None, job_id: 
     with database_session() as session:
         page = search_items(session, text=text, seed=seed, model=model, job_id=job_id,
                             status=Status(status) if status else None, since=since, until=until,
-                            tag=tag, flagged=flagged, values=chosen, lora=lora, before=before,
-                            limit=limit)
+                            tag=tag, flagged=flagged, values=chosen, lora=lora, init=init,
+                            before=before, limit=limit)
         records = [item_record(item) for item in page.items]
     emit(records if output else [_table_row(r) for r in records], _COLUMNS, output,
          fields=ITEM_FIELDS, empty="no items match")
@@ -146,6 +149,7 @@ def show(item_id: int, output: str | None) -> None:
         click.echo(json.dumps({k: plain(v) for k, v in record.items()}, indent=2,
                               ensure_ascii=False))
         return
+    record = _with_init_line(record)
     width = max(map(len, record))
     for key, value in record.items():
         if isinstance(value, dict):
@@ -153,6 +157,15 @@ def show(item_id: int, output: str | None) -> None:
         elif isinstance(value, list):
             value = ", ".join(map(_entry, value))
         click.echo(f"{key:<{width}}  {'' if value is None else plain(value)}")
+
+
+def _with_init_line(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as `show` prints it: the init image (source, short sha256, strength) on one
+    `init` line, in place of its three fields; empty for text-to-image."""
+    sha256, source, strength = (record.pop(k) for k in ("init_sha256", "init_source", "strength"))
+    init = None if sha256 is None else \
+        f"{source} (sha256 {sha256[:12]}), strength {strength:g}"
+    return {**record, "init": init}
 
 
 def _entry(value: Any) -> str:

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from sdq.cli.common import (
     Terminated,
+    configured_storage,
     database_session,
     exit_status,
     follow,
@@ -33,9 +35,11 @@ from sdq.cli.options import (
     safety_options,
     template_options,
 )
+from sdq.core.init_image import DEFAULT_STRENGTH
 from sdq.core.jobspec import DEFAULT_BATCH_SIZE, PRIORITIES, Defaults, JobSpec, default_batch_size
 from sdq.core.params import MAX_IMAGES_PER_ROW
 from sdq.jobs.adapters import AdapterFinder
+from sdq.jobs.inits import InitDirError, InitReader, InitSource, item_images, read_init_dir
 from sdq.jobs.promptfile import (
     PromptFile,
     PromptFileError,
@@ -67,6 +71,12 @@ if TYPE_CHECKING:
                     "[default: random, recorded with the job].", scope=" For rows without one.")
 @click.option("-n", "--num-images", type=click.IntRange(1, MAX_IMAGES_PER_ROW),
               default=1, show_default=True, help="Images per row without an `n`.")
+@click.option("--init-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image-to-image over a folder: every row once per image file in DIR "
+                   "(sorted by name; other files are skipped and counted).")
+@click.option("--strength", type=float, metavar="F",
+              help="Denoising strength of rows with an init image and none of their own, in "
+                   f"(0, 1] [default: {DEFAULT_STRENGTH}].")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Images per batch [default: $SDQ_BATCH_SIZE, else {DEFAULT_BATCH_SIZE}].")
 @click.option("--name", type=NAME, help="Job name [default: the file name].")
@@ -88,7 +98,8 @@ if TYPE_CHECKING:
 def submit(file: Path | None, prompt: str | None, model_ref: str | None, negative_prompt: str,
            seed: int | None, sampler: str, steps: int, cfg: float, eta: float, width: int,
            height: int, prompt_syntax: str, clip_skip: int, num_images: int,
-           batch_size: int | None, name: str | None, priority: int, tags: tuple[str, ...],
+           init_dir: Path | None, strength: float | None, batch_size: int | None,
+           name: str | None, priority: int, tags: tuple[str, ...],
            loras: tuple[str, ...], lora_dirs: tuple[Path, ...], embeddings_dir: Path | None,
            safety_checker: str | None, on_flag: str,
            grid: tuple[str, ...], wildcards: Path | None, expand: str, draws: int,
@@ -101,7 +112,10 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     Prompts are templates: {red|green|blue} variants, {2::red|blue} weights, __name__
     wildcard files, nested; --grid makes each prompt with several parameter values. Every
     LoRA named (<lora:NAME:WEIGHT> in a prompt, --lora) must be a file in --lora-dir, and is
-    recorded with its sha256, as is each embedding a prompt names. More
+    recorded with its sha256, as is each embedding a prompt names. Rows with an init_image
+    (a path relative to FILE, s3://BUCKET/KEY in the configured storage, or item:ID), or
+    every row once per image of --init-dir, are image-to-image: each distinct init image is
+    checked, stored once under its sha256 and recorded with the items. More
     than SDQ_CONFIRM_ITEMS images (default 10,000) need --yes; more than SDQ_MAX_JOB_ITEMS
     (default 1,000,000) are refused, --yes or not. An image stored already with
     the same parameters, model and device is reused, not generated again (--no-reuse
@@ -116,6 +130,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
       sdq submit -p "a {red|green} __animal__ at dusk" --wildcards wc/ --grid cfg=5,7.5
       sdq submit nightly.jsonl --tag nightly --json --wait
       sdq submit civitai.csv --lora-dir ~/loras --embeddings-dir ~/embeddings --clip-skip 2
+      sdq submit -p "a watercolour painting" --init-dir photos/ --grid strength=0.3,0.6
     """
     from sdq.jobs.submit import (
         check_size,
@@ -129,6 +144,10 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE or --prompt TEMPLATE (one of them)")
     as_json = output == "json"
+    given = click.get_current_context().get_parameter_source
+    # A side left to its default is not given: an img2img row then takes its init image's.
+    width_given = None if given("width") is ParameterSource.DEFAULT else width
+    height_given = None if given("height") is ParameterSource.DEFAULT else height
     with as_option_errors():
         spec = JobSpec(
             name=name, model=model_ref, batch_size=batch_size, priority=priority, tags=tags,
@@ -136,15 +155,22 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
             lora_dirs=tuple(str(p.resolve()) for p in lora_dirs),
             embeddings_dir=str(embeddings_dir.resolve()) if embeddings_dir else None,
             defaults={"negative_prompt": negative_prompt, "seed": seed, "n": num_images,
-                      "steps": steps, "cfg": cfg, "eta": eta, "sampler": sampler, "width": width,
-                      "height": height, "prompt_syntax": prompt_syntax, "clip_skip": clip_skip})
+                      "steps": steps, "cfg": cfg, "eta": eta, "sampler": sampler,
+                      "width": width_given, "height": height_given,
+                      "prompt_syntax": prompt_syntax, "clip_skip": clip_skip,
+                      "strength": strength})
     settings = adapter_settings(load_settings(need_broker=False), lora_dirs, embeddings_dir)
+    starts = _init_dir(init_dir, as_json) if init_dir is not None else []
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
     source = recorded_name(file) if file is not None else "--prompt"
     with database_session(settings) as session:
+        inits = InitReader(file.parent if file is not None else Path.cwd(),
+                           storage=lambda: configured_storage(settings),
+                           item_image=item_images(session))
         parsed = _parse(file, prompt, spec.row_defaults(), expansion, session, settings.max_job_items,
-                        AdapterFinder(settings.lora_dir, settings.embeddings_dir, spec.loras))
+                        AdapterFinder(settings.lora_dir, settings.embeddings_dir, spec.loras),
+                        inits, starts)
     for warning in parsed.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not dry_run:
@@ -194,8 +220,25 @@ def _adapter_defaults(spec: JobSpec, settings: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v}
 
 
+def _init_dir(folder: Path, as_json: bool) -> list[InitSource]:
+    """The images of --init-dir, read and checked, or each problem on stderr and exit 2."""
+    try:
+        found = read_init_dir(folder, recorded_name(folder))
+    except InitDirError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        click.echo(f"{recorded_name(folder)}: {len(exc.problems)} problem(s); nothing was "
+                   "submitted", err=True)
+        raise Reported(exc) from None
+    if found.skipped and not as_json:
+        click.echo(f"{recorded_name(folder)}: {len(found.images)} image(s); "
+                   f"{found.skipped} other file(s) skipped", err=True)
+    return found.images
+
+
 def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion: Expansion,
-           session: Session, max_items: int, adapters: AdapterFinder) -> PromptFile:
+           session: Session, max_items: int, adapters: AdapterFinder, inits: InitReader,
+           starts: list[InitSource]) -> PromptFile:
     """The accepted file (or --prompt, as a one-row file), or every problem on stderr and
     exit status 2."""
     source = recorded_name(file) if file is not None else "--prompt"
@@ -205,7 +248,8 @@ def _parse(file: Path | None, prompt: str | None, defaults: Defaults, expansion:
         else:
             data, fmt = json.dumps({"prompt": prompt}).encode(), "jsonl"
         return parse_prompt_file(data, source, defaults, format=fmt, resolve_model=model_resolver(session),
-                                 expansion=expansion, max_items=max_items, adapters=adapters)
+                                 expansion=expansion, max_items=max_items, adapters=adapters,
+                                 inits=inits, starts=starts)
     except PromptFileError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
@@ -235,7 +279,7 @@ def _submit(settings: Any, parsed: PromptFile, model: ModelIdentity | None, job:
             result = submit_items(settings, parsed.items, model=model, job=job,
                                   batch_size=size, on_submitted=on_submitted,
                                   on_recorded=lambda n: on_recorded[0](n), on_step=start.step,
-                                  make_runner=runner_from_settings)
+                                  make_runner=runner_from_settings, inits=parsed.inits)
         except KeyboardInterrupt as exc:
             if not submitted:
                 raise
@@ -266,7 +310,8 @@ def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str,
                 stored: int, grid: list[str], as_json: bool) -> None:
     estimates = [group["estimated_s"] for group in plan]
     total = None if None in estimates else sum(estimates)
-    sample = [item["prompt"] + "".join(f"  {name}={item[name]}" for name in grid)
+    sample = [item["prompt"] + (f"  init={item['init_source']}" if item.get("init_source") else "")
+              + "".join(f"  {name}={item[name]}" for name in grid)
               for item in parsed.items[:SAMPLE]]
     if as_json:
         click.echo(json.dumps({"file": source, "format": parsed.format, "rows": parsed.rows,
@@ -274,12 +319,18 @@ def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str,
                                "batches": sum(g["batches"] for g in plan),
                                "base_seed": parsed.base_seed, "groups": plan,
                                "estimated_s": total, "already_generated": stored,
+                               "init_images": [{"sha256": i.sha256, "source": i.source,
+                                                "width": i.width, "height": i.height}
+                                               for i in parsed.inits],
                                "sample": sample}))
         return
     click.echo(f"{source}: {parsed.rows} row(s), {len(parsed.items):,} image(s), "
                f"{sum(g['batches'] for g in plan)} batch(es) of up to {size}, "
                f"base seed {parsed.base_seed}")
-    if len(parsed.items) > parsed.rows:
+    if parsed.inits:
+        click.echo(f"{len(parsed.inits):,} distinct init image(s), stored by sha256 when "
+                   "submitted")
+    if len(parsed.items) > parsed.rows or parsed.inits:
         click.echo(f"first {len(sample)} of {len(parsed.items):,} expanded prompt(s):")
         for text in sample:
             click.echo(f"  {text}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdq.core.errors import InvalidInput
+from sdq.core.init_image import check_strength
 from sdq.core.loratags import format_lora_option, parse_lora_option
 from sdq.core.params import (
     CHECKS,
@@ -52,9 +53,9 @@ SEED_POLICIES = ("same", "fresh", "add")
 free, and it adds what is new when the file grows), a fresh base seed each night (recorded
 with the job), or every image's seed moved on by the images of a night, so that each run adds
 new images of every prompt."""
-DEFAULT_FIELDS = ("n", *DEFAULTS)
-"""What a job's options may give for the rows that leave it out: `n`, the base `seed`, and
-every generation parameter but the prompt."""
+DEFAULT_FIELDS = ("n", *DEFAULTS, "strength")
+"""What a job's options may give for the rows that leave it out: `n`, the base `seed`, every
+generation parameter but the prompt, and the img2img `strength` (of rows with an init image)."""
 
 DEFAULT_BATCH_SIZE = MAX_BATCH
 """Items planned (and claimed) together by default: as many as the largest batch a worker
@@ -71,15 +72,20 @@ def default_batch_size(*sizes: int | None) -> int:
 
 class Defaults:
     """The values rows do not give: any generation parameter but the prompt and the seed
-    (checked as `GenerationParams` checks them), `n`, and `seed`, the base seed (None: pick
-    one at random)."""
+    (checked as `GenerationParams` checks them), `n`, `seed`, the base seed (None: pick
+    one at random), and `strength`, that of rows with an init image (None: theirs, else
+    `init_image.DEFAULT_STRENGTH`). `sized` names the sides (width, height) given here: an
+    img2img row that gives neither it nor the job takes its init image's own."""
 
-    def __init__(self, *, seed: int | None = None, n: int = 1, **params: Any) -> None:
+    def __init__(self, *, seed: int | None = None, n: int = 1, strength: float | None = None,
+                 **params: Any) -> None:
         unknown = params.keys() - DEFAULTS.keys()
         if unknown:
             raise TypeError(f"unknown default(s): {', '.join(sorted(unknown))}")
         self.seed = None if seed is None else CHECKS["seed"](seed)
         self.n = whole("n", 1, MAX_IMAGES_PER_ROW)(n)
+        self.strength = None if strength is None else check_strength(strength)
+        self.sized = frozenset(params.keys() & {"width", "height"})
         checked = {name: CHECKS[name](value) for name, value in params.items()}
         self.params: dict[str, Any] = {k: v for k, v in DEFAULTS.items() if k != "seed"} | checked
         GenerationParams(prompt="", **self.params)  # values that do not go together (ParamError)
@@ -88,8 +94,9 @@ class Defaults:
         return f"Defaults({self.to_json()!r})"
 
     def to_json(self) -> dict[str, Any]:
-        """As recorded with a job: every default by its field name."""
-        return {**self.params, "seed": self.seed, "n": self.n}
+        """As recorded with a job: every default by its field name (`strength` where given)."""
+        strength = {} if self.strength is None else {"strength": self.strength}
+        return {**self.params, "seed": self.seed, "n": self.n, **strength}
 
 
 _check_name = text("name", MAX_TAG_CHARS)
@@ -128,6 +135,9 @@ class JobSpec:
     """`--lora-dir`: the folders LoRA names are looked up in (none given: `SDQ_LORA_DIR`)."""
     embeddings_dir: str | None = None
     """`--embeddings-dir`: the embeddings folder (None: `SDQ_EMBEDDINGS_DIR`)."""
+    init_base: str | None = None
+    """The folder a schedule's prompt file was in (absolute), where its runs read the local
+    files its `init_image` column names; None for a file that names none."""
 
     def __post_init__(self) -> None:
         if self.name is not None:
@@ -137,7 +147,7 @@ class JobSpec:
             raise InvalidInput(f"unknown default(s): {', '.join(unknown)}")
         given = {k: self.defaults[k] for k in DEFAULT_FIELDS if self.defaults.get(k) is not None}
         Defaults(**given)  # each value, and values that do not go together (ParamError)
-        checks = {**CHECKS, "n": whole("n", 1, MAX_IMAGES_PER_ROW)}
+        checks = {**CHECKS, "n": whole("n", 1, MAX_IMAGES_PER_ROW), "strength": check_strength}
         object.__setattr__(self, "defaults", {k: checks[k](v) for k, v in given.items()})
         object.__setattr__(self, "tags", tuple(check_tag(tag) for tag in self.tags))
         object.__setattr__(self, "loras", tuple(format_lora_option(*parse_lora_option(lora))
@@ -173,7 +183,7 @@ class JobSpec:
             "expansion": dict(self.expansion) if self.expansion is not None else None,
             "name": self.name, "reuse": None if self.reuse else False,
             "loras": list(self.loras), "lora_dirs": list(self.lora_dirs),
-            "embeddings_dir": self.embeddings_dir}
+            "embeddings_dir": self.embeddings_dir, "init_base": self.init_base}
         return {k: v for k, v in values.items() if v is not None and v != []}
 
     @classmethod
@@ -182,7 +192,8 @@ class JobSpec:
         keys, any of them absent: a schedule stored before LoRAs were options loads as having
         none); an unknown key is InvalidInput."""
         own = {"model", "batch_size", "priority", "tags", "safety_checker", "on_flag",
-               "seed_policy", "expansion", "name", "reuse", "loras", "lora_dirs", "embeddings_dir"}
+               "seed_policy", "expansion", "name", "reuse", "loras", "lora_dirs", "embeddings_dir",
+               "init_base"}
         unknown = sorted(options.keys() - own - set(DEFAULT_FIELDS))
         if unknown:
             raise InvalidInput(f"unknown job option(s): {', '.join(unknown)}")

@@ -8,6 +8,7 @@ the same models and dialect helpers; split by caller, the same question would be
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +32,8 @@ REQUIRED_ITEM_FIELDS = frozenset({"prompt", "seed", "sampler", "steps", "cfg", "
 OPTIONAL_ITEM_FIELDS = {"negative_prompt": "", "eta": 0.0, "model_id": None, "tags": None,
                         "template": None, "template_values": None,
                         "prompt_syntax": DEFAULTS["prompt_syntax"],
-                        "clip_skip": DEFAULTS["clip_skip"], "loras": None, "embeddings": None}
+                        "clip_skip": DEFAULTS["clip_skip"], "loras": None, "embeddings": None,
+                        "init_sha256": None, "init_source": None, "strength": None}
 """What a submitted item may carry, besides `row_index` (default: its position in the
 submission); every other column is the queue's to fill in."""
 
@@ -41,7 +43,8 @@ _COPY_TYPES = {
     "seed": "int8", "sampler": "varchar", "steps": "int4", "cfg": "float8", "eta": "float8",
     "width": "int4", "height": "int4", "model_id": "int4", "tags": "json", "template": "text",
     "template_values": "json", "prompt_syntax": "varchar", "clip_skip": "int4", "loras": "json",
-    "embeddings": "json", "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
+    "embeddings": "json", "init_sha256": "varchar", "init_source": "text", "strength": "float8",
+    "status": "varchar", "attempts": "int4", "created_at": "timestamptz",
 }
 _CHUNK = 10_000
 PHRASE_WINDOW = 20_000
@@ -70,6 +73,7 @@ def search_items(
     flagged: bool | None = None,
     values: Mapping[str, str] | None = None,
     lora: str | None = None,
+    init: str | None = None,
     before: int | None = None,
     limit: int | None = 50,
 ) -> Page:
@@ -83,7 +87,9 @@ def search_items(
     flagged, or checked and passed; items never checked match neither. `values` are template
     choices the item was expanded with, label to value (compared as text, so a grid's `cfg`
     is "7.5"; a scan too). `lora` keeps the items made with the LoRA of that name, at any
-    weight (a scan). Paging is by keyset (`before` an id), so a page costs the
+    weight (a scan). `init` keeps img2img items by their init image: `item:ID`, those started
+    from item ID's stored image (whatever name it came under: images are compared by
+    sha256), or a prefix of the init image's sha256. Paging is by keyset (`before` an id), so a page costs the
     same however deep it is and rows added meanwhile do not shift it.
     """
     if limit is not None and limit < 1:
@@ -119,6 +125,8 @@ def search_items(
         stmt = stmt.where(_template_value(label, dialect) == value)
     if lora is not None:
         stmt = stmt.where(_has_lora(lora, dialect))
+    if init is not None:
+        stmt = stmt.where(_started_from(init))
     if before is not None:
         stmt = stmt.where(key < before)
     if limit is None:
@@ -128,6 +136,19 @@ def search_items(
     else:
         rows = list(session.scalars(stmt.order_by(key.desc()).limit(limit + 1)))
     return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
+
+
+def _started_from(init: str) -> ColumnElement[bool]:
+    """`search_items`' `init` filter; InvalidInput for what is neither form."""
+    if (number := init.removeprefix("item:")) != init:
+        if not number.isdigit():
+            raise InvalidInput(f"--init {init!r}: expected item:ID or a sha256 prefix")
+        return Item.init_sha256.in_(select(Item.image_sha256).where(Item.id == int(number))
+                                    .scalar_subquery())
+    if not re.fullmatch(r"[0-9a-fA-F]{4,64}", init):
+        raise InvalidInput(f"--init {init!r}: expected item:ID or a sha256 prefix of 4 to 64 "
+                           "hex digits")
+    return Item.init_sha256.startswith(init.lower())
 
 
 def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:

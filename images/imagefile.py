@@ -48,7 +48,7 @@ def open_image(source: Path | bytes, name: str | None = None, *,
     a truncated file fails here and not later. Its size is checked from the header before a
     pixel is decoded: above `max_pixels` it is refused."""
     label = name or str(source)
-    data = source if isinstance(source, bytes) else _read(Path(source), label)
+    data = source if isinstance(source, bytes) else read_file(Path(source), label)
     image = _decode(lambda: Image.open(io.BytesIO(data)), label)
     pixels = image.width * image.height
     if pixels > max_pixels:
@@ -75,7 +75,8 @@ def _decode(step: Callable[[], T], label: str) -> T:
         raise ImageFileError(label, f"truncated or damaged image: {said}") from None
 
 
-def _read(path: Path, label: str) -> bytes:
+def read_file(path: Path, label: str) -> bytes:
+    """A file's bytes, or ImageFileError naming it as `label` (missing, a folder, unreadable)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -106,5 +107,5 @@ def read_init_image(path: Path | str) -> InitFile:
     """An init image file, checked (`open_image`) and made RGB (`init_rgb`); the sha256 is of
     the bytes decoded, read once."""
     path = Path(path)
-    data = _read(path, str(path))
+    data = read_file(path, str(path))
     return InitFile(init_rgb(open_image(data, str(path))), hashlib.sha256(data).hexdigest(), path.name)

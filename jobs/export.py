@@ -340,6 +340,7 @@ RECORD_TYPES: dict[str, str] = {
     "safety_action": "string", "safety_checker_sha256": "string",
     "safety_concept_scores": "list[float64]", "safety_special_scores": "list[float64]",
     "loras": "list[struct]", "embeddings": "list[struct]",
+    "init_sha256": "string", "init_source": "string", "strength": "float64",
 }
 """The fixed type of each field of `sdq.cli.common.item_record`, named as Hugging Face
 `datasets` names dtypes: one table for the parquet schema and the dataset card's features."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from sdq.core.errors import InvalidInput
+from sdq.core.init_image import DEFAULT_STRENGTH, check_strength, own_size, steps_run
 from sdq.core.jobspec import Defaults
 from sdq.core.params import (
     CHECKS,
@@ -46,6 +47,7 @@ from sdq.core.params import (
 from sdq.db.queries import find_model
 from sdq.core.settings import DEFAULT_MAX_JOB_ITEMS
 from sdq.jobs.adapters import AdapterFinder, Records
+from sdq.jobs.inits import MAX_REF_CHARS, InitReader, InitSource, distinct
 from sdq.jobs.templates import Expansion, TemplateError, is_template
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 FIELDS = ("prompt", "negative_prompt", "seed", "n", "steps", "cfg", "sampler", "width", "height",
-          "eta", "prompt_syntax", "clip_skip", "model", "tags")
+          "eta", "prompt_syntax", "clip_skip", "model", "tags", "init_image", "strength")
 ALIASES = {"cfg_scale": "cfg", "guidance_scale": "cfg", "num_inference_steps": "steps"}
 """Other tools' names for sdq's fields, accepted as columns or keys and recorded as sdq's."""
 FORMATS = ("csv", "jsonl", "text")
@@ -74,6 +76,8 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
+        if self.line == 0:  # of the whole file, not of a line
+            return f"{self.source}: {self.field}: {self.reason}"
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
 
 
@@ -108,6 +112,8 @@ class PromptFile:
     needs_default_model: bool = True
     """Whether some row names no model of its own, so the job's default model makes it."""
     warnings: list[Problem] = field(default_factory=list)
+    inits: tuple[InitSource, ...] = ()
+    """The distinct init images the items start from (`jobs.inits` stores them)."""
 
 
 def recorded_name(path: Path | str) -> str:
@@ -128,6 +134,7 @@ def parse_prompt_file(
     resolve_model: ModelResolver | None = None, tokenizer: CLIPTokenizer | None = None,
     rng: random.Random | None = None, expansion: Expansion | None = None, repeat: int = 0,
     max_items: int = DEFAULT_MAX_JOB_ITEMS, adapters: AdapterFinder | None = None,
+    inits: InitReader | None = None, starts: Sequence[InitSource] = (),
 ) -> PromptFile:
     """Validate a whole prompt file and expand it into one item spec per image.
 
@@ -147,7 +154,12 @@ def parse_prompt_file(
     problem found by counting, before any row's prompts or items are made. `adapters` finds
     and hashes the LoRAs and embeddings each image names (`loras`, `embeddings` of its spec);
     a name without a file is a problem of its line (default: no folders, so a `<lora:...>` tag
-    is one). Raises PromptFileError listing every problem.
+    is one). `inits` reads the init image a row's `init_image` names (default: local paths
+    relative to the working folder, no storage); `starts` (`--init-dir`'s images) makes each
+    row once per image, in that order, as if its `init_image` named it. An img2img row takes
+    the job's strength, else DEFAULT_STRENGTH, and its init image's own size (each side
+    rounded down to a multiple of 8) where neither it nor the job gives one. Raises
+    PromptFileError listing every problem.
     """
     problems: list[Problem] = []
     text = _decode(data, source, problems)
@@ -156,9 +168,11 @@ def parse_prompt_file(
         raise ValueError(f"unknown prompt file format {fmt!r}; known: {', '.join(FORMATS)}")
     readers = {"csv": _csv_records, "jsonl": _jsonl_records, "text": _text_records}
     converter = _Converter(source, defaults, resolve_model, problems, expansion or Expansion(),
-                           max_items, adapters)
+                           max_items, adapters, inits)
+    each: list[InitSource | None] = [*starts] or [None]
     rows = [row for line, record in readers[fmt](text, source, problems)
-            if (row := converter.row(line, record)) is not None]
+            for start in each
+            if (row := converter.row(line, record, start)) is not None]
     if converter.over_at is not None:
         problems.append(Problem(source, converter.over_at, "images", f"the file makes "
                                 f"{converter.images:,} images, more than {max_items:,} "
@@ -170,17 +184,22 @@ def parse_prompt_file(
     base = defaults.seed if defaults.seed is not None else \
         rng.randrange(room) if rng is not None else draw_seed(room)
     _check_seed_ranges(rows, base, defaults.seed is not None, source, problems, repeat, total)
+    if defaults.strength is not None and rows and all(row.init is None for row in rows):
+        problems.append(Problem(source, 0, "strength", "the job's strength applies to "
+                                "image-to-image only, and no row has an init_image"))
     if problems:
         # A line that is not UTF-8 shows only that: what else fails there follows from it.
         garbled = {p.line for p in problems if p.field == "encoding"}
-        raise PromptFileError(sorted((p for p in problems
-                                      if p.field == "encoding" or p.line not in garbled),
-                                     key=lambda p: p.line))
+        # A row made once per --init-dir image has its problems once, not once per image.
+        raise PromptFileError(sorted(dict.fromkeys(
+            p for p in problems if p.field == "encoding" or p.line not in garbled),
+            key=lambda p: p.line))
     return PromptFile(
         source=source, format=fmt, sha256=hashlib.sha256(data).hexdigest(), base_seed=base,
         rows=len(rows), items=ItemSpecs(rows, base + repeat * total, repeat),
         needs_default_model=any(row.model_id is None for row in rows),
         warnings=_token_warnings(rows, source, tokenizer),
+        inits=tuple(distinct(row.init for row in rows if row.init is not None).values()),
     )
 
 
@@ -233,6 +252,9 @@ class _Row:
     template: str | None
     adapters: list[dict[str, Records]] | None = None
     """Per variant and prompt syntax, the LoRAs and embeddings its images record."""
+    init: InitSource | None = None
+    strength: float | None = None
+    """Image-to-image: the init image and its strength (a --grid strength cell's wins)."""
 
     @property
     def images(self) -> int:
@@ -379,7 +401,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     **CHECKS, "prompt": _trimmed(CHECKS["prompt"]),
     "negative_prompt": _trimmed(CHECKS["negative_prompt"]),
     "n": whole("n", 1, MAX_IMAGES_PER_ROW), "model": _trimmed(text("model", MAX_TAG_CHARS)),
-    "tags": _tags,
+    "tags": _tags, "init_image": _trimmed(text("init_image", MAX_REF_CHARS)),
+    "strength": check_strength,
 }
 """Each field's cell or JSON value to its recorded value: the parameters' own checks, and
 whitespace-trimmed text."""
@@ -390,9 +413,10 @@ class _Converter:
 
     def __init__(self, source: str, defaults: Defaults, resolve_model: ModelResolver | None,
                  problems: list[Problem], expansion: Expansion, max_items: int,
-                 adapters: AdapterFinder | None = None) -> None:
+                 adapters: AdapterFinder | None = None, inits: InitReader | None = None) -> None:
         self.source, self.defaults, self.problems = source, defaults, problems
         self.adapters = adapters or AdapterFinder()
+        self.inits = inits or InitReader()
         self.expansion, self.cells = expansion, expansion.cells()
         self.rng = random.Random(expansion.seed)
         self.resolve_model = resolve_model
@@ -403,8 +427,10 @@ class _Converter:
         """The line at which the file's images pass `max_items`: from there on rows are
         checked and counted, but their prompts are not made."""
 
-    def row(self, line: int, record: dict[str, Any]) -> _Row | None:
-        """The row, or None when it has problems (all of them recorded)."""
+    def row(self, line: int, record: dict[str, Any], start: InitSource | None = None
+            ) -> _Row | None:
+        """The row, or None when it has problems (all of them recorded); `start` is the
+        init image an --init-dir gives it."""
         values: dict[str, Any] = {}
         failed: list[str] = []
         for name, raw in record.items():
@@ -418,6 +444,7 @@ class _Converter:
                 failed.append(self._problem(line, name, str(exc)))
         if not values.get("prompt") and "prompt" not in failed:
             failed.append(self._problem(line, "prompt", "missing"))
+        begins = self._init(line, values, start, failed)
         model_id = None
         if (model := values.pop("model", None)) is not None:
             found = self._model_id(model)
@@ -434,7 +461,9 @@ class _Converter:
         try:
             params = GenerationParams(**{**self.defaults.params, **values, "seed": seed or 0})
             for cell in self.cells:  # a grid value that does not go with the row (eta, euler)
-                replace(params, **cell)
+                shaped = replace(params, **{k: v for k, v in cell.items() if k != "strength"})
+                if begins is not None:
+                    steps_run(shaped.steps, cell.get("strength", begins[1]))
         except ParamError as exc:  # fields that do not go together (eta with euler)
             self._problem(line, exc.field, exc.reason)
             return None
@@ -460,7 +489,43 @@ class _Converter:
         templated = is_template(params.prompt) or is_template(params.negative_prompt)
         return _Row(line=line, first_index=first_index, params=params, seed=seed, n=n,
                     model_id=model_id, tags=tags, variants=variants, cells=self.cells,
-                    template=params.prompt if templated else None, adapters=adapters)
+                    template=params.prompt if templated else None, adapters=adapters,
+                    init=begins[0] if begins else None, strength=begins[1] if begins else None)
+
+    def _init(self, line: int, values: dict[str, Any], start: InitSource | None,
+              failed: list[str]) -> tuple[InitSource, float] | None:
+        """The row's init image (its `init_image`, else `start`) and strength, or None for
+        text to image, taking the init's own size into `values` for the sides nobody gave;
+        problems into `failed`."""
+        ref, strength = values.pop("init_image", None), values.pop("strength", None)
+        init = start
+        if ref is not None and start is not None:
+            failed.append(self._problem(line, "init_image", "given by --init-dir too; use "
+                                        "one or the other"))
+        elif ref is not None:
+            try:
+                init = self.inits.read(ref)
+            except ParamError as exc:
+                failed.append(self._problem(line, exc.field, exc.reason))
+                return None
+        if init is None:
+            if strength is not None or any("strength" in cell for cell in self.cells):
+                failed.append(self._problem(line, "strength", "applies to image-to-image only: "
+                                            "give the row an init_image"))
+            return None
+        own = dict(zip(("width", "height"), own_size(init.width, init.height)))
+        for side, size in own.items():
+            if side in values or side in self.defaults.sized:
+                continue
+            try:
+                values[side] = CHECKS[side](size)
+            except ParamError as exc:
+                failed.append(self._problem(line, "init_image", f"{init.source} is "
+                                            f"{init.width}x{init.height}, so its own {side} "
+                                            f"{exc.reason}; give width and height"))
+        if strength is None:
+            strength = self.defaults.strength or DEFAULT_STRENGTH
+        return init, strength
 
     def _adapters(self, params: GenerationParams, variants: list[tuple[str, str, dict[str, str]]]
                   ) -> list[dict[str, Records]]:
@@ -527,6 +592,9 @@ def _expand(rows: list[_Row], base: int, repeat: int) -> Iterator[dict[str, Any]
         common: dict[str, Any] = {**row.params.to_dict(), "tags": row.tags}
         if row.model_id is not None:
             common["model_id"] = row.model_id
+        if row.init is not None:
+            common |= {"init_sha256": row.init.sha256, "init_source": row.init.source,
+                       "strength": row.strength}
         first = row.seed + repeat * row.images if row.seed is not None else base + row.first_index
         for number, (prompt, negative, values) in enumerate(row.variants):
             for k in range(row.n):

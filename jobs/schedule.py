@@ -35,6 +35,8 @@ from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database
 from sdq.jobs.adapters import adapter_finder, with_folders
+from sdq.images.storage import open_storage
+from sdq.jobs.inits import InitReader, item_images
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
 
@@ -94,14 +96,17 @@ class Added:
 def add_schedule(session: Session, *, name: str, cron: str, source: str, data: bytes,
                  spec: JobSpec, replace: bool = False,
                  now: datetime | None = None, wildcards: Path | None = None,
-                 lora_dirs: Sequence[Path] = (), embeddings_dir: Path | None = None) -> Added:
+                 lora_dirs: Sequence[Path] = (), embeddings_dir: Path | None = None,
+                 inits: InitReader | None = None) -> Added:
     """Validate and store (in the session's transaction) a schedule of the prompt file `data`,
     its runs' options `spec` stored as JSON (`JobSpec.to_json`).
 
     The file is parsed as `sdq submit` would (PromptFileError lists its problems), its
     templates expanded as `spec.expansion` says, wildcard files read from `wildcards`, LoRAs
     and embeddings found in the spec's folders, else `lora_dirs` and `embeddings_dir`;
-    the lines read are stored, so that runs never read the folder. A name that
+    the lines read are stored, so that runs never read the folder. Init images are read by
+    `inits` (its folder, that of the file, is stored for the runs, which read the images again
+    and store what changed, as `sdq submit` does). A name that
     exists is left as it is unless it is identical (a removed one is then re-enabled) or
     `replace` is given; otherwise ScheduleError says what differs.
     """
@@ -114,7 +119,10 @@ def add_schedule(session: Session, *, name: str, cron: str, source: str, data: b
     expansion = Expansion.from_json(spec.expansion or {}, wildcards)
     parsed = parse_prompt_file(data, source, spec.row_defaults(),
                                resolve_model=model_resolver(session), expansion=expansion,
-                               adapters=adapter_finder(spec, lora_dirs, embeddings_dir))
+                               adapters=adapter_finder(spec, lora_dirs, embeddings_dir),
+                               inits=inits)
+    if parsed.inits and inits is not None:
+        spec = dataclasses.replace(spec, init_base=str(inits.base.resolve()))
     if spec.expansion is not None:  # with the lines of the wildcard files it read
         spec = dataclasses.replace(spec, expansion=expansion.to_json())
     values = {"cron": cron, "prompt_file_name": source, "prompt_text": data.decode("utf-8"),
@@ -317,12 +325,16 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
             # The schedule's own folders, where it names them, for finding and (with no
             # broker) for running.
             settings = with_folders(settings, spec.lora_dirs, spec.embeddings_dir)
+            inits = InitReader(spec.init_base or ".", storage=lambda: open_storage(
+                settings.storage_url, max_attempts=settings.max_attempts),
+                item_image=item_images(session))
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),
                                        expansion=expansion, repeat=repeat,
                                        adapters=adapter_finder(spec, settings.lora_dir,
-                                                               settings.embeddings_dir))
+                                                               settings.embeddings_dir),
+                                       inits=inits)
             model = identify_model(spec.model or settings.model, settings.home / "hashes.json",
                                    session) if spec.model or parsed.needs_default_model else None
         checker = job_safety_checker(spec.safety_checker, settings.safety_checker)
@@ -333,7 +345,8 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
                           safety_checker=checker, schedule_id=schedule.id, run_day=day)
             try:
                 submission = submit(settings, parsed.items, model=model, job=job,
-                                    batch_size=spec.batch_size, make_runner=make_runner)
+                                    batch_size=spec.batch_size, make_runner=make_runner,
+                                    inits=parsed.inits)
             except (IntegrityError, OperationalError):
                 # Another scheduler got there first (the unique pair refused this job), or,
                 # on SQLite, its write made this transaction's snapshot stale: look again. A

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from sdq.core.errors import InvalidInput, Unavailable
+from sdq.core.init_image import InitImage
 from sdq.core.jobspec import ON_FLAG, PRIORITIES, JobSpec, default_batch_size
 from sdq.core.params import (
     HUB_REPO_ID,
@@ -48,6 +49,8 @@ from sdq.jobs.broker import (
     create_app,
     queue_name,
 )
+from sdq.jobs import inits as init_images
+from sdq.jobs.inits import InitSource
 from sdq.jobs.promptfile import PromptFile
 
 if TYPE_CHECKING:
@@ -190,7 +193,7 @@ def submit(
     on_recorded: Callable[[int], None] | None = None,
     on_submitted: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
-    make_runner: RunnerFactory | None = None,
+    make_runner: RunnerFactory | None = None, inits: Sequence[InitSource] = (),
 ) -> Submission:
     """Record `job` (default: an empty Job) with one item per spec (`Item` fields, see
     `db.queries.submit_job`) in one transaction, then enqueue its batches on their models'
@@ -200,7 +203,9 @@ def submit(
     model's batches go to that model's queue; None when every spec names its model.
     `on_submitted(job_id, items, batches)` is called once the job is committed, before any
     batch runs, so a caller can name the job even if the run is interrupted. `make_runner`
-    builds the in-process runner; it is needed in embedded mode only.
+    builds the in-process runner; it is needed in embedded mode only. `inits` are the init
+    images the specs' `init_sha256` name: stored first, their rows recorded with the items
+    (`jobs.inits`).
 
     Raises ValueError (a bad spec or no items; nothing recorded) or
     `db.session.SchemaMismatch`.
@@ -210,12 +215,20 @@ def submit(
         check_broker(settings.broker_url)
     engine = open_database(settings.database_url)
     try:
+        storage = None
+        if inits:
+            from sdq.images.storage import open_storage
+
+            storage = open_storage(settings.storage_url, max_attempts=settings.max_attempts)
+            init_images.upload(storage, inits)
         with Session(engine, expire_on_commit=False) as session:
             model_id = _model_id(session, model) if model is not None else None
             job = job or Job()
             if (job.priority or 0) not in PRIORITIES:
                 raise ValueError(f"priority must be {PRIORITIES.start}-{PRIORITIES.stop - 1}, got {job.priority}")
             transitions.start_job(job, embedded=settings.embedded)
+            if storage is not None:
+                init_images.record(session, storage, inits)
             submit_job(session, job, (_with_model(spec, model_id) for spec in items))
             if job.item_count == 0:
                 raise ValueError("nothing to submit: no items")
@@ -347,7 +360,8 @@ def stored_count(session: Session, items: Sequence[Mapping[str, Any]],
     keys = Counter(cache_key(GenerationParams.of(item), watermark=settings.watermark,
                              model_sha256=known.get(item.get("model_id")) or _default(model)[1],
                              device=device, dtype=dtype, vae_dtype=settings.vae_dtype,
-                             loras=item.get("loras"), embeddings=item.get("embeddings"))
+                             loras=item.get("loras"), embeddings=item.get("embeddings"),
+                             init=InitImage.of(item))
                    for item in items)
     found: set[str] = set()
     ordered = list(keys)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from sdq.core.errors import InvalidInput
+from sdq.core.init_image import check_strength
 from sdq.core.params import CHECKS, FIELDS, ParamError, close_match, draw_seed
 
 MODES = ("combinatorial", "random")
@@ -40,7 +41,10 @@ MAX_DEPTH = 10
 MAX_NESTING = 20
 """`{` within `{`, at most, in one text: each level costs the parser and the expansion a
 few stack frames, and a template nested deeper is a generated mistake, not a prompt."""
-GRID_FIELDS = tuple(name for name in FIELDS if name not in ("prompt", "negative_prompt"))
+GRID_FIELDS = (*(name for name in FIELDS if name not in ("prompt", "negative_prompt")), "strength")
+"""What --grid varies: every parameter but the prompts, and img2img's strength (rows with an
+init image only)."""
+_GRID_CHECKS = {**CHECKS, "strength": check_strength}
 _WILDCARD = re.compile(r"__([A-Za-z0-9][A-Za-z0-9_\-/.]*?)__")
 _WEIGHT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)::")
 _SPECIAL = ("{", "}", "|", "\\", "_")
@@ -412,7 +416,7 @@ def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         if name in grid:
             raise InvalidInput(f"--grid {spec!r}: {name} is given twice")
         try:
-            values = tuple(CHECKS[name](value.strip()) for value in raw.split(","))
+            values = tuple(_GRID_CHECKS[name](value.strip()) for value in raw.split(","))
         except ParamError as exc:
             raise InvalidInput(f"--grid {spec!r}: {exc.reason}") from None
         grid[name] = tuple(dict.fromkeys(values))

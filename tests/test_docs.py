@@ -116,6 +116,12 @@ SETUP = {
                     "--height 64 --model ~/models/v1-5-pruned-emaonly.safetensors >/dev/null 2>&1 & "
                     "for n in $(seq 3000); do compgen -G ~/'.local/share/sdq/images/2/*.png' >/dev/null "
                     "&& break; sleep 0.1; done; kill -TERM $!; wait",  # stopped after an image
+    "ls -1 photos": "mkdir -p photos && printf 'where they were taken\\n' > photos/README.txt && "
+                 "python -c \"from PIL import Image; [Image.new('RGB', (640, 480), (40 * n, 90, 30))"
+                 ".save(f'photos/{name}.jpg') for n, name in enumerate(('beach', 'harbour', "
+                 "'market'))]\" && printf 'prompt,n\\na watercolour painting,2\\nan oil painting "
+                 "at dusk,1\\n' > variations.csv && "
+                 "export SDQ_MODEL=~/models/v1-5-pruned-emaonly.safetensors",
     "SDQ_BROKER_URL=redis://:secret@127.0.0.1:6390/0 sdq doctor":
         "export SDQ_MODEL=~/models/v1-5-pruned-emaonly.safetensors",
 }

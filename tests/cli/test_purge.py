@@ -76,7 +76,7 @@ def test_purge_is_refused_while_items_run(home: Home) -> None:
 def test_purge_json_on_both_databases(any_home: Home) -> None:
     job = any_home.add_job(["a red fox", "a lighthouse"], done=1)
     result = any_home.run("purge", str(job.id), "--yes", "--json")
-    assert result.output == f'{{"job_id": {job.id}, "items": 2, "images": 1, "kept": 0}}\n'
+    assert result.output == f'{{"job_id": {job.id}, "items": 2, "images": 1, "kept": 0, "inits": 0}}\n'
     assert counts(any_home, job.id) == (0, 0)
 
 

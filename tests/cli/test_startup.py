@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli.conftest import Home
+from PIL import Image
+
 from tests.adapters import write_embedding
+from tests.cli.conftest import Home
 from tests.conftest import stand_in_checkpoint
 
 HEAVY = ["torch", "transformers", "celery"]
@@ -41,11 +43,15 @@ def test_commands_that_do_not_generate_load_no_model_stack_nor_celery(
     community = tmp_path / "community.csv"
     community.write_text("prompt,negative_prompt\n" + f'"{", ".join(["a red fox"] * 30)}",badneg\n')
     write_embedding(tmp_path / "embeddings", "badneg")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
     commands = [
         ["submit", str(prompts), "--model", str(model), "--dry-run"],
         ["submit", str(community), "--model", str(model), "--dry-run",
          "--embeddings-dir", str(tmp_path / "embeddings")],
         ["submit", str(community), "--model", str(model), "--dry-run", "--prompt-syntax", "plain"],
+        ["submit", str(prompts), "--init-dir", str(tmp_path / "photos"), "--model", str(model),
+         "--dry-run"],
         ["models", "add", "sd15", str(model)], ["submit", str(prompts), "--model", "sd15", "--dry-run"],
         ["--help"], ["jobs"], ["search", "fox"], ["status", "1"], ["show", "1"], ["watch", "1"],
         ["config"], ["schedule", "list"], ["models", "list"], ["db", "current"],

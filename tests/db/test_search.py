@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
 from sdq.db.fulltext import TextQuery, parse_query
-from sdq.db.models import Job
-from sdq.db.queries import search_items
+from sdq.db.models import Item, Job
+from sdq.db.queries import search_items, submit_job
 from sdq.core.errors import InvalidInput
 
-from .helpers import add_job
+from .helpers import add_job, spec
 
 LONG = " ".join(["painterly"] * 120) + " a quiet zebra grazing"
 PROMPTS = [
@@ -146,3 +146,26 @@ def test_parse_query() -> None:
     assert parse_query('"red dragon" sea').has_multiword_phrase
     assert not parse_query("red dragon").has_multiword_phrase
     assert parse_query("sci-fi").has_multiword_phrase  # two words that must be adjacent
+
+
+def test_items_are_found_by_their_init_image(session: Session) -> None:
+    maker = add_job(session, ["a red fox"])
+    source = session.scalars(select(Item).where(Item.job_id == maker.id)).one()
+    source.image_sha256 = "ab" * 32
+    first, second = "ab" * 32, "cd" * 32
+    job = submit_job(session, Job(), [
+        spec("from the fox", init_sha256=first, init_source=f"item:{source.id}", strength=0.5),
+        spec("from a photo", init_sha256=second, init_source="photo.png", strength=0.3),
+        spec("text to image")])
+    session.commit()
+    made = {i.prompt: i.id for i in session.scalars(select(Item).where(Item.job_id == job.id))}
+
+    def found(init: str) -> list[str]:
+        return sorted(i.prompt for i in search_items(session, init=init).items)
+
+    assert found(f"item:{source.id}") == ["from the fox"] == found("ABAB")
+    assert found("cdcd") == ["from a photo"] and found(second) == ["from a photo"]
+    assert found(f"item:{made['text to image']}") == []  # no image: nothing started from it
+    for bad in ("item:x", "abc", "zzzz"):
+        with pytest.raises(InvalidInput):
+            search_items(session, init=bad)
