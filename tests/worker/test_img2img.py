@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from sd_parsers import ParserManager
@@ -34,7 +38,7 @@ from sdq.db.session import open_database
 from sdq.images.provenance import read_png_metadata
 from sdq.images.storage import LocalStorage, Storage, StorageError, init_key, open_storage
 from sdq.images.stored_init import InitImages, UnusableInit, read_stored_init
-from sdq.jobs.submit import dispatch
+from sdq.sdmodel.diffusers_reference import reference_pipeline, reference_scheduler
 from sdq.sdmodel.img2img import Init
 from sdq.sdmodel.pipeline import Pipeline, load_pipeline
 from sdq.sdmodel.produce import produce
@@ -368,27 +372,46 @@ def test_a_worker_reads_inits_from_s3(embedded: Settings, tiny_pipeline: Pipelin
     assert np.abs(stored_pixels(storage, item) - expected).max() <= 1
 
 
-def test_a_worker_process_runs_img2img_from_s3_without_the_files(
-        distributed: Settings, start_worker: Callable[[str], WorkerProcess],
-        tiny_pipeline: Pipeline, tmp_path: Path) -> None:
-    """Distributed: PostgreSQL, Redis, S3 (moto) and an `sdq worker` process that never saw
-    the init files (they are deleted here once stored): its images are the pipeline's."""
-    worker = start_worker("i2i")
-    storage = open_storage(distributed.storage_url)
-    engine = open_database(distributed.database_url)
-    picture = init_image(64, 64, seed=12)
-    source = tmp_path / "gone.png"
-    picture.save(source)
-    sha256 = store_init(engine, storage, source.read_bytes())
-    source.unlink()
-    inits = [InitImage(sha256, "gone.png", 0.6), InitImage(sha256, "gone.png", 0.3), None]
-    job_id, batches = img2img_job(engine, tiny_pipeline.sha256, specs(3, steps=STEPS), inits, 8)
-    worker.wait_ready()
-    dispatch(distributed, engine, {tiny_pipeline.sha256: batches}, Item.job_id == job_id)
+def test_an_init_dir_job_runs_on_a_worker_that_never_saw_the_folder(
+        distributed: Settings, distributed_env: dict[str, str], tiny_checkpoint: Path,
+        start_worker: Callable[[str], WorkerProcess], tmp_path: Path) -> None:
+    """The issue's whole path, distributed: `sdq submit --init-dir` (PostgreSQL, Redis, S3 on
+    moto) stores the folder's images; the folder is deleted before an `sdq worker` process
+    starts; its images are diffusers' StableDiffusionImg2ImgPipeline's within one level (a
+    70x61 PNG used at 64x56, a 64x64 JPEG), and each PNG records its init."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    init_image(70, 61, seed=21).save(folder / "harbour.png")
+    init_image(64, 64, seed=22).save(folder / "field.jpg", quality=95)
+    pictures = {name: Image.open(folder / name).convert("RGB") for name in ("harbour.png", "field.jpg")}
+    hashes = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in pictures}
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,negative_prompt\nan oil painting,blurry\na watercolour,\n")
+    sdq = Path(sys.executable).parent / "sdq"
+    submitted = subprocess.run(
+        [str(sdq), "submit", str(prompts), "--init-dir", str(folder), "--strength", "0.6",
+         "--model", str(tiny_checkpoint), "--steps", "10", "--sampler", "dpmpp_2m", "--seed", "5",
+         "--json"], env=distributed_env, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    shutil.rmtree(folder)
+    start_worker("i2i").wait_ready()
     wait_until_done(distributed, job_id)
-    for item, init in zip(job_items(engine, job_id), inits):
+
+    storage = open_storage(distributed.storage_url)
+    reference = reference_pipeline(tiny_checkpoint, img2img=True)
+    reference.scheduler = reference_scheduler("dpmpp_2m")
+    items = job_items(open_database(distributed.database_url), job_id)
+    assert sorted((i.prompt, i.init_source) for i in items) == sorted(
+        (p, n) for p in ("an oil painting", "a watercolour") for n in pictures)
+    for item in items:
         assert item.status == Status.DONE, item.last_error
-        start = None if init is None else Init(picture, init.strength)
-        expected = pixels(alone(tiny_pipeline, item.params, start))
-        assert np.abs(stored_pixels(storage, item) - expected).max() <= 1
-        assert read_png_metadata(storage.get(item.image_key)).provenance.init == init
+        [expected] = reference(
+            prompt=item.prompt, negative_prompt=item.negative_prompt,
+            image=pictures[item.init_source], strength=0.6, num_inference_steps=10,
+            generator=torch.Generator("cpu").manual_seed(item.seed), output_type="np").images
+        ours = stored_pixels(storage, item)
+        assert ours.shape == expected.shape
+        assert np.abs(ours - (expected * 255).round()).max() <= 1, (item.prompt, item.init_source)
+        assert read_png_metadata(storage.get(item.image_key)).provenance.init == InitImage(
+            hashes[item.init_source], item.init_source, 0.6)
