@@ -336,7 +336,9 @@ def _print_plan(source: str, parsed: PromptFile, size: int, plan: list[dict[str,
             click.echo(f"  {text}")
     click.echo(f"{stored:,} of {len(parsed.items):,} already generated (reused, not generated "
                "again; an estimate for this machine's device)")
-    click.echo(render_table(plan, ["model", "sampler", "steps", "size", "images", "batches"]))
+    strengths = ["strength"] if any(group["strength"] is not None for group in plan) else []
+    click.echo(render_table(plan, ["model", "sampler", "steps", "size", *strengths, "images",
+                                   "batches"]))
     if total is None:
         click.echo("estimated time: unknown (no finished images of the same model, sampler and "
                    "size to measure from)")

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from sdq.core.errors import InvalidInput, Unavailable
-from sdq.core.init_image import InitImage
+from sdq.core.init_image import InitImage, steps_run
 from sdq.core.jobspec import ON_FLAG, PRIORITIES, JobSpec, default_batch_size
 from sdq.core.params import (
     HUB_REPO_ID,
@@ -322,26 +322,29 @@ def _default(model: ModelIdentity | None) -> tuple[str, str]:
 
 def plan(session: Session, items: Sequence[Mapping[str, Any]], model: ModelIdentity | None,
          batch_size: int) -> list[dict[str, Any]]:
-    """What submitting `items` would run, recording nothing: one group per model and batch
-    shape (the same key `plan_batches` groups by), with its images, batches and an estimate
-    from the finished images of the same model, sampler and size (seconds per image and step;
-    None without any). `model` is the default of items without a `model_id` (None: every
-    item has one)."""
+    """What submitting `items` would run, recording nothing: one group per model, batch
+    shape and img2img strength (the key `plan_batches` groups by), with its images, batches
+    and an estimate from the finished images of the same model, sampler and size (seconds
+    per image and step, times the steps each image runs: all of them, or `int(steps *
+    strength)` from an init image; None without any). `model` is the default of items
+    without a `model_id` (None: every item has one)."""
     known = {m.id: (m.name, m.sha256) for m in all_models(session)}
     default_id = next((i for i, (_, sha256) in known.items()
                        if model is not None and sha256 == model.sha256), None)
-    groups = Counter((item.get("model_id", default_id), GenerationParams.of(item).shape)
-                     for item in items)
+    groups = Counter((item.get("model_id", default_id), GenerationParams.of(item).shape,
+                      item.get("strength")) for item in items)
     planned = []
-    for (model_id, shape), images in groups.items():
+    for (model_id, shape, strength), images in groups.items():
         label, sha256 = known.get(model_id) or _default(model)
         per_step = None if model_id is None else seconds_per_step(
             session, model_id=model_id, sampler=shape.sampler, width=shape.width,
             height=shape.height)
+        steps = shape.steps if strength is None else steps_run(shape.steps, strength)
         planned.append({"model": label, "model_sha256": sha256, "sampler": shape.sampler,
                         "steps": shape.steps, "size": f"{shape.width}x{shape.height}",
-                        "eta": shape.eta, "images": images, "batches": -(-images // batch_size),
-                        "estimated_s": None if per_step is None else per_step * shape.steps * images})
+                        "eta": shape.eta, "strength": strength, "images": images,
+                        "batches": -(-images // batch_size),
+                        "estimated_s": None if per_step is None else per_step * steps * images})
     return planned
 
 
@@ -379,22 +382,24 @@ _LOOKUP_CHUNK = 500
 def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, *, prefix: str
                  ) -> dict[str, list[Batch]]:
     """The matching items, by model sha256, in batches of one `BatchShape` (sampler, steps,
-    size, eta) and one job priority, at most `batch_size` items each; highest priority first,
-    then in submission order. Guidance, prompts and seeds may differ within a batch: each
-    image has its own generator, so batching never changes it."""
+    size, eta), one img2img strength (it decides where the schedule starts; text-to-image
+    items have none) and one job priority, at most `batch_size` items each; highest priority
+    first, then in submission order. Guidance, prompts, seeds and init images may differ
+    within a batch: each image has its own generator, so batching never changes it."""
     from sdq.core.batch import Batch
 
     rows = session.execute(
-        select(Item.id, Model.sha256, Job.priority, *(getattr(Item, f) for f in SHAPE_FIELDS))
+        select(Item.id, Model.sha256, Job.priority, Item.strength,
+               *(getattr(Item, f) for f in SHAPE_FIELDS))
         .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, sha256, priority, *values in rows:
+    for item_id, sha256, priority, strength, *values in rows:
         shape = BatchShape(**dict(zip(SHAPE_FIELDS, values)))
-        groups.setdefault((sha256, priority, shape), []).append(item_id)
+        groups.setdefault((sha256, priority, shape, strength), []).append(item_id)
     planned: dict[str, list[Batch]] = {}
-    for (sha256, priority, _), ids in groups.items():
+    for (sha256, priority, *_), ids in groups.items():
         batches = planned.setdefault(sha256, [])
         for start in range(0, len(ids), batch_size):
             batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",

@@ -204,9 +204,9 @@ def test_a_stored_item_as_init_image_is_found_shown_and_exported(queued: Home, m
     assert rows == [{"id": made.id, "init_sha256": source.image_sha256,
                      "init_source": f"item:{source.id}", "strength": 0.4},
                     {"id": plain.id, "init_sha256": None, "init_source": None, "strength": None}]
-    metadata = [json.loads(line) for line in
-                (tmp_path / "imagefolder" / "metadata.jsonl").read_text().splitlines()]
-    assert [m["strength"] for m in metadata] == [0.4, None]
+    metadata = pq.read_table(tmp_path / "imagefolder" / "metadata.parquet")
+    assert sorted(metadata.select(["id", "strength"]).to_pylist(), key=lambda r: r["id"]) == [
+        {"id": made.id, "strength": 0.4}, {"id": plain.id, "strength": None}]
 
 
 def test_init_images_from_the_configured_bucket(queued: Home, model: Path, bucket: str,
