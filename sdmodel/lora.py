@@ -351,8 +351,8 @@ class Adapters:
 
     `apply(set)` merges a set, once (the same set again is free). Switching sets writes each
     layer the new set changes straight from its original (`_merge_layer`, one matrix product
-    per layer), and restores only the layers the old set changed and the new one does not, so
-    a switch reads each weight once. Restored weights are the originals bit for bit.
+    per layer), and restores only the layers the old set changed and the new one does not: one
+    pass over each weight a switch changes. Restored weights are the originals bit for bit.
     Memory: one original per weight any set has touched (kept for the next switch; at most the
     LoRA-addressable layers once, whatever the number of LoRAs used) plus `cache_files` loaded
     files. Weights change in place (except CPU convs' oneDNN-packed ones, which their next call
@@ -419,17 +419,17 @@ class Adapters:
                 updates.setdefault((update.network, update.path), []).append((update, lora.weight))
         for key in self._merged - set(updates):
             _restore_layer(self._layer(key), self._originals[key])
-        # Until the new set is whole, every layer it may have written counts as merged.
-        self._merged |= set(updates)
+        # What stays merged of the old set is rewritten below; a failure restores it too.
+        self._merged &= set(updates)
         self.current = ()
         try:
             for key, parts in updates.items():
                 original = self._original(key)
+                self._merged.add(key)
                 _merge_layer(self._layer(key), original, *_low_rank(parts, original.device))
         except BaseException:
             self.restore()
             raise
-        self._merged = set(updates)
         self.current = wanted
 
     @torch.inference_mode()
