@@ -40,7 +40,7 @@ from sdq.core.errors import InvalidInput
 
 from .checkpoint import read_weights
 from .lora_files import describe_lora, find_lora, safetensors_metadata
-from .unet import Conv2d, Downsample, ResBlock, SpatialTransformer, UNetModel, Upsample
+from .unet import Downsample, ResBlock, SpatialTransformer, UNetModel, Upsample
 
 T = TypeVar("T")
 NETWORKS = ("unet", "text_encoder")
@@ -161,11 +161,19 @@ class Update:
     up: Tensor
     scale: float
 
-    def add_to(self, merged: Tensor, multiplier: float) -> None:
-        """merged += multiplier * scale * up @ down, for a contiguous float32 weight."""
-        up = self.up.to(merged.device, torch.float32).reshape(self.up.shape[0], -1)
-        down = self.down.to(merged.device, torch.float32).reshape(self.down.shape[0], -1)
-        merged.view(merged.shape[0], -1).addmm_(up, down, alpha=multiplier * self.scale)
+
+def _low_rank(parts: Sequence[tuple[Update, float]], device: torch.device) -> tuple[Tensor, Tensor, float]:
+    """(up, down, factor) in float32, factor * up @ down being a layer's whole delta, the sum
+    over its LoRAs of multiplier * scale * up @ down: several LoRAs side by side along the rank,
+    so merging is one matrix product whatever their number."""
+    def flat(t: Tensor) -> Tensor:
+        return t.to(device, torch.float32).reshape(t.shape[0], -1)
+
+    if len(parts) == 1:
+        update, multiplier = parts[0]
+        return flat(update.up), flat(update.down), multiplier * update.scale
+    return (torch.cat([flat(u.up) * (m * u.scale) for u, m in parts], dim=1),
+            torch.cat([flat(u.down) for u, _ in parts]), 1.0)
 
 
 @dataclass(frozen=True)
@@ -293,21 +301,62 @@ def read_lora(path: Path, networks: Mapping[str, nn.Module], tables: Mapping[str
 
 # -- merging and restoring --------------------------------------------------------------
 
-def _weight(module: nn.Module) -> Tensor:
-    """The layer's weight in its plain layout (a CPU conv may hold it re-laid out for oneDNN)."""
-    if isinstance(module, Conv2d):
-        module.plain()
-    return module.weight
+def _packed(weight: Tensor) -> bool:
+    """Is this a CPU conv's weight laid out for oneDNN (`unet.Conv2d`)? Such a weight is
+    replaced, never written, and the conv lays the new one out again on its next call."""
+    return weight.is_mkldnn
+
+
+def _lent(weight: Tensor, original: Tensor) -> bool:
+    """Is the layer's weight the original itself (lent to a packed conv by `_restore_layer`)?"""
+    return weight.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
+
+
+def _set_weight(module: nn.Module, weight: Tensor) -> None:
+    module.weight = nn.Parameter(weight, requires_grad=False)
+
+
+def _merge_layer(module: nn.Module, original: Tensor, up: Tensor, down: Tensor, factor: float) -> None:
+    """weight = original + factor * up @ down, the sum in float32 and cast once to the weight's
+    dtype. Read from the original, never from the weight, so a switch needs no restore first;
+    one pass over the weight where it is written in place."""
+    weight, rows = module.weight, up.shape[0]
+    if _packed(weight) or _lent(weight, original):
+        # A fresh plain tensor (a packed weight is fp32, so is its original): un-packing the
+        # old one would be a wasted relayout, and a lent original must stay as it is.
+        merged = torch.addmm(original.reshape(rows, -1), up, down, alpha=factor)
+        _set_weight(module, merged.view(original.shape))
+    elif weight.dtype == torch.float32 and weight.is_contiguous() and original.is_contiguous():
+        torch.addmm(original.view(rows, -1), up, down, alpha=factor, out=weight.view(rows, -1))
+    else:  # half precision, or channels_last (the CUDA layout): the sum in float32, then one copy
+        merged = torch.addmm(original.to(torch.float32, memory_format=torch.contiguous_format)
+                             .view(rows, -1), up, down, alpha=factor)
+        weight.copy_(merged.view(original.shape))
+
+
+def _restore_layer(module: nn.Module, original: Tensor) -> None:
+    """Put a layer's original weight back: copied in place (CUDA graphs and compiled callables
+    keep seeing the parameter they captured), except a packed conv's, which gets the original
+    itself, lent: the conv's next call lays it out anew into a tensor of its own, and a merge
+    never writes into a lent weight (`_merge_layer`)."""
+    weight = module.weight
+    if _packed(weight):
+        _set_weight(module, original)
+    elif not _lent(weight, original):
+        weight.copy_(original)
 
 
 class Adapters:
     """The LoRA set merged into a pipeline's networks now, and the way back to the base weights.
 
-    `apply(set)` merges a set in place, once (the same set again is free); switching sets goes
-    through `restore()`, which copies back the original of every touched weight, bit for bit.
+    `apply(set)` merges a set, once (the same set again is free). Switching sets writes each
+    layer the new set changes straight from its original (`_merge_layer`, one matrix product
+    per layer), and restores only the layers the old set changed and the new one does not: one
+    pass over each weight a switch changes. Restored weights are the originals bit for bit.
     Memory: one original per weight any set has touched (kept for the next switch; at most the
     LoRA-addressable layers once, whatever the number of LoRAs used) plus `cache_files` loaded
-    files. Weights change in place, so CUDA graphs and compiled callables see the merge."""
+    files. Weights change in place (except CPU convs' oneDNN-packed ones, which their next call
+    packs again anyway), so CUDA graphs and compiled callables see the merge."""
 
     def __init__(self, unet: UNetModel, text_encoder: nn.Module, *, dirs: Sequence[Path | str] = (),
                  cache_files: int = DEFAULT_CACHE_FILES) -> None:
@@ -317,7 +366,8 @@ class Adapters:
         self.current: LoraSet = ()
         self._files: OrderedDict[Path, LoadedLora] = OrderedDict()
         self._originals: dict[tuple[str, str], Tensor] = {}
-        self._merged: list[tuple[str, str]] = []
+        self._layers: dict[tuple[str, str], nn.Module] = {}
+        self._merged: set[tuple[str, str]] = set()
 
     @cached_property
     def _tables(self) -> dict[str, dict[str, str]]:
@@ -341,7 +391,22 @@ class Adapters:
                                f"{lora.sha256[:12]} the job recorded; restore that file or resubmit")
         return loaded
 
-    @torch.no_grad()
+    def _layer(self, key: tuple[str, str]) -> nn.Module:
+        """The layer a key names, looked up once (a switch visits every layer a set changes)."""
+        layer = self._layers.get(key)
+        if layer is None:
+            layer = self._layers[key] = self.networks[key[0]].get_submodule(key[1])
+        return layer
+
+    def _original(self, key: tuple[str, str]) -> Tensor:
+        """The layer's base weight, copied (in its plain layout) the first time a set touches it."""
+        original = self._originals.get(key)
+        if original is None:
+            weight = self._layer(key).weight.detach()
+            original = self._originals[key] = weight.to_dense() if _packed(weight) else weight.clone()
+        return original
+
+    @torch.inference_mode()
     def apply(self, loras: Iterable[tuple[str, float, str | None]]) -> None:
         """Merge `loras` (the empty set: the base model). Every file is read and checked before
         any weight changes, so a bad file leaves the model as it was."""
@@ -352,32 +417,27 @@ class Adapters:
         for lora in wanted:
             for update in self.load(lora).updates:
                 updates.setdefault((update.network, update.path), []).append((update, lora.weight))
-        self.restore()
-        self._merged = list(updates)
+        for key in self._merged - set(updates):
+            _restore_layer(self._layer(key), self._originals[key])
+        # What stays merged of the old set is rewritten below; a failure restores it too.
+        self._merged &= set(updates)
+        self.current = ()
         try:
-            for (network, path), parts in updates.items():
-                weight = _weight(self.networks[network].get_submodule(path))
-                original = self._originals.get((network, path))
-                if original is None:
-                    original = self._originals[network, path] = weight.detach().clone()
-                # Contiguous whatever the weight's layout (channels_last convs on CUDA).
-                merged = original.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                for update, multiplier in parts:
-                    update.add_to(merged, multiplier)
-                weight.copy_(merged)
+            for key, parts in updates.items():
+                original = self._original(key)
+                self._merged.add(key)
+                _merge_layer(self._layer(key), original, *_low_rank(parts, original.device))
         except BaseException:
             self.restore()
             raise
         self.current = wanted
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def restore(self) -> None:
         """Put back the original of every weight the current set changed."""
-        for network, path in self._merged:
-            original = self._originals.get((network, path))
-            if original is not None:
-                _weight(self.networks[network].get_submodule(path)).copy_(original)
-        self._merged = []
+        for key in self._merged:
+            _restore_layer(self._layer(key), self._originals[key])
+        self._merged = set()
         self.current = ()
 
     def memory_bytes(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ from PIL import Image
 from sdq.core.params import BatchShape, GenerationParams, Request
 
 from .img2img import Init
-from .lora import canonical
+from .lora import canonical, group_by_loras
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,19 @@ def produce(pipe: Denoiser, params: Sequence[GenerationParams], *, batch_size: i
             inits: Sequence[Init | None] | None = None,
             ) -> Iterator[Produced]:
     """Denoise `params` in batches of one LoRA set, one shape and one strength (sets in order
-    of first appearance, so each is merged once, then shapes in their sort order, requests in
-    the order given) and at most `batch_size` requests (None: what the device holds at that
-    size). `loras[i]` is the LoRA set of `params[i]` ((name, weight, sha256) triples; None: no
-    LoRAs anywhere): each set is merged once, never per image. `inits`, beside `params`, makes
-    an item image-to-image (None for one that starts from noise); a batch shares the strength
-    too, as it decides where the schedule starts. `on_step(images, i, steps)` as a batch of
-    `images` reaches step i; `on_smaller(size)` when running out of memory lowers the batch
-    size."""
+    of first appearance, the one the pipeline has merged now first, so each is merged once;
+    then shapes in their sort order, requests in the order given) and at most `batch_size`
+    requests (None: what the device holds at that size). `loras[i]` is the LoRA set of
+    `params[i]` ((name, weight, sha256) triples; None: no LoRAs anywhere): each set is merged
+    once, never per image. `inits`, beside `params`, makes an item image-to-image (None for one
+    that starts from noise); a batch shares the strength too, as it decides where the schedule
+    starts. `on_step(images, i, steps)` as a batch of `images` reaches step i; `on_smaller(size)`
+    when running out of memory lowers the batch size."""
     sets = [canonical(s) for s in loras] if loras is not None else [()] * len(params)
-    rank = {s: n for n, s in reversed(list(enumerate(sets)))}
+    # The set merged now goes first (a batch that ends with the set the next one starts with
+    # switches once less); stand-ins without adapters merge nothing.
+    merged = getattr(getattr(pipe, "adapters", None), "current", None)
+    rank = {s: n for n, (s, _) in enumerate(group_by_loras(sets, lambda s: s, first=merged))}
     starts = list(inits) if inits is not None else [None] * len(params)
     if len(starts) != len(params):
         raise ValueError(f"got {len(starts)} inits for {len(params)} parameters")

@@ -231,6 +231,30 @@ def test_restore_is_bit_exact(pipe, tiny_checkpoint, lora_dir, dtype, fast):
     assert held[0] == held[1] <= sum(t.nbytes for t in base.values())
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "after-generating"])
+def test_switching_sets_merges_from_the_original_weights(pipe, packed):
+    """A switch writes the next set straight over the last one (restoring only the layers the
+    next set leaves alone): the weights are bit for bit those the set gets from the base
+    model, whether the CPU convs hold their weights plain or laid out for oneDNN (as after
+    generating); going back to the base model after that is exact too."""
+    sets = [[("kohya", 1.0, None)], [("peft", 0.5, None)],  # peft: attention layers only
+            [("peft", 1.0, None), ("kohya", 0.8, None)], [("kohya", 0.7, None)]]
+    base = parameters(pipe)
+    from_base = []
+    for loras in sets:
+        pipe.adapters.restore()
+        pipe.adapters.apply(loras)
+        from_base.append(parameters(pipe))
+    pipe.adapters.restore()
+    for loras, expected in zip(sets, from_base):
+        pipe.adapters.apply(loras)
+        if packed:
+            pipe.generate(REQUESTS[:1], loras=loras, sampler="ddim", steps=1, width=64, height=64)
+        assert all(torch.equal(v, expected[k]) for k, v in parameters(pipe).items())
+    pipe.adapters.apply([])
+    assert all(torch.equal(v, base[k]) for k, v in parameters(pipe).items())
+
+
 def write_kohya(path: Path, pipe: Pipeline, change: dict[str, torch.Tensor | None]) -> Path:
     """A small valid kohya file (one layer) with keys replaced or dropped by `change`."""
     stem = "lora_unet_down_blocks_0_attentions_0_proj_in"

@@ -3,11 +3,13 @@ halving kept for what follows, a failing request isolated when asked, raised oth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sdq.core.params import GenerationParams, Request
+from sdq.sdmodel.lora import canonical
 from sdq.sdmodel.produce import produce
 from tests.fakes import FakePipeline
 
@@ -74,3 +76,13 @@ def test_batches_group_by_lora_set_so_each_set_is_merged_once() -> None:
                                                     (("a", 1.0, "h1"), ("b", 0.5, "h2"))]
     list(produce(pipe, params(2)))
     assert pipe.lora_sets[-1] == ()  # no LoRAs given: the pipeline's own default (none)
+
+
+def test_the_set_merged_now_goes_first() -> None:
+    """A batch starting where the last one ended (its set still merged) switches once less;
+    the other sets keep their order of first appearance."""
+    pipe = FakePipeline(batch_size=8)
+    a, b, c = (("a", 1.0, "h1"),), (("b", 0.5, "h2"),), (("c", 0.7, "h3"),)
+    pipe.adapters = SimpleNamespace(current=canonical(c))  # type: ignore[attr-defined]
+    list(produce(pipe, params(6), loras=[a, b, c] * 2))
+    assert [tuple(s) for s in pipe.lora_sets] == [c, a, b]
