@@ -9,9 +9,10 @@ kohya-ss LoRAs for it (rank 4, every UNet and text-encoder layer, as the model t
 them). Each job is submitted through `jobs.submit.submit`, the whole embedded path (recording,
 planning, the runner's claims, denoising, storing), with `reuse` off so nothing comes from the
 result cache: item n uses LoRA n % 4 (or none, for the baseline), as recorded by submit-time
-resolution (`jobs.adapters.AdapterFinder`). The runner groups each batch by LoRA set and
-merges once per group, so the LoRA job pays a switch of set per group, not per image; its
-time includes going back to the base weights after it, so the baseline never pays a switch.
+resolution (`jobs.adapters.AdapterFinder`). Submit plans each set's items together and the
+runner groups each batch by LoRA set, merging once per group, so the LoRA job pays a switch
+of set per set and batch, not per image; its time includes going back to the base weights
+after it, so the baseline never pays a switch.
 
 On a shared CPU the job times drift by more than the LoRAs cost, so the jobs run in pairs, a
 baseline and a LoRA job back to back (in alternating order), and the figure is the median of

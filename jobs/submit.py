@@ -12,6 +12,7 @@ batching the real run will.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -384,22 +385,28 @@ def plan_batches(session: Session, where: ColumnElement[bool], batch_size: int, 
     """The matching items, by model sha256, in batches of one `BatchShape` (sampler, steps,
     size, eta), one img2img strength (it decides where the schedule starts; text-to-image
     items have none) and one job priority, at most `batch_size` items each; highest priority
-    first, then in submission order. Guidance, prompts, seeds and init images may differ
-    within a batch: each image has its own generator, so batching never changes it."""
+    first, then in submission order. Guidance, prompts, seeds, init images and LoRAs may
+    differ within a batch: each image has its own generator, so batching never changes it.
+    Within a group, items of one LoRA set are planned together (sets in order of first use),
+    so a job alternating LoRAs has each set's items in as few batches as they fill, and a
+    worker merges each set once per batch it appears in, not once per batch for every set."""
     from sdq.core.batch import Batch
 
     rows = session.execute(
-        select(Item.id, Model.sha256, Job.priority, Item.strength,
+        select(Item.id, Model.sha256, Job.priority, Item.strength, Item.loras,
                *(getattr(Item, f) for f in SHAPE_FIELDS))
         .join(Model, Item.model_id == Model.id).join(Job, Item.job_id == Job.id)
         .where(where).order_by(Job.priority.desc(), Item.job_id, Item.row_index)
     )
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for item_id, sha256, priority, strength, *values in rows:
+    groups: dict[tuple[Any, ...], dict[str, list[int]]] = {}
+    for item_id, sha256, priority, strength, loras, *values in rows:
         shape = BatchShape(**dict(zip(SHAPE_FIELDS, values)))
-        groups.setdefault((sha256, priority, shape, strength), []).append(item_id)
+        lora_set = json.dumps(loras or [], sort_keys=True)
+        groups.setdefault((sha256, priority, shape, strength), {}).setdefault(
+            lora_set, []).append(item_id)
     planned: dict[str, list[Batch]] = {}
-    for (sha256, priority, *_), ids in groups.items():
+    for (sha256, priority, *_), sets in groups.items():
+        ids = [item_id for members in sets.values() for item_id in members]
         batches = planned.setdefault(sha256, [])
         for start in range(0, len(ids), batch_size):
             batches.append(Batch(f"{prefix}-{sha256[:6]}-{len(batches)}",

@@ -4,6 +4,7 @@ LoRA set once per group, refuses a changed file, and the rows, the cache key and
 provenance carry what made each image."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 from sdq.core.settings import Settings
 from sdq.db.models import Item, Job, Status
 from sdq.images.provenance import parse_parameters, read_png_metadata
-from sdq.images.storage import open_storage
+from sdq.images.storage import Storage, open_storage
 from sdq.jobs.submit import identify_model
 from sdq.jobs.submit import submit as submit_items
 from sdq.worker.factory import runner_from_settings
@@ -39,6 +40,10 @@ def adapters(tmp_path_factory, tiny_checkpoint) -> Path:
 def items_of(home: Home, job_id: int) -> list[Item]:
     with Session(home.engine) as session:
         return list(session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.row_index)))
+
+
+def pixels(storage: Storage, item: Item) -> bytes:
+    return Image.open(io.BytesIO(storage.get(item.image_key))).convert("RGB").tobytes()
 
 
 def submit(home: Home, checkpoint: Path, adapters: Path, prompts: Path, *extra: str):
@@ -228,3 +233,28 @@ def test_generate_applies_and_records_them_too(home: Home, tiny_checkpoint: Path
         assert ours.tobytes() != theirs.tobytes()  # the LoRA and embedding changed the pixels
     missing = home.run("generate", "a <lora:nosuch>", "--model", str(tiny_checkpoint), *SMALL)
     assert missing.exit_code == 2 and "no nosuch.safetensors in no LoRA folder" in missing.output
+
+
+def test_a_job_alternating_loras_is_planned_one_set_per_batch(home: Home, tiny_checkpoint: Path,
+                                                               adapters: Path) -> None:
+    """Rows alternating two LoRAs (and none), in batches of 3: each set's items fill batches of
+    their own, in order of first use, so a worker switches sets once per batch, not once per
+    set in every batch; the images are those of the same items made in row order (per-image
+    generators: planning never changes pixels)."""
+    prompts = home.path / "alternating.csv"
+    prompts.write_text("prompt\n" + "".join(
+        f"a fox {['<lora:detail:1>', '<lora:style:1>', ''][n % 3]}\n" for n in range(9)))
+    result = submit(home, tiny_checkpoint, adapters, prompts, "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    made = items_of(home, json.loads(result.stdout)["job_id"])
+    batches: dict[str, list[int]] = {}
+    for item in made:
+        assert item.status == Status.DONE, item.last_error
+        batches.setdefault(item.batch_id, []).append(item.row_index)
+    assert sorted(batches.values()) == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert {len({tuple(r["name"] for r in made[row].loras or ()) for row in rows})
+            for rows in batches.values()} == {1}
+    storage = open_storage(str(home.path / "home" / "images"))
+    again = submit(home, tiny_checkpoint, adapters, prompts, "--batch-size", "9", "--no-reuse")
+    for first, second in zip(made, items_of(home, json.loads(again.stdout)["job_id"])):
+        assert pixels(storage, first) == pixels(storage, second)
