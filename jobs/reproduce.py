@@ -126,9 +126,11 @@ class Outcome:
     def record(self) -> dict[str, Any]:
         """The outcome as one JSON object (`--json`)."""
         t = self.target
+        init = t.inits[t.position] if t.inits else None
         return {"item": t.item_id, "batch": t.batch_id, "batch_size": len(t.members),
                 "position": t.position, "recorded_batch_size": t.recorded_batch_size,
                 "device": self.device, "dtype": self.dtype, "recorded_device": t.recorded_device,
+                "init": None if init is None else init.to_json(),
                 "passed": self.passed, **asdict(self.comparison)}
 
     def summary(self) -> str:

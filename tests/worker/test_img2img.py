@@ -303,6 +303,7 @@ def test_reproduce_and_verify_replay_img2img_items(
     assert replayed.exit_code == 0, replayed.output
     record = json.loads(replayed.output)
     assert record["identical"] and (record["batch_size"], record["position"]) == (2, 1)
+    assert record["init"] == {"sha256": sha256, "source": "a.png", "strength": 0.6}
     by_itself = sdq("reproduce", str(items[0].id), "--alone", "--model", str(tiny_checkpoint), "--json")
     assert by_itself.exit_code == 0 and json.loads(by_itself.output)["passed"], by_itself.output
 
