@@ -17,7 +17,14 @@ from .params import SIDE_MULTIPLE, ParamError
 
 DEFAULT_STRENGTH = 0.75
 """AUTOMATIC1111's default denoising strength (diffusers' is 0.8)."""
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_sha256(value: str) -> str:
+    """An init image's name: its file's sha256 as 64 lower-case hex digits (what storage keys
+    and records hold), or ValueError."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"init sha256: expected 64 lower-case hex digits, got {value!r}")
+    return value
 
 
 def check_strength(value: Any) -> float:
@@ -62,8 +69,7 @@ class InitImage:
     strength: float
 
     def __post_init__(self) -> None:
-        if not _SHA256.match(self.sha256):
-            raise ValueError(f"init sha256: expected 64 lower-case hex digits, got {self.sha256!r}")
+        check_sha256(self.sha256)
         object.__setattr__(self, "strength", check_strength(self.strength))
 
     def to_json(self) -> dict[str, Any]:

@@ -87,10 +87,14 @@ def read_file(path: Path, label: str) -> bytes:
         raise ImageFileError(label, f"cannot read: {exc.strerror or exc}") from None
 
 
-def init_rgb(image: Image.Image) -> Image.Image:
+def init_rgb(image: Image.Image, label: str) -> Image.Image:
     """An init image as diffusers' `load_image` makes it: EXIF orientation applied, then RGB
-    (see the module's docstring for what each mode becomes)."""
-    return ImageOps.exif_transpose(image).convert("RGB")
+    (see the module's docstring for what each mode becomes); ImageFileError naming `label`
+    for a mode PIL cannot convert, so submit, `generate` and workers refuse it alike."""
+    try:
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageFileError(label, f"cannot be made RGB: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -108,4 +112,5 @@ def read_init_image(path: Path | str) -> InitFile:
     the bytes decoded, read once."""
     path = Path(path)
     data = read_file(path, str(path))
-    return InitFile(init_rgb(open_image(data, str(path))), hashlib.sha256(data).hexdigest(), path.name)
+    return InitFile(init_rgb(open_image(data, str(path)), str(path)),
+                    hashlib.sha256(data).hexdigest(), path.name)

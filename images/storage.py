@@ -25,6 +25,7 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 from sdq.core.errors import Unavailable
+from sdq.core.init_image import check_sha256
 from sdq.sdmodel.files import TEMP_PREFIX, atomic_writer
 
 # A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp
@@ -59,9 +60,7 @@ keys begin with the job id)."""
 def init_key(sha256: str) -> str:
     """The key of an init image's file: `init/{sha256}`, content-addressed, so the same bytes
     submitted by any job, any night, are one object."""
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ValueError(f"init sha256: expected 64 lower-case hex digits, got {sha256!r}")
-    return f"{INIT_PREFIX}{sha256}"
+    return f"{INIT_PREFIX}{check_sha256(sha256)}"
 
 
 def check_key(key: str) -> str:

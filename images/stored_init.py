@@ -55,7 +55,7 @@ def read_stored_init(storage: Storage, sha256: str) -> Image.Image:
         raise UnusableInit(sha256, f"the stored object {key} has sha256 {short_hash(found)}, "
                                    "not the one recorded: it was altered after submission")
     try:
-        return init_rgb(open_image(data, key))
+        return init_rgb(open_image(data, key), key)
     except ImageFileError as exc:
         raise UnusableInit(sha256, exc.reason) from None
 
@@ -68,6 +68,8 @@ class InitImages:
     def __init__(self, storage: Storage, budget: int = CACHE_BYTES) -> None:
         self.storage, self.budget = storage, budget
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._bytes = 0
+        """The decoded bytes of `_images`, kept as they change."""
         self.reads = 0
         """Objects read from storage so far (a cached image costs none)."""
 
@@ -80,9 +82,10 @@ class InitImages:
         self.reads += 1
         size = _nbytes(image)
         if size <= self.budget:
-            while self._images and sum(map(_nbytes, self._images.values())) + size > self.budget:
-                self._images.popitem(last=False)
+            while self._images and self._bytes + size > self.budget:
+                self._bytes -= _nbytes(self._images.popitem(last=False)[1])
             self._images[sha256] = image
+            self._bytes += size
         return image
 
     def __len__(self) -> int:

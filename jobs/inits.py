@@ -69,13 +69,10 @@ def checked(data: bytes, label: str, source: str, read: Callable[[], bytes]) -> 
     without init images, which import this, need none of it.)"""
     from PIL import Image
 
-    from sdq.images.imagefile import ImageFileError, init_rgb, open_image
+    from sdq.images.imagefile import init_rgb, open_image
 
     image = open_image(data, label)
-    try:
-        width, height = init_rgb(image).size
-    except (OSError, ValueError) as exc:
-        raise ImageFileError(label, f"cannot be made RGB: {exc}") from None
+    width, height = init_rgb(image, label).size
     return InitSource(hashlib.sha256(data).hexdigest(), source, width, height, len(data),
                       Image.MIME.get(image.format or "", "application/octet-stream"), read)
 

@@ -104,6 +104,10 @@ class ResultCache:
                  hash_cache: Any = None) -> None:
         self.reads, self.sessions, self.storage = reads, sessions, storage
         self.watermark, self.worker_name, self.hash_cache = watermark, worker_name, hash_cache
+        self._checker_sha256: dict[str, str] = {}
+        """Checkers hashed so far, by reference: hashed once per runner, as the runner loads
+        each once (a checker replaced on disk meanwhile is not the one scoring its images).
+        One not found is not kept, so it is looked for again."""
 
     def key(self, params: GenerationParams, model: Identity, check: Check = UNCHECKED, *,
             loras: Any = (), embeddings: Any = (), init: InitImage | None = None) -> str:
@@ -119,7 +123,9 @@ class ResultCache:
         """Each job's (checker reference, on_flag) as a `Check`; None for a checker that cannot
         be found (no key: nothing is reused for it, and its items fail when it loads)."""
         pairs = set(jobs)
-        hashes = checker_hashes((ref for ref, _ in pairs if ref), self.hash_cache)
+        hashes = self._checker_sha256
+        hashes.update(checker_hashes((ref for ref, _ in pairs if ref and ref not in hashes),
+                                     self.hash_cache))
         return {(ref, on_flag): UNCHECKED if not ref else
                 Check(hashes[ref], on_flag) if ref in hashes else None for ref, on_flag in pairs}
 

@@ -42,6 +42,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sdq.core.batch import Batch, RunReport
 from sdq.core.jobspec import CHECKER_FAILED
+from sdq.core.params import short_hash
 from sdq.core.settings import DEFAULT_PNG_LEVEL, OUTAGE_S, default_store_threads
 from sdq.db.session import read_only
 from sdq.images.provenance import Environment, environment_fingerprint
@@ -236,11 +237,8 @@ class Runner:
                 self.safety_checker(ref)
             except Exception as exc:  # noqa: BLE001 - any load failure, as for the model
                 failed[ref] = f"{CHECKER_FAILED}{exc}"
-        for ref, reason in failed.items():
-            ids = [w.id for w in work if w.safety_checker == ref]
-            report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
-                                      self.outage_s)
-        return [w for w in work if w.safety_checker not in failed]
+        return self._fail_each(work, {w.id: failed[w.safety_checker] for w in work
+                                      if w.safety_checker in failed}, report)
 
     def _denoise(self, pipe: Denoiser, batch_id: str, work: list[Work], report: RunReport,
                  on_step: OnStep | None) -> Iterator[Chunk]:
@@ -276,11 +274,7 @@ class Runner:
                                         w.embeddings)
             if reason is not None:
                 failed[w.id] = reason
-        for reason in set(failed.values()):
-            ids = [i for i, why in failed.items() if why == reason]
-            report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
-                                      self.outage_s)
-        return [w for w in work if w.id not in failed]
+        return self._fail_each(work, failed, report)
 
     def _with_inits(self, work: list[Work], report: RunReport) -> tuple[list[Work], list[Init | None]]:
         """The items whose init image reads from storage, each beside its `Init` (None for
@@ -290,17 +284,23 @@ class Runner:
         failed: dict[str, str] = {}
         for sha256 in dict.fromkeys(w.init.sha256 for w in work if w.init):
             try:
-                images[sha256] = retrying(f"reading init image {sha256[:10]}",
+                images[sha256] = retrying(f"reading init image {short_hash(sha256)}",
                                           partial(self.inits.get, sha256), self.outage_s)
             except UnusableInit as exc:
                 failed[sha256] = str(exc)
-        for sha256, reason in failed.items():
-            ids = [w.id for w in work if w.init and w.init.sha256 == sha256]
-            report.failed += retrying("failing items", lambda: self.claims.fail(ids, reason),
-                                      self.outage_s)
-        kept = [w for w in work if not (w.init and w.init.sha256 in failed)]
+        kept = self._fail_each(work, {w.id: failed[w.init.sha256] for w in work
+                                      if w.init and w.init.sha256 in failed}, report)
         return kept, [Init(images[w.init.sha256], w.init.strength) if w.init else None
                       for w in kept]
+
+    def _fail_each(self, work: list[Work], reasons: dict[int, str], report: RunReport) -> list[Work]:
+        """`work` less the items in `reasons`, each failed with its reason (one statement per
+        reason, storage and database outages waited out)."""
+        for reason in set(reasons.values()):
+            ids = [i for i, why in reasons.items() if why == reason]
+            report.failed += retrying("failing items", partial(self.claims.fail, ids, reason),
+                                      self.outage_s)
+        return [w for w in work if w.id not in reasons]
 
     def _smaller(self, size: int) -> None:
         """Out of memory lowered the micro-batch: keep it lower for what follows."""
