@@ -164,7 +164,9 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     expansion = expansion_of(grid, wildcards or settings.wildcards, expand, draws,
                              expand_seed).drawn()
     source = recorded_name(file) if file is not None else "--prompt"
-    with database_session(settings) as session:
+    # Reads only, beside slow work (init images, adapter and model files hashed): no SQLite
+    # write lock held over it.
+    with database_session(settings, reads_only=True) as session:
         inits = InitReader(file.parent if file is not None else Path.cwd(),
                            storage=lambda: configured_storage(settings),
                            item_image=item_images(session))
@@ -178,7 +180,7 @@ def submit(file: Path | None, prompt: str | None, model_ref: str | None, negativ
     ref = spec.model or settings.model
     model = None
     if spec.model is not None or parsed.needs_default_model:
-        with database_session(settings) as session:
+        with database_session(settings, reads_only=True) as session:
             try:
                 model = identify_model(ref, settings.home / "hashes.json", session)
             except (ValueError, LookupError, OSError) as exc:

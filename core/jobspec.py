@@ -146,9 +146,9 @@ class JobSpec:
         if unknown:
             raise InvalidInput(f"unknown default(s): {', '.join(unknown)}")
         given = {k: self.defaults[k] for k in DEFAULT_FIELDS if self.defaults.get(k) is not None}
-        Defaults(**given)  # each value, and values that do not go together (ParamError)
-        checks = {**CHECKS, "n": whole("n", 1, MAX_IMAGES_PER_ROW), "strength": check_strength}
-        object.__setattr__(self, "defaults", {k: checks[k](v) for k, v in given.items()})
+        # Each value checked (as recorded), and values that do not go together (ParamError).
+        checked = Defaults(**given).to_json()
+        object.__setattr__(self, "defaults", {k: checked[k] for k in given})
         object.__setattr__(self, "tags", tuple(check_tag(tag) for tag in self.tags))
         object.__setattr__(self, "loras", tuple(format_lora_option(*parse_lora_option(lora))
                                                 for lora in self.loras))

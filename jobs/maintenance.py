@@ -90,14 +90,17 @@ def purge_job(engine: Engine, storage: Storage, job_id: int) -> Purged:
         inits = _unshared_inits(session, job_id)
         items = transitions.delete_job(session, job_id)
         init_error = _delete_inits(session, storage, inits)
+    # The job's own images go even when an init image's did not: its rows are deleted, so a
+    # second purge could not find them.
+    error = init_error
     try:
-        if init_error is not None:
-            raise init_error
         deleted = _delete_objects(storage, (keys | set(storage.list(_prefix(job_id)))) - shared)
     except StorageError as exc:
+        deleted, error = set(), exc
+    if error is not None:
         raise StorageError(f"job {job_id}'s rows are deleted, but not all of its images "
-                           f"(under {_prefix(job_id)} and {len(inits)} init image(s)): {exc}"
-                           ) from exc
+                           f"(under {_prefix(job_id)} and {len(inits)} init image(s)): {error}"
+                           ) from error
     return Purged(job_id, items, len(deleted), len(shared), len(inits))
 
 

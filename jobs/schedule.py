@@ -33,7 +33,7 @@ from sdq.jobs.cron import Cron, parse_cron, parse_firing_cron
 from sdq.core.settings import Settings
 from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
-from sdq.db.session import open_database
+from sdq.db.session import open_database, read_only
 from sdq.jobs.adapters import adapter_finder, with_folders
 from sdq.images.storage import open_storage
 from sdq.jobs.inits import InitReader, item_images
@@ -312,7 +312,9 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
 
     engine = open_database(settings.database_url)
     try:
-        with Session(engine, expire_on_commit=False) as session:
+        # Only reads, some beside slow work (init images read and hashed, from S3 too; LoRA,
+        # embedding and model files hashed): on SQLite no write lock is held over them.
+        with Session(read_only(engine), expire_on_commit=False) as session:
             schedule = find_schedule(session, name)
             if (existing := run_of(session, schedule.id, day)) is not None:
                 return Run(name, day, existing, created=False)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from sdq.db.models import InitImageFile, Item, Job
 from sdq.db.queries import submit_job
-from sdq.images.storage import LocalStorage, init_key
+from sdq.images.storage import LocalStorage, StorageError, init_key
 from sdq.jobs import inits
 from sdq.jobs.inits import InitSource, read_path
 from sdq.jobs.maintenance import purge_job
@@ -94,6 +95,31 @@ def test_purge_keeps_an_init_image_while_another_job_starts_from_it(session: Ses
     assert storage.exists(init_key(shared.sha256)) and not storage.exists(init_key(own.sha256))
     assert purge_job(engine, storage, second).inits == 1
     assert rows(session) == [] and list(storage.list("init/")) == []
+
+
+class InitsUndeletable(LocalStorage):
+    """A store that fails to delete init images (and nothing else)."""
+
+    def delete(self, key: str) -> None:
+        if key.startswith("init/"):
+            raise StorageError(f"cannot delete {key}")
+        super().delete(key)
+
+
+def test_a_purge_whose_init_image_cannot_go_still_deletes_the_jobs_images(
+        session: Session, tmp_path: Path) -> None:
+    """Its rows are deleted at once, so a second purge could not find the images: they go
+    now, and the error names what is left."""
+    storage = InitsUndeletable(tmp_path / "store")
+    start = photo(tmp_path)
+    job_id = submit(session, storage, start)
+    storage.put(f"{job_id}/1.png", b"an image")
+    engine = session.get_bind()
+    session.close()
+    with pytest.raises(StorageError, match=f"job {job_id}'s rows are deleted, but not all"):
+        purge_job(engine, storage, job_id)
+    assert list(storage.list(f"{job_id}/")) == []
+    assert storage.exists(init_key(start.sha256))
 
 
 class SubmitDuringDelete(LocalStorage):
