@@ -28,13 +28,13 @@ from sdq.sdmodel.files import write_atomically
 from sdq.core.params import FIELDS
 from sdq.core.settings import Settings, mask_url
 from sdq.core.states import FINISHED, Status
+from sdq.images.storage import configured_storage  # noqa: F401 - the commands' store
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from sdq.db.models import Item
     from sdq.db.queries import Progress
-    from sdq.images.storage import Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 Record = Mapping[str, Any]
@@ -79,13 +79,6 @@ def database_session(settings: Settings | None = None, *, reads_only: bool = Fal
         raise Unavailable(_described(settings.database_url, exc)) from None
     finally:
         engine.dispose()
-
-
-def configured_storage(settings: Settings) -> Storage:
-    """The image store of the settings (StorageError, one line, when it cannot be used)."""
-    from sdq.images.storage import open_storage
-
-    return open_storage(settings.storage_url, max_attempts=settings.max_attempts)
 
 
 def write_file(path: Path, data: bytes) -> None:

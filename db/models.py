@@ -96,15 +96,10 @@ class InitImageFile(Base):
     __tablename__ = "init_images"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    storage_key: Mapped[str] = mapped_column(String(255))
     width: Mapped[int]
     height: Mapped[int]
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-    @property
-    def short_hash(self) -> str:
-        return short_hash(self.sha256)
 
 
 class Job(Base):

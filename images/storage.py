@@ -21,12 +21,15 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlparse
 
 from sdq.core.errors import Unavailable
 from sdq.core.init_image import check_sha256
 from sdq.sdmodel.files import TEMP_PREFIX, atomic_writer
+
+if TYPE_CHECKING:
+    from sdq.core.settings import Settings
 
 # A hidden name (one leading dot) is allowed, for files that folder readers must skip; temp
 # files' names are not.
@@ -337,3 +340,9 @@ def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int
     if len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise StorageError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or a folder")
     return LocalStorage(Path(url))
+
+
+def configured_storage(settings: Settings) -> Storage:
+    """The image store of the settings, retrying as they say (StorageError, one line, when it
+    cannot be used): what commands, submit and workers all open."""
+    return open_storage(settings.storage_url, max_attempts=settings.max_attempts)

@@ -254,7 +254,7 @@ def record(session: Session, storage: Storage, inits: Iterable[InitSource]) -> N
                              .with_for_update()) is None:
             try:
                 with session.begin_nested():
-                    session.add(InitImageFile(sha256=sha256, storage_key=init_key(sha256),
+                    session.add(InitImageFile(sha256=sha256,
                                               width=init.width, height=init.height,
                                               size_bytes=init.size_bytes))
             except IntegrityError:

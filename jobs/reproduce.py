@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,8 @@ def target(session: Session, item_id: int, *, alone: bool, model_ref: str | None
                              "pass --model with a local copy")
     members = composition(session, item, in_batch=not alone)
     check_adapters(members, lora_dirs, embeddings_dir)
-    recorded_size = len(batch_items(session, item.batch_id)) if item.batch_id is not None else None
+    recorded_size = (len(members) if not alone else
+                     len(batch_items(session, item.batch_id)) if item.batch_id is not None else None)
     return Target(item_id, [member.params for member in members], members.index(item),
                   None if alone else item.batch_id, recorded_size, item.model.sha256, source,
                   item.image_key, item.device, [lora_set(member) for member in members],
@@ -224,12 +226,23 @@ class MissingAdapter(NotFound):
 def check_adapters(items: Sequence[Item], lora_dirs: Sequence[Path], embeddings_dir: Path | None
                    ) -> None:
     """Every LoRA and embedding the items record is here, with the recorded sha256: checked
-    before the model is loaded, without torch. MissingAdapter names the first that is not."""
+    before the model is loaded, without torch. MissingAdapter names the first that is not.
+    Each file is hashed once, however many of the batch's items name it."""
+    @cache
+    def lora_sha256(name: str) -> str:
+        return describe_lora(find_lora(name, lora_dirs), name).sha256
+
+    files = list(embedding_files(embeddings_dir)) if embeddings_dir else []
+
+    @cache
+    def embedding_sha256s(name: str) -> list[str]:
+        return [file_sha256(p) for p in files if p.stem == name]
+
     for item in items:
         for lora in item.loras or ():
             name, sha256 = lora["name"], lora["sha256"]
             try:
-                found = describe_lora(find_lora(name, lora_dirs), name).sha256
+                found = lora_sha256(name)
             except (NotFound, InvalidInput) as exc:
                 raise MissingAdapter(f"item {item.id} was made with LoRA {name} (sha256 "
                                      f"{sha256[:12]}), which is not here: {exc}; pass --lora-dir "
@@ -240,9 +253,7 @@ def check_adapters(items: Sequence[Item], lora_dirs: Sequence[Path], embeddings_
                                      "was made with")
         for embedding in item.embeddings or ():
             name, sha256 = embedding["name"], embedding["sha256"]
-            paths = [p for p in (embedding_files(embeddings_dir) if embeddings_dir else ())
-                     if p.stem == name]
-            if [file_sha256(p) for p in paths] != [sha256]:
+            if embedding_sha256s(name) != [sha256]:
                 where = f"in {embeddings_dir}" if embeddings_dir else "(no embeddings folder)"
                 raise MissingAdapter(f"item {item.id} was made with embedding {name} (sha256 "
                                      f"{sha256[:12]}), which is not {where} with that hash; pass "

@@ -19,6 +19,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -35,7 +36,7 @@ from sdq.db import transitions
 from sdq.db.models import Item, Job, Schedule
 from sdq.db.session import open_database, read_only
 from sdq.jobs.adapters import adapter_finder, with_folders
-from sdq.images.storage import open_storage
+from sdq.images.storage import configured_storage
 from sdq.jobs.inits import InitReader, item_images
 from sdq.jobs.promptfile import Problem, model_resolver, parse_prompt_file
 from sdq.jobs.templates import Expansion
@@ -327,9 +328,8 @@ def run_schedule(settings: Settings, name: str, day: date, *, attempts: int = 3,
             # The schedule's own folders, where it names them, for finding and (with no
             # broker) for running.
             settings = with_folders(settings, spec.lora_dirs, spec.embeddings_dir)
-            inits = InitReader(spec.init_base or ".", storage=lambda: open_storage(
-                settings.storage_url, max_attempts=settings.max_attempts),
-                item_image=item_images(session))
+            inits = InitReader(spec.init_base or ".", storage=partial(configured_storage, settings),
+                               item_image=item_images(session))
             parsed = parse_prompt_file(schedule.prompt_text.encode("utf-8"),
                                        schedule.prompt_file_name, spec.row_defaults(),
                                        resolve_model=model_resolver(session),

@@ -218,9 +218,9 @@ def submit(
     try:
         storage = None
         if inits:
-            from sdq.images.storage import open_storage
+            from sdq.images.storage import configured_storage
 
-            storage = open_storage(settings.storage_url, max_attempts=settings.max_attempts)
+            storage = configured_storage(settings)
             init_images.upload(storage, inits)
         with Session(engine, expire_on_commit=False) as session:
             model_id = _model_id(session, model) if model is not None else None

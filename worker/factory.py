@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import Engine
 
 from sdq.core.settings import Settings
-from sdq.images.storage import open_storage
+from sdq.images.storage import configured_storage
 
 if TYPE_CHECKING:
     from sdq.worker.runner import Runner
@@ -20,7 +20,7 @@ def runner_from_settings(settings: Settings, engine: Engine, model_ref: str,
     from sdq.worker.runner import Runner
 
     return Runner(
-        engine=engine, storage=open_storage(settings.storage_url, max_attempts=settings.max_attempts),
+        engine=engine, storage=configured_storage(settings),
         model_ref=model_ref, device=settings.device, dtype=settings.dtype,
         vae_dtype=settings.vae_dtype,
         watermark=settings.watermark, hash_cache=settings.home / "hashes.json",

@@ -32,7 +32,6 @@ def upgrade() -> None:
     op.create_table(
         "init_images",
         sa.Column("sha256", sa.String(length=64), primary_key=True),
-        sa.Column("storage_key", sa.String(length=255), nullable=False),
         sa.Column("width", sa.Integer(), nullable=False),
         sa.Column("height", sa.Integer(), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),

@@ -74,7 +74,7 @@ def store_init(engine: Engine, storage: Storage, data: bytes) -> str:
     with Session(engine) as session:
         if session.get(InitImageFile, sha256) is None:
             image = Image.open(io.BytesIO(data))
-            session.add(InitImageFile(sha256=sha256, storage_key=init_key(sha256),
+            session.add(InitImageFile(sha256=sha256,
                                       width=image.width, height=image.height, size_bytes=len(data)))
             session.commit()
     return sha256
