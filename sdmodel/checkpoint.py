@@ -113,8 +113,8 @@ def load_weights(module: nn.Module, sd: Mapping[str, Tensor], source: Path | str
         problems.append(f"unexpected weights: {_listing(prefix + k for k in unexpected)}")
     wrong = [
         f"{prefix}{k} has shape {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)}"
-        for k in expected.keys() & sd.keys()
-        if sd[k].shape != expected[k].shape
+        for k in expected  # the module's order: the same message every run
+        if k in sd and sd[k].shape != expected[k].shape
     ]
     if wrong:
         problems.append("; ".join(wrong[:8]))
